@@ -24,12 +24,17 @@ class Reply:
     text: str
 
     def render(self) -> bytes:
-        """The reply as wire bytes; multi-line text becomes ``code-`` continuation lines."""
+        """The reply as wire bytes; multi-line text becomes ``code-`` continuation lines.
+
+        An empty ``enhanced`` is for the few replies RFC 2034 exempts (greeting, EHLO, 354).
+        """
         lines = self.text.split("\n")
         out = []
+        code = self.code
+        enh = f"{self.enhanced} " if self.enhanced else ""
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{self.enhanced} {line}\r\n")
+            out.append(f"{code}{sep}{enh}{line}\r\n")
         return "".join(out).encode("utf-8", "surrogateescape")
 
     @property

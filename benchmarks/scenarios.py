@@ -1,0 +1,301 @@
+"""Benchmark scenarios: each starts a real server process, loads it, and measures.
+
+Why subprocesses: the server must not share an interpreter (GIL, event loop, allocator) with
+the load generator, and it must be started exactly as users start it (``python -m pymta
+serve`` configured by environment variables), so the number is the one a user would see.
+
+Scenarios (one fresh server and a fresh temporary directory per round and client):
+  * ``accept-deliver``: pymta accepts mail for ``box@example.com`` and delivers it to a
+    maildir. Measures accepted msgs/s (load time) and delivered msgs/s (from the first
+    connection until the last file appears in ``box/new``), plus end-of-data latency.
+  * ``sink``: ``benchmarks.sink`` instead of pymta. Measures the load generator's own ceiling
+    on this machine; a pymta figure near it says "client-bound", not "server is this fast".
+
+Clients: ``loadgen`` (benchmarks/loadgen.py) and, if installed, Postfix's ``smtp-source``
+(C, the generator the performance baseline was measured with; it reports no latencies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.loadgen import run_load
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMTP_SOURCE = Path("/usr/sbin/smtp-source")
+GREETING_TIMEOUT = 10.0
+RECIPIENT = "box@example.com"
+SENDER = "a@x.test"
+
+
+class BenchmarkError(Exception):
+    """A scenario could not be run (server did not start, tool missing); message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """The load shape, shared by every client so that their rows are comparable."""
+
+    sessions: int = 20
+    messages: int = 2000
+    per_session: int = 1
+    size: int = 4096
+    pipelining: bool = True
+    deliver_timeout: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    """One client against one fresh server. ``None`` means "not measurable this way"."""
+
+    scenario: str
+    client: str
+    messages: int
+    accepted: int
+    errors: int
+    accept_seconds: float
+    delivered: int | None = None
+    deliver_seconds: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+
+    @property
+    def accepted_per_s(self) -> float:
+        """Messages answered 2xx per second of load."""
+        return self.accepted / self.accept_seconds if self.accept_seconds > 0 else 0.0
+
+    @property
+    def delivered_per_s(self) -> float | None:
+        """Messages in the maildir per second, first connection to last delivery."""
+        if self.delivered is None or not self.deliver_seconds:
+            return None
+        return self.delivered / self.deliver_seconds
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the server binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_python() -> str:
+    """The project's venv interpreter when there is one, so the server runs what was installed."""
+    venv = REPO_ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+class ServerProcess:
+    """A server child process with its output in a log file, stopped for sure on exit."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """Last lines of the server's output, for error messages."""
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:]) or "(log empty)"
+
+    async def start(self) -> None:
+        """Start the process and return once it greets with 220, or raise BenchmarkError."""
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + GREETING_TIMEOUT
+        last = "no connection"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchmarkError(
+                    f"{self.name} exited with status {self.proc.returncode} before greeting "
+                    f"(command: {' '.join(self.argv)}); its output:\n{self.log_tail()}"
+                )
+            try:
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    line = await reader.readline()
+                    writer.write(b"QUIT\r\n")
+                    writer.close()
+                if line.startswith(b"220"):
+                    return
+                last = f"greeting {line[:80]!r}"
+            except TimeoutError:
+                last = "connected, but no greeting line"
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.05)
+        self.stop()
+        raise BenchmarkError(
+            f"{self.name} did not greet with 220 on 127.0.0.1:{self.port} within "
+            f"{GREETING_TIMEOUT:.0f} s (last: {last}; command: {' '.join(self.argv)}); "
+            f"its output:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group (workers too), SIGKILL after 5 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    """A temporary directory that survives a failed round only if PYMTA_BENCH_KEEP is set."""
+    path = Path(tempfile.mkdtemp(prefix="pymta-bench-"))
+    try:
+        yield path
+    finally:
+        if not os.environ.get("PYMTA_BENCH_KEEP"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pymta_server(work: Path, port: int) -> ServerProcess:
+    env = dict(os.environ)
+    env.update(
+        PYMTA_STATE_DIR=str(work / "state"),
+        PYMTA_MAIL_DIR=str(work / "mail"),
+        MAIL_DOMAIN="example.com",
+        MAIL_BOXES=f"{RECIPIENT}:box/",
+        PYMTA_SMTP_LISTEN=f"127.0.0.1:{port}",
+        SYSLOG_LEVEL="3",
+        PYTHONUNBUFFERED="1",
+    )
+    argv = [server_python(), "-m", "pymta", "serve"]
+    return ServerProcess("pymta", argv, env, port, work / "server.log")
+
+
+def _sink_server(work: Path, port: int) -> ServerProcess:
+    argv = [server_python(), "-m", "benchmarks.sink", "--listen", f"127.0.0.1:{port}"]
+    return ServerProcess("benchmarks.sink", argv, dict(os.environ), port, work / "server.log")
+
+
+def _count_files(directory: Path) -> int:
+    try:
+        with os.scandir(directory) as it:
+            return sum(1 for _ in it)
+    except FileNotFoundError:
+        return 0
+
+
+async def _wait_delivered(maildir_new: Path, want: int, started: float, timeout: float
+                          ) -> tuple[int, float]:
+    """Poll the maildir until ``want`` files are there; return (count, seconds since start)."""
+    deadline = time.monotonic() + timeout
+    count = _count_files(maildir_new)
+    while count < want and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        count = _count_files(maildir_new)
+    return count, time.perf_counter() - started
+
+
+async def _run_client(client: str, port: int, opts: LoadOptions) -> RoundResult:
+    """Put the load on ``port``; ``delivered`` fields are left for the scenario to fill."""
+    if client == "loadgen":
+        r = await run_load(
+            "127.0.0.1", port, sessions=opts.sessions, messages=opts.messages,
+            per_session=opts.per_session, size=opts.size, sender=SENDER, recipient=RECIPIENT,
+            pipelining=opts.pipelining,
+        )
+        return RoundResult(
+            scenario="", client=client, messages=r.messages, accepted=r.accepted,
+            errors=r.failed, accept_seconds=r.seconds, p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+        )
+    if client == "smtp-source":
+        if not SMTP_SOURCE.exists():
+            raise BenchmarkError(f"{SMTP_SOURCE} not found (Debian package postfix)")
+        argv = [
+            str(SMTP_SOURCE), "-s", str(opts.sessions), "-m", str(opts.messages),
+            "-l", str(opts.size), "-f", SENDER, "-t", RECIPIENT,
+        ]
+        if opts.per_session > 1:
+            argv.insert(1, "-d")  # keep sessions open; smtp-source has no "N per session"
+        argv.append(f"127.0.0.1:{port}")
+        start = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        out, _ = await proc.communicate()
+        seconds = time.perf_counter() - start
+        # smtp-source reports each failed session as a warning/fatal line and nothing else.
+        complaints = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+        errors = min(opts.messages, len(complaints) + (1 if proc.returncode else 0))
+        return RoundResult(
+            scenario="", client=client, messages=opts.messages,
+            accepted=opts.messages - errors, errors=errors, accept_seconds=seconds,
+        )
+    raise BenchmarkError(f"unknown client {client!r}")
+
+
+async def accept_deliver(client: str, opts: LoadOptions) -> RoundResult:
+    """pymta end to end: SMTP in, durable queue, maildir delivery out."""
+    with _workdir() as work:
+        port = free_port()
+        server = _pymta_server(work, port)
+        try:
+            await server.start()
+            started = time.perf_counter()
+            r = await _run_client(client, port, opts)
+            delivered, seconds = await _wait_delivered(
+                work / "mail" / "box" / "new", r.accepted, started, opts.deliver_timeout
+            )
+        finally:
+            server.stop()
+        if delivered < r.accepted:
+            print(f"warning: {delivered} of {r.accepted} accepted messages delivered within "
+                  f"{opts.deliver_timeout:.0f} s", file=sys.stderr)
+        return RoundResult(
+            scenario="accept-deliver", client=client, messages=r.messages,
+            accepted=r.accepted, errors=r.errors + (r.accepted - delivered),
+            accept_seconds=r.accept_seconds, delivered=delivered, deliver_seconds=seconds,
+            p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+        )
+
+
+async def sink(client: str, opts: LoadOptions) -> RoundResult:
+    """The load generator's ceiling: the same load against a server that does nothing."""
+    with _workdir() as work:
+        port = free_port()
+        server = _sink_server(work, port)
+        try:
+            await server.start()
+            r = await _run_client(client, port, opts)
+        finally:
+            server.stop()
+        return RoundResult(
+            scenario="sink", client=client, messages=r.messages, accepted=r.accepted,
+            errors=r.errors, accept_seconds=r.accept_seconds, p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+        )
+
+
+SCENARIOS: dict[str, Callable[[str, LoadOptions], Awaitable[RoundResult]]] = {
+    "accept-deliver": accept_deliver,
+    "sink": sink,
+}

@@ -1,0 +1,44 @@
+"""Streaming CRLF → LF conversion shared by the maildir and mbox writers.
+
+The spool keeps messages in SMTP form (CRLF); Unix mailboxes store LF, as Postfix's local
+delivery does. Messages can be large, so conversion is streamed in bounded pieces and a CR
+that happens to end one piece is held back until the next piece shows whether an LF follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
+
+CHUNK = 64 * 1024
+
+
+def read_chunks(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
+    """Fixed-size reads: the fast path when only line endings change (maildir)."""
+    while chunk := f.read(size):
+        yield chunk
+
+
+def read_lines(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
+    """Lines of at most ``size`` bytes, so an endless line never fills memory (mbox)."""
+    while line := f.readline(size):
+        yield line
+
+
+def crlf_to_lf(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield ``pieces`` with every CRLF turned into LF; lone CRs are kept.
+
+    If the input pieces are line-bounded (LF only at their end), so are the output pieces.
+    """
+    carry = b""
+    for piece in pieces:
+        if carry:
+            piece = carry + piece
+            carry = b""
+        if piece.endswith(b"\r"):
+            carry = b"\r"
+            piece = piece[:-1]
+        if piece:
+            yield piece.replace(b"\r\n", b"\n")
+    if carry:
+        yield carry

@@ -1,0 +1,88 @@
+"""The local delivery agent: maildir or mbox under the mail directory.
+
+Disk writes (and fsyncs, and lock waits) run in a worker thread so the event loop keeps
+serving SMTP while a slow disk or a locked mbox holds one delivery up. Every local fault --
+disk full, I/O error, lock timeout, a bad path from a misconfigured source -- is *temporary*:
+the message stays queued until the administrator fixes it, instead of bouncing mail that was
+addressed correctly. Only a recipient with no mailbox at all is permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Sequence
+
+from pymta.backends.table import check_mailbox_path
+
+from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
+
+from .maildir import deliver_maildir
+from .mbox import MailboxLockTimeout, deliver_mbox
+
+log = logging.getLogger(__name__)
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def delivery_prefix(sender: str, recipient: str) -> bytes:
+    """Headers local delivery adds, as Postfix ``local``/``virtual`` do (CRLF; converted later)."""
+    text = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n"
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _failure_reply(exc: BaseException, kind: str, mailbox: str) -> Reply:
+    if isinstance(exc, MailboxLockTimeout):
+        return Reply(451, "4.3.0", f"cannot lock {kind} {mailbox}: mailbox busy")
+    if isinstance(exc, OSError):
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in _FULL:
+            return Reply(452, "4.2.2", f"mailbox full: cannot write {kind} {mailbox}: {reason}")
+        return Reply(451, "4.3.0", f"cannot write {kind} {mailbox}: {reason}")
+    return Reply(451, "4.3.0", f"local delivery to {kind} {mailbox} failed: "
+                               f"{type(exc).__name__}")
+
+
+class LocalDeliveryAgent:
+    """A :class:`~pymta.types.DeliveryAgent` writing to ``<mail_dir>/<rcpt.mailbox>``.
+
+    A mailbox ending in ``/`` is a maildir, anything else an mbox file.
+    """
+
+    def __init__(self, mail_dir: str, hostname: str) -> None:
+        self.mail_dir = mail_dir
+        self.hostname = hostname
+
+    async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
+        """One Outcome per recipient; never raises for a recipient's own problem."""
+        return [await self._deliver_one(msg, rcpt) for rcpt in rcpts]
+
+    async def _deliver_one(self, msg: QueuedMessage, rcpt: Recipient) -> Outcome:
+        mailbox = rcpt.mailbox
+        if not mailbox:
+            return Outcome(rcpt.address, OutcomeKind.PERMANENT,
+                           Reply(550, "5.1.1", "no mailbox"), "local")
+        problem = check_mailbox_path(mailbox)
+        if problem:
+            log.error("%s: refusing mailbox for %s: %s", msg.qid, rcpt.address, problem)
+            return Outcome(rcpt.address, OutcomeKind.TEMPORARY,
+                           Reply(451, "4.3.5", f"mailbox configuration error: {problem}"),
+                           "local")
+        kind = "maildir" if mailbox.endswith("/") else "mbox"
+        sender = msg.envelope.sender
+        prefix = delivery_prefix(sender, rcpt.address)
+        try:
+            if kind == "maildir":
+                await asyncio.to_thread(deliver_maildir, self.mail_dir, mailbox, prefix,
+                                        msg.body_path, self.hostname)
+            else:
+                await asyncio.to_thread(deliver_mbox, self.mail_dir, mailbox, sender, prefix,
+                                        msg.body_path, time.time())
+        except Exception as exc:  # any local fault must stay temporary
+            reply = _failure_reply(exc, kind, mailbox)
+            log.warning("%s: to=<%s> %s: %s (%r)", msg.qid, rcpt.address, kind, reply, exc)
+            return Outcome(rcpt.address, OutcomeKind.TEMPORARY, reply, "local")
+        return Outcome(rcpt.address, OutcomeKind.DELIVERED,
+                       Reply(250, "2.0.0", f"delivered to {kind}"), "local")

@@ -1,0 +1,199 @@
+"""The ``pymta`` command (also ``python -m pymta``): serve, check-config and queue management.
+
+The CLI is what an operator touches first, often with a mistyped variable, so every expected
+problem is one line on stderr and an exit status, never a traceback: configuration errors
+exit 2 (as argparse usage errors do), queue errors (unknown id, busy message) exit 1.
+Set ``PYMTA_TRACEBACK=1`` to see the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn, TextIO
+
+from pymta.config.errors import ConfigError
+from pymta.config.model import Config
+
+EX_USAGE_OR_CONFIG = 2
+EX_SOFTWARE = 70
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line instead of usage text plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EX_USAGE_OR_CONFIG,
+                  f"pymta: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    config_opt = _Parser(add_help=False)
+    config_opt.add_argument("--config", metavar="FILE",
+                            help="TOML configuration file (default: $PYMTA_CONFIG)")
+    queue_opt = _Parser(add_help=False, parents=[config_opt])
+    queue_opt.add_argument("--state-dir", metavar="DIR",
+                           help="use this state directory instead of the configured one")
+
+    parser = _Parser(prog="pymta", description="A pure-Python asyncio mail transfer agent.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.add_parser("serve", parents=[config_opt], help="run the server")
+    sub.add_parser("check-config", parents=[config_opt],
+                   help="check the configuration and print a summary")
+
+    queue = sub.add_parser("queue", help="list and manage the mail queue")
+    qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=_Parser)
+    q_list = qsub.add_parser("list", parents=[queue_opt], help="list queued messages")
+    q_list.add_argument("--json", action="store_true", help="machine-readable output")
+    q_show = qsub.add_parser("show", parents=[queue_opt], help="show one message")
+    q_show.add_argument("id", metavar="ID")
+    qsub.add_parser("flush", parents=[queue_opt], help="attempt delivery of all messages now")
+    q_del = qsub.add_parser("delete", parents=[queue_opt], help="delete messages")
+    q_del.add_argument("ids", metavar="ID", nargs="*")
+    q_del.add_argument("--all", action="store_true", help="delete every message")
+    for name, text in (("hold", "hold messages (no delivery attempts)"),
+                       ("release", "release held messages")):
+        q = qsub.add_parser(name, parents=[queue_opt], help=text)
+        q.add_argument("ids", metavar="ID", nargs="+")
+    return parser
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from pymta.config.load import load_config
+
+    return load_config(path=args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from pymta.log import setup_logging
+
+    setup_logging(config)
+    from pymta.app import serve
+
+    sys.exit(serve(config))
+
+
+def _listeners(config: Config) -> str:
+    def show(addrs: Sequence[object]) -> str:
+        return ", ".join(str(a) for a in addrs) or "none"
+
+    sasl = "" if config.sasl_methods else " (inactive: no SASL method configured)"
+    return (f"smtp {show(config.smtp_listen)}; submission {show(config.submission_listen)}; "
+            f"submissions {show(config.submissions_listen)}{sasl}")
+
+
+def _tls_summary(config: Config) -> str:
+    """Checks given certificate files; never generates the self-signed pair (that is
+    ``serve``'s job, and check-config must not change anything)."""
+    from pymta.tls import selfsigned_paths, server_ssl_context
+
+    if config.smtpd_tls_cert_file:
+        server_ssl_context(config)
+        return f"certificate {config.smtpd_tls_cert_file}"
+    if config.smtpd_use_tls:
+        cert, key = selfsigned_paths(config)
+        if cert.exists() and key.exists():
+            return f"self-signed {cert}"
+        return f"self-signed (generated at first start into {cert.parent})"
+    return "off"
+
+
+def _check_config(args: argparse.Namespace, out: TextIO) -> int:
+    config = _load(args)
+    tls = _tls_summary(config)
+    source = args.config or os.environ.get("PYMTA_CONFIG") or "none (environment only)"
+    rows = [
+        ("config file", source),
+        ("hostname", config.hostname),
+        ("domains", " ".join(config.mail_domain)),
+        ("mailboxes", str(len(config.mail_boxes.split()))),
+        ("aliases", str(len(config.mail_aliases.split()))),
+        ("listeners", _listeners(config)),
+        ("tls", tls),
+        ("state dir", config.state_dir),
+        ("mail dir", config.mail_dir),
+        ("workers", str(config.workers)),
+        ("size limit", str(config.message_size_limit or "none")),
+    ]
+    print("pymta: configuration OK", file=out)
+    for label, value in rows:
+        print(f"  {label + ':':<13}{value}", file=out)
+    return 0
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from pymta.cli import queue
+
+    if args.queue_command == "delete" and bool(args.ids) == bool(args.all):
+        raise _UsageError("queue delete: give message IDs or --all, not both or neither")
+    state_dir = args.state_dir or _load(args).state_dir
+    return queue.run(args, state_dir)
+
+
+class _UsageError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check_config(args, sys.stdout)
+    if args.command == "queue":
+        if not args.queue_command:
+            raise _UsageError("queue: which action? list, show, flush, delete, hold or "
+                              "release (see 'pymta queue --help')")
+        return _queue(args)
+    parser.print_help(sys.stderr)
+    return EX_USAGE_OR_CONFIG
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (the console script passes it to sys.exit)."""
+    from pymta.cli.queue import QueueCommandError
+
+    try:
+        return _dispatch(argv)
+    except ConfigError as exc:
+        print(f"pymta: {exc}", file=sys.stderr)
+        return EX_USAGE_OR_CONFIG
+    except _UsageError as exc:
+        print(f"pymta: {exc}", file=sys.stderr)
+        return EX_USAGE_OR_CONFIG
+    except QueueCommandError as exc:
+        print(f"pymta: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `pymta queue list | head`: the reader left; say nothing, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        if os.environ.get("PYMTA_TRACEBACK"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"pymta: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("PYMTA_TRACEBACK"):
+            raise
+        print(f"pymta: internal error: {type(exc).__name__}: {exc} "
+              "(set PYMTA_TRACEBACK=1 for details)", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""``pymta queue ...``: look at and change the on-disk queue of a running or stopped server.
+
+Postfix splits this over mailq, postqueue and postsuper; here it is one command group. It
+works directly on ``<state_dir>/queue`` through :class:`pymta.queue.store.QueueStore`, taking
+the store's per-message lock before a change, so it never races a delivery attempt in the
+server. After a change it sends SIGUSR1 to the server named in ``<state_dir>/pymta.pid`` so
+the queue manager rescans at once instead of at its next periodic scan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from pymta.types import Envelope, RcptState
+
+LOCK_TIMEOUT = 10.0        # one named message: wait for a running attempt to finish
+FLUSH_LOCK_TIMEOUT = 1.0   # flush: a message being delivered right now needs no flush
+HEADER_LIMIT = 1 << 20     # queue show: never print more than this much header text
+
+
+class QueueCommandError(Exception):
+    """A user-facing queue problem (unknown id, busy message): one line, exit status 1."""
+
+
+def pid_file(state_dir: str) -> Path:
+    return Path(state_dir) / "pymta.pid"
+
+
+def open_store(state_dir: str) -> Any:
+    """The QueueStore of ``state_dir``; refuses to create a queue where none exists, since a
+    mistyped PYMTA_STATE_DIR would otherwise show an empty queue."""
+    root = Path(state_dir) / "queue"
+    if not root.is_dir():
+        raise QueueCommandError(f"queue: no queue directory {str(root)!r} "
+                                "(is PYMTA_STATE_DIR right?)")
+    from pymta.queue.store import QueueStore
+
+    store = QueueStore(str(root))
+    store.open()
+    return store
+
+
+def _valid_id(qid: str) -> bool:
+    from pymta.queue.ids import is_valid
+
+    return is_valid(qid)
+
+
+@contextmanager
+def _locked(store: Any, qid: str, timeout: float) -> Iterator[Envelope]:
+    """Hold the message's lock and yield its envelope; QueueCommandError if it is gone or
+    stays busy (a delivery attempt holds the lock)."""
+    if not _valid_id(qid):
+        raise QueueCommandError(f"queue: no message {qid}")
+    lock = store.lock(qid, timeout)
+    if lock is None:
+        if store.load(qid) is None:
+            raise QueueCommandError(f"queue: no message {qid}")
+        raise QueueCommandError(f"queue: message {qid} is busy (being delivered); try again")
+    try:
+        env = store.load(qid)
+        if env is None:
+            raise QueueCommandError(f"queue: no message {qid}")
+        yield env
+    finally:
+        lock.release()
+
+
+def signal_server(state_dir: str, err: TextIO) -> bool:
+    """SIGUSR1 to the running server; False (quietly) when none runs.
+
+    A stale pid file may name a pid now used by an unrelated process, for which SIGUSR1's
+    default action is to terminate, so where /proc exists the pid must be a pymta process.
+    """
+    try:
+        pid = int(pid_file(state_dir).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if pid <= 1:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if Path("/proc/self").exists():
+        try:
+            if b"pymta" not in cmdline.read_bytes():
+                return False
+        except OSError:
+            return False
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        print(f"pymta: queue: cannot signal the server (pid {pid}): permission denied; "
+              "it will notice at its next queue scan", file=err)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _age(seconds: float) -> str:
+    """``42s``, ``5m``, ``2h05m``, ``3d04h``: short enough for a column."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _last_error(env: Envelope) -> str:
+    """The most recent reply of a recipient that is not delivered."""
+    failing = [r for r in env.recipients if r.state is not RcptState.DELIVERED and r.last_reply]
+    if not failing:
+        return ""
+    return max(failing, key=lambda r: r.last_attempt).last_reply
+
+
+def _size(store: Any, qid: str, env: Envelope) -> int:
+    if env.size:
+        return env.size
+    try:
+        return os.path.getsize(store.body_path(qid))
+    except OSError:
+        return 0
+
+
+def _entries(store: Any) -> list[tuple[str, Envelope]]:
+    """(id, envelope) of every message, oldest first; messages that vanish while we read
+    (delivered meanwhile) are skipped."""
+    out = []
+    for qid in store.ids():
+        env = store.load(qid)
+        if env is not None:
+            out.append((qid, env))
+    out.sort(key=lambda item: (item[1].received_at, item[0]))
+    return out
+
+
+def _as_json(store: Any, qid: str, env: Envelope, now: float) -> dict[str, Any]:
+    return {
+        "id": qid,
+        "age": round(now - env.received_at, 3),
+        "received_at": env.received_at,
+        "next_attempt": env.next_attempt,
+        "size": _size(store, qid, env),
+        "sender": env.sender,
+        "held": env.held,
+        "is_bounce": env.is_bounce,
+        "last_error": _last_error(env),
+        "recipients": [
+            {"address": r.address, "original": r.original, "state": r.state.value,
+             "attempts": r.attempts, "next_hop": r.next_hop, "last_reply": r.last_reply}
+            for r in env.recipients
+        ],
+    }
+
+
+def cmd_list(store: Any, as_json: bool, out: TextIO) -> int:
+    now = time.time()
+    entries = _entries(store)
+    if as_json:
+        json.dump([_as_json(store, qid, env, now) for qid, env in entries], out, indent=1)
+        out.write("\n")
+        return 0
+    if not entries:
+        print("queue is empty", file=out)
+        return 0
+    print(f"{'ID':<16} {'AGE':>6} {'SIZE':>9}  SENDER", file=out)
+    for qid, env in entries:
+        flags = " (held)" if env.held else ""
+        print(f"{qid:<16} {_age(now - env.received_at):>6} {_size(store, qid, env):>9}  "
+              f"<{env.sender}>{flags}", file=out)
+        for r in env.recipients:
+            print(f"{'':<16} {r.state.value:>16}  <{r.address}>", file=out)
+        error = _last_error(env)
+        if error:
+            print(f"{'':<16} {'last error':>16}  {error}", file=out)
+    print(f"-- {len(entries)} message(s)", file=out)
+    return 0
+
+
+def _when(ts: float, now: float) -> str:
+    if not ts:
+        return "-"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))
+    delta = ts - now
+    rel = f"in {_age(delta)}" if delta > 0 else f"{_age(-delta)} ago"
+    return f"{stamp} ({rel})"
+
+
+def _headers(path: str) -> str:
+    """The header section of the spooled message, up to the first empty line."""
+    lines: list[str] = []
+    total = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw in (b"\r\n", b"\n"):
+                break
+            total += len(raw)
+            if total > HEADER_LIMIT:
+                lines.append("[... header truncated]")
+                break
+            lines.append(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+    return "\n".join(lines)
+
+
+def cmd_show(store: Any, qid: str, out: TextIO) -> int:
+    env = store.load(qid) if _valid_id(qid) else None
+    if env is None:
+        raise QueueCommandError(f"queue: no message {qid}")
+    now = time.time()
+    rows = [
+        ("id", qid),
+        ("sender", f"<{env.sender}>"),
+        ("received", _when(env.received_at, now)),
+        ("next attempt", "held" if env.held else _when(env.next_attempt, now)),
+        ("size", str(_size(store, qid, env))),
+        ("client", f"{env.helo or '-'} [{env.client_ip or '-'}]"),
+        ("protocol", env.protocol),
+        ("auth user", env.auth_user or "-"),
+        ("body", env.body_type + (" SMTPUTF8" if env.smtputf8 else "")),
+        ("dsn", f"ret={env.ret or '-'} envid={env.envid or '-'}"),
+        ("bounce", "yes" if env.is_bounce else "no"),
+    ]
+    for label, value in rows:
+        print(f"{label + ':':<14}{value}", file=out)
+    for r in env.recipients:
+        print(f"recipient:    <{r.address}>" + (f" (for <{r.original}>)"
+                                                 if r.original != r.address else ""), file=out)
+        print(f"  state:      {r.state.value}, attempts {r.attempts}", file=out)
+        print(f"  next hop:   {r.next_hop or '-'}", file=out)
+        print(f"  last try:   {_when(r.last_attempt, now)}", file=out)
+        print(f"  last reply: {r.last_reply or '-'}", file=out)
+    print("", file=out)
+    try:
+        print(_headers(store.body_path(qid)), file=out)
+    except OSError as exc:
+        print(f"(message body unreadable: {exc.strerror or exc})", file=out)
+    return 0
+
+
+# ------------------------------------------------------------------------------ changing
+
+
+def cmd_flush(store: Any, state_dir: str, out: TextIO, err: TextIO) -> int:
+    """Make every non-held message due now (Postfix ``postqueue -f``)."""
+    now = time.time()
+    count = 0
+    for qid in store.ids():
+        try:
+            with _locked(store, qid, FLUSH_LOCK_TIMEOUT) as env:
+                if env.held or not env.pending():
+                    continue
+                env.next_attempt = now
+                store.save_sync(qid, env)
+                count += 1
+        except QueueCommandError:
+            continue  # delivered meanwhile, or being delivered right now
+    notified = signal_server(state_dir, err)
+    print(f"{count} message(s) due now" + ("" if notified else " (no running server)"),
+          file=out)
+    return 0
+
+
+def _each(store: Any, qids: Sequence[str], change: Any, err: TextIO) -> int:
+    """Apply ``change(qid, env)`` to each message under its lock; 1 if any id failed."""
+    status = 0
+    for qid in qids:
+        try:
+            with _locked(store, qid, LOCK_TIMEOUT) as env:
+                change(qid, env)
+        except QueueCommandError as exc:
+            print(f"pymta: {exc}", file=err)
+            status = 1
+    return status
+
+
+def cmd_delete(store: Any, state_dir: str, qids: Sequence[str], delete_all: bool,
+               out: TextIO, err: TextIO) -> int:
+    targets = list(store.ids()) if delete_all else list(qids)
+    done: list[str] = []
+
+    def remove(qid: str, env: Envelope) -> None:
+        store.remove_sync(qid)
+        done.append(qid)
+
+    status = _each(store, targets, remove, err)
+    if delete_all:
+        status = 0  # messages delivered while we went through the list are not an error
+    for qid in done:
+        print(f"{qid}: deleted", file=out)
+    if done:
+        signal_server(state_dir, err)
+    return status
+
+
+def cmd_hold(store: Any, state_dir: str, qids: Sequence[str], hold: bool,
+             out: TextIO, err: TextIO) -> int:
+    """Hold (never attempt) or release messages; a release makes the message due now."""
+    word = "held" if hold else "released"
+
+    def change(qid: str, env: Envelope) -> None:
+        env.held = hold
+        if not hold:
+            env.next_attempt = min(env.next_attempt, time.time())
+        store.save_sync(qid, env)
+        print(f"{qid}: {word}", file=out)
+
+    status = _each(store, qids, change, err)
+    signal_server(state_dir, err)
+    return status
+
+
+def run(args: Any, state_dir: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Dispatch a parsed ``queue`` subcommand (output to sys.stdout/sys.stderr by default)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    store = open_store(state_dir)
+    if args.queue_command == "list":
+        return cmd_list(store, args.json, out)
+    if args.queue_command == "show":
+        return cmd_show(store, args.id, out)
+    if args.queue_command == "flush":
+        return cmd_flush(store, state_dir, out, err)
+    if args.queue_command == "delete":
+        return cmd_delete(store, state_dir, args.ids, args.all, out, err)
+    if args.queue_command in ("hold", "release"):
+        return cmd_hold(store, state_dir, args.ids, args.queue_command == "hold", out, err)
+    raise AssertionError(args.queue_command)

@@ -1,0 +1,395 @@
+"""Build the typed :class:`Config` from a TOML file and the environment.
+
+Users come from a container image configured by environment variables, so the seed's names
+(``MAIL_DOMAIN``, ``MESSAGE_SIZE_LIMIT``, ``SMTPD_USE_TLS`` ...) keep working unchanged; pymta's
+own settings are ``PYMTA_*``. A TOML file (``--config`` or ``PYMTA_CONFIG``) may carry the same
+settings under their lower-case names (``mail_domain``, ``pymta_workers`` or ``workers``).
+
+Precedence: built-in defaults < TOML file < environment. An empty environment variable counts
+as unset, because docker-compose files write ``SYSLOG_LEVEL=${SYSLOG_LEVEL-}``. Unknown
+environment variables are ignored (the environment is shared with everything else in the
+container); unknown TOML keys are errors (a file is ours alone, and a typo there would
+otherwise be silently ignored).
+
+Every problem becomes one :class:`ConfigError` whose message starts with the variable name,
+says what is wrong and quotes the value, so the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pymta.config.errors import ConfigError
+from pymta.config.model import Config, ListenAddress
+
+__all__ = ["load_config", "parse_bool", "parse_duration", "parse_listen", "parse_size"]
+
+# ------------------------------------------------------------------------------ value parsers
+# Each parser takes the variable name (for the message) and a raw value, which is a string
+# from the environment or any TOML value, and returns the typed value or raises ConfigError.
+
+_TRUE = {"yes", "true", "1", "on"}
+_FALSE = {"no", "false", "0", "off"}
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """yes/no, true/false, 1/0, on/off in any case; TOML booleans as they are."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name}: not yes or no: {value!r}")
+
+
+def parse_size(name: str, value: Any, minimum: int = 0) -> int:
+    """A whole number ≥ ``minimum``. No suffixes: sizes in the seed are plain byte counts."""
+    if isinstance(value, bool | float):
+        raise ConfigError(f"{name}: not a whole number: {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip()
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise ConfigError(f"{name}: not a whole number: {value!r}")
+        number = int(text)
+    if number < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}: {value!r}")
+    return number
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhdw]?)", re.IGNORECASE)
+
+
+def parse_duration(name: str, value: Any, positive: bool = False) -> float:
+    """Seconds, or Postfix style with a unit: ``300s``, ``5m``, ``4h``, ``5d``, ``1w``.
+
+    ``positive`` rejects zero for settings where zero would make no sense (a zero idle
+    timeout would drop every client at once).
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.fullmatch(str(value).strip())
+        if not match:
+            raise ConfigError(
+                f"{name}: not a duration (seconds, or a number with s/m/h/d/w): {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ConfigError(f"{name}: not a duration: {value!r}")
+    if positive and seconds == 0:
+        raise ConfigError(f"{name}: must be more than zero: {value!r}")
+    return seconds
+
+
+def _words(value: Any) -> list[str]:
+    """A list from a TOML array or a space/comma separated string."""
+    if isinstance(value, list | tuple):
+        out: list[str] = []
+        for item in value:
+            out.extend(_words(item))
+        return out
+    return [w for w in re.split(r"[\s,]+", str(value)) if w]
+
+
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_\-\u0080-\U0010ffff]{1,63}(?<!-)")
+
+
+def _is_hostname(text: str) -> bool:
+    text = text.rstrip(".")
+    return bool(text) and len(text) <= 253 and all(
+        _LABEL_RE.fullmatch(label) for label in text.split("."))
+
+
+def parse_domains(name: str, value: Any) -> tuple[str, ...]:
+    """Space/comma separated domain names, lower-cased, trailing dot removed, no duplicates."""
+    out: list[str] = []
+    for word in _words(value):
+        if not _is_hostname(word) or "@" in word:
+            raise ConfigError(f"{name}: not a domain name: {word!r}")
+        domain = word.rstrip(".").lower()
+        if domain not in out:
+            out.append(domain)
+    return tuple(out)
+
+
+def parse_hostname(name: str, value: Any) -> str:
+    text = str(value).strip()
+    if not _is_hostname(text):
+        raise ConfigError(f"{name}: not a host name: {value!r}")
+    return text.rstrip(".")
+
+
+def parse_listen(name: str, value: Any) -> tuple[ListenAddress, ...]:
+    """Listen addresses: ``host:port``, ``:port`` or ``*:port`` (all IPv4 interfaces),
+    ``[v6]:port`` or a bare port, separated by spaces or commas; ``none`` listens nowhere.
+
+    Port 0 is allowed: the kernel picks a free port, which tests rely on.
+    """
+    words = _words(value)
+    if [w.lower() for w in words] == ["none"]:
+        return ()
+    out: list[ListenAddress] = []
+    for word in words:
+        address = _parse_one_listen(name, word)
+        if address not in out:
+            out.append(address)
+    return tuple(out)
+
+
+def _parse_one_listen(name: str, word: str) -> ListenAddress:
+    if word.isdigit():
+        host, port_text = "", word
+    elif word.startswith("["):
+        close = word.find("]")
+        if close < 0 or word[close + 1:close + 2] != ":":
+            raise ConfigError(f"{name}: not [address]:port: {word!r}")
+        host, port_text = word[1:close], word[close + 2:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{name}: not an IPv6 address: {word!r}") from None
+    else:
+        host, sep, port_text = word.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{name}: not host:port: {word!r}")
+        if ":" in host:
+            raise ConfigError(f"{name}: IPv6 addresses need brackets, as in [::1]:25: {word!r}")
+        if host not in ("", "*") and not _is_hostname(host):
+            raise ConfigError(f"{name}: not a host name or address: {word!r}")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{name}: not a port number (0-65535): {word!r}")
+    if host in ("", "*"):
+        host = "0.0.0.0"
+    return ListenAddress(host, int(port_text))
+
+
+def _parse_string(name: str, value: Any) -> str:
+    if isinstance(value, dict | list | bool):
+        raise ConfigError(f"{name}: not a string: {value!r}")
+    return str(value).strip()
+
+
+# ------------------------------------------------------------------------------ the settings
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    field: str                             # Config field name
+    env: str                               # environment variable name
+    parse: Callable[[str, Any], Any]
+
+
+def _size(minimum: int) -> Callable[[str, Any], int]:
+    return lambda name, value: parse_size(name, value, minimum)
+
+
+def _duration(positive: bool) -> Callable[[str, Any], float]:
+    return lambda name, value: parse_duration(name, value, positive)
+
+
+def _level(name: str, value: Any) -> int:
+    level = parse_size(name, value)
+    if level > 7:
+        raise ConfigError(f"{name}: must be 0 (emerg) to 7 (debug): {value!r}")
+    return level
+
+
+def _methods(name: str, value: Any) -> tuple[str, ...]:
+    return tuple(w.lower() for w in _words(value))
+
+
+_SETTINGS: tuple[_Setting, ...] = (
+    _Setting("hostname", "MYHOSTNAME", parse_hostname),
+    _Setting("mail_domain", "MAIL_DOMAIN", parse_domains),
+    _Setting("mail_boxes", "MAIL_BOXES", _parse_string),
+    _Setting("mail_aliases", "MAIL_ALIASES", _parse_string),
+    _Setting("message_size_limit", "MESSAGE_SIZE_LIMIT", _size(0)),
+    _Setting("max_recipients", "PYMTA_MAX_RECIPIENTS", _size(1)),
+    _Setting("max_errors", "PYMTA_MAX_ERRORS", _size(1)),
+    _Setting("idle_timeout", "PYMTA_IDLE_TIMEOUT", _duration(True)),
+    _Setting("max_connections", "PYMTA_MAX_CONNECTIONS", _size(1)),
+    _Setting("max_connections_per_ip", "PYMTA_MAX_CONNECTIONS_PER_IP", _size(1)),
+    # RFC 5321 §4.5.3.1.4: a command line may be 512 octets; a smaller limit breaks clients.
+    _Setting("max_line_length", "PYMTA_LINE_LENGTH_LIMIT", _size(512)),
+    _Setting("header_size_limit", "PYMTA_HEADER_SIZE_LIMIT", _size(1)),
+    _Setting("max_received_headers", "PYMTA_MAX_RECEIVED_HEADERS", _size(1)),
+    _Setting("smtp_listen", "PYMTA_SMTP_LISTEN", parse_listen),
+    _Setting("submission_listen", "PYMTA_SUBMISSION_LISTEN", parse_listen),
+    _Setting("submissions_listen", "PYMTA_SUBMISSIONS_LISTEN", parse_listen),
+    _Setting("workers", "PYMTA_WORKERS", _size(1)),
+    _Setting("smtpd_use_tls", "SMTPD_USE_TLS", parse_bool),
+    _Setting("smtpd_tls_cert_file", "SMTPD_TLS_CERT_FILE", _parse_string),
+    _Setting("smtpd_tls_key_file", "SMTPD_TLS_KEY_FILE", _parse_string),
+    _Setting("sasl_methods", "PYMTA_SASL_METHODS", _methods),
+    _Setting("state_dir", "PYMTA_STATE_DIR", _parse_string),
+    _Setting("mail_dir", "PYMTA_MAIL_DIR", _parse_string),
+    _Setting("queue_retry_first", "PYMTA_RETRY_FIRST", _duration(True)),
+    _Setting("queue_retry_max", "PYMTA_RETRY_MAX", _duration(True)),
+    _Setting("queue_lifetime", "PYMTA_QUEUE_LIFETIME", _duration(False)),
+    _Setting("queue_scan_interval", "PYMTA_QUEUE_SCAN_INTERVAL", _duration(True)),
+    _Setting("delivery_concurrency", "PYMTA_DELIVERY_CONCURRENCY", _size(1)),
+    _Setting("syslog_level", "SYSLOG_LEVEL", _level),
+    _Setting("log_syslog", "PYMTA_LOG_SYSLOG", parse_bool),
+    _Setting("log_json", "PYMTA_LOG_JSON", parse_bool),
+)
+
+
+def _toml_keys() -> dict[str, _Setting]:
+    """Every name a TOML file may use for a setting: the field name, the lower-case variable
+    name, and that name without ``pymta_`` (``workers``, ``pymta_workers``, ``retry_first``)."""
+    keys: dict[str, _Setting] = {}
+    for setting in _SETTINGS:
+        lower = setting.env.lower()
+        for key in (setting.field, lower, lower.removeprefix("pymta_")):
+            keys[key] = setting
+    return keys
+
+
+_TOML_KEYS = _toml_keys()
+_ENV_OF_FIELD = {s.field: s.env for s in _SETTINGS}
+_DEFAULTS = Config()
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a Config field, for messages elsewhere (TLS, logging)."""
+    return _ENV_OF_FIELD.get(field_name, field_name.upper())
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def _config_path(environ: Mapping[str, str], path: str | None) -> tuple[str, str] | None:
+    """(path, how it was named) of the TOML file, or None when there is none."""
+    if path:
+        return path, "config file"
+    if environ.get("PYMTA_CONFIG", "").strip():
+        return environ["PYMTA_CONFIG"].strip(), "PYMTA_CONFIG"
+    return None
+
+
+def _read_toml(path: str, named_by: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{named_by}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{named_by}: {path!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{named_by}: {path!r} is not UTF-8 text") from None
+
+
+def _from_toml(data: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Typed values by field name from a parsed TOML file, plus its ``[extra]`` table."""
+    values: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    extra: dict[str, str] = {}
+    for key, raw in data.items():
+        if key == "extra":
+            if not isinstance(raw, dict):
+                raise ConfigError(f"extra: must be a table in {path!r}")
+            extra = {str(k): str(v) for k, v in raw.items()}
+            continue
+        setting = _TOML_KEYS.get(key)
+        if setting is None:
+            hint = difflib.get_close_matches(key, [*_TOML_KEYS, "extra"], n=1)
+            also = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{path}: unknown setting {key!r}{also}")
+        if setting.field in seen:
+            raise ConfigError(
+                f"{setting.env}: set twice in {path!r}, as {seen[setting.field]!r} and {key!r}")
+        seen[setting.field] = key
+        try:
+            values[setting.field] = setting.parse(setting.env, raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {path})") from None
+    return values, extra
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for setting in _SETTINGS:
+        raw = environ.get(setting.env)
+        if raw is None or not raw.strip():
+            continue
+        values[setting.field] = setting.parse(setting.env, raw)
+    return values
+
+
+# ------------------------------------------------------------------------------ defaults
+
+
+def _host_fqdn() -> str:
+    """The host's fully qualified name; a function so tests can replace it."""
+    return socket.getfqdn()
+
+
+def _default_state_dir() -> str:
+    """Root runs the container image (state on the ``/srv`` volume, as in the seed); a
+    developer running as themselves gets a directory beside the checkout."""
+    return "/srv/pymta" if os.geteuid() == 0 else "./var"
+
+
+def _domain_of(hostname: str) -> str:
+    """``hostname -d``: the host name minus its first label."""
+    try:
+        ipaddress.ip_address(hostname)
+        return ""
+    except ValueError:
+        pass
+    return hostname.partition(".")[2]
+
+
+def _check_together(values: dict[str, Any]) -> None:
+    """Rules that involve more than one setting."""
+    cert, key = values.get("smtpd_tls_cert_file", ""), values.get("smtpd_tls_key_file", "")
+    if cert and not key:
+        raise ConfigError(f"SMTPD_TLS_KEY_FILE: not set, but SMTPD_TLS_CERT_FILE is: {cert!r}")
+    if key and not cert:
+        raise ConfigError(f"SMTPD_TLS_CERT_FILE: not set, but SMTPD_TLS_KEY_FILE is: {key!r}")
+    first = values.get("queue_retry_first", _DEFAULTS.queue_retry_first)
+    most = values.get("queue_retry_max", _DEFAULTS.queue_retry_max)
+    if first > most:
+        raise ConfigError(
+            f"PYMTA_RETRY_FIRST: longer than PYMTA_RETRY_MAX ({most:g}s): {first:g}s")
+
+
+def load_config(environ: Mapping[str, str] | None = None, path: str | None = None) -> Config:
+    """Return the Config from defaults, the TOML file (``path`` or ``PYMTA_CONFIG``) and the
+    environment (``os.environ`` when ``environ`` is None), the environment winning.
+
+    Raises ConfigError for any invalid value; the message names the variable.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    extra: dict[str, str] = {}
+    source = _config_path(environ, path)
+    if source is not None:
+        values, extra = _from_toml(_read_toml(*source), source[0])
+    values.update(_from_env(environ))
+
+    if "hostname" not in values:
+        values["hostname"] = parse_hostname("MYHOSTNAME (from the host name)", _host_fqdn())
+    if not values.get("mail_domain"):
+        domain = _domain_of(values["hostname"])
+        if not domain:
+            raise ConfigError("MAIL_DOMAIN: not set and the host name has no domain part: "
+                              f"{values['hostname']!r}")
+        values["mail_domain"] = (domain.lower(),)
+    values.setdefault("state_dir", _default_state_dir())
+    _check_together(values)
+    return Config(**values, extra=extra)

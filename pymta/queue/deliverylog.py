@@ -1,0 +1,94 @@
+"""The Postfix-style delivery log: one line per message event on logger ``pymta.delivery``.
+
+Operators grep these lines by queue id (``grep 3F2A1B /var/log/mail.log``) and existing log
+tools (pflogsumm and friends) expect Postfix's shape, so the format copies it::
+
+    QID: from=<alice@example.org>, size=1234, nrcpt=2 (queue active)
+    QID: to=<bob@example.net>, orig_to=<info@example.org>, relay=mx.example.net[192.0.2.1]:25,
+         delay=1.2, delays=0.1/0/0/1.1, dsn=2.0.0, status=sent (250 2.0.0 Ok)
+    QID: sender non-delivery notification: DSNQID
+    QID: removed
+
+``delays`` is ``a/b/c/d`` as in Postfix, but pymta only measures two of the four: ``a`` is the
+time from arrival to the start of this attempt and ``d`` the time the delivery agent took;
+``b`` and ``c`` are always ``0``. Each record also carries the fields as
+``extra={"mta_event": {...}}`` so a JSON formatter can emit them without parsing the text.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..types import Envelope, Recipient, Reply
+
+LOG = logging.getLogger("pymta.delivery")
+
+STATUSES = ("sent", "deferred", "bounced", "expired")
+
+
+def _num(value: float) -> str:
+    """Postfix prints delays with at most two decimals and no trailing zeros."""
+    if value <= 0:
+        return "0"
+    if value >= 10:
+        return str(int(round(value)))
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def _reply_text(reply: Reply) -> str:
+    return str(reply).replace("\r", " ").replace("\n", " ")
+
+
+def format_active(qid: str, envelope: Envelope) -> str:
+    return (f"{qid}: from=<{envelope.sender}>, size={envelope.size}, "
+            f"nrcpt={len(envelope.pending())} (queue active)")
+
+
+def format_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, relay: str,
+                     delay: float, delays: tuple[float, float, float, float]) -> str:
+    """The ``to=<..>`` line for one recipient of one attempt."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown delivery status {status!r}")
+    parts = [f"{qid}: to=<{rcpt.address}>"]
+    if rcpt.original and rcpt.original.lower() != rcpt.address.lower():
+        parts.append(f"orig_to=<{rcpt.original}>")
+    parts.append(f"relay={relay or 'none'}")
+    parts.append(f"delay={_num(delay)}")
+    parts.append("delays=" + "/".join(_num(d) for d in delays))
+    parts.append(f"dsn={reply.enhanced}")
+    parts.append(f"status={status} ({_reply_text(reply)})")
+    return ", ".join(parts)
+
+
+def log_active(qid: str, envelope: Envelope) -> None:
+    """An attempt starts: who sent it, how big, how many recipients are still pending."""
+    LOG.info(format_active(qid, envelope),
+             extra={"mta_event": {"qid": qid, "event": "active", "from": envelope.sender,
+                                  "size": envelope.size, "nrcpt": len(envelope.pending())}})
+
+
+def log_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, relay: str,
+                  delay: float, delays: tuple[float, float, float, float]) -> None:
+    """The result of one attempt for one recipient."""
+    line = format_recipient(qid, rcpt, status=status, reply=reply, relay=relay, delay=delay,
+                            delays=delays)
+    LOG.info(line, extra={"mta_event": {
+        "qid": qid, "event": "recipient", "to": rcpt.address, "orig_to": rcpt.original,
+        "relay": relay, "delay": round(delay, 3), "dsn": reply.enhanced, "status": status,
+        "reply": _reply_text(reply)}})
+
+
+def log_notice(qid: str, kind: str, notice_qid: str) -> None:
+    """A DSN was queued for this message (Postfix: ``sender non-delivery notification``)."""
+    label = {"failed": "sender non-delivery notification",
+             "delivered": "sender delivery status notification",
+             "delayed": "sender delay notification"}.get(kind, f"sender {kind} notification")
+    LOG.info(f"{qid}: {label}: {notice_qid}",
+             extra={"mta_event": {"qid": qid, "event": "dsn", "kind": kind,
+                                  "dsn_qid": notice_qid}})
+
+
+def log_removed(qid: str) -> None:
+    """Every recipient reached a final state; the message left the queue."""
+    LOG.info(f"{qid}: removed", extra={"mta_event": {"qid": qid, "event": "removed"}})

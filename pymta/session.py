@@ -1,0 +1,235 @@
+"""The receiving side's policy for one SMTP session: who may send, to whom, and the hand-off
+of a complete message to the queue.
+
+The protocol engine decides what is well-formed; this module decides what is acceptable and
+makes it durable. Implementation summary: RCPT resolves each address through the recipient
+lookups (first source that knows it wins) and keeps the expanded, de-duplicated targets; DATA
+and BDAT open a spool file and write our ``Received:`` header before the first byte of the
+message; chunks stream straight to the spool; the end of data runs the content checks
+(hop count, header size), then commits envelope and body durably (group commit) and only
+then answers ``250``. Every local fault becomes a 4xx and the partial spool file is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pymta.headerscan import HeaderScanner
+from pymta.received import protocol_name, received_header
+from pymta.smtp import events as ev
+from pymta.types import (
+    Address,
+    Envelope,
+    Recipient,
+    RecipientLookup,
+    Reply,
+    SMTPError,
+    Target,
+    TemporaryFailure,
+)
+
+log = logging.getLogger("pymta.smtpd")
+
+R_RELAY_DENIED = "Relay access denied"
+
+
+@dataclass
+class ReceiveContext:
+    """What every session of a server shares: configuration-derived policy and the queue."""
+
+    hostname: str
+    local_domains: frozenset[str]
+    first_domain: str
+    lookups: Sequence[RecipientLookup]
+    store: object                      # pymta.queue.store.QueueStore
+    submit: Callable[[str, Envelope], None]
+    header_size_limit: int = 1048576
+    max_received: int = 50
+    relay_allowed: Callable[[str], bool] = field(default=lambda ip: False)
+
+
+class Session:
+    """Policy state of one connection; the protocol adapter calls it on decision events."""
+
+    __slots__ = ("ctx", "peer_ip", "peer_port", "helo", "extended", "tls_info", "auth_user",
+                 "_sender", "_mail", "_targets", "_spool", "_scanner", "_write_error",
+                 "_started")
+
+    def __init__(self, ctx: ReceiveContext, peer_ip: str, peer_port: int) -> None:
+        self.ctx = ctx
+        self.peer_ip = peer_ip
+        self.peer_port = peer_port
+        self.helo = ""
+        self.extended = False
+        self.tls_info: str | None = None
+        self.auth_user: str | None = None
+        self._spool = None
+        self._reset()
+
+    # ------------------------------------------------------------------ transaction
+
+    def _reset(self) -> None:
+        self.abort()
+        self._sender: str | None = None
+        self._mail: ev.MailFrom | None = None
+        self._targets: dict[str, Recipient] = {}
+        self._scanner: HeaderScanner | None = None
+        self._write_error: OSError | None = None
+        self._started = 0.0
+
+    def abort(self) -> None:
+        """Drop a partial message (failed DATA, disconnect): nothing was acknowledged."""
+        spool = self._spool
+        if spool is not None:
+            self._spool = None
+            spool.abort()
+
+    def on_helo(self, event: ev.Helo) -> None:
+        self.helo = event.name
+        self.extended = event.extended
+        self._reset()
+
+    def on_reset(self) -> None:
+        self._reset()
+
+    def on_tls(self, info: str) -> None:
+        self.tls_info = info
+        self.helo = ""
+        self._reset()
+
+    def on_mail(self, event: ev.MailFrom) -> Reply:
+        self._mail = event
+        self._sender = event.address
+        self._targets = {}
+        self._started = time.time()
+        return Reply(250, "2.1.0", "Ok")
+
+    async def on_rcpt(self, event: ev.RcptTo) -> Reply:
+        text = event.address
+        if "@" not in text:  # bare <postmaster> (RFC 5321 §4.1.1.3)
+            text = f"postmaster@{self.ctx.first_domain}"
+        address = Address(text)
+        domain = address.domain
+        if domain in self.ctx.local_domains:
+            try:
+                destination = None
+                for source in self.ctx.lookups:
+                    destination = await source.lookup(address)
+                    if destination is not None:
+                        break
+            except SMTPError as exc:
+                log.warning("lookup of <%s> failed: %s", text, exc.reply)
+                return exc.reply
+            if destination is None:
+                return Reply(550, "5.1.1", f"<{text}>: Recipient address rejected: "
+                                           "User unknown in virtual mailbox table")
+            targets: Sequence[Target] = destination.targets
+        elif self.auth_user is not None or self.ctx.relay_allowed(self.peer_ip):
+            targets = (Target(text, local=False),)
+        else:
+            return Reply(554, "5.7.1", f"<{text}>: {R_RELAY_DENIED}")
+        params = event.params
+        for target in targets:
+            key = target.address.lower()
+            if key not in self._targets:
+                self._targets[key] = Recipient(
+                    address=target.address, original=text, local=target.local,
+                    mailbox=target.mailbox, notify=params.notify, orcpt=params.orcpt)
+        return Reply(250, "2.1.5", "Ok")
+
+    def on_data_start(self, event: ev.DataStart) -> Reply:
+        try:
+            spool = self.ctx.store.new_spool()
+        except OSError as exc:
+            log.error("cannot create a spool file: %s", exc)
+            return Reply(451, "4.3.0", "Error: queue file write error")
+        self._spool = spool
+        self._scanner = HeaderScanner(self.ctx.header_size_limit)
+        rcpts = list(self._targets.values())
+        originals = {r.original for r in rcpts}
+        header = received_header(
+            helo=self.helo, peer_ip=self.peer_ip, hostname=self.ctx.hostname,
+            protocol=self.protocol, qid=spool.qid, tls_info=self.tls_info,
+            recipient=next(iter(originals)) if len(originals) == 1 else None,
+            now=time.time(), auth_user=self.auth_user)
+        self._write(header)
+        if event.bdat:
+            return Reply(250, "2.0.0", "Ok")
+        return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+    @property
+    def protocol(self) -> str:
+        return protocol_name(self.extended, self.tls_info is not None, self.auth_user is not None)
+
+    def on_data_chunk(self, data: bytes) -> None:
+        scanner = self._scanner
+        if scanner is not None and not scanner.done:
+            scanner.feed(data)
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._write_error is not None or self._spool is None:
+            return
+        try:
+            self._spool.write(data)
+        except OSError as exc:
+            self._write_error = exc
+
+    async def on_data_end(self, event: ev.DataEnd) -> Reply:
+        spool = self._spool
+        try:
+            if spool is None:
+                return Reply(451, "4.3.0", "Error: queue file write error")
+            if event.error is not None:
+                return event.error
+            if self._write_error is not None:
+                log.error("queue file write error: %s", self._write_error)
+                return Reply(451, "4.3.0", "Error: queue file write error")
+            scanner = self._scanner
+            if scanner is not None and scanner.too_large:
+                return Reply(552, "5.3.4", "Error: message header size exceeds limit")
+            if scanner is not None and scanner.received > self.ctx.max_received:
+                return Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
+            reply = await self._commit(spool)
+            return reply
+        finally:
+            if self._spool is not None:
+                self._spool.abort()
+            self._spool = None
+            self._reset_after_message()
+
+    def _reset_after_message(self) -> None:
+        self._sender = None
+        self._mail = None
+        self._targets = {}
+        self._scanner = None
+        self._write_error = None
+
+    async def _commit(self, spool) -> Reply:
+        mail = self._mail
+        assert mail is not None
+        now = time.time()
+        envelope = Envelope(
+            sender=mail.address, recipients=list(self._targets.values()), received_at=now,
+            next_attempt=now, client_ip=self.peer_ip, helo=self.helo,
+            auth_user=self.auth_user, body_type=mail.params.body,
+            smtputf8=mail.params.smtputf8, ret=mail.params.ret, envid=mail.params.envid,
+            protocol=self.protocol)
+        self._spool = None  # the store owns the file from here on
+        try:
+            qid = await self.ctx.store.commit(spool, envelope)
+        except TemporaryFailure as exc:
+            log.error("%s: queue commit failed: %s", spool.qid, exc.reply)
+            return exc.reply
+        except OSError as exc:
+            log.error("%s: queue commit failed: %s", spool.qid, exc)
+            spool.abort()
+            return Reply(451, "4.3.0", "Error: queue file write error")
+        log.info("%s: client=unknown[%s], from=<%s>, size=%d, nrcpt=%d%s", qid, self.peer_ip,
+                 mail.address, envelope.size, len(envelope.recipients),
+                 f", sasl_username={self.auth_user}" if self.auth_user else "")
+        self.ctx.submit(qid, envelope)
+        return Reply(250, "2.0.0", f"Ok: queued as {qid}")

@@ -1,0 +1,110 @@
+"""Events the SMTP engine hands to its driver.
+
+Events marked *decision* pause the engine until the driver calls ``engine.respond(reply)``:
+the reply decides what happens (2xx/3xx go on, 4xx/5xx refuse). Other events are
+notifications the driver acts on without answering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pymta.smtp.params import MailParams, RcptParams
+from pymta.types import Reply
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")   # the engine has consumed its input; flush output, read more
+PAUSED = _Sentinel("PAUSED")         # a decision is pending; call respond() first
+
+
+@dataclass(frozen=True, slots=True)
+class Helo:
+    """Notification: HELO/EHLO accepted (the transaction was reset)."""
+
+    name: str
+    extended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom:
+    """Decision: accept this sender? ``address`` is ``""`` for the null sender."""
+
+    address: str
+    params: MailParams
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    """Decision: accept this recipient? A 2xx counts it for the transaction."""
+
+    address: str
+    params: RcptParams
+
+
+@dataclass(frozen=True, slots=True)
+class DataStart:
+    """Decision: open the spool for a message. Reply 354 (DATA) or any 2xx (BDAT) to go on."""
+
+    bdat: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Notification: message bytes, unstuffed, CRLF line endings, in order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataEnd:
+    """Decision: the message is complete. ``error`` is set when the engine already knows it
+    must be refused (size exceeded, bare CR/LF in BDAT); the driver discards the spool and
+    answers with it. Otherwise the driver commits and answers 250 (or 4xx on local fault)."""
+
+    error: Reply | None
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Notification: the transaction is gone (RSET, HELO, or a failed DATA/BDAT)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Notification: ``220`` is in the output; flush it, upgrade the transport, then call
+    ``engine.tls_established()``. Input received meanwhile is discarded by the engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Decision: an AUTH exchange finished. The SASL layer (added with the AUTH issue)
+    validates; ``respond`` with 235 to authenticate the session."""
+
+    mechanism: str
+    initial: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Notification: flush the output and close the connection."""
+
+    reason: str
+
+
+Event = Helo | MailFrom | RcptTo | DataStart | DataChunk | DataEnd | Reset | StartTLS | Auth | Close
+
+__all__ = [
+    "NEED_DATA", "PAUSED", "Helo", "MailFrom", "RcptTo", "DataStart", "DataChunk", "DataEnd",
+    "Reset", "StartTLS", "Auth", "Close", "Event", "Reply",
+]

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The project's one test command: ./scripts/test.sh [pytest args...]
+#
+# Works on a fresh Debian 12 machine (root, python3 3.11, network only to apt and PyPI) and is
+# cheap on a second run: every step first checks whether it is already done.
+#   1. Debian packages the tests drive (swaks, openssl, postfix for smtp-source/smtp-sink);
+#      apt is not touched at all when they are installed already.
+#   2. .venv with the package in editable mode plus test extras (re-installed only when
+#      pyproject.toml changed since the last install).
+#   3. ruff check .
+#   4. pytest; its exit status is ours, and "no tests collected" (5) is a failure, not a pass.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- 1. Debian packages ---------------------------------------------------------------------
+# libnet-ssleay-perl: swaks needs it for STARTTLS / TLS-on-connect (only Recommends in Debian,
+# and we install without recommends to keep the install small and predictable).
+APT_PACKAGES=(swaks libnet-ssleay-perl openssl postfix)
+# Debian's python3 ships without ensurepip; `python3 -m venv` then fails until python3-venv is in.
+if [[ ! -x .venv/bin/python ]] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    APT_PACKAGES+=(python3-venv)
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]})); then
+    step "apt: installing ${missing[*]}"
+    SUDO=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+        SUDO=(sudo)
+    fi
+    # Never let package installation start daemons (postfix would grab port 25).
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+        "${SUDO[@]}" chmod 755 /usr/sbin/policy-rc.d
+    fi
+    # Postfix is wanted for its load tools only; "No configuration" leaves it unconfigured.
+    echo "postfix postfix/main_mailer_type select No configuration" \
+        | "${SUDO[@]}" debconf-set-selections
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
+else
+    step "apt: all of ${APT_PACKAGES[*]} already installed"
+fi
+
+# --- 2. virtualenv ----------------------------------------------------------------------------
+if [[ ! -x .venv/bin/python ]]; then
+    step "venv: creating .venv"
+    python3 -m venv .venv
+fi
+
+# The stamp holds the hash of pyproject.toml at the last successful install, so a second run
+# skips pip (several seconds) unless dependencies may have changed.
+STAMP=.venv/.pymta-test-deps
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]]; then
+    step "pip: installing -e '.[test]' aiosmtpd"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' aiosmtpd
+    echo "$want" >"$STAMP"
+else
+    step "pip: dependencies up to date"
+fi
+
+# --- 3. lint ----------------------------------------------------------------------------------
+step "ruff check ."
+.venv/bin/ruff check .
+
+# --- 4. tests ---------------------------------------------------------------------------------
+step "pytest -q $*"
+rc=0
+.venv/bin/python -m pytest -q "$@" || rc=$?
+if ((rc == 5)); then
+    echo "ERROR: pytest collected no tests (exit 5); that is a failure here." >&2
+elif ((rc != 0)); then
+    echo "ERROR: pytest failed with exit status $rc" >&2
+fi
+exit "$rc"

@@ -1,0 +1,137 @@
+"""``pymta queue ...`` against a real QueueStore on disk (as for a stopped server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pymta.cli import queue as queue_cli
+from pymta.cli.main import main
+from pymta.queue.store import QueueStore
+from pymta.types import Envelope, RcptState, Recipient
+
+BODY = b"From: alice@example.com\r\nSubject: hello\r\n\r\nbody text\r\n"
+
+
+async def enqueue(root: Path, **kw: object) -> str:
+    store = QueueStore(root, fsync=False)
+    await store.start()
+    try:
+        rcpts = [Recipient("bob@example.net", "bob@example.net", local=False,
+                           attempts=2, last_reply="451 4.7.1 greylisted", last_attempt=time.time(),
+                           next_hop="mx.example.net"),
+                 Recipient("carol@example.com", "team@example.com", state=RcptState.DELIVERED)]
+        now = time.time()
+        env = Envelope(sender="alice@example.com", recipients=rcpts, received_at=now - 3600,
+                       next_attempt=now + 600, size=len(BODY), **kw)  # type: ignore[arg-type]
+        return await store.enqueue_bytes(env, BODY)
+    finally:
+        await store.close()
+
+
+def load(root: Path, qid: str) -> Envelope | None:
+    store = QueueStore(root, fsync=False)
+    store.open()
+    return store.load(qid)
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PYMTA_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("MAIL_DOMAIN", "example.com")
+    monkeypatch.delenv("PYMTA_CONFIG", raising=False)
+    return tmp_path
+
+
+async def test_list_and_show(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    qid = await enqueue(state / "queue")
+    assert main(["queue", "list"]) == 0
+    out = capsys.readouterr().out
+    assert qid in out and "<alice@example.com>" in out and "1h00m" in out
+    assert "pending" in out and "delivered" in out and "451 4.7.1 greylisted" in out
+
+    assert main(["queue", "list", "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["id"] == qid and entry["size"] == len(BODY)
+    assert entry["last_error"] == "451 4.7.1 greylisted"
+    assert [r["state"] for r in entry["recipients"]] == ["pending", "delivered"]
+
+    assert main(["queue", "show", qid]) == 0
+    out = capsys.readouterr().out
+    assert "mx.example.net" in out and "attempts 2" in out
+    assert "(for <team@example.com>)" in out
+    assert out.rstrip().endswith("Subject: hello")
+    assert "body text" not in out
+
+
+async def test_hold_release_flush_delete(state: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = state / "queue"
+    qid = await enqueue(root)
+    assert main(["queue", "hold", qid]) == 0
+    assert load(root, qid).held is True  # type: ignore[union-attr]
+    assert main(["queue", "flush"]) == 0
+    assert load(root, qid).next_attempt > time.time()  # type: ignore[union-attr]  # held: kept
+    assert main(["queue", "release", qid]) == 0
+    env = load(root, qid)
+    assert env is not None and not env.held and env.next_attempt <= time.time()
+    assert main(["queue", "delete", qid]) == 0
+    assert load(root, qid) is None and not os.path.exists(root / "data" / qid)
+    capsys.readouterr()
+    assert main(["queue", "list"]) == 0
+    assert "queue is empty" in capsys.readouterr().out
+
+
+async def test_delete_all(state: Path) -> None:
+    root = state / "queue"
+    ids = [await enqueue(root), await enqueue(root)]
+    assert main(["queue", "delete", "--all"]) == 0
+    assert all(load(root, q) is None for q in ids)
+
+
+async def test_unknown_and_busy_ids(state: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    root = state / "queue"
+    qid = await enqueue(root)
+    for args in (["show", "NOSUCH"], ["hold", "NOSUCH"], ["delete", "../etc"]):
+        assert main(["queue", *args]) == 1
+        assert capsys.readouterr().err == f"pymta: queue: no message {args[1]}\n"
+    monkeypatch.setattr(queue_cli, "LOCK_TIMEOUT", 0.1)
+    store = QueueStore(root, fsync=False)
+    store.open()
+    lock = store.try_lock(qid)   # a delivery attempt in progress
+    try:
+        assert main(["queue", "hold", qid]) == 1
+        assert "is busy" in capsys.readouterr().err
+    finally:
+        lock.release()  # type: ignore[union-attr]
+
+
+def test_missing_queue_directory(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["queue", "list"]) == 1
+    assert "no queue directory" in capsys.readouterr().err
+    assert not (state / "queue").exists()
+
+
+def test_signal_ignores_stale_pid_file(tmp_path: Path) -> None:
+    import io
+    import subprocess
+
+    pid_file = tmp_path / "pymta.pid"
+    pid_file.write_text("999999999\n")
+    assert queue_cli.signal_server(str(tmp_path), io.StringIO()) is False
+    pid_file.write_text("garbage\n")
+    assert queue_cli.signal_server(str(tmp_path), io.StringIO()) is False
+    # A reused pid of an unrelated process: SIGUSR1 would kill it, so it must not be sent.
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        pid_file.write_text(f"{other.pid}\n")
+        assert queue_cli.signal_server(str(tmp_path), io.StringIO()) is False
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
