@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 
 from pymta.backends.table import check_mailbox_path
-
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from .maildir import deliver_maildir

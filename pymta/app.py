@@ -129,7 +129,7 @@ class MTA:
             for sock in server.sockets:
                 name = sock.getsockname()
                 bound.append((str(name[0]), int(name[1])))
-            log.info("listening for %s on %s", kind, ", ".join(f"{h}:{p}" for h, p in bound))
+            log.log(25, "listening for %s on %s", kind, ", ".join(f"{h}:{p}" for h, p in bound))
         self.addresses[kind] = bound
 
     async def stop(self) -> None:
@@ -189,11 +189,11 @@ async def _serve_async(config: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: mta.manager and mta.manager.wake())
-    log.info("pymta started on %s (pid %d)", socket.gethostname(), os.getpid())
+    log.log(25, "pymta started on %s (pid %d)", socket.gethostname(), os.getpid())
     try:
         await stopping.wait()
     finally:
-        log.info("pymta stopping")
+        log.log(25, "pymta stopping")
         await mta.stop()
         with contextlib.suppress(OSError):
             os.unlink(pid_path)

@@ -7,6 +7,7 @@ a separate process (SIGKILL, CLI) start ``python -m pymta serve`` themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 from collections.abc import AsyncIterator
@@ -88,16 +89,14 @@ class RawClient:
         """True when the server closed the connection (EOF) within the timeout."""
         try:
             rest = await asyncio.wait_for(self.reader.read(), timeout)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             return False
         return rest == b"" or self.reader.at_eof()
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 @pytest.fixture

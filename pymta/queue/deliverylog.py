@@ -21,6 +21,7 @@ import logging
 
 from ..types import Envelope, Recipient, Reply
 
+NOTICE = 25  # pymta.log.NOTICE: shown at the default SYSLOG_LEVEL=5, as Postfix mail.info lines are
 LOG = logging.getLogger("pymta.delivery")
 
 STATUSES = ("sent", "deferred", "bounced", "expired")
@@ -73,7 +74,7 @@ def log_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, relay
     """The result of one attempt for one recipient."""
     line = format_recipient(qid, rcpt, status=status, reply=reply, relay=relay, delay=delay,
                             delays=delays)
-    LOG.info(line, extra={"mta_event": {
+    LOG.log(NOTICE, line, extra={"mta_event": {
         "qid": qid, "event": "recipient", "to": rcpt.address, "orig_to": rcpt.original,
         "relay": relay, "delay": round(delay, 3), "dsn": reply.enhanced, "status": status,
         "reply": _reply_text(reply)}})
@@ -84,7 +85,7 @@ def log_notice(qid: str, kind: str, notice_qid: str) -> None:
     label = {"failed": "sender non-delivery notification",
              "delivered": "sender delivery status notification",
              "delayed": "sender delay notification"}.get(kind, f"sender {kind} notification")
-    LOG.info(f"{qid}: {label}: {notice_qid}",
+    LOG.log(NOTICE, f"{qid}: {label}: {notice_qid}",
              extra={"mta_event": {"qid": qid, "event": "dsn", "kind": kind,
                                   "dsn_qid": notice_qid}})
 

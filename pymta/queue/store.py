@@ -139,12 +139,10 @@ class SpoolWriter:
 
     def _close(self) -> None:
         try:
-            self._file.close()
+            self._file.close()      # closes the descriptor even when the final flush fails
         except OSError as e:
             # Only an aborted writer can still have buffered bytes; they are garbage anyway.
             log.warning("%s: closing spool file: %s", self.qid, e)
-            with contextlib.suppress(OSError):
-                os.close(self._file.fileno())
 
 
 class QueueStore:

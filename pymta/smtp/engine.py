@@ -218,7 +218,7 @@ class Engine:
             state = self._state
             if state == _WAIT:
                 return ev.PAUSED
-            if state == _CLOSED or state == _TLS_PENDING:
+            if state in (_CLOSED, _TLS_PENDING):
                 return ev.NEED_DATA
             if state == _COMMAND:
                 progressed = self._command_step()

@@ -205,7 +205,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         try:
             new = await loop.start_tls(transport, self, ctx, server_side=True,
                                        ssl_handshake_timeout=self.ctx.tls_handshake_timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("TLS handshake with %s failed: %s", self._peer_ip, exc)
             if not transport.is_closing():
                 transport.close()

@@ -12,13 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from pymta.delivery import mbox as mbox_mod
 from pymta.delivery._crlf import crlf_to_lf
 from pymta.delivery.local import LocalDeliveryAgent, _failure_reply, delivery_prefix
 from pymta.delivery.maildir import deliver_maildir
 from pymta.delivery.mbox import MailboxLockTimeout, deliver_mbox
 from pymta.delivery.router import StaticRouter
-
 from pymta.types import (
     DeliveryAgent,
     Envelope,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pymta.backends.table import TableLookup
 
+from pymta.backends.table import TableLookup
 from pymta.config.errors import ConfigError
 from pymta.types import Address, Destination, RecipientLookup, Target
 
