@@ -90,7 +90,8 @@ class MessageLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        with contextlib.suppress(Exception):   # modules may be gone at interpreter exit
+            self.release()
 
     def __repr__(self) -> str:
         return f"<MessageLock {self.qid} {'held' if self.held else 'released'}>"
@@ -184,7 +185,7 @@ class QueueStore:
 
     async def start(self) -> None:
         self.open()
-        if self.committer is None:
+        if self.committer is None or not self.committer.running:   # first start, or restart
             self.committer = self.committer_class(
                 fs_fd=self._root_fd, data_dir_fd=self._data_fd, env_dir_fd=self._env_fd,
                 fsync=self.fsync)

@@ -219,7 +219,7 @@ async def test_newer_format_is_left_alone(store: QueueStore) -> None:
 
 
 CRASH_CHILD = r"""
-import asyncio, sys, time
+import asyncio, itertools, sys, time
 from pymta.queue.store import QueueStore
 from pymta.types import Envelope, Recipient
 
@@ -229,9 +229,10 @@ def body(i):
 async def main():
     s = QueueStore(sys.argv[1])
     await s.start()
-    sem = asyncio.Semaphore(16)
-    async def one(i):
-        async with sem:
+    counter = itertools.count()
+    async def session():           # 16 concurrent "sessions", until the SIGKILL
+        while True:
+            i = next(counter)
             w = s.new_spool()
             data = body(i)
             for k in range(0, len(data), 4096):
@@ -242,7 +243,7 @@ async def main():
             qid = await s.commit(w, env)
             sys.stdout.write(f"{qid} {i}\n")
             sys.stdout.flush()
-    await asyncio.gather(*(one(i) for i in range(1_000_000)))
+    await asyncio.gather(*(session() for _ in range(16)))
 
 asyncio.run(main())
 """
