@@ -52,8 +52,12 @@ class MTA:
     ``async with`` (or ``await start()`` / ``await stop()``)."""
 
     def __init__(self, config: Config, *, lookups: Sequence[RecipientLookup] | None = None,
-                 router: Router | None = None) -> None:
+                 router: Router | None = None,
+                 sockets: dict[str, list[socket.socket]] | None = None) -> None:
+        """``sockets`` are listening sockets bound by a supervisor (worker processes share
+        them); without them the MTA binds ``config``'s listen addresses itself."""
         self.config = config
+        self._sockets = sockets
         self.lookups = list(lookups) if lookups is not None else _default_lookups(config)
         self.router = router if router is not None else _default_router(config)
         self.store = QueueStore(os.path.join(config.state_dir, "queue"))
@@ -119,12 +123,25 @@ class MTA:
         ctx = self._listener
         assert ctx is not None
         bound: list[tuple[str, int]] = []
-        for addr in where:
-            server = await loop.create_server(
-                lambda cfg=cfg: SMTPServerProtocol(ctx, cfg, implicit_tls),
-                host=addr.host or None, port=addr.port, reuse_address=True,
-                ssl=ctx.ssl_context if implicit_tls else None, backlog=1024,
-                ssl_handshake_timeout=ctx.tls_handshake_timeout if implicit_tls else None)
+        ssl_args: dict[str, object] = {}
+        if implicit_tls:
+            ssl_args = {"ssl": ctx.ssl_context,
+                        "ssl_handshake_timeout": ctx.tls_handshake_timeout}
+
+        def factory() -> SMTPServerProtocol:
+            return SMTPServerProtocol(ctx, cfg, implicit_tls)
+
+        servers = []
+        if self._sockets is not None:
+            for sock in self._sockets.get(kind, []):
+                servers.append(await loop.create_server(factory, sock=sock, backlog=1024,
+                                                        **ssl_args))
+        else:
+            for addr in where:
+                servers.append(await loop.create_server(
+                    factory, host=addr.host or None, port=addr.port, reuse_address=True,
+                    backlog=1024, **ssl_args))
+        for server in servers:
             self._servers.append(server)
             for sock in server.sockets:
                 name = sock.getsockname()
@@ -166,7 +183,7 @@ def _fields(cfg: EngineConfig) -> dict[str, object]:
     return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
 
 
-def _install_uvloop() -> None:
+def install_uvloop() -> None:
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
@@ -174,16 +191,20 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve_async(config: Config) -> int:
-    mta = MTA(config)
+async def serve_async(config: Config, *, sockets: dict[str, list[socket.socket]] | None = None,
+                      pid_file: bool = True) -> int:
+    """Run one server process until SIGTERM/SIGINT. A worker under the supervisor gets its
+    listening sockets from it and leaves the pid file to the supervisor."""
+    mta = MTA(config, sockets=sockets)
     try:
         await mta.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
     pid_path = os.path.join(config.state_dir, "pymta.pid")
-    with open(pid_path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    if pid_file:
+        with open(pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -195,8 +216,9 @@ async def _serve_async(config: Config) -> int:
     finally:
         log.log(25, "pymta stopping")
         await mta.stop()
-        with contextlib.suppress(OSError):
-            os.unlink(pid_path)
+        if pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_path)
     return 0
 
 
@@ -205,5 +227,9 @@ def serve(config: Config) -> int:
     from pymta.log import setup_logging
 
     setup_logging(config)
-    _install_uvloop()
-    return asyncio.run(_serve_async(config))
+    if config.workers > 1:
+        from pymta.workers import Supervisor
+
+        return Supervisor(config).run()
+    install_uvloop()
+    return asyncio.run(serve_async(config))

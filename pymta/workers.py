@@ -1,0 +1,177 @@
+"""The supervisor: several identical worker processes sharing the listening ports and the spool.
+
+Python runs one core per process, so ``PYMTA_WORKERS`` processes are what lets pymta use the
+machine. Implementation summary. The supervisor binds every listening address once per worker
+with ``SO_REUSEPORT`` (the kernel spreads new connections evenly) *before* forking, so the
+sockets outlive any one worker: connections that arrive while a worker restarts wait in its
+socket's backlog instead of being refused. Each worker is a complete server (`serve_async`)
+with its own event loop and queue manager over the shared spool; the queue store's per-message
+``flock`` makes sure only one process attempts a message at a time, and a worker's crash
+releases its locks. Workers die with the supervisor (``PR_SET_PDEATHSIG``), so ``kill -9`` of
+the supervisor cannot leave orphans holding the port. The supervisor restarts a worker that
+exits unexpectedly (with a pause so a crash loop does not spin), forwards SIGTERM/SIGINT
+(stop) and SIGUSR1 (rescan the queue) to all workers, and owns the pid file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from pymta.config.model import Config, ListenAddress
+
+log = logging.getLogger("pymta")
+
+PR_SET_PDEATHSIG = 1
+RESTART_PAUSE = 1.0
+
+
+def _bind(addresses: tuple[ListenAddress, ...], copies: int) -> list[list[socket.socket]]:
+    """For each worker, one socket per address; all copies share the port (SO_REUSEPORT)."""
+    per_worker: list[list[socket.socket]] = [[] for _ in range(copies)]
+    for addr in addresses:
+        host = addr.host or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        port = addr.port
+        for i in range(copies):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+            port = sock.getsockname()[1]  # port 0: the copies take the port the first got
+            per_worker[i].append(sock)
+    return per_worker
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.children: dict[int, int] = {}   # pid -> worker index
+        self.stopping = False
+        self.sockets: list[dict[str, list[socket.socket]]] = []
+
+    # ------------------------------------------------------------------ set-up
+
+    def _prepare(self) -> None:
+        """Everything that can fail on bad configuration happens here, before any fork, so
+        the CLI reports it once (ConfigError → exit 2) and nothing listens."""
+        from pymta.app import MTA
+        from pymta.tls import server_ssl_context
+
+        config = self.config
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        MTA(config)                       # builds lookups and router: config errors surface
+        ssl_ctx = server_ssl_context(config)  # generates the self-signed pair once
+        n = config.workers
+        kinds = {"smtp": _bind(config.smtp_listen, n)}
+        if config.sasl_methods and ssl_ctx is not None:
+            kinds["submission"] = _bind(config.submission_listen, n)
+            kinds["submissions"] = _bind(config.submissions_listen, n)
+        self.sockets = [{kind: socks[i] for kind, socks in kinds.items()} for i in range(n)]
+
+    # ------------------------------------------------------------------ workers
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid:
+            self.children[pid] = index
+            return
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _die_with_parent()
+            for i, socks in enumerate(self.sockets):
+                if i != index:
+                    for sock in (s for group in socks.values() for s in group):
+                        sock.close()
+            from pymta.app import install_uvloop, serve_async
+
+            install_uvloop()
+            code = asyncio.run(serve_async(self.config, sockets=self.sockets[index],
+                                           pid_file=False))
+        except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+            log.exception("worker %d failed", index)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _forward(self, signum: int) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        self._forward(signal.SIGTERM)
+
+    def _on_usr1(self, signum: int, frame: object) -> None:
+        self._forward(signal.SIGUSR1)
+
+    def run(self) -> int:
+        self._prepare()
+        pid_path = os.path.join(self.config.state_dir, "pymta.pid")
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        for index in range(self.config.workers):
+            self._spawn(index)
+        with open(pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        log.log(25, "pymta started: %d workers (supervisor pid %d)", self.config.workers,
+                os.getpid())
+        started: dict[int, float] = {}
+        exit_code = 0
+        try:
+            while self.children:
+                try:
+                    pid, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+                index = self.children.pop(pid, None)
+                if index is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if self.stopping:
+                    continue
+                log.error("worker %d (pid %d) exited with status %d; restarting", index, pid,
+                          code)
+                last = started.get(index, 0.0)
+                if time.monotonic() - last < RESTART_PAUSE:
+                    time.sleep(RESTART_PAUSE)
+                started[index] = time.monotonic()
+                if not self.stopping:
+                    self._spawn(index)
+        finally:
+            self.stopping = True
+            self._forward(signal.SIGTERM)
+            for pid in list(self.children):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                os.unlink(pid_path)
+            log.log(25, "pymta stopped")
+        return exit_code
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
