@@ -106,6 +106,9 @@ def _tls_summary(config: Config) -> str:
 
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = _load(args)
+    from pymta.app import MTA
+
+    MTA(config)  # builds recipient lookups and delivery routes: their errors name the variable
     tls = _tls_summary(config)
     source = args.config or os.environ.get("PYMTA_CONFIG") or "none (environment only)"
     rows = [
