@@ -172,6 +172,9 @@ class Engine:
         if isinstance(pending, ev.MailFrom):
             if ok:
                 self._has_mail = True
+                # A refused BDAT of an earlier transaction must not poison this one.
+                self._bdat_discard = False
+                self._bdat_reply = None
                 self._mail_utf8 = pending.params.smtputf8
             self._reply(reply)
         elif isinstance(pending, ev.RcptTo):
