@@ -61,13 +61,18 @@ class TableLookup:
 
     @classmethod
     def from_config(cls, domains: Sequence[str], mail_boxes: str,
-                    mail_aliases: str) -> TableLookup:
-        """Parse and expand the two variables; raise ConfigError naming the bad variable."""
+                    mail_aliases: str, *, other_sources: bool = False) -> TableLookup:
+        """Parse and expand the two variables; raise ConfigError naming the bad variable.
+
+        With ``other_sources`` (LDAP or MySQL configured too) a local-domain alias target that
+        is not in the table is not an error: it becomes an unresolved Target (no mailbox) that
+        the lookup chain resolves in the other sources.
+        """
         doms = tuple(d.lower().rstrip(".") for d in domains if d.strip())
         parser = _Parser(doms)
         boxes = parser.parse_boxes(mail_boxes)
         aliases = parser.parse_aliases(mail_aliases)
-        table = _Expander(doms, boxes, aliases).expand_all()
+        table = _Expander(doms, boxes, aliases, other_sources).expand_all()
         return cls(doms, table)
 
     # ------------------------------------------------------------------ queries
@@ -168,11 +173,12 @@ class _Expander:
     """Expands every alias once into its final targets (depth-first, deterministic order)."""
 
     def __init__(self, domains: tuple[str, ...], boxes: dict[str, tuple[str, str]],
-                 aliases: dict[str, tuple[str, list[str]]]) -> None:
+                 aliases: dict[str, tuple[str, list[str]]], other_sources: bool = False) -> None:
         self._domains = frozenset(domains)
         self._boxes = boxes
         self._aliases = aliases
-        for alias, targets in aliases.values():
+        self._other_sources = other_sources
+        for alias, targets in ([] if other_sources else aliases.values()):
             for t in targets:
                 key = t.lower()
                 if (Address(t).domain.rstrip(".") in self._domains and key not in aliases
@@ -195,6 +201,8 @@ class _Expander:
             return Target(box[0], True, box[1])
         if Address(spelled).domain.rstrip(".") not in self._domains:
             return Target(spelled, False, None)
+        if self._other_sources:
+            return Target(spelled, True, None)  # resolved by the lookup chain
         return None  # unreachable: unknown local targets were refused in __init__
 
     def _expand(self, root: str) -> list[Target]:

@@ -8,6 +8,12 @@ Scenarios (one fresh server and a fresh temporary directory per round and client
   * ``accept-deliver``: pymta accepts mail for ``box@example.com`` and delivers it to a
     maildir. Measures accepted msgs/s (load time) and delivered msgs/s (from the first
     connection until the last file appears in ``box/new``), plus end-of-data latency.
+  * ``relay-through``: pymta accepts mail for ``box@example.com``, an alias of a remote
+    address, and relays it to the smart host ``SMTP_RELAY_HOSTAUTH=[127.0.0.1]:PORT``, a
+    ``benchmarks.sink`` running in this process (its counter is the delivered count; it is
+    cheap next to the load generator). Measures accepted msgs/s and relayed msgs/s (first
+    connection until the sink has taken the last message), through the SMTP client with its
+    connection cache.
   * ``sink``: ``benchmarks.sink`` instead of pymta. Measures the load generator's own ceiling
     on this machine; a pymta figure near it says "client-bound", not "server is this fast".
 
@@ -177,8 +183,9 @@ def _workdir() -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _pymta_server(work: Path, port: int) -> ServerProcess:
+def _pymta_server(work: Path, port: int, **extra: str) -> ServerProcess:
     env = dict(os.environ)
+    env.update(**extra)
     env.update(
         PYMTA_STATE_DIR=str(work / "state"),
         PYMTA_MAIL_DIR=str(work / "mail"),
@@ -279,6 +286,38 @@ async def accept_deliver(client: str, opts: LoadOptions) -> RoundResult:
         )
 
 
+async def relay_through(client: str, opts: LoadOptions) -> RoundResult:
+    """pymta as a relay: SMTP in, durable queue, SMTP out to a sink as smart host."""
+    from benchmarks.sink import start_sink
+
+    with _workdir() as work:
+        sink_server, stats, sink_port = await start_sink("127.0.0.1", 0)
+        port = free_port()
+        server = _pymta_server(work, port, MAIL_ALIASES="box:relayed@sink.test",
+                               SMTP_RELAY_HOSTAUTH=f"[127.0.0.1]:{sink_port}",
+                               SMTP_TLS_SECURITY_LEVEL="none")
+        try:
+            await server.start()
+            started = time.perf_counter()
+            r = await _run_client(client, port, opts)
+            deadline = time.monotonic() + opts.deliver_timeout
+            while stats.messages < r.accepted and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            relayed, seconds = stats.messages, time.perf_counter() - started
+        finally:
+            server.stop()
+            sink_server.close()
+        if relayed < r.accepted:
+            print(f"warning: {relayed} of {r.accepted} accepted messages relayed within "
+                  f"{opts.deliver_timeout:.0f} s", file=sys.stderr)
+        return RoundResult(
+            scenario="relay-through", client=client, messages=r.messages,
+            accepted=r.accepted, errors=r.errors + max(0, r.accepted - relayed),
+            accept_seconds=r.accept_seconds, delivered=relayed, deliver_seconds=seconds,
+            p50_ms=r.p50_ms, p99_ms=r.p99_ms,
+        )
+
+
 async def sink(client: str, opts: LoadOptions) -> RoundResult:
     """The load generator's ceiling: the same load against a server that does nothing."""
     with _workdir() as work:
@@ -297,5 +336,6 @@ async def sink(client: str, opts: LoadOptions) -> RoundResult:
 
 SCENARIOS: dict[str, Callable[[str, LoadOptions], Awaitable[RoundResult]]] = {
     "accept-deliver": accept_deliver,
+    "relay-through": relay_through,
     "sink": sink,
 }

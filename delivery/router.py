@@ -1,5 +1,11 @@
 """The static router: local recipients to the local agent, everything else to the relay.
 
+Keys decide batching: the queue manager hands all recipients of one message that share a key
+to one agent call (one SMTP/LMTP session). Local recipients share ``local_key`` (``local`` for
+maildir/mbox, ``lmtp`` when ``VIRTUAL_TRANSPORT`` sends them to an LMTP server); remote
+recipients get ``remote_key(rcpt)``, the relay agent's destination (one key per smart host,
+or one per recipient domain for MX delivery).
+
 With no relay transport configured, remote recipients (alias forwards to foreign domains)
 are deferred rather than bounced: the mail is kept until a relay is configured or the queue
 lifetime expires, matching Postfix's "deferred" handling of a missing transport.
@@ -7,7 +13,8 @@ lifetime expires, matching Postfix's "deferred" handling of a missing transport.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 from pymta.types import DeliveryAgent, Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
@@ -24,14 +31,26 @@ class UnroutableAgent:
 class StaticRouter:
     """A :class:`~pymta.types.Router` choosing by ``Recipient.local`` alone."""
 
-    def __init__(self, local: DeliveryAgent, remote: DeliveryAgent | None = None) -> None:
+    def __init__(self, local: DeliveryAgent, remote: DeliveryAgent | None = None, *,
+                 local_key: str = "local",
+                 remote_key: Callable[[Recipient], str] | None = None) -> None:
         self.local = local
         self.remote = remote
+        self.local_key = local_key
+        self.remote_key = remote_key
         self._unroutable = UnroutableAgent()
 
     def route(self, rcpt: Recipient) -> tuple[str, DeliveryAgent]:
         if rcpt.local:
-            return "local", self.local
+            return self.local_key, self.local
         if self.remote is not None:
-            return "relay", self.remote
+            return (self.remote_key(rcpt) if self.remote_key else "relay"), self.remote
         return "unroutable", self._unroutable
+
+    async def close(self) -> None:
+        """Close the agents' cached connections (the server is stopping)."""
+        for agent in (self.local, self.remote):
+            close = getattr(agent, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()

@@ -25,26 +25,82 @@ from pymta.config.model import Config, ListenAddress
 from pymta.queue.manager import QueueManager
 from pymta.queue.retry import RetryPolicy
 from pymta.queue.store import QueueStore
-from pymta.session import ReceiveContext
+from pymta.session import ReceiveContext, network_matcher
 from pymta.smtp.engine import EngineConfig
-from pymta.smtp.server import ListenerContext, SMTPServerProtocol
+from pymta.smtp.server import AuthThrottle, ListenerContext, SMTPServerProtocol
 from pymta.tls import server_ssl_context
-from pymta.types import Address, Recipient, RecipientLookup, Router
+from pymta.types import Address, Authenticator, Recipient, RecipientLookup, Router
 
 log = logging.getLogger("pymta")
 
 
 def _default_lookups(config: Config) -> list[RecipientLookup]:
+    """The table from ``MAIL_BOXES``/``MAIL_ALIASES``, then LDAP and MySQL when configured,
+    behind one caching :class:`LookupChain` (aliases resolve across sources); ``REGEX_ALIAS``
+    rewrites in front of it. The table alone needs no chain (it is a precomputed dict)."""
     from pymta.backends.table import TableLookup
 
-    return [TableLookup.from_config(config.mail_domain, config.mail_boxes, config.mail_aliases)]
+    others: list[RecipientLookup] = []
+    if config.ldap_host:
+        from pymta.backends.ldap import LdapLookup
+
+        others.append(LdapLookup.from_config(config))
+    if config.mysql_host:
+        from pymta.backends.mysql import MysqlLookup
+
+        others.append(MysqlLookup.from_config(config))
+    table = TableLookup.from_config(config.mail_domain, config.mail_boxes, config.mail_aliases,
+                                    other_sources=bool(others))
+    if not others and not config.regex_alias:
+        return [table]
+    from pymta.backends.chain import LookupChain
+
+    lookup: RecipientLookup = LookupChain(
+        [table, *others], config.mail_domain, ttl=config.lookup_cache_ttl,
+        negative_ttl=config.lookup_negative_ttl)
+    if config.regex_alias:
+        from pymta.backends.regex import RegexRewrite
+
+        lookup = RegexRewrite.from_config(config.regex_alias, lookup, config.mail_domain)
+    return [lookup]
+
+
+def _default_authenticator(config: Config) -> Authenticator | None:
+    """The SASL methods the variables activate, tried in order; None when there are none."""
+    if not config.sasl_methods:
+        return None
+    from pymta.backends.authchain import build_authenticator
+
+    return build_authenticator(config)
 
 
 def _default_router(config: Config) -> Router:
+    """Local recipients to maildir/mbox, or to LMTP when ``VIRTUAL_TRANSPORT`` is set; remote
+    recipients to the smart host (``SMTP_RELAY_HOSTAUTH``) or else their domain's MX."""
     from pymta.delivery.local import LocalDeliveryAgent
+    from pymta.delivery.relay import SMTPRelayAgent
     from pymta.delivery.router import StaticRouter
+    from pymta.types import DeliveryAgent
 
-    return StaticRouter(LocalDeliveryAgent(config.mail_dir, config.hostname))
+    local: DeliveryAgent
+    if config.virtual_transport:
+        from pymta.delivery.lmtp import LMTPDeliveryAgent
+
+        local = LMTPDeliveryAgent(config.virtual_transport, config.hostname,
+                                  connect_timeout=config.smtp_connect_timeout,
+                                  timeout=config.smtp_timeout)
+        local_key = "lmtp"
+    else:
+        local = LocalDeliveryAgent(config.mail_dir, config.hostname)
+        local_key = "local"
+    relay = SMTPRelayAgent(
+        hostname=config.hostname, smart_host=config.smtp_relay,
+        tls_level=config.smtp_tls_security_level, wrappermode=config.smtp_tls_wrappermode,
+        mx_port=config.mx_port, destination_concurrency=config.destination_concurrency,
+        connect_timeout=config.smtp_connect_timeout, timeout=config.smtp_timeout,
+        cache_time=config.connection_cache_time, reuse_limit=config.connection_reuse_limit,
+        dead_host_time=config.dead_host_time)
+    return StaticRouter(local, relay, local_key=local_key, remote_key=relay.destination)
 
 
 class MTA:
@@ -53,13 +109,17 @@ class MTA:
 
     def __init__(self, config: Config, *, lookups: Sequence[RecipientLookup] | None = None,
                  router: Router | None = None,
-                 sockets: dict[str, list[socket.socket]] | None = None) -> None:
+                 sockets: dict[str, list[socket.socket]] | None = None,
+                 authenticator: Authenticator | None = None) -> None:
         """``sockets`` are listening sockets bound by a supervisor (worker processes share
         them); without them the MTA binds ``config``'s listen addresses itself."""
         self.config = config
         self._sockets = sockets
         self.lookups = list(lookups) if lookups is not None else _default_lookups(config)
         self.router = router if router is not None else _default_router(config)
+        # AUTH on the submission ports; None (no SASL method configured): no ports 587/465
+        self.authenticator = (authenticator if authenticator is not None
+                              else _default_authenticator(config))
         self.store = QueueStore(os.path.join(config.state_dir, "queue"))
         self.manager: QueueManager | None = None
         self.addresses: dict[str, list[tuple[str, int]]] = {}
@@ -76,6 +136,9 @@ class MTA:
     async def start(self) -> None:
         config = self.config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        from pymta import dns
+
+        dns.configure(config.dns_resolver, config.dns_timeout)  # every lookup pymta makes
         ssl_ctx = server_ssl_context(config)
         self.store.open()
         await self.store.start()
@@ -91,7 +154,8 @@ class MTA:
             local_domains=frozenset(d.lower() for d in config.mail_domain),
             first_domain=config.first_domain, lookups=self.lookups, store=self.store,
             submit=self.manager.submit, header_size_limit=config.header_size_limit,
-            max_received=config.max_received_headers)
+            max_received=config.max_received_headers,
+            relay_allowed=network_matcher(config.mynetworks), authenticator=self.authenticator)
         engine_cfg = EngineConfig(
             hostname=config.hostname, size_limit=config.message_size_limit,
             max_line_length=config.max_line_length, max_recipients=config.max_recipients,
@@ -99,15 +163,19 @@ class MTA:
         self._listener = ListenerContext(
             receive=receive, engine_config=engine_cfg, ssl_context=ssl_ctx,
             idle_timeout=config.idle_timeout, max_connections=config.max_connections,
-            max_per_ip=config.max_connections_per_ip)
+            max_per_ip=config.max_connections_per_ip,
+            auth_throttle=AuthThrottle(config.auth_fail_delay, config.auth_fail_delay_max))
         try:
             await self._listen("smtp", config.smtp_listen, engine_cfg, implicit_tls=False)
-            if config.sasl_methods:
+            if self.authenticator is not None:
                 if ssl_ctx is None:
                     log.warning("SASL is configured but TLS is not: submission ports disabled")
                 else:
+                    mechanisms = ("PLAIN", "LOGIN")
+                    if getattr(self.authenticator, "supports_cram_md5", False):
+                        mechanisms += ("CRAM-MD5",)
                     submission_cfg = EngineConfig(**{
-                        **_fields(engine_cfg), "auth_mechanisms": ("PLAIN", "LOGIN")})
+                        **_fields(engine_cfg), "auth_mechanisms": mechanisms})
                     await self._listen("submission", config.submission_listen, submission_cfg,
                                        implicit_tls=False)
                     smtps_cfg = EngineConfig(**{**_fields(submission_cfg), "tls_active": True})
@@ -163,7 +231,24 @@ class MTA:
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None
+        close_router = getattr(self.router, "close", None)
+        if close_router is not None:
+            with contextlib.suppress(Exception):
+                await close_router()  # cached outbound connections
         await self.store.close()
+        close_auth = getattr(self.authenticator, "close", None)
+        if close_auth is not None:
+            try:
+                await close_auth()  # LDAP threads, MySQL pool
+            except Exception:
+                log.exception("closing the authenticator failed")
+        for source in self.lookups:  # pools and threads of directory lookups
+            close = getattr(source, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing lookup %r failed", source)
 
     async def resolve(self, address: str) -> Recipient | None:
         """Route a notice (DSN) recipient: local addresses through the lookups, others remote."""

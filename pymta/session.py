@@ -8,10 +8,17 @@ and BDAT open a spool file and write our ``Received:`` header before the first b
 message; chunks stream straight to the spool; the end of data runs the content checks
 (hop count, header size), then commits envelope and body durably (group commit) and only
 then answers ``250``. Every local fault becomes a 4xx and the partial spool file is removed.
+
+Relay policy (Postfix's ``permit_mynetworks, permit_sasl_authenticated, reject``): a recipient
+outside the local domains is accepted only from an authenticated client (``auth_user``, set by
+a successful AUTH) or from an address in ``MYNETWORKS`` (``relay_allowed``); everyone else
+gets ``554 5.7.1 Relay access denied``. AUTH credentials go to the configured Authenticator;
+the password is never logged, the user name only in Postfix's ``sasl_username=`` form.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +29,8 @@ from pymta.received import protocol_name, received_header
 from pymta.smtp import events as ev
 from pymta.types import (
     Address,
+    Authenticator,
+    ConnInfo,
     Envelope,
     Recipient,
     RecipientLookup,
@@ -34,6 +43,33 @@ from pymta.types import (
 log = logging.getLogger("pymta.smtpd")
 
 R_RELAY_DENIED = "Relay access denied"
+R_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+R_AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+
+
+def network_matcher(networks: Sequence[str]) -> Callable[[str], bool]:
+    """``relay_allowed`` for ``MYNETWORKS``: is a client address inside one of the networks?
+    Empty (the default) trusts nobody. IPv4-mapped IPv6 clients match their IPv4 networks."""
+    nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+    if not nets:
+        return lambda ip: False
+
+    def allowed(ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in nets)
+
+    return allowed
+
+
+def _printable(text: str) -> str:
+    """A client-given name as it may appear in a log line: one line, no control bytes."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:255]
 
 
 @dataclass
@@ -49,6 +85,7 @@ class ReceiveContext:
     header_size_limit: int = 1048576
     max_received: int = 50
     relay_allowed: Callable[[str], bool] = field(default=lambda ip: False)
+    authenticator: Authenticator | None = None
 
 
 class Session:
@@ -159,6 +196,45 @@ class Session:
         if event.bdat:
             return Reply(250, "2.0.0", "Ok")
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+    async def on_auth(self, event: ev.Auth) -> Reply:
+        """Check SASL credentials: ``235`` (and ``auth_user`` set), ``535 5.7.8``, or
+        ``454 4.7.0`` when no method could answer."""
+        auth = self.ctx.authenticator
+        user = event.username
+        shown = _printable(user)
+        if auth is None:
+            return R_AUTH_TEMP
+        if (any(c in user or c in event.password for c in "\r\n\0") or len(user) > 255
+                or (event.authzid and event.authzid != user)):
+            # a name no backend should ever see (IMAP/LDAP syntax), or a proxy login
+            log.warning("unknown[%s]: SASL %s authentication failed: bad user name or "
+                        "authorization id, sasl_username=%s", self.peer_ip, event.mechanism,
+                        shown)
+            return R_AUTH_FAILED
+        conn = ConnInfo(self.peer_ip, self.peer_port, self.helo, tls=True)
+        try:
+            if event.mechanism == "CRAM-MD5":
+                identity = await auth.authenticate_cram_md5(  # type: ignore[attr-defined]
+                    user, event.challenge, event.password, conn)
+            else:
+                identity = await auth.authenticate(user, event.password, conn)
+        except TemporaryFailure as exc:
+            log.warning("unknown[%s]: SASL %s authentication failed: %s, sasl_username=%s",
+                        self.peer_ip, event.mechanism, exc.reply.text, shown)
+            return R_AUTH_TEMP
+        except Exception as exc:  # a broken authenticator: temporary, and no traceback
+            log.error("unknown[%s]: SASL %s authenticator failed: %s, sasl_username=%s",
+                      self.peer_ip, event.mechanism, type(exc).__name__, shown)
+            return R_AUTH_TEMP
+        if identity is None:
+            log.warning("unknown[%s]: SASL %s authentication failed: authentication failure, "
+                        "sasl_username=%s", self.peer_ip, event.mechanism, shown)
+            return R_AUTH_FAILED
+        self.auth_user = identity.username
+        log.info("unknown[%s]: sasl_method=%s, sasl_username=%s", self.peer_ip,
+                 event.mechanism, _printable(identity.username))
+        return R_AUTH_OK
 
     @property
     def protocol(self) -> str:

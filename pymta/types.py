@@ -263,7 +263,13 @@ class RecipientLookup(Protocol):
 class Authenticator(Protocol):
     """Checks SASL credentials. None → ``535 5.7.8``; TemporaryFailure → ``454 4.7.0``.
 
-    Implementations must never log the password.
+    Implementations must never log the password. ``username`` arrives as the client sent it
+    (``pymta.backends.authchain.AuthChain`` applies ``DOVECOT_AUTH_USERNAME_FORMAT`` first);
+    the returned Identity's username is what ``Received:`` and the queue record show.
+
+    Optional: an authenticator that holds plaintext secrets may set ``supports_cram_md5 =
+    True`` and provide ``async authenticate_cram_md5(username, challenge, digest, conn)``
+    (``digest`` = hex HMAC-MD5 of the challenge); CRAM-MD5 is offered only then.
     """
 
     async def authenticate(self, username: str, password: str,

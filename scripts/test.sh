@@ -18,7 +18,11 @@ step() { printf '\n==> %s\n' "$*"; }
 # --- 1. Debian packages ---------------------------------------------------------------------
 # libnet-ssleay-perl: swaks needs it for STARTTLS / TLS-on-connect (only Recommends in Debian,
 # and we install without recommends to keep the install small and predictable).
-APT_PACKAGES=(swaks libnet-ssleay-perl openssl postfix)
+# slapd ... dovecot-lmtpd: real services the integration tests start themselves (tests/services;
+# never the packaged instances, which the policy-rc.d below keeps from starting). postfix also
+# serves as a throwaway peer / smart host there (its SASL is Dovecot's: no Cyrus packages).
+APT_PACKAGES=(swaks libnet-ssleay-perl openssl postfix
+              slapd ldap-utils mariadb-server mariadb-client dovecot-core dovecot-imapd dovecot-lmtpd)
 # Debian's python3 ships without ensurepip; `python3 -m venv` then fails until python3-venv is in.
 if [[ ! -x .venv/bin/python ]] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
     APT_PACKAGES+=(python3-venv)
@@ -43,8 +47,12 @@ if ((${#missing[@]})); then
         printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
         "${SUDO[@]}" chmod 755 /usr/sbin/policy-rc.d
     fi
-    # Postfix is wanted for its load tools only; "No configuration" leaves it unconfigured.
-    echo "postfix postfix/main_mailer_type select No configuration" \
+    # Postfix: "No configuration" leaves the packaged instance unconfigured (tests run their own
+    # with `postfix -c DIR`). slapd: no_configuration = no database, no questions (tests run
+    # their own with `slapd -f`).
+    printf '%s\n' \
+        "postfix postfix/main_mailer_type select No configuration" \
+        "slapd slapd/no_configuration boolean true" \
         | "${SUDO[@]}" debconf-set-selections
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
@@ -64,8 +72,8 @@ fi
 STAMP=.venv/.pymta-test-deps
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [[ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]]; then
-    step "pip: installing -e '.[test]' aiosmtpd"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' aiosmtpd
+    step "pip: installing -e '.[test]'"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
     echo "$want" >"$STAMP"
 else
     step "pip: dependencies up to date"

@@ -1,4 +1,5 @@
-"""The ``pymta`` command (also ``python -m pymta``): serve, check-config and queue management.
+"""The ``pymta`` command (also ``python -m pymta``): serve, check-config, queue management and
+``passwd hash`` (``{SCHEME}`` password hashes for ``SMTPD_SASL_CLIENTAUTH``).
 
 The CLI is what an operator touches first, often with a mistyped variable, so every expected
 problem is one line on stderr and an exit status, never a traceback: configuration errors
@@ -57,10 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
                        ("release", "release held messages")):
         q = qsub.add_parser(name, parents=[queue_opt], help=text)
         q.add_argument("ids", metavar="ID", nargs="+")
+    pw = sub.add_parser("passwd", help="password hashes for SMTPD_SASL_CLIENTAUTH")
+    pwsub = pw.add_subparsers(dest="passwd_command", metavar="ACTION", parser_class=_Parser)
+    pw_hash = pwsub.add_parser(
+        "hash", help="read a password (prompt, or one line of stdin) and print {SCHEME}hash")
+    pw_hash.add_argument("--scheme", default="SHA512-CRYPT", metavar="SCHEME",
+                         help="Dovecot scheme name (default SHA512-CRYPT)")
     return parser
 
 
 # ------------------------------------------------------------------------------ commands
+
+
+def _passwd_hash(args: argparse.Namespace) -> int:
+    """What ``doveadm pw -s SCHEME`` does: the password from a prompt (asked twice) or, when
+    stdin is not a terminal, its first line; the hash on stdout. Never takes the password as
+    an argument (it would show in ``ps`` and the shell history)."""
+    import getpass
+
+    from pymta.backends.passwd import SchemeError, hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Enter new password: ")
+        if getpass.getpass("Retype new password: ") != password:
+            raise _UsageError("passwd hash: passwords do not match")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise _UsageError("passwd hash: empty password")
+    try:
+        print(hash_password(password, args.scheme))
+    except SchemeError as exc:
+        raise _UsageError(f"passwd hash: {exc}") from None
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -119,6 +149,8 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
         ("aliases", str(len(config.mail_aliases.split()))),
         ("listeners", _listeners(config)),
         ("tls", tls),
+        ("sasl", " ".join(config.sasl_methods) or "none"),
+        ("mynetworks", " ".join(config.mynetworks) or "none"),
         ("state dir", config.state_dir),
         ("mail dir", config.mail_dir),
         ("workers", str(config.workers)),
@@ -158,6 +190,10 @@ def _dispatch(argv: Sequence[str] | None) -> int:
             raise _UsageError("queue: which action? list, show, flush, delete, hold or "
                               "release (see 'pymta queue --help')")
         return _queue(args)
+    if args.command == "passwd":
+        if args.passwd_command != "hash":
+            raise _UsageError("passwd: which action? hash (see 'pymta passwd --help')")
+        return _passwd_hash(args)
     parser.print_help(sys.stderr)
     return EX_USAGE_OR_CONFIG
 

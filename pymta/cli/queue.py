@@ -183,7 +183,11 @@ def cmd_list(store: Any, as_json: bool, out: TextIO) -> int:
         print(f"{qid:<16} {_age(now - env.received_at):>6} {_size(store, qid, env):>9}  "
               f"<{env.sender}>{flags}", file=out)
         for r in env.recipients:
-            print(f"{'':<16} {r.state.value:>16}  <{r.address}>", file=out)
+            tries = f"  ({r.attempts} attempt{'' if r.attempts == 1 else 's'}" + (
+                f", via {r.next_hop})" if r.next_hop else ")") if r.attempts else ""
+            print(f"{'':<16} {r.state.value:>16}  <{r.address}>{tries}", file=out)
+            if r.last_reply and r.state is not RcptState.DELIVERED:
+                print(f"{'':<16} {'':>16}    {r.last_reply}", file=out)
         error = _last_error(env)
         if error:
             print(f"{'':<16} {'last error':>16}  {error}", file=out)

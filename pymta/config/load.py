@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymta.config.errors import ConfigError
-from pymta.config.model import Config, ListenAddress
+from pymta.config.model import Config, ListenAddress, RelayHost
 
 __all__ = ["load_config", "parse_bool", "parse_duration", "parse_listen", "parse_size"]
 
@@ -183,6 +183,137 @@ def _parse_string(name: str, value: Any) -> str:
     return str(value).strip()
 
 
+def parse_relay_hostauth(name: str, value: Any) -> RelayHost | None:
+    """``SMTP_RELAY_HOSTAUTH``: ``"[host]:port user:password"`` (Postfix's relayhost plus
+    the SASL credentials). ``[host]`` means no MX lookup; the port defaults to 25; user and
+    password are optional. Empty means "no smart host". The password may contain colons,
+    the user name may not."""
+    text = _parse_string(name, value)
+    if not text:
+        return None
+    words = text.split()
+    if len(words) > 2:
+        raise ConfigError(f"{name}: not \"host:port user:password\": too many words")
+    where = words[0]
+    mx_lookup = True
+    if where.startswith("["):
+        close = where.find("]")
+        if close < 0:
+            raise ConfigError(f"{name}: unbalanced brackets in {where!r}")
+        host, rest = where[1:close], where[close + 1:]
+        mx_lookup = False
+    else:
+        host, sep, port_part = where.partition(":")
+        rest = sep + port_part
+    port = 25
+    if rest:
+        if not rest.startswith(":") or not rest[1:].isdigit() or not 0 < int(rest[1:]) < 65536:
+            raise ConfigError(f"{name}: not a port number (1-65535) in {where!r}")
+        port = int(rest[1:])
+    try:
+        ipaddress.ip_address(host)
+        is_ip = True
+    except ValueError:
+        is_ip = False
+    if not is_ip and not _is_hostname(host):
+        raise ConfigError(f"{name}: not a host name or address: {host!r}")
+    username = password = ""
+    if len(words) == 2:
+        username, sep, password = words[1].partition(":")
+        if not sep or not username:
+            raise ConfigError(f"{name}: credentials must be user:password (password not shown)")
+    return RelayHost(host=host.rstrip(".").lower(), port=port, mx_lookup=mx_lookup and not is_ip,
+                     username=username, password=password)
+
+
+def parse_tls_level(name: str, value: Any) -> str:
+    level = _parse_string(name, value).lower()
+    if level not in ("none", "may", "encrypt"):
+        raise ConfigError(f"{name}: must be none, may or encrypt: {value!r}")
+    return level
+
+
+def parse_virtual_transport(name: str, value: Any) -> str:
+    """``lmtp:HOST:PORT``, ``lmtp:[v6]:PORT``, ``lmtp:unix:PATH`` or empty (local delivery)."""
+    text = _parse_string(name, value)
+    if not text:
+        return ""
+    kind, sep, rest = text.partition(":")
+    if kind.lower() != "lmtp" or not sep or not rest:
+        raise ConfigError(f"{name}: must be lmtp:HOST:PORT or lmtp:unix:PATH: {value!r}")
+    if rest.startswith("unix:"):
+        if not rest[5:]:
+            raise ConfigError(f"{name}: no socket path: {value!r}")
+        return "lmtp:" + rest
+    _parse_one_listen(name, rest)  # host:port / [v6]:port syntax
+    if rest.rpartition(":")[2] == "0":
+        raise ConfigError(f"{name}: port 0: {value!r}")
+    return "lmtp:" + rest
+
+
+def parse_nameservers(name: str, value: Any) -> tuple[str, ...]:
+    from pymta.dns import parse_nameserver
+
+    words = _words(value)
+    ports = set()
+    for word in words:
+        try:
+            ports.add(parse_nameserver(word)[1])
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    if len(ports) > 1:
+        raise ConfigError(f"{name}: all resolvers must use the same port: {value!r}")
+    return tuple(words)
+
+
+def _port(name: str, value: Any) -> int:
+    port = parse_size(name, value, 1)
+    if port > 65535:
+        raise ConfigError(f"{name}: not a port number (1-65535): {value!r}")
+    return port
+
+
+def _parse_secret(name: str, value: Any) -> str:
+    """A password: taken as given (spaces included); never quoted in a message."""
+    if isinstance(value, dict | list | bool):
+        raise ConfigError(f"{name}: not a string (value not shown)")
+    return str(value)
+
+
+def _parse_regex_alias(name: str, value: Any) -> str:
+    """Kept raw (rules may be newline separated); checked now so a bad pattern stops start-up."""
+    from pymta.backends.regex import parse_regex_alias
+
+    text = _parse_string(name, value)
+    parse_regex_alias(text)
+    return text
+
+
+def _parse_ldap_host(name: str, value: Any) -> str:
+    from pymta.backends.ldap import parse_ldap_host
+
+    text = _parse_string(name, value)
+    parse_ldap_host(text, name)
+    return text
+
+
+def _parse_mysql_host(name: str, value: Any) -> str:
+    from pymta.backends.mysql import parse_mysql_host
+
+    text = _parse_string(name, value)
+    parse_mysql_host(text, name)
+    return text
+
+
+def _sql_query(name: str, value: Any) -> str:
+    """A Postfix-style query template; compiled now to refuse unknown ``%`` sequences."""
+    from pymta.backends.mysql import compile_query
+
+    text = _parse_string(name, value)
+    compile_query(text, name)
+    return text
+
+
 # ------------------------------------------------------------------------------ the settings
 
 
@@ -208,8 +339,42 @@ def _level(name: str, value: Any) -> int:
     return level
 
 
-def _methods(name: str, value: Any) -> tuple[str, ...]:
-    return tuple(w.lower() for w in _words(value))
+def parse_mynetworks(name: str, value: Any) -> tuple[str, ...]:
+    """``MYNETWORKS``: networks (CIDR) or single addresses, space/comma separated; Postfix's
+    ``[::1]/128`` bracket form is accepted. Returned normalised (``10.0.0.0/8``)."""
+    out: list[str] = []
+    for word in _words(value):
+        text = word.replace("[", "").replace("]", "")
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: not a network (address/prefix): {word!r}") from None
+        if str(network) not in out:
+            out.append(str(network))
+    return tuple(out)
+
+
+def _sasl_clientauth(name: str, value: Any) -> str:
+    """Checked now (entry syntax, known {SCHEME}s); errors name the user, never a secret."""
+    from pymta.backends.passwd import parse_clientauth
+
+    text = _parse_secret(name, value).strip()
+    parse_clientauth(text, name)
+    return text
+
+
+def _username_format(name: str, value: Any) -> str:
+    from pymta.backends.passwd import check_username_format
+
+    return check_username_format(_parse_string(name, value), name)
+
+
+def _imap_host(name: str, value: Any) -> str:
+    from pymta.backends.imapauth import parse_imap_host
+
+    text = _parse_string(name, value)
+    parse_imap_host(text, name)
+    return text
 
 
 _SETTINGS: tuple[_Setting, ...] = (
@@ -217,6 +382,27 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("mail_domain", "MAIL_DOMAIN", parse_domains),
     _Setting("mail_boxes", "MAIL_BOXES", _parse_string),
     _Setting("mail_aliases", "MAIL_ALIASES", _parse_string),
+    _Setting("regex_alias", "REGEX_ALIAS", _parse_regex_alias),
+    _Setting("ldap_host", "LDAP_HOST", _parse_ldap_host),
+    _Setting("ldap_user_base", "LDAP_USER_BASE", _parse_string),
+    _Setting("ldap_query_filter_user", "LDAP_QUERY_FILTER_USER", _parse_string),
+    _Setting("ldap_query_attrs_user", "LDAP_QUERY_ATTRS_USER", _parse_string),
+    _Setting("ldap_group_base", "LDAP_GROUP_BASE", _parse_string),
+    _Setting("ldap_query_filter_alias", "LDAP_QUERY_FILTER_ALIAS", _parse_string),
+    _Setting("ldap_query_filter_group", "LDAP_QUERY_FILTER_GROUP", _parse_string),
+    _Setting("ldap_query_filter_expand", "LDAP_QUERY_FILTER_EXPAND", _parse_string),
+    _Setting("ldap_bind_dn", "LDAP_BIND_DN", _parse_string),
+    _Setting("ldap_bind_pw", "LDAP_BIND_PW", _parse_secret),
+    _Setting("ldap_tls_ca_file", "PYMTA_LDAP_TLS_CA_FILE", _parse_string),
+    _Setting("mysql_host", "MYSQL_HOST", _parse_mysql_host),
+    _Setting("mysql_database", "MYSQL_DATABASE", _parse_string),
+    _Setting("mysql_user", "MYSQL_USER", _parse_string),
+    _Setting("mysql_password", "MYSQL_PASSWORD", _parse_secret),
+    _Setting("mysql_query_user", "MYSQL_QUERY_USER", _sql_query),
+    _Setting("mysql_query_alias", "MYSQL_QUERY_ALIAS", _sql_query),
+    _Setting("lookup_cache_ttl", "PYMTA_LOOKUP_CACHE_TTL", _duration(False)),
+    _Setting("lookup_negative_ttl", "PYMTA_LOOKUP_NEGATIVE_TTL", _duration(False)),
+    _Setting("lookup_timeout", "PYMTA_LOOKUP_TIMEOUT", _duration(True)),
     _Setting("message_size_limit", "MESSAGE_SIZE_LIMIT", _size(0)),
     _Setting("max_recipients", "PYMTA_MAX_RECIPIENTS", _size(1)),
     _Setting("max_errors", "PYMTA_MAX_ERRORS", _size(1)),
@@ -234,7 +420,15 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("smtpd_use_tls", "SMTPD_USE_TLS", parse_bool),
     _Setting("smtpd_tls_cert_file", "SMTPD_TLS_CERT_FILE", _parse_string),
     _Setting("smtpd_tls_key_file", "SMTPD_TLS_KEY_FILE", _parse_string),
-    _Setting("sasl_methods", "PYMTA_SASL_METHODS", _methods),
+    _Setting("smtpd_sasl_clientauth", "SMTPD_SASL_CLIENTAUTH", _sasl_clientauth),
+    _Setting("smtpd_sasl_imaphost", "SMTPD_SASL_IMAPHOST", _imap_host),
+    _Setting("ldap_query_attrs_pass", "LDAP_QUERY_ATTRS_PASS", _parse_string),
+    _Setting("ldap_query_filter_pass", "LDAP_QUERY_FILTER_PASS", _parse_string),
+    _Setting("mysql_query_pass", "MYSQL_QUERY_PASS", _parse_string),
+    _Setting("dovecot_auth_username_format", "DOVECOT_AUTH_USERNAME_FORMAT", _username_format),
+    _Setting("auth_fail_delay", "PYMTA_AUTH_FAIL_DELAY", _duration(False)),
+    _Setting("auth_fail_delay_max", "PYMTA_AUTH_FAIL_DELAY_MAX", _duration(False)),
+    _Setting("mynetworks", "MYNETWORKS", parse_mynetworks),
     _Setting("state_dir", "PYMTA_STATE_DIR", _parse_string),
     _Setting("mail_dir", "PYMTA_MAIL_DIR", _parse_string),
     _Setting("queue_retry_first", "PYMTA_RETRY_FIRST", _duration(True)),
@@ -242,6 +436,19 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("queue_lifetime", "PYMTA_QUEUE_LIFETIME", _duration(False)),
     _Setting("queue_scan_interval", "PYMTA_QUEUE_SCAN_INTERVAL", _duration(True)),
     _Setting("delivery_concurrency", "PYMTA_DELIVERY_CONCURRENCY", _size(1)),
+    _Setting("smtp_relay", "SMTP_RELAY_HOSTAUTH", parse_relay_hostauth),
+    _Setting("smtp_tls_security_level", "SMTP_TLS_SECURITY_LEVEL", parse_tls_level),
+    _Setting("smtp_tls_wrappermode", "SMTP_TLS_WRAPPERMODE", parse_bool),
+    _Setting("virtual_transport", "VIRTUAL_TRANSPORT", parse_virtual_transport),
+    _Setting("dns_resolver", "PYMTA_DNS_RESOLVER", parse_nameservers),
+    _Setting("dns_timeout", "PYMTA_DNS_TIMEOUT", _duration(True)),
+    _Setting("mx_port", "PYMTA_MX_PORT", _port),
+    _Setting("destination_concurrency", "PYMTA_DESTINATION_CONCURRENCY", _size(1)),
+    _Setting("smtp_connect_timeout", "PYMTA_SMTP_CONNECT_TIMEOUT", _duration(True)),
+    _Setting("smtp_timeout", "PYMTA_SMTP_TIMEOUT", _duration(True)),
+    _Setting("connection_cache_time", "PYMTA_CONNECTION_CACHE_TIME", _duration(False)),
+    _Setting("connection_reuse_limit", "PYMTA_CONNECTION_REUSE_LIMIT", _size(1)),
+    _Setting("dead_host_time", "PYMTA_DEAD_HOST_TIME", _duration(False)),
     _Setting("syslog_level", "SYSLOG_LEVEL", _level),
     _Setting("log_syslog", "PYMTA_LOG_SYSLOG", parse_bool),
     _Setting("log_json", "PYMTA_LOG_JSON", parse_bool),
@@ -354,6 +561,20 @@ def _domain_of(hostname: str) -> str:
     return hostname.partition(".")[2]
 
 
+def _check_sasl(values: dict[str, Any]) -> None:
+    """The LDAP and MySQL SASL methods need their lookup variables; their query templates
+    are compiled now so a typo stops start-up rather than every login."""
+    if values.get("ldap_query_attrs_pass") and values.get("ldap_host"):
+        from pymta.backends.ldapauth import pass_filter
+
+        pass_filter(values["ldap_query_attrs_pass"], values.get("ldap_query_filter_pass", ""),
+                    values.get("ldap_query_filter_user", ""))
+    if values.get("mysql_query_pass") and values.get("mysql_host"):
+        from pymta.backends.mysqlauth import compile_pass_query
+
+        compile_pass_query(values["mysql_query_pass"])
+
+
 def _check_together(values: dict[str, Any]) -> None:
     """Rules that involve more than one setting."""
     cert, key = values.get("smtpd_tls_cert_file", ""), values.get("smtpd_tls_key_file", "")
@@ -361,6 +582,7 @@ def _check_together(values: dict[str, Any]) -> None:
         raise ConfigError(f"SMTPD_TLS_KEY_FILE: not set, but SMTPD_TLS_CERT_FILE is: {cert!r}")
     if key and not cert:
         raise ConfigError(f"SMTPD_TLS_CERT_FILE: not set, but SMTPD_TLS_KEY_FILE is: {key!r}")
+    _check_sasl(values)
     first = values.get("queue_retry_first", _DEFAULTS.queue_retry_first)
     most = values.get("queue_retry_max", _DEFAULTS.queue_retry_max)
     if first > most:

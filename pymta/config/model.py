@@ -19,12 +19,50 @@ class ListenAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayHost:
+    """``SMTP_RELAY_HOSTAUTH``: the smart host. ``mx_lookup`` is False for ``[host]`` (as in
+    Postfix: brackets mean "this host", no MX lookup). The password never appears in a repr."""
+
+    host: str
+    port: int = 25
+    mx_lookup: bool = False
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    def __str__(self) -> str:
+        name = self.host if self.mx_lookup else f"[{self.host}]"
+        return f"{name}:{self.port}" + (f" (AUTH as {self.username})" if self.username else "")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     # identity and recipients
     hostname: str = "localhost"                      # MYHOSTNAME / socket.getfqdn()
     mail_domain: tuple[str, ...] = ()                # MAIL_DOMAIN (space separated)
     mail_boxes: str = ""                             # MAIL_BOXES (raw; parsed by the table backend)
     mail_aliases: str = ""                           # MAIL_ALIASES (raw)
+    regex_alias: str = ""                            # REGEX_ALIAS (raw /pattern/ replacement rules)
+    # directory lookups (backends/ldap.py, backends/mysql.py, backends/chain.py)
+    ldap_host: str = ""                              # LDAP_HOST (name, host:port, ldap[s]:// URL)
+    ldap_user_base: str = ""                         # LDAP_USER_BASE
+    ldap_query_filter_user: str = ""                 # LDAP_QUERY_FILTER_USER
+    ldap_query_attrs_user: str = "mail"              # LDAP_QUERY_ATTRS_USER (mailbox path attr)
+    ldap_group_base: str = ""                        # LDAP_GROUP_BASE
+    ldap_query_filter_alias: str = ""                # LDAP_QUERY_FILTER_ALIAS
+    ldap_query_filter_group: str = ""                # LDAP_QUERY_FILTER_GROUP
+    ldap_query_filter_expand: str = ""               # LDAP_QUERY_FILTER_EXPAND
+    ldap_bind_dn: str = ""                           # LDAP_BIND_DN
+    ldap_bind_pw: str = field(default="", repr=False)  # LDAP_BIND_PW
+    ldap_tls_ca_file: str = ""                       # PYMTA_LDAP_TLS_CA_FILE (ldaps:// CA bundle)
+    mysql_host: str = ""                             # MYSQL_HOST (host or host:port)
+    mysql_database: str = ""                         # MYSQL_DATABASE
+    mysql_user: str = ""                             # MYSQL_USER
+    mysql_password: str = field(default="", repr=False)  # MYSQL_PASSWORD
+    mysql_query_user: str = ""                       # MYSQL_QUERY_USER (Postfix-style, %s)
+    mysql_query_alias: str = ""                      # MYSQL_QUERY_ALIAS
+    lookup_cache_ttl: float = 60.0                   # PYMTA_LOOKUP_CACHE_TTL (0: no cache)
+    lookup_negative_ttl: float = 30.0                # PYMTA_LOOKUP_NEGATIVE_TTL (unknown addrs)
+    lookup_timeout: float = 5.0                      # PYMTA_LOOKUP_TIMEOUT (connect/query)
     # limits
     message_size_limit: int = 10240000               # MESSAGE_SIZE_LIMIT
     max_recipients: int = 1000                       # PYMTA_MAX_RECIPIENTS
@@ -44,8 +82,17 @@ class Config:
     smtpd_use_tls: bool = False                      # SMTPD_USE_TLS
     smtpd_tls_cert_file: str = ""                    # SMTPD_TLS_CERT_FILE
     smtpd_tls_key_file: str = ""                     # SMTPD_TLS_KEY_FILE
-    # SASL (methods added by the AUTH issue; submission ports listen only when non-empty)
-    sasl_methods: tuple[str, ...] = ()
+    # SMTP AUTH (submission ports listen only when at least one SASL method is configured)
+    smtpd_sasl_clientauth: str = field(default="", repr=False)  # SMTPD_SASL_CLIENTAUTH
+    smtpd_sasl_imaphost: str = ""                    # SMTPD_SASL_IMAPHOST (host or host:port)
+    ldap_query_attrs_pass: str = ""                  # LDAP_QUERY_ATTRS_PASS (uid=user)
+    ldap_query_filter_pass: str = ""                 # LDAP_QUERY_FILTER_PASS (default: derived)
+    mysql_query_pass: str = ""                       # MYSQL_QUERY_PASS (returns {SCHEME}hash)
+    dovecot_auth_username_format: str = "%Lu"        # DOVECOT_AUTH_USERNAME_FORMAT (%Ln: no domain)
+    auth_fail_delay: float = 0.5                     # PYMTA_AUTH_FAIL_DELAY (× failures per IP)
+    auth_fail_delay_max: float = 5.0                 # PYMTA_AUTH_FAIL_DELAY_MAX
+    # relay policy
+    mynetworks: tuple[str, ...] = ()                 # MYNETWORKS (CIDR list; may relay w/o AUTH)
     # paths
     state_dir: str = "./var"                         # PYMTA_STATE_DIR
     mail_dir: str = "/var/mail"                      # PYMTA_MAIL_DIR
@@ -55,11 +102,40 @@ class Config:
     queue_lifetime: float = 5 * 86400.0              # PYMTA_QUEUE_LIFETIME (maximal_queue_lifetime)
     queue_scan_interval: float = 60.0                # PYMTA_QUEUE_SCAN_INTERVAL
     delivery_concurrency: int = 20                   # PYMTA_DELIVERY_CONCURRENCY
+    # outbound delivery (SMTP client, LMTP, DNS)
+    smtp_relay: RelayHost | None = None              # SMTP_RELAY_HOSTAUTH
+    smtp_tls_security_level: str = "may"             # SMTP_TLS_SECURITY_LEVEL none|may|encrypt
+    smtp_tls_wrappermode: bool = False               # SMTP_TLS_WRAPPERMODE (smart host only)
+    virtual_transport: str = ""                      # VIRTUAL_TRANSPORT lmtp:H:PORT, lmtp:unix:PATH
+    dns_resolver: tuple[str, ...] = ()               # PYMTA_DNS_RESOLVER host:port (empty: system)
+    dns_timeout: float = 5.0                         # PYMTA_DNS_TIMEOUT
+    mx_port: int = 25                                # PYMTA_MX_PORT (MX and address next hops)
+    destination_concurrency: int = 20                # PYMTA_DESTINATION_CONCURRENCY
+    smtp_connect_timeout: float = 30.0               # PYMTA_SMTP_CONNECT_TIMEOUT
+    smtp_timeout: float = 300.0                      # PYMTA_SMTP_TIMEOUT (each command/reply)
+    connection_cache_time: float = 2.0               # PYMTA_CONNECTION_CACHE_TIME (idle reuse)
+    connection_reuse_limit: int = 100                # PYMTA_CONNECTION_REUSE_LIMIT (msgs/conn)
+    dead_host_time: float = 60.0                     # PYMTA_DEAD_HOST_TIME
     # logging
     syslog_level: int = 5                            # SYSLOG_LEVEL 0..7
     log_syslog: bool = False                         # PYMTA_LOG_SYSLOG
     log_json: bool = False                           # PYMTA_LOG_JSON
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sasl_methods(self) -> tuple[str, ...]:
+        """The SASL methods the variables activate, in the order they are tried (the seed:
+        a method is active when its required variables are set)."""
+        methods = []
+        if self.smtpd_sasl_clientauth.strip():
+            methods.append("passwd")
+        if self.ldap_query_attrs_pass and getattr(self, "ldap_host", ""):
+            methods.append("ldap")
+        if self.mysql_query_pass and getattr(self, "mysql_host", ""):
+            methods.append("mysql")
+        if self.smtpd_sasl_imaphost:
+            methods.append("imap")
+        return tuple(methods)
 
     @property
     def first_domain(self) -> str:

@@ -20,12 +20,23 @@ BDAT chunk framing, and the defences:
 * After STARTTLS's 220 every byte already received or received before the handshake is
   discarded, and the session is back to "EHLO required" (CVE-2011-0411 class).
 
+SMTP AUTH (RFC 4954) is protocol too, so the engine runs the whole SASL exchange for PLAIN,
+LOGIN and CRAM-MD5: ``334`` challenges, base64 both ways, ``*`` to cancel, a bounded line
+length; only the finished credentials leave the engine, as one ``Auth`` decision event. AUTH
+is advertised and accepted only when ``auth_mechanisms`` is set (the submission listeners) and,
+unless ``auth_requires_tls`` is off, only under TLS. The engine never logs anything, so SASL
+lines cannot reach a log from here.
+
 What is policy (which recipients exist, who may relay, when a message is durable) belongs to
 the driver, which sees it as decision events.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
+import time
 from dataclasses import dataclass
 
 from pymta.smtp import events as ev
@@ -53,6 +64,7 @@ class EngineConfig:
     tls_active: bool = False          # implicit TLS (port 465)
     auth_mechanisms: tuple[str, ...] = ()
     auth_requires_tls: bool = True
+    sasl_line_limit: int = 12288      # RFC 4954 §4: a SASL response line may be this long
     banner: str = "ESMTP pymta"
 
 
@@ -85,11 +97,28 @@ R_TLS_NA = Reply(502, "5.5.1", "Error: STARTTLS not available")
 R_TLS_AGAIN = Reply(554, "5.5.1", "Error: TLS already active")
 R_AUTH_NA = Reply(502, "5.5.1", "Error: authentication not enabled")
 R_AUTH_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+R_AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
+R_AUTH_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+R_AUTH_MALFORMED = Reply(501, "5.5.2", "Error: malformed authentication response")
+R_AUTH_LINE = Reply(500, "5.5.6", "Error: authentication exchange line is too long")
+R_AUTH_MECH = Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+R_AUTH_DONE = Reply(503, "5.5.1", "Error: already authenticated")
+R_AUTH_IN_TXN = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+R_AUTH_NO_INITIAL = Reply(501, "5.5.4", "Error: CRAM-MD5 takes no initial response")
 R_HELP = Reply(214, "2.0.0", "See https://www.rfc-editor.org/rfc/rfc5321")
 R_NOOP = Reply(250, "2.0.0", "Ok")
 R_RSET = Reply(250, "2.0.0", "Ok")
 
-_IDLE, _COMMAND, _DATA, _BDAT, _WAIT, _TLS_PENDING, _CLOSED, _SKIP_LINE = range(8)
+_IDLE, _COMMAND, _DATA, _BDAT, _WAIT, _TLS_PENDING, _CLOSED, _SKIP_LINE, _SASL = range(9)
+
+# LOGIN's prompts, already base64 ("Username:", "Password:"), as every server sends them.
+_LOGIN_USER = "VXNlcm5hbWU6"
+_LOGIN_PASS = "UGFzc3dvcmQ6"
+
+
+def _cram_challenge(hostname: str) -> str:
+    """A fresh RFC 2195 challenge: ``<random.timestamp@hostname>``."""
+    return f"<{int.from_bytes(os.urandom(8), 'big')}.{int(time.time())}@{hostname}>"
 
 
 class Engine:
@@ -99,7 +128,7 @@ class Engine:
         "cfg", "_buf", "_out", "_events", "_state", "_waiting", "_helo", "_extended",
         "_tls", "_has_mail", "_mail_utf8", "_rcpts", "_errors", "_tail", "_first_chunk",
         "_size", "_over", "_bdat_left", "_bdat_last", "_bdat_discard", "_bdat_reply",
-        "_bdat_open", "_bdat_cr", "_bdat_bare", "closed", "auth_user",
+        "_bdat_open", "_bdat_cr", "_bdat_bare", "closed", "auth_user", "_sasl",
     )
 
     def __init__(self, cfg: EngineConfig) -> None:
@@ -115,6 +144,7 @@ class Engine:
         self._errors = 0
         self.closed = False
         self.auth_user: str | None = None
+        self._sasl: list[str] | None = None   # [mechanism, step data...] during an exchange
         self._reset_txn()
 
     # ------------------------------------------------------------------ driver interface
@@ -210,7 +240,9 @@ class Engine:
             self._reply(reply)
             self._reset_txn()
         elif isinstance(pending, ev.Auth):
-            self._reply(reply)  # the driver sets auth_user before answering 235
+            if ok and self.auth_user is None:
+                self.auth_user = pending.username
+            self._reply(reply)
         if self._state == _COMMAND and self._errors >= self.cfg.max_errors:
             self._too_many_errors()
 
@@ -229,6 +261,8 @@ class Engine:
                 progressed = self._data_step()
             elif state == _BDAT:
                 progressed = self._bdat_step()
+            elif state == _SASL:
+                progressed = self._sasl_step()
             else:  # _SKIP_LINE
                 progressed = self._skip_step()
             if not progressed and not self._events:
@@ -494,16 +528,113 @@ class Engine:
         elif not self._helo:
             self._reply(R_NEED_HELO)
         elif self._has_mail:
-            self._reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            self._reply(R_AUTH_IN_TXN)
         elif self.auth_user is not None:
-            self._reply(Reply(503, "5.5.1", "Error: already authenticated"))
+            self._reply(R_AUTH_DONE)
         else:
-            mech, _, initial = arg.partition(" ")
+            mech, _, initial = arg.strip().partition(" ")
             mech = mech.upper()
-            if mech not in self.cfg.auth_mechanisms:
-                self._reply(Reply(504, "5.5.4", "Error: unsupported authentication mechanism"))
+            initial = initial.strip()
+            if not mech:
+                self._reply(Reply(501, "5.5.4", "Syntax: AUTH mechanism"))
+            elif mech not in self.cfg.auth_mechanisms:
+                self._reply(R_AUTH_MECH)
+            elif mech == "CRAM-MD5":
+                if initial:
+                    self._reply(R_AUTH_NO_INITIAL)
+                    return
+                challenge = _cram_challenge(self.cfg.hostname)
+                self._sasl_ask(["CRAM-MD5", challenge],
+                               base64.b64encode(challenge.encode()).decode())
+            elif not initial:
+                if mech == "PLAIN":
+                    self._sasl_ask(["PLAIN"], "")
+                else:
+                    self._sasl_ask(["LOGIN"], _LOGIN_USER)
+            else:
+                # RFC 4954 §4: "=" is an empty initial response.
+                self._sasl = [mech]
+                self._sasl_response(b"" if initial == "=" else initial.encode("ascii",
+                                                                                "replace"))
+
+    # ------------------------------------------------------------------ SASL exchange
+
+    def _sasl_ask(self, state: list[str], challenge: str) -> None:
+        self._sasl = state
+        self._state = _SASL
+        self._out.append(f"334 {challenge}\r\n".encode())
+
+    def _sasl_end(self, reply: Reply | None = None) -> None:
+        self._sasl = None
+        self._state = _COMMAND
+        if reply is not None:
+            self._reply(reply)
+
+    def _sasl_step(self) -> bool:
+        buf = self._buf
+        nl = buf.find(b"\n")
+        limit = self.cfg.sasl_line_limit
+        if nl < 0:
+            if len(buf) > limit:
+                buf.clear()
+                self._sasl_end(R_AUTH_LINE)
+                self._state = _SKIP_LINE
+                self._check_errors()
+                return True
+            return False
+        if nl == 0 or buf[nl - 1] != CR or buf.find(b"\r", 0, nl - 1) >= 0:
+            self._sasl = None
+            self._reply(R_BARE_LF)
+            self._enter_closed("bare CR or LF in SASL response")
+            return True
+        line = bytes(buf[: nl - 1])
+        del buf[: nl + 1]
+        if nl + 1 > limit:
+            self._sasl_end(R_AUTH_LINE)
+        else:
+            self._sasl_response(line)
+        if self._state == _COMMAND:
+            self._check_errors()
+        return True
+
+    def _sasl_response(self, line: bytes) -> None:
+        """One client response (base64, or ``*``) for the exchange in ``self._sasl``."""
+        state = self._sasl
+        assert state is not None
+        if line.strip() == b"*":
+            self._sasl_end(R_AUTH_ABORTED)
+            return
+        try:
+            data = binascii.a2b_base64(line, strict_mode=True) if line else b""
+            text = data.decode("utf-8")
+        except (binascii.Error, ValueError):
+            self._sasl_end(R_AUTH_BASE64)
+            return
+        mech = state[0]
+        if mech == "PLAIN":
+            parts = text.split("\0")
+            if len(parts) != 3 or not parts[1]:
+                self._sasl_end(R_AUTH_MALFORMED)
                 return
-            self._decide(ev.Auth(mech, initial or None))
+            self._sasl_finish(ev.Auth("PLAIN", parts[1], parts[2], authzid=parts[0]))
+        elif mech == "LOGIN":
+            if len(state) == 1:
+                if not text or "\0" in text:
+                    self._sasl_end(R_AUTH_MALFORMED)
+                    return
+                self._sasl_ask(["LOGIN", text], _LOGIN_PASS)
+            else:
+                self._sasl_finish(ev.Auth("LOGIN", state[1], text))
+        else:  # CRAM-MD5: "username hexdigest"
+            user, _, digest = text.rpartition(" ")
+            if not user or len(digest) != 32 or "\0" in user:
+                self._sasl_end(R_AUTH_MALFORMED)
+                return
+            self._sasl_finish(ev.Auth("CRAM-MD5", user, digest.lower(), challenge=state[1]))
+
+    def _sasl_finish(self, event: ev.Auth) -> None:
+        self._sasl = None
+        self._decide(event)
 
     # ------------------------------------------------------------------ DATA mode
 

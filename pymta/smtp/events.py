@@ -7,7 +7,7 @@ notifications the driver acts on without answering.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pymta.smtp.params import MailParams, RcptParams
 from pymta.types import Reply
@@ -88,11 +88,23 @@ class StartTLS:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
-    """Decision: an AUTH exchange finished. The SASL layer (added with the AUTH issue)
-    validates; ``respond`` with 235 to authenticate the session."""
+    """Decision: a SASL exchange finished and its credentials wait to be checked.
+
+    The engine has already run the exchange (``334`` challenges, base64, cancel, line limits);
+    the driver checks the credentials and answers ``235`` (the engine then sets
+    ``engine.auth_user`` to ``username`` unless the driver set it first), ``535``, or ``454``.
+
+    PLAIN and LOGIN carry ``password``; CRAM-MD5 carries ``challenge`` (what the server sent,
+    decoded) and ``password`` holds the client's hex digest. ``authzid`` is PLAIN's
+    authorization identity ("" when absent). The secret is kept out of ``repr`` so that an
+    event logged by mistake does not carry it.
+    """
 
     mechanism: str
-    initial: str | None
+    username: str
+    password: str = field(repr=False)
+    authzid: str = ""
+    challenge: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,11 @@ drained read, so a pipelined group gets one write. Reading pauses while the engi
 than a small buffer (a client cannot grow our memory while a decision is pending). An idle
 timer closes sessions that say nothing for ``idle_timeout`` seconds. Connection limits (total
 and per client address) are checked before the greeting.
+
+AUTH: the engine runs the SASL exchange and hands over finished credentials; the session
+checks them. A ``535`` is delayed by :class:`AuthThrottle` (``auth_fail_delay`` × the
+client address's recent failures, capped) with ``asyncio.sleep``, so password guessing slows
+down while every other session runs on. Neither this module nor the engine logs SASL lines.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,6 +32,36 @@ from pymta.types import Reply
 log = logging.getLogger("pymta.smtpd")
 
 READ_PAUSE_BYTES = 256 * 1024
+
+
+class AuthThrottle:
+    """Per-client-address failed-AUTH counter: the delay before each ``535`` grows with the
+    failures of that address (``step`` × n, at most ``maximum``); an address that fails no
+    more for ``forget`` seconds starts again from zero. Bounded: at most ``max_entries``
+    addresses are remembered (the oldest are dropped first)."""
+
+    def __init__(self, step: float = 0.5, maximum: float = 5.0, forget: float = 900.0,
+                 max_entries: int = 10000) -> None:
+        self.step = step
+        self.maximum = maximum
+        self.forget = forget
+        self.max_entries = max_entries
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def failed(self, ip: str) -> float:
+        """Record one failure of ``ip``; return how long to wait before answering."""
+        now = time.monotonic()
+        count, last = self._failures.pop(ip, (0, now))
+        if now - last > self.forget:
+            count = 0
+        count += 1
+        self._failures[ip] = (count, now)  # re-inserted: dict order is recency order
+        while len(self._failures) > self.max_entries:
+            del self._failures[next(iter(self._failures))]
+        return min(self.step * count, self.maximum)
+
+    def failures(self, ip: str) -> int:
+        return self._failures.get(ip, (0, 0.0))[0]
 
 
 @dataclass
@@ -41,11 +77,13 @@ class ListenerContext:
     tls_handshake_timeout: float = 30.0
     active: set[SMTPServerProtocol] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
+    auth_throttle: AuthThrottle = field(default_factory=AuthThrottle)
 
 
 class SMTPServerProtocol(asyncio.Protocol):
     __slots__ = ("ctx", "cfg", "transport", "engine", "session", "_task", "_waiter",
-                 "_timer", "_last", "_peer_ip", "_paused", "_lost", "_implicit_tls")
+                 "_timer", "_last", "_peer_ip", "_paused", "_lost", "_implicit_tls",
+                 "_tls_early")
 
     def __init__(self, ctx: ListenerContext, cfg: EngineConfig, implicit_tls: bool) -> None:
         self.ctx = ctx
@@ -58,6 +96,9 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._paused = False
         self._lost = False
         self._peer_ip = ""
+        # Decrypted bytes that arrive while loop.start_tls() is still finishing: with TLS 1.3
+        # the client's first command can come in the same read as its Finished message.
+        self._tls_early: bytearray | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -96,6 +137,9 @@ class SMTPServerProtocol(asyncio.Protocol):
         if self._lost:
             return
         self._last = asyncio.get_running_loop().time()
+        if self._tls_early is not None:
+            self._tls_early += data
+            return
         engine = self.engine
         engine.feed(data)
         waiter = self._waiter
@@ -181,7 +225,14 @@ class SMTPServerProtocol(asyncio.Protocol):
                     if not await self._start_tls():
                         return
                 elif cls is ev.Auth:
-                    engine.respond(Reply(535, "5.7.8", "Error: authentication failed"))
+                    reply = await session.on_auth(event)
+                    if reply.code == 235:
+                        engine.auth_user = session.auth_user
+                    elif reply.code == 535:
+                        delay = self.ctx.auth_throttle.failed(self._peer_ip)
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    engine.respond(reply)
                 elif cls is ev.Close:
                     self._flush()
                     session.abort()
@@ -202,17 +253,24 @@ class SMTPServerProtocol(asyncio.Protocol):
         ctx = self.ctx.ssl_context
         if transport is None or ctx is None:
             return False
+        # From here on data_received only sees bytes from the TLS layer: start_tls pauses the
+        # plaintext transport before its first await, and the engine dropped what came before.
+        self._tls_early = bytearray()
         try:
             new = await loop.start_tls(transport, self, ctx, server_side=True,
                                        ssl_handshake_timeout=self.ctx.tls_handshake_timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            self._tls_early = None
             log.info("TLS handshake with %s failed: %s", self._peer_ip, exc)
             if not transport.is_closing():
                 transport.close()
             return False
+        early, self._tls_early = self._tls_early, None
         if new is None:
             return False
         self.transport = new
         self.engine.tls_established()
         self.session.on_tls(describe_tls(new.get_extra_info("ssl_object")))
+        if early:
+            self.engine.feed(bytes(early))
         return True

@@ -1,0 +1,117 @@
+"""The configured SASL methods, tried in order until one says yes (the seed: "all
+authentication methods are attempted one after another").
+
+:class:`AuthChain` is itself an :class:`~pymta.types.Authenticator`. It applies
+``DOVECOT_AUTH_USERNAME_FORMAT`` (``%Ln``: lower-case, domain dropped; Dovecot's default
+``%Lu``) once, before any method sees the name, then asks each method with a time limit.
+The first Identity wins. When no method says yes and at least one could not answer
+(TemporaryFailure, a timeout, an unexpected error) the chain raises TemporaryFailure
+(``454 4.7.0``): a backend that is down must never turn a right password into ``535``.
+
+Which methods exist follows from the variables (:func:`build_authenticator`):
+``SMTPD_SASL_CLIENTAUTH`` → password file, ``LDAP_QUERY_ATTRS_PASS`` (+ ``LDAP_HOST``) → LDAP
+bind, ``MYSQL_QUERY_PASS`` (+ ``MYSQL_HOST``) → MySQL, ``SMTPD_SASL_IMAPHOST`` → remote IMAP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from pymta.backends.passwd import format_username
+from pymta.types import Authenticator, ConnInfo, Identity, TemporaryFailure
+
+log = logging.getLogger("pymta.sasl")
+
+
+def _temporary() -> TemporaryFailure:
+    return TemporaryFailure("Temporary authentication failure", "4.7.0", 454)
+
+
+class AuthChain:
+    """Several authenticators as one (see module doc)."""
+
+    def __init__(self, methods: Sequence[Authenticator], username_format: str = "%Lu",
+                 timeout: float = 15.0) -> None:
+        self.methods = list(methods)
+        self.username_format = username_format
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"AuthChain({', '.join(repr(m) for m in self.methods)})"
+
+    @property
+    def supports_cram_md5(self) -> bool:
+        """True only when every method can check a CRAM-MD5 digest (holds plaintext secrets)."""
+        return bool(self.methods) and all(
+            getattr(m, "supports_cram_md5", False) for m in self.methods)
+
+    async def authenticate(self, username: str, password: str,
+                           conn: ConnInfo) -> Identity | None:
+        name = format_username(username, self.username_format)
+        return await self._run(lambda m: m.authenticate(name, password, conn), name)
+
+    async def authenticate_cram_md5(self, username: str, challenge: str, digest: str,
+                                    conn: ConnInfo) -> Identity | None:
+        name = format_username(username, self.username_format)
+        return await self._run(
+            lambda m: m.authenticate_cram_md5(name, challenge, digest, conn), name)
+
+    async def _run(self, call: Any, name: str) -> Identity | None:
+        unavailable = False
+        for method in self.methods:
+            try:
+                identity = await asyncio.wait_for(call(method), self.timeout)
+            except TemporaryFailure:
+                unavailable = True
+                continue
+            except TimeoutError:
+                log.warning("SASL method %r did not answer within %gs", method, self.timeout)
+                unavailable = True
+                continue
+            except Exception as exc:  # noqa: BLE001 - a broken method is "cannot answer"
+                # Only the type and text: a traceback's frames could show arguments.
+                log.error("SASL method %r failed: %s: %s", method, type(exc).__name__, exc)
+                unavailable = True
+                continue
+            if identity is not None:
+                return identity
+        if unavailable:
+            raise _temporary()
+        return None
+
+    async def close(self) -> None:
+        for method in self.methods:
+            closer = getattr(method, "close", None)
+            if closer is not None:
+                try:
+                    await closer()
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("closing %r: %s", method, exc)
+
+
+def build_authenticator(config: Any) -> AuthChain | None:
+    """The chain the configuration asks for, or None when no SASL method is configured."""
+    methods: list[Authenticator] = []
+    for name in config.sasl_methods:
+        if name == "passwd":
+            from pymta.backends.passwd import PasswordFile
+
+            methods.append(PasswordFile.from_text(config.smtpd_sasl_clientauth))
+        elif name == "ldap":
+            from pymta.backends.ldapauth import LdapBindAuthenticator
+
+            methods.append(LdapBindAuthenticator.from_config(config))
+        elif name == "mysql":
+            from pymta.backends.mysqlauth import MysqlAuthenticator
+
+            methods.append(MysqlAuthenticator.from_config(config))
+        elif name == "imap":
+            from pymta.backends.imapauth import ImapAuthenticator
+
+            methods.append(ImapAuthenticator.from_config(config))
+    if not methods:
+        return None
+    return AuthChain(methods, config.dovecot_auth_username_format)

@@ -1,0 +1,189 @@
+"""The lookup chain: several recipient sources (table, LDAP, MySQL) answering as one.
+
+Semantics:
+
+* **First source that knows the address wins.** Sources are asked in order (the table from
+  ``MAIL_BOXES``/``MAIL_ALIASES`` first, then LDAP, then MySQL); the first non-None answer is
+  used and later sources are not asked. A source that raises TemporaryFailure stops the
+  lookup with ``451 4.3.0``: a later source must not answer "unknown" for an address the
+  failing one might know.
+* **Aliases resolve across sources.** By convention a source marks an alias target it did not
+  resolve itself as a *local Target without a mailbox* (``Target(addr, True, None)``); the
+  chain looks such targets up again from the first source, so an LDAP alias may point at a
+  ``MAIL_BOXES`` mailbox or a MySQL user. Targets outside the local domains are forwards
+  (remote Targets). A target that is the address its source was asked about is final (a
+  source that needs no mailbox, e.g. for LMTP). A target no source knows is kept unresolved:
+  the message is accepted and local delivery bounces that one recipient with a DSN, as
+  Postfix does for an alias pointing at a missing mailbox.
+* **Loops are cut.** A target already on the expansion path is skipped; expansion deeper than
+  ``max_depth`` or wider than ``max_targets`` is cut with a warning. An address whose every
+  branch loops resolves to nothing and is treated as unknown (logged).
+* **Results are cached** per address (case-folded) for ``ttl`` seconds, unknown addresses for
+  ``negative_ttl``; temporary failures are never cached. Concurrent lookups of the same
+  address share one resolution, so a burst of RCPTs for one address costs one query. The
+  cache is bounded (``max_entries``, oldest dropped first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from pymta.types import Address, Destination, RecipientLookup, Target
+
+log = logging.getLogger("pymta.lookup")
+
+
+class LookupChain:
+    """A caching :class:`~pymta.types.RecipientLookup` over ordered sources (see module doc)."""
+
+    def __init__(self, sources: Sequence[RecipientLookup],
+                 local_domains: Iterable[str] | None = None, *, ttl: float = 60.0,
+                 negative_ttl: float = 30.0, max_entries: int = 100_000, max_depth: int = 20,
+                 max_targets: int = 1000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sources = list(sources)
+        self._domains = (frozenset(d.lower().rstrip(".") for d in local_domains)
+                         if local_domains is not None else None)
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self.max_depth = max_depth
+        self.max_targets = max_targets
+        self._clock = clock
+        self._cache: dict[str, tuple[float, Destination | None]] = {}
+        self._inflight: dict[str, asyncio.Task[Destination | None]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:
+        return f"LookupChain({self.sources!r})"
+
+    # ------------------------------------------------------------------ cache
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _cached(self, key: str) -> tuple[bool, Destination | None]:
+        entry = self._cache.get(key)
+        if entry is None:
+            return False, None
+        if entry[0] <= self._clock():
+            del self._cache[key]
+            return False, None
+        return True, entry[1]
+
+    def _store(self, key: str, dest: Destination | None) -> None:
+        ttl = self.ttl if dest is not None else self.negative_ttl
+        if ttl <= 0:
+            return
+        self._cache.pop(key, None)
+        while len(self._cache) >= self.max_entries > 0:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = (self._clock() + ttl, dest)
+
+    # ------------------------------------------------------------------ lookup
+
+    async def lookup(self, address: Address) -> Destination | None:
+        key = address.key
+        found, dest = self._cached(key)
+        if found:
+            self.hits += 1
+            return dest
+        task = self._inflight.get(key)
+        if task is None:
+            self.misses += 1
+            task = asyncio.ensure_future(self._resolve(address))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t, key=key: self._done(key, t))
+        # shield: a client that disconnects must not cancel the lookup others wait for
+        return await asyncio.shield(task)
+
+    def _done(self, key: str, task: asyncio.Task[Destination | None]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if task.cancelled() or task.exception() is not None:
+            return  # temporary failures are never cached
+        self._store(key, task.result())
+
+    async def _first(self, address: Address) -> Destination | None:
+        for source in self.sources:
+            dest = await source.lookup(address)
+            if dest is not None:
+                return dest
+        return None
+
+    def _is_local(self, address: str) -> bool:
+        return self._domains is None or Address(address).domain.rstrip(".") in self._domains
+
+    async def _resolve(self, address: Address) -> Destination | None:
+        dest = await self._first(address)
+        if dest is None:
+            return None
+        targets = await self._expand(dest, (address.key,))
+        out: list[Target] = []
+        seen: set[str] = set()
+        for target in targets:
+            tkey = target.address.lower()
+            if tkey not in seen:
+                seen.add(tkey)
+                out.append(target)
+        if len(out) > self.max_targets:
+            log.warning("<%s>: alias expansion cut at %d of %d targets", address.text,
+                        self.max_targets, len(out))
+            out = out[:self.max_targets]
+        if not out:
+            log.warning("<%s>: every alias branch loops; treated as unknown", address.text)
+            return None
+        return Destination(tuple(out))
+
+    async def _expand(self, dest: Destination, path: tuple[str, ...]) -> list[Target]:
+        """Final targets of ``dest`` (found for ``path[-1]``), resolving unresolved ones."""
+        pending: list[tuple[int, Target]] = []
+        slots: list[list[Target]] = []
+        for target in dest.targets:
+            slot: list[Target] = []
+            slots.append(slot)
+            if not target.local or target.mailbox is not None:
+                slot.append(target)
+                continue
+            tkey = target.address.lower()
+            if tkey == path[-1]:
+                slot.append(target)         # the source's own final answer
+            elif tkey in path:
+                log.warning("alias loop cut: %s -> %s", " -> ".join(path), target.address)
+            elif not self._is_local(target.address):
+                slot.append(Target(target.address, False, None))
+            elif len(path) > self.max_depth:
+                log.warning("alias expansion deeper than %d cut at %s", self.max_depth,
+                            " -> ".join(path))
+            else:
+                pending.append((len(slots) - 1, target))
+        if pending:
+            results = await asyncio.gather(
+                *(self._expand_one(t, path) for _, t in pending))
+            for (index, _), result in zip(pending, results, strict=True):
+                slots[index].extend(result)
+        return [t for slot in slots for t in slot]
+
+    async def _expand_one(self, target: Target, path: tuple[str, ...]) -> list[Target]:
+        sub = await self._first(Address(target.address))
+        if sub is None:
+            log.info("alias target <%s> of <%s> is known to no source", target.address,
+                     path[0])
+            return [target]
+        return await self._expand(sub, (*path, target.address.lower()))
+
+    async def close(self) -> None:
+        """Close every source that has an ``async close()`` (pools, threads)."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001 - stopping must go on
+                    log.exception("closing %r failed", source)

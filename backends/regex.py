@@ -1,0 +1,176 @@
+"""``REGEX_ALIAS``: rewrite recipient addresses by regular expression before the lookup.
+
+The seed writes the variable into a Postfix ``regexp:`` table used as a virtual alias map;
+this module keeps that table's syntax and meaning:
+
+* rules are ``/pattern/flags replacement``, separated by newlines or spaces, e.g.
+  ``REGEX_ALIAS='/([^+]+)[+-].*@(.+)/ $1@$2'`` sends ``user+info@example.com`` and
+  ``user-news@example.com`` to ``user@example.com``; ``!/pattern/ replacement`` applies when
+  the pattern does *not* match; lines starting with ``#`` are comments;
+* matching is case-insensitive unless the ``i`` flag toggles it off (Postfix's default);
+  ``m``, ``s`` and ``x`` flags are Python's; the pattern is searched, not anchored;
+* ``$1``/``${1}`` in the replacement are the groups (an unmatched group is empty), ``$$``
+  is a ``$``; a replacement may list several addresses, comma separated;
+* the first matching rule wins and rewrites once.
+
+:class:`RegexRewrite` wraps the lookup chain: the rewritten address is looked up in its place
+(the alias wins, as in Postfix, where virtual_alias_maps come first); when no source knows
+the rewritten address the original one is tried, so an existing mailbox whose name happens to
+match a rule (``mary-ann@...``) still receives mail. Rewritten addresses outside the local
+domains become remote targets (forwarding). A bad pattern is a ConfigError naming
+``REGEX_ALIAS`` at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pymta.config.errors import ConfigError
+from pymta.types import Address, Destination, RecipientLookup, Target
+
+VAR = "REGEX_ALIAS"
+
+_RULE_RE = re.compile(r"(!?)/((?:\\.|[^/\\])*)/([A-Za-z]*)")
+_REF_RE = re.compile(r"\$(?:\{(\d+)\}|(\d+)|(\$))")
+
+
+@dataclass(frozen=True, slots=True)
+class RegexRule:
+    pattern: re.Pattern[str]
+    replacement: str
+    negated: bool = False
+
+    def apply(self, address: str) -> list[str] | None:
+        """The addresses ``address`` becomes, or None when the rule does not apply."""
+        match = self.pattern.search(address)
+        if self.negated:
+            if match is not None:
+                return None
+            text = self.replacement
+        else:
+            if match is None:
+                return None
+            text = _REF_RE.sub(lambda m: _group(m, match), self.replacement)
+        return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def _group(ref: re.Match[str], match: re.Match[str]) -> str:
+    if ref.group(3):
+        return "$"
+    return match.group(int(ref.group(1) or ref.group(2))) or ""
+
+
+def parse_regex_alias(raw: str) -> tuple[RegexRule, ...]:
+    """Parse the variable; raise ConfigError naming ``REGEX_ALIAS`` on any problem."""
+    rules: list[RegexRule] = []
+    lines = [ln for ln in raw.splitlines() if not ln.lstrip().startswith("#")]
+    text = "\n".join(lines)
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        match = _RULE_RE.match(text, pos)
+        if match is None:
+            snippet = text[pos:pos + 40].split("\n")[0]
+            raise ConfigError(f"{VAR}: expected /pattern/ replacement at {snippet!r}")
+        negated, source, flags = match.group(1), match.group(2), match.group(3)
+        pos = match.end()
+        if pos < len(text) and not text[pos].isspace():
+            raise ConfigError(f"{VAR}: unknown flags or junk after /{source}/: "
+                              f"{text[match.start():pos + 10]!r}")
+        while pos < len(text) and text[pos] in " \t":
+            pos += 1
+        end = pos
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        replacement = text[pos:end]
+        pos = end
+        if not replacement:
+            raise ConfigError(f"{VAR}: /{source}/ has no replacement")
+        rules.append(_compile(negated == "!", source, flags, replacement))
+    return tuple(rules)
+
+
+def _compile(negated: bool, source: str, flags: str, replacement: str) -> RegexRule:
+    re_flags = re.IGNORECASE
+    for flag in flags:
+        if flag == "i":
+            re_flags ^= re.IGNORECASE
+        elif flag == "m":
+            re_flags |= re.MULTILINE
+        elif flag == "s":
+            re_flags |= re.DOTALL
+        elif flag == "x":
+            re_flags |= re.VERBOSE
+        else:
+            raise ConfigError(f"{VAR}: unknown flag {flag!r} in /{source}/{flags}")
+    source = source.replace("\\/", "/")
+    try:
+        pattern = re.compile(source, re_flags)
+    except re.error as exc:
+        raise ConfigError(f"{VAR}: invalid regular expression /{source}/: {exc}") from None
+    for ref in _REF_RE.finditer(replacement):
+        number = ref.group(1) or ref.group(2)
+        if number is not None and int(number) > pattern.groups:
+            raise ConfigError(f"{VAR}: ${number} in {replacement!r} but /{source}/ has only "
+                              f"{pattern.groups} group(s)")
+        if negated and number is not None:
+            raise ConfigError(f"{VAR}: !/{source}/ cannot use ${number} (nothing matched)")
+    return RegexRule(pattern, replacement, negated)
+
+
+def rewrite(rules: Iterable[RegexRule], address: str) -> list[str] | None:
+    """What the first applicable rule makes of ``address``; None when no rule applies."""
+    for rule in rules:
+        result = rule.apply(address)
+        if result is not None:
+            return result
+    return None
+
+
+class RegexRewrite:
+    """A RecipientLookup that rewrites by ``REGEX_ALIAS`` and asks ``inner`` (the chain)."""
+
+    def __init__(self, rules: Iterable[RegexRule], inner: RecipientLookup,
+                 local_domains: Iterable[str] | None = None) -> None:
+        self.rules = tuple(rules)
+        self.inner = inner
+        self._domains = (frozenset(d.lower().rstrip(".") for d in local_domains)
+                         if local_domains is not None else None)
+
+    @classmethod
+    def from_config(cls, raw: str, inner: RecipientLookup,
+                    local_domains: Iterable[str] | None = None) -> RegexRewrite:
+        return cls(parse_regex_alias(raw), inner, local_domains)
+
+    def _is_local(self, address: str) -> bool:
+        return self._domains is None or Address(address).domain.rstrip(".") in self._domains
+
+    async def lookup(self, address: Address) -> Destination | None:
+        rewritten = rewrite(self.rules, address.text)
+        if not rewritten or [a.lower() for a in rewritten] == [address.key]:
+            return await self.inner.lookup(address)
+        targets: list[Target] = []
+        seen: set[str] = set()
+        for new in rewritten:
+            if not self._is_local(new):
+                found: tuple[Target, ...] = (Target(new, False, None),)
+            else:
+                dest = await self.inner.lookup(Address(new))
+                found = dest.targets if dest is not None else ()
+            for target in found:
+                if target.address.lower() not in seen:
+                    seen.add(target.address.lower())
+                    targets.append(target)
+        if targets:
+            return Destination(tuple(targets))
+        return await self.inner.lookup(address)
+
+    async def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            await close()

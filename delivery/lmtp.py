@@ -1,0 +1,217 @@
+"""The LMTP delivery agent: local recipients handed to an LMTP server (Dovecot, Cyrus, ...).
+
+``VIRTUAL_TRANSPORT=lmtp:HOST:PORT`` or ``lmtp:unix:PATH`` (the seed's syntax) sends every
+local recipient here instead of to maildir/mbox. aiosmtplib does not speak LMTP
+(cole/aiosmtplib#210), and the protocol is small, so this is a client of its own on asyncio
+streams.
+
+Implementation summary (RFC 2033): connect, read the 220 greeting, ``LHLO`` (never HELO),
+``MAIL FROM`` with the parameters the server advertises (shared with the SMTP relay:
+``delivery._client.prepare``), one ``RCPT TO`` per recipient, ``DATA``, the dot-stuffed body,
+then **one reply per accepted recipient, in RCPT order** -- that is LMTP's point: each mailbox
+says for itself whether it took the message. ``QUIT``. Every reply maps to a per-recipient
+outcome (2xx delivered, 4xx temporary, 5xx permanent, quoted). A server that cannot be
+reached, or a connection lost before a recipient's final reply, is temporary for every
+undecided recipient: LMTP is a local transport, and a local fault never bounces mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Sequence
+
+from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
+
+from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body
+
+log = logging.getLogger(__name__)
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_MAX_REPLY_LINES = 1000
+
+
+def parse_transport(spec: str) -> tuple[str, str | int]:
+    """``lmtp:unix:/run/lmtp`` → ``("unix", "/run/lmtp")``; ``lmtp:host:24`` →
+    ``("host", 24)``; ``lmtp:[::1]:24`` → ``("::1", 24)``."""
+    kind, _, rest = spec.partition(":")
+    if kind.lower() != "lmtp" or not rest:
+        raise ValueError(f"not an LMTP transport: {spec!r}")
+    if rest.startswith("unix:"):
+        return "unix", rest[5:]
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit():
+        raise ValueError(f"not lmtp:HOST:PORT: {spec!r}")
+    return host, int(port)
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """The DATA payload: CRLF line ends guaranteed, leading dots doubled, terminator added."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+
+
+class _Lost(Exception):
+    """The server closed the connection or went silent."""
+
+
+class _Session:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+
+    async def reply(self) -> tuple[int, str, list[str]]:
+        """(code, text of all lines joined by newlines, the lines' texts)."""
+        texts: list[str] = []
+        for _ in range(_MAX_REPLY_LINES):
+            try:
+                line = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            except (TimeoutError, OSError, ValueError) as exc:
+                raise _Lost(str(exc) or type(exc).__name__) from None
+            if not line:
+                raise _Lost("connection closed")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if len(text) < 3 or not text[:3].isdigit():
+                raise _Lost(f"malformed reply {text[:80]!r}")
+            texts.append(text[4:])
+            if text[3:4] != "-":
+                return int(text[:3]), "\n".join(texts), texts
+        raise _Lost("reply too long")
+
+    async def command(self, line: bytes) -> tuple[int, str, list[str]]:
+        await self.send(line + b"\r\n")
+        return await self.reply()
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+        except (TimeoutError, OSError) as exc:
+            raise _Lost(str(exc) or type(exc).__name__) from None
+
+    async def close(self, quit_: bool) -> None:
+        if quit_:
+            with contextlib.suppress(_Lost):
+                await asyncio.wait_for(self.command(b"QUIT"), 5.0)
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), 5.0)
+
+
+class LMTPDeliveryAgent:
+    """A :class:`~pymta.types.DeliveryAgent` delivering over LMTP (see the module docstring)."""
+
+    def __init__(self, spec: str, hostname: str, *, connect_timeout: float = 30.0,
+                 timeout: float = 300.0) -> None:
+        self.spec = spec
+        self.where = parse_transport(spec)
+        self.hostname = hostname
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+
+    async def _connect(self) -> tuple[_Session, str]:
+        host, port = self.where
+        if host == "unix":
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(port)), self.connect_timeout)
+            return _Session(reader, writer, self.timeout), str(port)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port)), self.connect_timeout)
+        peer = writer.get_extra_info("peername") or (host, port)
+        return _Session(reader, writer, self.timeout), f"{host}[{peer[0]}]:{port}"
+
+    async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
+        rcpts = list(rcpts)
+        fallback_relay = self.spec.partition(":")[2]
+        try:
+            session, relay = await self._connect()
+        except (OSError, TimeoutError) as exc:
+            reason = "Connection timed out" if isinstance(exc, TimeoutError) else (
+                exc.strerror or str(exc))
+            return outcomes(rcpts, Reply(451, "4.4.1", f"connect to {fallback_relay}: "
+                                                       f"{reason}"),
+                            fallback_relay, OutcomeKind.TEMPORARY)
+        decided: dict[int, Outcome] = {}
+        stage = "greeting"
+        clean = False
+        try:
+            code, text, _ = await session.reply()
+            if code != 220:
+                reply = parse_reply(code, text)
+                return outcomes(rcpts, Reply(451, "4.4.2" if code < 500 else "4.3.0",
+                                             f"host {relay} refused to talk to me: {reply}"),
+                                relay, OutcomeKind.TEMPORARY)
+            stage = "LHLO"
+            code, text, lines = await session.command(b"LHLO " + self.hostname.encode())
+            if code != 250:
+                reply = parse_reply(code, text)
+                return outcomes(rcpts, Reply(451, "4.5.0", f"LHLO refused by {relay}: "
+                                                           f"{reply}"),
+                                relay, OutcomeKind.TEMPORARY)
+            extensions = _extensions(lines[1:])
+            data = await asyncio.to_thread(read_body, msg.body_path)
+            prepared = prepare(msg, rcpts, data, extensions, relay)
+            if prepared.refusal is not None:
+                clean = True
+                return outcomes(rcpts, prepared.refusal, relay)
+            enc = "utf-8" if prepared.smtputf8 else "ascii"
+            stage = "MAIL FROM"
+            mail = f"MAIL FROM:<{msg.envelope.sender}>"
+            if prepared.mail_options:
+                mail += " " + " ".join(prepared.mail_options)
+            code, text, _ = await session.command(mail.encode(enc, "surrogateescape"))
+            if code != 250:
+                clean = True
+                return outcomes(rcpts, parse_reply(code, text), relay)
+            stage = "RCPT TO"
+            accepted: list[int] = []
+            for i, r in enumerate(rcpts):
+                line = f"RCPT TO:<{r.address}>"
+                options = rcpt_options(r, extensions)
+                if options:
+                    line += " " + " ".join(options)
+                code, text, _ = await session.command(line.encode(enc, "surrogateescape"))
+                if 200 <= code < 300:
+                    accepted.append(i)
+                else:
+                    reply = parse_reply(code, text)
+                    decided[i] = Outcome(r.address, kind_of(reply), reply, relay)
+            if accepted:
+                stage = "DATA"
+                code, text, _ = await session.command(b"DATA")
+                if code != 354:
+                    reply = parse_reply(code, text)
+                    for i in accepted:
+                        decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay)
+                else:
+                    stage = "end of DATA"
+                    await session.send(dot_stuff(prepared.data))
+                    for i in accepted:  # RFC 2033 §4.2: one reply per accepted RCPT, in order
+                        code, text, _ = await session.reply()
+                        reply = parse_reply(code, text)
+                        decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay)
+            clean = True
+        except _Lost as exc:
+            reply = Reply(451, "4.4.2", f"lost connection with {relay} while sending {stage}")
+            log.warning("%s: %s (%s)", msg.qid, reply.text, exc)
+            for i, r in enumerate(rcpts):
+                decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
+        finally:
+            await session.close(quit_=clean)
+        return [decided[i] for i in range(len(rcpts))]
+
+
+def _extensions(lines: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in lines:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            out[keyword.lower()] = params
+    return out

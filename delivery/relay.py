@@ -1,0 +1,449 @@
+"""The SMTP relay agent: remote recipients to the smart host or to their domain's MX hosts.
+
+This is Postfix's ``smtp`` client (with ``relayhost``, ``smtp_sasl_*`` and ``smtp_tls_*``)
+on aiosmtplib. A recipient's *destination* is the smart host (``SMTP_RELAY_HOSTAUTH``) when one
+is set, else its domain; the router groups recipients by :meth:`SMTPRelayAgent.destination`,
+so one call of :meth:`deliver` carries every recipient of a message for one destination
+(RCPT batching, at most ``rcpt_limit`` per transaction).
+
+Implementation summary:
+
+- **Next hops.** ``[host]:port`` is that host; ``host:port`` (smart host without brackets)
+  and a recipient domain are looked up as MX (``pymta.dns``: preference order, equal
+  preferences shuffled, implicit MX, null MX → permanent). Each exchange's A/AAAA addresses
+  are tried in turn; a connection failure, a timeout, a non-220 greeting, a failed STARTTLS
+  under ``encrypt``, or a failed AUTH moves on to the next address. Only when every address
+  failed are the recipients deferred, with the last error as the reply.
+- **Dead hosts.** An address that refused or timed out is remembered for ``dead_host_time``
+  seconds; while remembered it is skipped without a connection attempt ("delivery
+  temporarily suspended"), so a dead MX is not hammered by every queued message.
+- **TLS.** ``none``: never STARTTLS. ``may``: STARTTLS when offered, and if the handshake
+  fails, the same address again in plaintext (Postfix's fallback). ``encrypt``: STARTTLS is
+  required; a server that does not offer it (or fails the handshake) is a failed host, and the
+  message is never sent in cleartext. ``SMTP_TLS_WRAPPERMODE`` (smart host only): TLS from the
+  first byte. Certificates are not verified, as in Postfix at these levels.
+- **Connection cache and concurrency.** After a transaction the connection goes to a
+  per-destination cache for ``cache_time`` seconds of idleness, at most ``reuse_limit``
+  messages; a cached connection is checked with RSET before reuse. At most
+  ``destination_concurrency`` connections per destination are in use at once (a semaphore).
+- **Outcomes** per recipient: RCPT and end-of-DATA replies decide (2xx delivered, 4xx
+  temporary, 5xx permanent, the remote reply quoted); MAIL refusal applies to all; a
+  connection lost mid-transaction is temporary for everything still undecided. ``relay`` is
+  ``host[ip]:port``. Hygiene (SMTPUTF8, 8BITMIME conversion, SIZE, DSN parameters) is
+  ``delivery._client.prepare``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib.errors import (
+    SMTPAuthenticationError,
+    SMTPConnectResponseError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+)
+
+from pymta import dns as pdns
+from pymta.config.model import RelayHost
+from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
+
+from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body
+
+log = logging.getLogger(__name__)
+
+TLS_LEVELS = ("none", "may", "encrypt")
+RCPT_LIMIT = 50          # Postfix smtp_destination_recipient_limit
+REUSE_TIME_LIMIT = 300.0  # Postfix smtp_connection_reuse_time_limit
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """Encrypt without verifying (Postfix ``may``/``encrypt``: no certificate checks)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class HostFailure(Exception):
+    """One address could not be used; ``reply`` says why (always temporary for the host)."""
+
+    def __init__(self, reply: Reply, *, relay: str = "", dead: bool = False,
+                 tls_failed: bool = False) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.relay = relay
+        self.dead = dead
+        self.tls_failed = tls_failed
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    """An open, greeted (and, where needed, encrypted and authenticated) SMTP session."""
+
+    smtp: aiosmtplib.SMTP
+    relay: str           # host[ip]:port
+    host: str
+    created: float
+    uses: int = 0
+    idle_since: float = 0.0
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return self.smtp.esmtp_extensions
+
+
+class SMTPRelayAgent:
+    """A :class:`~pymta.types.DeliveryAgent` for remote recipients (see the module docstring)."""
+
+    def __init__(self, *, hostname: str, smart_host: RelayHost | None = None,
+                 tls_level: str = "may", wrappermode: bool = False, mx_port: int = 25,
+                 destination_concurrency: int = 20, connect_timeout: float = 30.0,
+                 timeout: float = 300.0, cache_time: float = 2.0, reuse_limit: int = 100,
+                 dead_host_time: float = 60.0, rcpt_limit: int = RCPT_LIMIT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if tls_level not in TLS_LEVELS:
+            raise ValueError(f"unknown TLS security level {tls_level!r}")
+        self.hostname = hostname
+        self.smart_host = smart_host
+        self.tls_level = tls_level
+        self.wrappermode = wrappermode and smart_host is not None
+        self.mx_port = mx_port
+        self.destination_concurrency = destination_concurrency
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.cache_time = cache_time
+        self.reuse_limit = reuse_limit
+        self.dead_host_time = dead_host_time
+        self.rcpt_limit = max(1, rcpt_limit)
+        self._clock = clock
+        self._tls = client_tls_context()
+        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._idle: dict[str, list[Connection]] = {}
+        self._dead: dict[tuple[str, int], tuple[float, Reply]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.connections_opened = 0   # counters for tests and metrics
+
+    # ------------------------------------------------------------------ routing
+
+    def destination(self, rcpt: Recipient) -> str:
+        """The router key: one per smart host, else one per recipient domain."""
+        if self.smart_host is not None:
+            return f"relay:{self._smart_name()}"
+        domain = rcpt.address.rpartition("@")[2].lower()
+        return f"smtp:{domain}"
+
+    def _smart_name(self) -> str:
+        sh = self.smart_host
+        assert sh is not None
+        return f"{sh.host if sh.mx_lookup else '[' + sh.host + ']'}:{sh.port}"
+
+    # ------------------------------------------------------------------ delivery
+
+    async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
+        groups: dict[str, list[Recipient]] = {}
+        for r in rcpts:
+            groups.setdefault(self.destination(r), []).append(r)
+        data = await asyncio.to_thread(read_body, msg.body_path)
+        results: list[Outcome] = []
+        for dest, group in groups.items():
+            results.extend(await self._deliver_destination(dest, msg, group, data))
+        return results
+
+    async def _deliver_destination(self, dest: str, msg: QueuedMessage,
+                                   rcpts: list[Recipient], data: bytes) -> list[Outcome]:
+        sem = self._sems.setdefault(dest, asyncio.Semaphore(self.destination_concurrency))
+        async with sem:
+            try:
+                conn = await self._get_connection(dest, rcpts[0])
+            except HostFailure as failure:
+                relay = failure.relay or dest.partition(":")[2]
+                return outcomes(rcpts, failure.reply, relay,
+                                OutcomeKind.PERMANENT if failure.reply.is_permanent
+                                else OutcomeKind.TEMPORARY)
+            results: list[Outcome] = []
+            reusable = True
+            for i in range(0, len(rcpts), self.rcpt_limit):
+                batch = rcpts[i:i + self.rcpt_limit]
+                if not reusable:
+                    results.extend(outcomes(batch, Reply(451, "4.4.2", f"lost connection "
+                                                         f"with {conn.relay}"), conn.relay,
+                                            OutcomeKind.TEMPORARY))
+                    continue
+                batch_out, reusable = await self._transaction(conn, msg, batch, data)
+                results.extend(batch_out)
+            if reusable:
+                self._release(dest, conn)
+            else:
+                self._discard(conn)
+            return results
+
+    async def _transaction(self, conn: Connection, msg: QueuedMessage,
+                           rcpts: list[Recipient], data: bytes,
+                           ) -> tuple[list[Outcome], bool]:
+        """One MAIL/RCPT.../DATA exchange; (outcomes, connection still usable)."""
+        smtp, relay = conn.smtp, conn.relay
+        ext = conn.extensions
+        prepared = prepare(msg, rcpts, data, ext, conn.host)
+        if prepared.refusal is not None:
+            return outcomes(rcpts, prepared.refusal, relay), True
+        encoding = "utf-8" if prepared.smtputf8 else "ascii"
+        decided: dict[int, Outcome] = {}
+        accepted: list[int] = []
+        stage = "MAIL FROM"
+        try:
+            conn.uses += 1
+            try:
+                await smtp.mail(msg.envelope.sender, options=prepared.mail_options,
+                                encoding=encoding)
+            except SMTPResponseException as exc:
+                reply = parse_reply(exc.code, exc.message)
+                with contextlib.suppress(SMTPException, OSError):
+                    await smtp.rset()
+                return outcomes(rcpts, reply, relay), smtp.is_connected
+            stage = "RCPT TO"
+            for i, r in enumerate(rcpts):
+                try:
+                    await smtp.rcpt(r.address, options=rcpt_options(r, ext), encoding=encoding)
+                    accepted.append(i)
+                except SMTPResponseException as exc:
+                    reply = parse_reply(exc.code, exc.message)
+                    decided[i] = Outcome(r.address, kind_of(reply), reply, relay)
+            if not accepted:
+                await smtp.rset()
+                return [decided[i] for i in range(len(rcpts))], True
+            stage = "end of DATA"
+            try:
+                response = await smtp.data(prepared.data)
+                reply = parse_reply(response.code, response.message)
+            except SMTPResponseException as exc:
+                reply = parse_reply(exc.code, exc.message)
+            for i in accepted:
+                decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay)
+            return [decided[i] for i in range(len(rcpts))], smtp.is_connected
+        except (SMTPException, OSError, TimeoutError) as exc:
+            what = "timeout" if isinstance(exc, TimeoutError) else "lost connection"
+            reply = Reply(451, "4.4.2", f"{what} with {relay} while sending {stage}")
+            log.info("%s: %s (%s)", msg.qid, reply.text, exc)
+            for i, r in enumerate(rcpts):
+                decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
+            return [decided[i] for i in range(len(rcpts))], False
+
+    # ------------------------------------------------------------------ connections
+
+    async def _get_connection(self, dest: str, sample: Recipient) -> Connection:
+        """A cached connection for ``dest`` if one is alive, else a new one (HostFailure)."""
+        idle = self._idle.get(dest)
+        now = self._clock()
+        while idle:
+            conn = idle.pop()
+            if conn.expiry is not None:
+                conn.expiry.cancel()
+            if (conn.smtp.is_connected and conn.uses < self.reuse_limit
+                    and now - conn.created < REUSE_TIME_LIMIT):
+                try:  # the peer may have closed an idle session: check before use
+                    await conn.smtp.rset()
+                    return conn
+                except (SMTPException, OSError, TimeoutError):
+                    pass
+            self._discard(conn)
+        return await self._connect_destination(dest, sample)
+
+    def _release(self, dest: str, conn: Connection) -> None:
+        if (self.cache_time <= 0 or conn.uses >= self.reuse_limit
+                or not conn.smtp.is_connected):
+            self._discard(conn)
+            return
+        conn.idle_since = self._clock()
+        self._idle.setdefault(dest, []).append(conn)
+        loop = asyncio.get_running_loop()
+        conn.expiry = loop.call_later(self.cache_time, self._expire, dest, conn)
+
+    def _expire(self, dest: str, conn: Connection) -> None:
+        idle = self._idle.get(dest)
+        if idle and conn in idle:
+            idle.remove(conn)
+            self._discard(conn)
+
+    def _discard(self, conn: Connection) -> None:
+        """QUIT politely in the background; close for sure."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+
+        async def quit_() -> None:
+            try:
+                if conn.smtp.is_connected:
+                    await asyncio.wait_for(conn.smtp.quit(), 5.0)
+            except (SMTPException, OSError, TimeoutError):
+                pass
+            finally:
+                conn.smtp.close()
+
+        task = asyncio.get_running_loop().create_task(quit_())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Close every cached connection (on server stop)."""
+        for idle in self._idle.values():
+            for conn in idle:
+                self._discard(conn)
+        self._idle.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _hops(self, dest: str, sample: Recipient) -> tuple[str, int, bool]:
+        """(name, port, look up MX?) of the destination."""
+        if self.smart_host is not None:
+            sh = self.smart_host
+            return sh.host, sh.port, sh.mx_lookup
+        return sample.address.rpartition("@")[2].lower(), self.mx_port, True
+
+    async def _connect_destination(self, dest: str, sample: Recipient) -> Connection:
+        name, port, mx = self._hops(dest, sample)
+        try:
+            hosts = list((await pdns.mx_hosts(name)).hosts) if mx else [name]
+        except pdns.DNSFailure as failure:
+            raise _dns_failure(failure, name) from None
+        last: HostFailure | None = None
+        for host in hosts:
+            try:
+                ips = await pdns.addresses(host)
+            except pdns.DNSFailure as failure:
+                last = HostFailure(Reply(451, "4.4.3", failure.text), relay=host)
+                continue
+            for ip in ips:
+                relay = f"{host}[{ip}]:{port}"
+                remembered = self._is_dead(ip, port)
+                if remembered is not None:
+                    last = HostFailure(Reply(451, remembered.enhanced,
+                                             f"delivery temporarily suspended: "
+                                             f"{remembered.text}"), relay=relay)
+                    continue
+                try:
+                    return await self._open(host, ip, port, relay, self.tls_level != "none")
+                except HostFailure as failure:
+                    if failure.tls_failed and self.tls_level == "may":
+                        try:
+                            return await self._open(host, ip, port, relay, False)
+                        except HostFailure as again:
+                            failure = again
+                    if failure.dead:
+                        self._mark_dead(ip, port, failure.reply)
+                    failure.relay = relay
+                    last = failure
+                    log.info("%s: %s", relay, failure.reply.text)
+        if last is None:
+            last = HostFailure(Reply(451, "4.4.4", f"no usable address for {name}"))
+        raise last
+
+    def _is_dead(self, ip: str, port: int) -> Reply | None:
+        entry = self._dead.get((ip, port))
+        if entry is None:
+            return None
+        until, reply = entry
+        if until <= self._clock():
+            del self._dead[(ip, port)]
+            return None
+        return reply
+
+    def _mark_dead(self, ip: str, port: int, reply: Reply) -> None:
+        if self.dead_host_time > 0:
+            self._dead[(ip, port)] = (self._clock() + self.dead_host_time, reply)
+
+    async def _open(self, host: str, ip: str, port: int, relay: str,
+                    starttls: bool) -> Connection:
+        smtp = aiosmtplib.SMTP(hostname=ip, port=port, local_hostname=self.hostname,
+                               timeout=self.timeout, use_tls=self.wrappermode,
+                               start_tls=False, validate_certs=False, tls_context=self._tls)
+        try:
+            await smtp.connect(timeout=self.connect_timeout)
+        except SMTPConnectResponseError as exc:
+            reply = parse_reply(exc.code, exc.message)
+            # 4xx and 5xx greetings alike: try the next host (Postfix smtp_skip_5xx_greeting)
+            raise HostFailure(Reply(451, "4.4.2" if reply.code < 500 else "4.3.0",
+                                    f"host {relay} refused to talk to me: {reply}")) from None
+        except (SMTPException, OSError, TimeoutError) as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            text = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                    else str(cause).strip() or type(exc).__name__)
+            if isinstance(exc, TimeoutError):
+                text = "Connection timed out"
+            raise HostFailure(Reply(451, "4.4.1", f"connect to {relay}: {text}"),
+                              dead=True) from None
+        self.connections_opened += 1
+        try:
+            await self._ehlo(smtp)
+            if self.wrappermode:
+                pass  # TLS from the first byte already
+            elif starttls and smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(tls_context=self._tls, server_hostname=host)
+                except SMTPResponseException as exc:
+                    raise HostFailure(Reply(451, "4.7.5", f"STARTTLS refused by {relay}: "
+                                            f"{parse_reply(exc.code, exc.message)}"),
+                                      tls_failed=True) from None
+                except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+                    raise HostFailure(Reply(451, "4.7.5", f"Cannot start TLS: handshake "
+                                            f"failure with {relay}: {exc}"),
+                                      tls_failed=True) from None
+                await self._ehlo(smtp)
+            elif self.tls_level == "encrypt":
+                raise HostFailure(Reply(451, "4.7.4", f"TLS is required, but was not "
+                                        f"offered by host {relay}"))
+            sh = self.smart_host
+            if sh is not None and sh.username:
+                await self._auth(smtp, sh, relay)
+        except HostFailure:
+            smtp.close()
+            raise
+        except (SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            raise HostFailure(Reply(451, "4.4.2", f"lost connection with {relay} during "
+                                    f"session set-up: {exc}")) from None
+        now = self._clock()
+        return Connection(smtp, relay, host, created=now, idle_since=now)
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.ehlo()
+        except SMTPHeloError:
+            await smtp.helo()
+
+    async def _auth(self, smtp: aiosmtplib.SMTP, sh: RelayHost, relay: str) -> None:
+        """AUTH PLAIN, else LOGIN. A refusal is a failed host (deferred), never a bounce: a
+        wrong password is the sender's administrator's problem, not the recipient's."""
+        offered = [m.lower() for m in smtp.server_auth_methods]
+        methods = [m for m in ("plain", "login") if m in offered]
+        if not methods:
+            raise HostFailure(Reply(451, "4.7.0", f"SASL authentication failed: server "
+                                    f"{relay} offered no compatible authentication "
+                                    f"mechanisms for this type of connection security"))
+        last: SMTPAuthenticationError | None = None
+        for method in methods:
+            try:
+                await getattr(smtp, f"auth_{method}")(sh.username, sh.password)
+                return
+            except SMTPAuthenticationError as exc:
+                last = exc
+        assert last is not None
+        reply = parse_reply(last.code, last.message)
+        raise HostFailure(Reply(451, "4.7.0", f"SASL authentication failed; server "
+                                f"{relay} said: {reply}"))
+
+
+def _dns_failure(failure: pdns.DNSFailure, name: str) -> HostFailure:
+    if failure.permanent:
+        code, enhanced = (556, "5.1.10") if "nullMX" in failure.text else (550, "5.4.4")
+        return HostFailure(Reply(code, enhanced, failure.text), relay=name)
+    return HostFailure(Reply(451, "4.4.3", failure.text), relay=name)

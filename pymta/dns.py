@@ -1,0 +1,223 @@
+"""DNS for pymta: one configurable asynchronous resolver and the MX lookup of RFC 5321 §5.
+
+Every lookup pymta makes (MX and address records for delivery now; SPF, DKIM and DMARC
+later) goes through the resolver returned by :func:`get_resolver`, so one setting
+(``PYMTA_DNS_RESOLVER=host:port``, default: the system's ``/etc/resolv.conf``) points all of
+them at another server -- the tests' own DNS server on a high port, for instance.
+
+Implementation summary:
+
+- :func:`configure` builds a ``dns.asyncresolver.Resolver`` once (``app.py`` calls it from the
+  configuration); :func:`get_resolver` returns it, building the system default on first use.
+- :func:`mx_hosts` returns the exchanges of a domain in the order delivery tries them:
+  ascending preference, equal preferences shuffled (RFC 5321 §5.1). A domain without MX
+  records but with an address record is its own exchange (the "implicit MX"). A null MX
+  (RFC 7505: a single ``0 .`` record) means the domain accepts no mail: permanent.
+- Failures are classified once, here, as :class:`DNSFailure` with ``permanent`` set:
+  NXDOMAIN and null MX are permanent (bounce); SERVFAIL, timeouts and unreachable servers
+  are temporary (defer). Callers never see dnspython's exception zoo.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.inet
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+DEFAULT_TIMEOUT = 5.0
+
+_resolver: dns.asyncresolver.Resolver | None = None
+
+
+class DNSFailure(Exception):
+    """A lookup that failed; ``permanent`` says whether retrying later can help."""
+
+    def __init__(self, text: str, *, permanent: bool) -> None:
+        super().__init__(text)
+        self.text = text
+        self.permanent = permanent
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """``127.0.0.1:5353`` → ``("127.0.0.1", 5353)``; ``[::1]:53``, ``::1`` and a bare address
+    (port 53) work too. Raises ValueError for anything else."""
+    text = spec.strip()
+    host, port = text, 53
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"not [address]:port: {spec!r}")
+        host, rest = text[1:close], text[close + 1:]
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"not [address]:port: {spec!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        if not port_text.isdigit():
+            raise ValueError(f"not address:port: {spec!r}")
+        port = int(port_text)
+    if not dns.inet.is_address(host):
+        raise ValueError(f"not an IP address: {host!r}")
+    if not 0 < port < 65536:
+        raise ValueError(f"not a port number: {spec!r}")
+    return host, port
+
+
+def make_resolver(nameservers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT,
+                  ) -> dns.asyncresolver.Resolver:
+    """A resolver for ``nameservers`` (``host:port`` strings; all must share one port, a
+    dnspython limit), or the system's resolv.conf when empty. ``timeout`` bounds a whole
+    lookup, retries included."""
+    if nameservers:
+        parsed = [parse_nameserver(s) for s in nameservers]
+        ports = {port for _, port in parsed}
+        if len(ports) > 1:
+            raise ValueError("all DNS resolvers must use the same port")
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [host for host, _ in parsed]
+        resolver.port = ports.pop()
+    else:
+        resolver = dns.asyncresolver.Resolver(configure=True)
+    resolver.lifetime = timeout
+    resolver.timeout = min(timeout, 2.0)
+    resolver.cache = dns.resolver.Cache()
+    return resolver
+
+
+def configure(nameservers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Set the process-wide resolver (``app.py`` calls this from the configuration)."""
+    global _resolver
+    _resolver = make_resolver(nameservers, timeout)
+
+
+def set_resolver(resolver: dns.asyncresolver.Resolver | None) -> None:
+    """Replace the resolver (tests); None means "the system default on next use"."""
+    global _resolver
+    _resolver = resolver
+
+
+def get_resolver() -> dns.asyncresolver.Resolver:
+    global _resolver
+    if _resolver is None:
+        _resolver = make_resolver()
+    return _resolver
+
+
+# ------------------------------------------------------------------------------ lookups
+
+
+@dataclass(frozen=True, slots=True)
+class MXResult:
+    """The exchanges of a domain in delivery order; ``implicit`` when there was no MX."""
+
+    hosts: tuple[str, ...]
+    implicit: bool = False
+
+
+def order_mx(records: Sequence[tuple[int, str]], rng: random.Random | None = None,
+             ) -> list[str]:
+    """Exchange names by ascending preference, equal preferences in random order
+    (RFC 5321 §5.1), duplicates removed. Names are lower-case, without the final dot."""
+    rng = rng or random
+    by_pref: dict[int, list[str]] = {}
+    for pref, host in records:
+        by_pref.setdefault(pref, []).append(host.rstrip(".").lower())
+    out: list[str] = []
+    for pref in sorted(by_pref):
+        group = by_pref[pref]
+        rng.shuffle(group)
+        for host in group:
+            if host not in out:
+                out.append(host)
+    return out
+
+
+def is_null_mx(records: Sequence[tuple[int, str]]) -> bool:
+    """RFC 7505: exactly one MX record whose exchange is the root (``0 .``)."""
+    return len(records) == 1 and records[0][1].rstrip(".") == ""
+
+
+def _classify(exc: BaseException, name: str, rdtype: str) -> DNSFailure:
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        return DNSFailure(f"Host or domain name not found. Name service error for "
+                          f"name={name} type={rdtype}: Host not found", permanent=True)
+    if isinstance(exc, dns.resolver.LifetimeTimeout | dns.exception.Timeout):
+        return DNSFailure(f"Host or domain name not found. Name service error for "
+                          f"name={name} type={rdtype}: Host not found, try again",
+                          permanent=False)
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return DNSFailure(f"Name service error for name={name} type={rdtype}: "
+                          f"server failure (SERVFAIL)", permanent=False)
+    if isinstance(exc, dns.name.EmptyLabel | dns.name.LabelTooLong | dns.name.NameTooLong):
+        return DNSFailure(f"malformed domain name {name!r}", permanent=True)
+    return DNSFailure(f"Name service error for name={name} type={rdtype}: "
+                      f"{type(exc).__name__}", permanent=False)
+
+
+async def _query(name: str, rdtype: str) -> list[object] | None:
+    """The answer's rdata, or None for NOERROR without records of this type (NODATA)."""
+    try:
+        answer = await get_resolver().resolve(name, rdtype, search=False)
+    except dns.resolver.NoAnswer:
+        return None
+    except Exception as exc:  # every dnspython failure is classified, none escapes
+        raise _classify(exc, name, rdtype) from exc
+    return list(answer)
+
+
+async def addresses(host: str) -> list[str]:
+    """A and AAAA addresses of ``host`` (IPv4 first). An IP literal is returned as is.
+
+    Raises DNSFailure (permanent for NXDOMAIN or no address at all, else temporary).
+    """
+    if dns.inet.is_address(host):
+        return [host]
+    out: list[str] = []
+    temporary: DNSFailure | None = None
+    nxdomain: DNSFailure | None = None
+    for rdtype in ("A", "AAAA"):
+        try:
+            rdata = await _query(host, rdtype)
+        except DNSFailure as failure:
+            if failure.permanent:
+                nxdomain = failure
+                break
+            temporary = failure
+            continue
+        out.extend(r.address for r in rdata or ())  # type: ignore[attr-defined]
+    if out:
+        return out
+    if nxdomain is not None:
+        raise nxdomain
+    if temporary is not None:
+        raise temporary
+    raise DNSFailure(f"Host or domain name not found. Name service error for "
+                     f"name={host} type=A: Host found but no data record of requested type",
+                     permanent=True)
+
+
+async def mx_hosts(domain: str, rng: random.Random | None = None) -> MXResult:
+    """The exchanges for ``domain`` in delivery order (see the module docstring)."""
+    domain = domain.rstrip(".").lower()
+    if domain.startswith("[") and domain.endswith("]"):  # address literal
+        literal = domain[1:-1]
+        literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
+        return MXResult((literal,), implicit=True)
+    rdata = await _query(domain, "MX")
+    if not rdata:
+        await addresses(domain)  # raises permanent for NXDOMAIN / no address either
+        return MXResult((domain,), implicit=True)
+    records = [(int(r.preference), r.exchange.to_text()) for r in rdata]  # type: ignore[attr-defined]
+    if any(host.rstrip(".") == "" for _, host in records):
+        if is_null_mx(records):
+            raise DNSFailure(f"Domain {domain} does not accept mail (nullMX)", permanent=True)
+        records = [(p, h) for p, h in records if h.rstrip(".")]
+    return MXResult(tuple(order_mx(records, rng)))

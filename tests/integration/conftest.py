@@ -1,0 +1,109 @@
+"""Session-scoped fixtures for the real services of ``tests/services`` (see its README.md).
+
+Each service starts lazily, the first time a test requests its fixture, and is stopped at the
+end of the session: every service is sent SIGTERM first and then all are waited for, so the
+shutdowns overlap. Tests share one instance per fixture: a test that changes one (DNS records,
+Postfix relayhost, SQL rows, LDAP entries) must set what it relies on itself, and should undo
+changes others could trip over (``dns_zone`` resets the DNS records after each test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.services import (
+    DNSTestServer,
+    DovecotServer,
+    MariaDBServer,
+    PostfixPeer,
+    SlapdServer,
+)
+
+
+class _Stopper:
+    def __init__(self) -> None:
+        self.services: list[Any] = []
+
+    def started(self, service: Any) -> Any:
+        self.services.append(service)
+        return service
+
+
+@pytest.fixture(scope="session")
+def _service_stopper() -> Iterator[_Stopper]:
+    stopper = _Stopper()
+    yield stopper
+    # the service fixtures already sent SIGTERM on their teardown; now wait for each (KILL late)
+    for service in reversed(stopper.services):
+        service.wait_stopped()
+
+
+def _run(stopper: _Stopper, service: Any) -> Iterator[Any]:
+    stopper.started(service.start())
+    yield service
+    service.terminate()
+
+
+@pytest.fixture(scope="session")
+def slapd(_service_stopper: _Stopper) -> Iterator[SlapdServer]:
+    """OpenLDAP on ``slapd.url`` (ldap://127.0.0.1:3389 unless busy/moved)."""
+    yield from _run(_service_stopper, SlapdServer())
+
+
+@pytest.fixture(scope="session")
+def mariadb(_service_stopper: _Stopper) -> Iterator[MariaDBServer]:
+    """Own MariaDB on 127.0.0.1:13306 (+ ``mariadb.socket``), database ``mailtest``."""
+    yield from _run(_service_stopper, MariaDBServer())
+
+
+@pytest.fixture(scope="session")
+def dovecot(_service_stopper: _Stopper) -> Iterator[DovecotServer]:
+    """Dovecot IMAP 1143 (STARTTLS offered), LMTP 2424 + ``dovecot.lmtp_socket``."""
+    yield from _run(_service_stopper, DovecotServer())
+
+
+@pytest.fixture(scope="session")
+def dns_server(_service_stopper: _Stopper) -> Iterator[DNSTestServer]:
+    """In-process authoritative DNS; ``dns_server.resolver_spec`` = "127.0.0.1:PORT"."""
+    yield from _run(_service_stopper, DNSTestServer())
+
+
+@pytest.fixture
+def dns_zone(dns_server: DNSTestServer) -> Iterator[DNSTestServer]:
+    """``dns_server`` for one test: records and failures are reset to the default zone after."""
+    yield dns_server
+    dns_server.reset()
+
+
+@pytest.fixture(scope="session")
+def postfix_peer(_service_stopper: _Stopper) -> Iterator[PostfixPeer]:
+    """Plain Postfix peer on 127.0.0.1:10025: delivers example.net (rcpt@, other@) to maildirs,
+    relays for 127.0.0.0/8 to ``relayhost`` (none until ``set_relayhost``)."""
+    yield from _run(_service_stopper, PostfixPeer())
+
+
+@pytest.fixture(scope="session")
+def postfix_smarthost(_service_stopper: _Stopper) -> Iterator[PostfixPeer]:
+    """Postfix smart host on 127.0.0.1:10587: relays only after AUTH (Dovecot SASL, users
+    alice@example.com/alicepw, bob@example.com/bobpw), AUTH only after STARTTLS."""
+    yield from _run(_service_stopper, PostfixPeer(smart_host=True))
+
+
+@pytest.fixture(scope="session")
+def postfix_factory(_service_stopper: _Stopper) -> Iterator[Callable[..., PostfixPeer]]:
+    """``postfix_factory(**kwargs)`` -> a started ``PostfixPeer(**kwargs)`` of your own
+    (e.g. ``port=``, ``smart_host=``, ``virtual_domains=``, ``mailboxes=``, ``relayhost=``,
+    ``transport=``); stopped at the end of the session."""
+    made: list[PostfixPeer] = []
+
+    def make(**kwargs: Any) -> PostfixPeer:
+        peer = PostfixPeer(**kwargs)
+        made.append(_service_stopper.started(peer.start()))
+        return peer
+
+    yield make
+    for peer in made:
+        peer.terminate()
