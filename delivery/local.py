@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from pymta.backends.table import check_mailbox_path
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from .maildir import deliver_maildir
-from .mbox import MailboxLockTimeout, deliver_mbox
+from .mbox import LOCK_TIMEOUT, MailboxLockTimeout, deliver_mbox
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,22 @@ class LocalDeliveryAgent:
     A mailbox ending in ``/`` is a maildir, anything else an mbox file.
     """
 
-    def __init__(self, mail_dir: str, hostname: str) -> None:
+    def __init__(self, mail_dir: str, hostname: str, threads: int = 8) -> None:
         self.mail_dir = mail_dir
         self.hostname = hostname
+        # Own threads: a mailbox that stays locked must not starve the queue store's disk work
+        # in the default executor, and shutdown need not wait for a blocked delivery.
+        self._executor = ThreadPoolExecutor(max_workers=threads,
+                                            thread_name_prefix="pymta-local")
+        self._stopping = threading.Event()
+        # One waiting thread per mbox at most: other deliveries to it wait here, in the loop.
+        self._mbox_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
+
+    async def close(self) -> None:
+        """Stop taking work; a delivery blocked on a lock is not waited for (it stays queued)."""
+        self._stopping.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
         """One Outcome per recipient; never raises for a recipient's own problem."""
@@ -73,12 +89,18 @@ class LocalDeliveryAgent:
         sender = msg.envelope.sender
         prefix = delivery_prefix(sender, rcpt.address)
         try:
+            loop = asyncio.get_running_loop()
             if kind == "maildir":
-                await asyncio.to_thread(deliver_maildir, self.mail_dir, mailbox, prefix,
-                                        msg.body_path, self.hostname)
+                await loop.run_in_executor(self._executor, deliver_maildir, self.mail_dir,
+                                           mailbox, prefix, msg.body_path, self.hostname)
             else:
-                await asyncio.to_thread(deliver_mbox, self.mail_dir, mailbox, sender, prefix,
-                                        msg.body_path, time.time())
+                lock = self._mbox_locks.get(mailbox)
+                if lock is None:
+                    lock = self._mbox_locks[mailbox] = asyncio.Lock()
+                async with lock:
+                    await loop.run_in_executor(self._executor, deliver_mbox, self.mail_dir,
+                                               mailbox, sender, prefix, msg.body_path,
+                                               time.time(), LOCK_TIMEOUT, self._stopping)
         except Exception as exc:  # any local fault must stay temporary
             reply = _failure_reply(exc, kind, mailbox)
             log.warning("%s: to=<%s> %s: %s (%r)", msg.qid, rcpt.address, kind, reply, exc)

@@ -42,7 +42,8 @@ def _thread_lock(path: str) -> threading.Lock:
 
 
 def acquire_dotlock(path: str, timeout: float = LOCK_TIMEOUT,
-                    stale_after: float = STALE_LOCK_AGE) -> str:
+                    stale_after: float = STALE_LOCK_AGE,
+                    stop: threading.Event | None = None) -> str:
     """Create ``<path>.lock`` exclusively, waiting up to ``timeout``; return the lock path.
 
     A lock file older than ``stale_after`` seconds is assumed abandoned and removed.
@@ -54,12 +55,13 @@ def acquire_dotlock(path: str, timeout: float = LOCK_TIMEOUT,
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             try:
-                if time.time() - os.stat(lock).st_mtime > stale_after:
+                if (time.time() - os.stat(lock).st_mtime > stale_after
+                        or _owner_is_dead(lock)):
                     os.unlink(lock)
                     continue
             except FileNotFoundError:
                 continue  # released meanwhile: try again at once
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 raise MailboxLockTimeout(errno.ETIMEDOUT,
                                          "mailbox is locked (dotlock)", lock) from None
             time.sleep(_POLL)
@@ -71,7 +73,31 @@ def acquire_dotlock(path: str, timeout: float = LOCK_TIMEOUT,
         return lock
 
 
-def _lockf(fd: int, path: str, deadline: float) -> None:
+def _owner_is_dead(lock: str) -> bool:
+    """True when the lock file names a process id that no longer exists on this machine.
+
+    A crash (or SIGKILL) between creating and removing the dot-lock leaves the file behind;
+    waiting out its age would stall every delivery to that mailbox for minutes. Lock files
+    written by other programs may hold no pid at all: those are left to the age rule.
+    """
+    try:
+        with open(lock, "rb") as f:
+            text = f.read(32).strip()
+        pid = int(text)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _lockf(fd: int, path: str, deadline: float, stop: threading.Event | None = None) -> None:
     while True:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,7 +105,7 @@ def _lockf(fd: int, path: str, deadline: float) -> None:
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
             raise MailboxLockTimeout(errno.ETIMEDOUT, "mailbox is locked (fcntl)", path)
         time.sleep(_POLL)
 
@@ -125,9 +151,11 @@ def _fsync_dir(path: str) -> None:
 
 
 def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_path: str,
-                 now: float, lock_timeout: float = LOCK_TIMEOUT) -> None:
+                 now: float, lock_timeout: float = LOCK_TIMEOUT,
+                 stop: threading.Event | None = None) -> None:
     """Append one message to ``<mail_dir>/<mailbox>`` under both locks; raise OSError on failure.
 
+    ``stop`` ends a wait for a lock early (the server is stopping; the message stays queued).
     ``mailbox`` is relative to ``mail_dir`` (the caller checked it stays inside). ``now`` is the
     timestamp for the ``From`` line. On any failure the file is truncated to its old size.
     """
@@ -135,13 +163,17 @@ def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_p
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, mode=0o700, exist_ok=True)
     deadline = time.monotonic() + lock_timeout
-    with _thread_lock(path):
-        lock = acquire_dotlock(path, timeout=lock_timeout)
+    thread_lock = _thread_lock(path)
+    while not thread_lock.acquire(timeout=_POLL):
+        if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+            raise MailboxLockTimeout(errno.ETIMEDOUT, "mailbox is locked (in process)", path)
+    try:
+        lock = acquire_dotlock(path, timeout=max(0.0, deadline - time.monotonic()), stop=stop)
         try:
             created = not os.path.exists(path)
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                _lockf(fd, path, deadline)
+                _lockf(fd, path, deadline, stop)
                 _append(fd, sender, prefix, body_path, now)
             finally:
                 os.close(fd)  # also releases the lockf lock
@@ -150,6 +182,8 @@ def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_p
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
+    finally:
+        thread_lock.release()
 
 
 def _append(fd: int, sender: str, prefix: bytes, body_path: str,

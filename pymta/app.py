@@ -147,7 +147,8 @@ class MTA:
         self.manager = QueueManager(
             self.store, self.router, policy=policy, hostname=config.hostname,
             postmaster=config.postmaster, resolve=self.resolve,
-            concurrency=config.delivery_concurrency, scan_interval=config.queue_scan_interval)
+            concurrency=config.delivery_concurrency, scan_interval=config.queue_scan_interval,
+            stop_grace=3.0)
         await self.manager.start()
         receive = ReceiveContext(
             hostname=config.hostname,

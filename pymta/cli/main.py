@@ -155,6 +155,12 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
         ("mail dir", config.mail_dir),
         ("workers", str(config.workers)),
         ("size limit", str(config.message_size_limit or "none")),
+        ("local mail", config.virtual_transport or f"maildir/mbox under {config.mail_dir}"),
+        ("remote mail", (f"smart host {config.smtp_relay}" if config.smtp_relay
+                         else f"MX lookup, port {config.mx_port}")
+         + f"; TLS {config.smtp_tls_security_level}"
+         + (" (wrapper mode)" if config.smtp_tls_wrappermode and config.smtp_relay else "")),
+        ("dns", " ".join(config.dns_resolver) or "system resolv.conf"),
     ]
     print("pymta: configuration OK", file=out)
     for label, value in rows:

@@ -289,7 +289,7 @@ def test_sigterm_exits_cleanly_and_removes_pid_file(server_factory) -> None:
                                         .replace("\n", "\r\n")))
     assert code == 250, text
     wait_until(lambda: os.path.isdir(srv.mail_dir / "alice" / "new")
-               and os.listdir(srv.mail_dir / "alice" / "new"), 10, what="delivery")
+               and os.listdir(srv.mail_dir / "alice" / "new"), 30, what="delivery")
     assert srv.stop() == 0, srv.stderr[-4000:]
     assert not pid_file.exists()
     assert "Traceback" not in srv.stderr

@@ -7,6 +7,7 @@ import mailbox
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -170,11 +171,32 @@ def test_mbox_stale_dotlock_is_removed(tmp_path: Path, body: str) -> None:
 def test_mbox_fresh_dotlock_times_out_and_is_kept(tmp_path: Path, body: str) -> None:
     (tmp_path / "box").write_bytes(b"")
     lock = tmp_path / "box.lock"
-    lock.write_bytes(b"12345\n")
+    lock.write_bytes(f"{os.getppid()}\n".encode())  # a live process holds it
     with pytest.raises(MailboxLockTimeout):
         deliver_mbox(str(tmp_path), "box", "a@b", b"", body, 0.0, lock_timeout=0.3)
     assert lock.exists()
     assert (tmp_path / "box").read_bytes() == b""
+
+
+def test_mbox_dotlock_of_a_dead_process_is_removed(tmp_path: Path, body: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid now names no process
+    lock = tmp_path / "box.lock"
+    lock.write_bytes(f"{child.pid}\n".encode())
+    deliver_mbox(str(tmp_path), "box", "a@b", b"", body, 0.0, lock_timeout=2.0)
+    assert not lock.exists()
+    assert (tmp_path / "box").read_bytes().startswith(b"From a@b ")
+
+
+def test_mbox_wait_for_a_lock_ends_when_stopping(tmp_path: Path, body: str) -> None:
+    lock = tmp_path / "box.lock"
+    lock.write_bytes(f"{os.getppid()}\n".encode())
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(MailboxLockTimeout):
+        deliver_mbox(str(tmp_path), "box", "a@b", b"", body, 0.0, lock_timeout=30, stop=stop)
+    assert time.monotonic() - started < 5
 
 
 def test_mbox_failure_truncates_to_original_size(tmp_path: Path, monkeypatch) -> None:
