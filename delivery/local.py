@@ -47,6 +47,9 @@ def _failure_reply(exc: BaseException, kind: str, mailbox: str) -> Reply:
                                f"{type(exc).__name__}")
 
 
+BUSY_BACKOFF = 30.0  # seconds an mbox that stayed locked is deferred without waiting again
+
+
 class LocalDeliveryAgent:
     """A :class:`~pymta.types.DeliveryAgent` writing to ``<mail_dir>/<rcpt.mailbox>``.
 
@@ -61,6 +64,7 @@ class LocalDeliveryAgent:
         self._executor = ThreadPoolExecutor(max_workers=threads,
                                             thread_name_prefix="pymta-local")
         self._stopping = threading.Event()
+        self._busy_until: dict[str, float] = {}
         # One waiting thread per mbox at most: other deliveries to it wait here, in the loop.
         self._mbox_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
@@ -94,13 +98,23 @@ class LocalDeliveryAgent:
                 await loop.run_in_executor(self._executor, deliver_maildir, self.mail_dir,
                                            mailbox, prefix, msg.body_path, self.hostname)
             else:
+                if self._busy_until.get(mailbox, 0.0) > time.monotonic():
+                    raise MailboxLockTimeout(errno.ETIMEDOUT, "mailbox recently busy", mailbox)
                 lock = self._mbox_locks.get(mailbox)
                 if lock is None:
                     lock = self._mbox_locks[mailbox] = asyncio.Lock()
                 async with lock:
-                    await loop.run_in_executor(self._executor, deliver_mbox, self.mail_dir,
-                                               mailbox, sender, prefix, msg.body_path,
-                                               time.time(), LOCK_TIMEOUT, self._stopping)
+                    try:
+                        await loop.run_in_executor(
+                            self._executor, deliver_mbox, self.mail_dir, mailbox, sender,
+                            prefix, msg.body_path, time.time(), LOCK_TIMEOUT, self._stopping)
+                    except MailboxLockTimeout:
+                        # Others queued behind us would each wait the whole timeout too:
+                        # defer them at once for a while instead of holding delivery slots.
+                        self._busy_until[mailbox] = time.monotonic() + BUSY_BACKOFF
+                        if len(self._busy_until) > 10000:
+                            self._busy_until.clear()
+                        raise
         except Exception as exc:  # any local fault must stay temporary
             reply = _failure_reply(exc, kind, mailbox)
             log.warning("%s: to=<%s> %s: %s (%r)", msg.qid, rcpt.address, kind, reply, exc)

@@ -28,6 +28,7 @@ from ._crlf import CHUNK, crlf_to_lf, read_lines
 LOCK_TIMEOUT = 20.0      # seconds; Postfix: deliver_lock_attempts(20) x deliver_lock_delay(1s)
 STALE_LOCK_AGE = 300.0   # a dotlock older than this is left over from a crash
 _POLL = 0.1
+EMPTY_LOCK_AGE = 5.0
 
 _thread_locks = [threading.Lock() for _ in range(64)]  # striped: bounded memory, per path
 
@@ -83,6 +84,10 @@ def _owner_is_dead(lock: str) -> bool:
     try:
         with open(lock, "rb") as f:
             text = f.read(32).strip()
+        if not text:
+            # Killed between creating the file and writing its pid: abandoned once it is
+            # older than a writer could ever take for those two steps.
+            return time.time() - os.stat(lock).st_mtime > EMPTY_LOCK_AGE
         pid = int(text)
     except (OSError, ValueError):
         return False
