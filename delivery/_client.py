@@ -56,9 +56,12 @@ def xtext(text: str) -> str:
     return "".join(out)
 
 
-def read_body(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
+def read_body(msg: QueuedMessage) -> bytes:
+    """The message as it leaves: the pipeline's prepended header fields, then the spool."""
+    with open(msg.body_path, "rb") as fh:
+        body = fh.read()
+    prepend = msg.envelope.prepend
+    return prepend.encode("utf-8", "surrogateescape") + body if prepend else body
 
 
 @dataclass(slots=True)

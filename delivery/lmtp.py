@@ -156,7 +156,7 @@ class LMTPDeliveryAgent:
                                                            f"{reply}"),
                                 relay, OutcomeKind.TEMPORARY)
             extensions = _extensions(lines[1:])
-            data = await asyncio.to_thread(read_body, msg.body_path)
+            data = await asyncio.to_thread(read_body, msg)
             prepared = prepare(msg, rcpts, data, extensions, relay)
             if prepared.refusal is not None:
                 clean = True

@@ -92,6 +92,8 @@ class LocalDeliveryAgent:
         kind = "maildir" if mailbox.endswith("/") else "mbox"
         sender = msg.envelope.sender
         prefix = delivery_prefix(sender, rcpt.address)
+        if msg.envelope.prepend:
+            prefix += msg.envelope.prepend.encode("utf-8", "surrogateescape")
         try:
             loop = asyncio.get_running_loop()
             if kind == "maildir":

@@ -153,7 +153,7 @@ class SMTPRelayAgent:
         groups: dict[str, list[Recipient]] = {}
         for r in rcpts:
             groups.setdefault(self.destination(r), []).append(r)
-        data = await asyncio.to_thread(read_body, msg.body_path)
+        data = await asyncio.to_thread(read_body, msg)
         results: list[Outcome] = []
         for dest, group in groups.items():
             results.extend(await self._deliver_destination(dest, msg, group, data))

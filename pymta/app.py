@@ -22,6 +22,7 @@ import socket
 from collections.abc import Sequence
 
 from pymta.config.model import Config, ListenAddress
+from pymta.pipeline import Check, Modifier, Pipeline
 from pymta.queue.manager import QueueManager
 from pymta.queue.retry import RetryPolicy
 from pymta.queue.store import QueueStore
@@ -103,6 +104,15 @@ def _default_router(config: Config) -> Router:
     return StaticRouter(local, relay, local_key=local_key, remote_key=relay.destination)
 
 
+def _default_pipeline(config: Config) -> Pipeline:
+    """The pre-queue checks and modifiers configured; stages are added in their order of
+    dependence (SPF and DKIM before DMARC; Authentication-Results after the checks; signing
+    last, over the final header block)."""
+    checks: list[Check] = []
+    modifiers: list[Modifier] = []
+    return Pipeline(checks, modifiers, timeout=config.pipeline_timeout)
+
+
 class MTA:
     """A running mail server: listeners, queue, delivery. Start and stop it with
     ``async with`` (or ``await start()`` / ``await stop()``)."""
@@ -110,7 +120,8 @@ class MTA:
     def __init__(self, config: Config, *, lookups: Sequence[RecipientLookup] | None = None,
                  router: Router | None = None,
                  sockets: dict[str, list[socket.socket]] | None = None,
-                 authenticator: Authenticator | None = None) -> None:
+                 authenticator: Authenticator | None = None,
+                 pipeline: Pipeline | None = None) -> None:
         """``sockets`` are listening sockets bound by a supervisor (worker processes share
         them); without them the MTA binds ``config``'s listen addresses itself."""
         self.config = config
@@ -120,6 +131,7 @@ class MTA:
         # AUTH on the submission ports; None (no SASL method configured): no ports 587/465
         self.authenticator = (authenticator if authenticator is not None
                               else _default_authenticator(config))
+        self.pipeline = pipeline if pipeline is not None else _default_pipeline(config)
         self.store = QueueStore(os.path.join(config.state_dir, "queue"))
         self.manager: QueueManager | None = None
         self.addresses: dict[str, list[tuple[str, int]]] = {}
@@ -156,7 +168,8 @@ class MTA:
             first_domain=config.first_domain, lookups=self.lookups, store=self.store,
             submit=self.manager.submit, header_size_limit=config.header_size_limit,
             max_received=config.max_received_headers,
-            relay_allowed=network_matcher(config.mynetworks), authenticator=self.authenticator)
+            relay_allowed=network_matcher(config.mynetworks), authenticator=self.authenticator,
+            pipeline=self.pipeline or None)
         engine_cfg = EngineConfig(
             hostname=config.hostname, size_limit=config.message_size_limit,
             max_line_length=config.max_line_length, max_recipients=config.max_recipients,

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pymta.headerscan import HeaderScanner
+from pymta.pipeline import Action, Pipeline, SpooledBody, Transaction
 from pymta.received import protocol_name, received_header
 from pymta.smtp import events as ev
 from pymta.types import (
@@ -86,6 +87,7 @@ class ReceiveContext:
     max_received: int = 50
     relay_allowed: Callable[[str], bool] = field(default=lambda ip: False)
     authenticator: Authenticator | None = None
+    pipeline: Pipeline | None = None
 
 
 class Session:
@@ -269,7 +271,13 @@ class Session:
                 return Reply(552, "5.3.4", "Error: message header size exceeds limit")
             if scanner is not None and scanner.received > self.ctx.max_received:
                 return Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
-            reply = await self._commit(spool)
+            pipeline = self.ctx.pipeline
+            txn = None
+            if pipeline:
+                txn, early = await self._run_pipeline(pipeline, spool)
+                if early is not None:
+                    return early
+            reply = await self._commit(spool, txn)
             return reply
         finally:
             if self._spool is not None:
@@ -284,7 +292,34 @@ class Session:
         self._scanner = None
         self._write_error = None
 
-    async def _commit(self, spool) -> Reply:
+    async def _run_pipeline(self, pipeline: Pipeline,
+                            spool) -> tuple[Transaction, Reply | None]:
+        """Run the checks and modifiers; a reply means the message ends here (not queued)."""
+        mail = self._mail
+        assert mail is not None
+        spool.flush()
+        ctx = self.ctx
+        txn = Transaction(
+            qid=spool.qid, sender=mail.address, recipients=list(self._targets.values()),
+            peer_ip=self.peer_ip, helo=self.helo, hostname=ctx.hostname,
+            local_domains=ctx.local_domains, auth_user=self.auth_user,
+            trusted=self.auth_user is not None or ctx.relay_allowed(self.peer_ip),
+            tls=self.tls_info is not None)
+        outcome = await pipeline.run(txn, SpooledBody(spool.path, spool.size))
+        why = "; ".join(outcome.reasons)
+        if outcome.action in (Action.REJECT, Action.TEMPFAIL):
+            log.log(25, "%s: %s: from=<%s> %s (%s)", spool.qid,
+                    "reject" if outcome.action is Action.REJECT else "tempfail", mail.address,
+                    outcome.reply, why)
+            return txn, outcome.reply
+        if outcome.action is Action.DISCARD:
+            log.log(25, "%s: discard: from=<%s> (%s)", spool.qid, mail.address, why)
+            return txn, Reply(250, "2.0.0", f"Ok: queued as {spool.qid}")
+        if outcome.action is Action.QUARANTINE:
+            txn.results["quarantine"] = why or "quarantined"
+        return txn, None
+
+    async def _commit(self, spool, txn: Transaction | None = None) -> Reply:
         mail = self._mail
         assert mail is not None
         now = time.time()
@@ -294,6 +329,15 @@ class Session:
             auth_user=self.auth_user, body_type=mail.params.body,
             smtputf8=mail.params.smtputf8, ret=mail.params.ret, envid=mail.params.envid,
             protocol=self.protocol)
+        if txn is not None:
+            envelope.sender = txn.sender
+            envelope.recipients = txn.recipients
+            envelope.prepend = "".join(txn.prepend)
+            quarantine = txn.results.get("quarantine")
+            if isinstance(quarantine, str):
+                # Held in the queue: `pymta queue list` shows it, `queue release` delivers it.
+                envelope.held = True
+                envelope.extra["quarantine"] = quarantine
         self._spool = None  # the store owns the file from here on
         try:
             qid = await self.ctx.store.commit(spool, envelope)

@@ -184,6 +184,8 @@ class Envelope:
     ``received_at`` and ``next_attempt`` are Unix timestamps. ``body_type`` is the BODY=
     parameter (``7BIT``/``8BITMIME``), ``smtputf8`` the SMTPUTF8 flag; ``ret``/``envid`` the DSN
     RET and ENVID parameters. ``is_bounce`` marks DSNs pymta generated (never bounced again).
+    ``prepend`` holds header fields the pipeline decided on after the body was spooled
+    (Authentication-Results, DKIM-Signature, ARC-*); every delivery agent writes them first.
     """
 
     sender: str
@@ -201,6 +203,7 @@ class Envelope:
     held: bool = False
     is_bounce: bool = False
     protocol: str = "ESMTP"
+    prepend: str = ""              # header lines (CRLF-terminated) added above the spooled body
     extra: dict[str, str] = field(default_factory=dict)
 
     def pending(self) -> list[Recipient]:

@@ -417,6 +417,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("submission_listen", "PYMTA_SUBMISSION_LISTEN", parse_listen),
     _Setting("submissions_listen", "PYMTA_SUBMISSIONS_LISTEN", parse_listen),
     _Setting("workers", "PYMTA_WORKERS", _size(1)),
+    _Setting("pipeline_timeout", "PYMTA_PIPELINE_TIMEOUT", _duration(True)),
     _Setting("smtpd_use_tls", "SMTPD_USE_TLS", parse_bool),
     _Setting("smtpd_tls_cert_file", "SMTPD_TLS_CERT_FILE", _parse_string),
     _Setting("smtpd_tls_key_file", "SMTPD_TLS_KEY_FILE", _parse_string),

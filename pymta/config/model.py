@@ -116,6 +116,8 @@ class Config:
     connection_cache_time: float = 2.0               # PYMTA_CONNECTION_CACHE_TIME (idle reuse)
     connection_reuse_limit: int = 100                # PYMTA_CONNECTION_REUSE_LIMIT (msgs/conn)
     dead_host_time: float = 60.0                     # PYMTA_DEAD_HOST_TIME
+    # pre-queue pipeline
+    pipeline_timeout: float = 30.0                   # PYMTA_PIPELINE_TIMEOUT (per stage)
     # logging
     syslog_level: int = 5                            # SYSLOG_LEVEL 0..7
     log_syslog: bool = False                         # PYMTA_LOG_SYSLOG

@@ -1,0 +1,202 @@
+"""The pre-queue pipeline: checks that judge a complete message and modifiers that rewrite it,
+run between the end of DATA and the ``250``.
+
+Implementation summary. When the last byte of a message is spooled, the session builds a
+:class:`Transaction` (envelope facts, connection facts, a handle on the spooled body) and
+hands it to :meth:`Pipeline.run`. Every :class:`Check` runs in order, each under the
+framework's timeout; a check that times out or raises is a *temporary* result, never a silent
+pass and never a 5xx (Haraka's plugin timeout, the architecture notes' rule 5). Checks record
+``auth_results`` fragments and may ask for header fields; the strongest verdict wins
+(REJECT > TEMPFAIL > DISCARD > QUARANTINE > PASS). Unless the message is refused, every
+:class:`Modifier` then runs in order (SRS rewrites the sender, DKIM/ARC add signatures, the
+Authentication-Results modifier renders what the checks recorded). What modifiers add goes to
+``Envelope.prepend`` (the spooled body is never rewritten for it), so delivery agents write
+those fields above the spooled message.
+
+Checks are read-only on the message; modifiers must not change the body (maddy's reason:
+it would break DKIM signatures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from pymta.types import Recipient, Reply
+
+log = logging.getLogger("pymta.pipeline")
+
+
+class Action(enum.IntEnum):
+    """Final destinies, ordered by strength: the strongest verdict of all checks wins."""
+
+    PASS = 0
+    QUARANTINE = 1
+    DISCARD = 2
+    TEMPFAIL = 3
+    REJECT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one check concluded. ``reply`` is sent for REJECT/TEMPFAIL; ``headers`` are added
+    (``"Name: value"`` without CRLF); ``auth_result`` is an RFC 8601 resinfo fragment such as
+    ``spf=pass smtp.mailfrom=example.com`` for the Authentication-Results header."""
+
+    action: Action = Action.PASS
+    reply: Reply | None = None
+    headers: tuple[str, ...] = ()
+    auth_result: str | None = None
+    reason: str = ""
+
+
+PASS = Verdict()
+
+
+class SpooledBody:
+    """Read access to the message as spooled (CRLF, our Received: first, no dot-stuffing).
+
+    Messages are bounded by MESSAGE_SIZE_LIMIT, so reading one whole is allowed for stages
+    that need it (DKIM); ``header_bytes`` reads only the header section.
+    """
+
+    __slots__ = ("path", "size", "_cache")
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._cache: bytes | None = None
+
+    def read(self) -> bytes:
+        if self._cache is None:
+            with open(self.path, "rb") as f:
+                self._cache = f.read()
+        return self._cache
+
+    async def read_async(self) -> bytes:
+        if self._cache is None:
+            self._cache = await asyncio.to_thread(self.read)
+        return self._cache
+
+    def header_bytes(self, limit: int = 1 << 20) -> bytes:
+        if self._cache is not None:
+            data = self._cache
+        else:
+            with open(self.path, "rb") as f:
+                data = f.read(limit)
+        end = data.find(b"\r\n\r\n")
+        return data[: end + 2] if end >= 0 else data
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One message between end of data and ``250``; what stages read and what they change.
+
+    ``trusted`` is true for authenticated clients and MYNETWORKS (no SPF/DMARC on them;
+    their mail is signed). ``results`` lets later stages read earlier ones (DMARC reads the
+    SPF and DKIM outcomes) keyed by stage name. ``prepend`` collects header fields (with
+    CRLF) that will stand above the spooled message, newest first.
+    """
+
+    qid: str
+    sender: str
+    recipients: list[Recipient]
+    peer_ip: str
+    helo: str
+    hostname: str
+    local_domains: frozenset[str]
+    auth_user: str | None = None
+    trusted: bool = False
+    tls: bool = False
+    results: dict[str, object] = field(default_factory=dict)
+    auth_results: list[str] = field(default_factory=list)
+    prepend: list[str] = field(default_factory=list)
+
+    def add_header(self, line: str) -> None:
+        """Put a header field above everything added so far (trace fields stack upwards)."""
+        self.prepend.insert(0, line if line.endswith("\r\n") else line + "\r\n")
+
+
+@runtime_checkable
+class Check(Protocol):
+    """Read-only judgement of a message (SPF, DKIM verify, DMARC, spam, virus, banned files).
+
+    ``name`` keys its result in ``Transaction.results``. Return a Verdict; raising or taking
+    longer than the pipeline's timeout counts as a temporary failure (451 4.7.0)."""
+
+    name: str
+
+    async def check(self, txn: Transaction, body: SpooledBody) -> Verdict: ...
+
+
+@runtime_checkable
+class Modifier(Protocol):
+    """Rewrites envelope or header fields (SRS, DKIM sign, ARC seal, Authentication-Results).
+    Must not change the body. Raising or timing out is a temporary failure."""
+
+    name: str
+
+    async def modify(self, txn: Transaction, body: SpooledBody) -> None: ...
+
+
+TEMPFAIL_REPLY = Reply(451, "4.7.0", "Temporary failure in message checks; try again later")
+
+
+@dataclass
+class Outcome:
+    """The pipeline's decision for one message."""
+
+    action: Action
+    reply: Reply | None
+    reasons: list[str]
+
+
+class Pipeline:
+    def __init__(self, checks: Sequence[Check] = (), modifiers: Sequence[Modifier] = (),
+                 timeout: float = 30.0) -> None:
+        self.checks = list(checks)
+        self.modifiers = list(modifiers)
+        self.timeout = timeout
+
+    def __bool__(self) -> bool:
+        return bool(self.checks or self.modifiers)
+
+    async def run(self, txn: Transaction, body: SpooledBody) -> Outcome:
+        action = Action.PASS
+        reply: Reply | None = None
+        reasons: list[str] = []
+        for check in self.checks:
+            verdict = await self._run_check(check, txn, body)
+            txn.results[check.name] = verdict
+            if verdict.auth_result:
+                txn.auth_results.append(verdict.auth_result)
+            for header in verdict.headers:
+                txn.add_header(header)
+            if verdict.action > action:
+                action, reply = verdict.action, verdict.reply
+            if verdict.reason:
+                reasons.append(f"{check.name}: {verdict.reason}")
+        if action in (Action.REJECT, Action.TEMPFAIL):
+            return Outcome(action, reply or TEMPFAIL_REPLY, reasons)
+        for modifier in self.modifiers:
+            try:
+                await asyncio.wait_for(modifier.modify(txn, body), self.timeout)
+            except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
+                log.error("%s: %s failed: %r", txn.qid, modifier.name, exc)
+                return Outcome(Action.TEMPFAIL, TEMPFAIL_REPLY,
+                               reasons + [f"{modifier.name}: {exc!r}"])
+        return Outcome(action, reply, reasons)
+
+    async def _run_check(self, check: Check, txn: Transaction, body: SpooledBody) -> Verdict:
+        try:
+            return await asyncio.wait_for(check.check(txn, body), self.timeout)
+        except TimeoutError:
+            log.warning("%s: %s timed out after %.0fs", txn.qid, check.name, self.timeout)
+            return Verdict(Action.TEMPFAIL, TEMPFAIL_REPLY, reason="timeout")
+        except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
+            log.error("%s: %s failed: %r", txn.qid, check.name, exc)
+            return Verdict(Action.TEMPFAIL, TEMPFAIL_REPLY, reason=repr(exc))

@@ -46,6 +46,7 @@ def encode(envelope: Envelope) -> bytes:
         "size": envelope.size,
         "held": envelope.held,
         "is_bounce": envelope.is_bounce,
+        "prepend": envelope.prepend,
         "protocol": envelope.protocol,
         "extra": dict(envelope.extra),
     }
@@ -88,6 +89,7 @@ def decode(data: bytes) -> Envelope:
         size=d.integer("size", 0),
         held=d.flag("held", False),
         is_bounce=d.flag("is_bounce", False),
+        prepend=d.text("prepend", ""),
         protocol=d.text("protocol", "ESMTP"),
         extra=dict(extra),
     )

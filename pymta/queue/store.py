@@ -126,6 +126,12 @@ class SpoolWriter:
         self._file.write(data)
         self.size += len(data)
 
+    def flush(self) -> None:
+        """Hand buffered bytes to the kernel so readers of ``path`` (pipeline stages) see the
+        whole message; durability is still the committer's job."""
+        if self._state == self._OPEN:
+            self._file.flush()
+
     def abort(self) -> None:
         """Forget the message. Idempotent; a no-op once ``commit`` has taken the writer."""
         if self._state == self._OPEN:
