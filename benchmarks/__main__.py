@@ -5,6 +5,11 @@ runs ``--rounds`` times, interleaved (loadgen, smtp-source, loadgen, ...) so tha
 minute hits both, and the table shows the median of each column. The table goes to stdout
 and to ``benchmarks/results/latest.md`` together with the machine it was measured on, since a
 figure without its machine cannot be compared with anything.
+
+The side-by-side scenarios against Postfix (``accept``, ``end-to-end``, ``sweep``, ``latency``)
+and the memory scenarios (``memory-idle``, ``memory-large``) live in ``benchmarks/compare.py``
+and ``benchmarks/memory.py``; ``--all`` runs all of them and writes
+``benchmarks/results/<date>.md``, ``latest.md`` and the plot ``latest.png``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.compare import COMPARE_SCENARIOS, CompareOptions, main_compare
 from benchmarks.scenarios import SCENARIOS, SMTP_SOURCE, BenchmarkError, LoadOptions, RoundResult
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
@@ -88,14 +94,20 @@ def table(results: dict[tuple[str, str], list[RoundResult]]) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+    p.add_argument("--scenario", action="append",
+                   choices=sorted(SCENARIOS) + list(COMPARE_SCENARIOS),
                    help="scenario to run; repeatable (default: accept-deliver)")
+    p.add_argument("--all", action="store_true",
+                   help="every pymta-vs-Postfix and memory scenario: "
+                        + ", ".join(COMPARE_SCENARIOS))
     p.add_argument("--sessions", type=int, default=20, help="concurrent sessions (%(default)s)")
-    p.add_argument("--messages", type=int, default=2000, help="messages in total (%(default)s)")
+    p.add_argument("--messages", type=int, default=None,
+                   help="messages in total per run (2000; 5000 for accept/end-to-end)")
     p.add_argument("--per-session", type=int, default=1,
                    help="messages per connection (%(default)s)")
     p.add_argument("--size", type=int, default=4096, help="message size in bytes (%(default)s)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; medians reported (%(default)s)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds; medians reported (3; 5 for accept/end-to-end)")
     p.add_argument("--no-pipelining", action="store_true",
                    help="one command per write even when the server offers PIPELINING")
     p.add_argument("--smtp-source", action="store_true",
@@ -103,7 +115,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deliver-timeout", type=float, default=120.0,
                    help="seconds to wait for all accepted messages in the maildir")
     p.add_argument("--output", type=Path, default=RESULTS, help="markdown file (%(default)s)")
+    side = p.add_argument_group("side by side with Postfix, memory (benchmarks/compare.py)")
+    side.add_argument("--workers", type=int, default=None,
+                      help="PYMTA_WORKERS for the pymta server (default: its own default)")
+    side.add_argument("--server-loop", choices=("auto", "asyncio"), default="auto",
+                      help="auto: pymta uses uvloop when installed; asyncio: hide uvloop "
+                           "from the server (%(default)s)")
+    side.add_argument("--no-postfix", action="store_true", help="measure pymta only")
+    side.add_argument("--no-install", action="store_true",
+                      help="do not apt-get install postfix when it is missing")
+    side.add_argument("--sweep-rounds", type=int, default=3, help="(%(default)s)")
+    side.add_argument("--sweep-messages", type=int, default=2000,
+                      help="messages per sweep point, at most (%(default)s)")
+    side.add_argument("--sweep-levels", default="1,5,20,50,100",
+                      help="concurrency levels of the sweep (%(default)s)")
+    side.add_argument("--latency-rounds", type=int, default=3, help="(%(default)s)")
+    side.add_argument("--latency-seconds", type=float, default=5.0,
+                      help="length of one paced latency run (%(default)s)")
+    side.add_argument("--idle-connections", type=int, default=10_000, help="(%(default)s)")
+    side.add_argument("--large-sessions", type=int, default=50, help="(%(default)s)")
+    side.add_argument("--large-size-mb", type=int, default=25, help="(%(default)s)")
+    side.add_argument("--results-dir", type=Path, default=RESULTS.parent,
+                      help="where <date>.md, latest.md and the plot go (%(default)s)")
     return p.parse_args(argv)
+
+
+def compare_main(args: argparse.Namespace, names: list[str], loop_name: str,
+                 run: Callable[[Coroutine[Any, Any, Any]], Any]) -> int:
+    """The pymta-vs-Postfix and memory scenarios (benchmarks/compare.py, memory.py)."""
+    from benchmarks import postfix
+
+    if args.no_install and not args.no_postfix and not postfix.postfix_installed():
+        print("warning: postfix not installed (--no-install): pymta only", file=sys.stderr)
+        args.no_postfix = True
+    opts = CompareOptions(
+        rounds=args.rounds or 5, sessions=args.sessions, messages=args.messages or 5000,
+        size=args.size, workers=args.workers, deliver_timeout=args.deliver_timeout,
+        sweep_levels=tuple(int(x) for x in args.sweep_levels.split(",") if x.strip()),
+        sweep_messages=args.sweep_messages, sweep_rounds=args.sweep_rounds,
+        latency_seconds=args.latency_seconds, latency_rounds=args.latency_rounds,
+        postfix=not args.no_postfix, server_loop=args.server_loop,
+    )
+    command = "python -m benchmarks " + " ".join(sys.argv[1:])
+    try:
+        return main_compare(names, opts, client_loop=loop_name, command=command.strip(),
+                            results_dir=args.results_dir,
+                            idle_connections=args.idle_connections,
+                            large_sessions=args.large_sessions,
+                            large_size_mb=args.large_size_mb, run=run)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 async def run_all(args: argparse.Namespace) -> dict[tuple[str, str], list[RoundResult]]:
@@ -122,21 +184,35 @@ async def run_all(args: argparse.Namespace) -> dict[tuple[str, str], list[RoundR
     for n in range(1, args.rounds + 1):
         for scenario in args.scenario or ["accept-deliver"]:
             for client in clients:
-                r = await SCENARIOS[scenario](client, opts)
-                results.setdefault((scenario, client), []).append(r)
-                delivered = _fmt(r.delivered_per_s)
-                print(f"round {n}: {scenario} / {client}: {_fmt(r.accepted_per_s)} accepted/s, "
-                      f"{delivered} delivered/s, errors {r.errors}", file=sys.stderr)
+                out = await SCENARIOS[scenario](client, opts)
+                # a list is one row per result, named by its scenario (pipeline-cost)
+                for r in out if isinstance(out, list) else [out]:
+                    name = r.scenario if isinstance(out, list) else scenario
+                    results.setdefault((name, client), []).append(r)
+                    delivered = _fmt(r.delivered_per_s)
+                    print(f"round {n}: {name} / {client}: {_fmt(r.accepted_per_s)} "
+                          f"accepted/s, {delivered} delivered/s, errors {r.errors}",
+                          file=sys.stderr)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run, print the table, write it with the machine description; 1 on a setup failure."""
     args = parse_args(argv)
-    if min(args.sessions, args.messages, args.per_session, args.size, args.rounds) < 1:
+    if min(args.sessions, args.messages or 1, args.per_session, args.size,
+           args.rounds or 1) < 1:
         print("error: numeric options must be >= 1", file=sys.stderr)
         return 2
     loop_name, run = _runner()
+    selected = args.scenario or ([] if args.all else ["accept-deliver"])
+    compare = [n for n in COMPARE_SCENARIOS if args.all or n in selected]
+    selected = [n for n in selected if n not in COMPARE_SCENARIOS]
+    status = compare_main(args, compare, loop_name, run) if compare else 0
+    if not selected or status:
+        return status
+    args.scenario = selected
+    args.rounds = args.rounds or 3
+    args.messages = args.messages or 2000
     try:
         results = run(run_all(args))
     except BenchmarkError as exc:

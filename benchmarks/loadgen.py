@@ -84,6 +84,36 @@ def make_message(size: int, sender: str, recipient: str) -> bytes:
     return headers + bytes(body)
 
 
+class RateLimiter:
+    """Open-loop pacing: message ``n`` may start no earlier than ``t0 + n / rate``.
+
+    Used for latency at a fixed offered load (half the measured peak): sessions that would run
+    ahead wait for their slot, so the server sees ``rate`` messages per second as long as it
+    keeps up, and latency is not inflated by a queue of our own making.
+    """
+
+    __slots__ = ("rate", "t0", "issued")
+
+    def __init__(self, rate: float, t0: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = rate
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.issued = 0
+
+    def delay(self, now: float) -> float:
+        """Claim the next slot; seconds to wait for it (0 when it is already due)."""
+        slot = self.t0 + self.issued / self.rate
+        self.issued += 1
+        return max(0.0, slot - now)
+
+    async def wait(self) -> None:
+        """Sleep until the next slot."""
+        pause = self.delay(time.perf_counter())
+        if pause > 0:
+            await asyncio.sleep(pause)
+
+
 def _percentile(sorted_values: list[float], pct: float) -> float:
     """Nearest-rank percentile: a value that was really observed, never an interpolation."""
     if not sorted_values:
@@ -103,6 +133,7 @@ class _Tally:
     errors: int = 0
     pipelining_used: bool = False
     latencies: list[float] = field(default_factory=list)
+    limiter: RateLimiter | None = None
 
     def take(self) -> bool:
         """Claim the next message of the total; False once all have been handed out."""
@@ -243,6 +274,8 @@ async def _worker(
                 if not tally.take():
                     break
                 in_flight = 1
+                if tally.limiter is not None:
+                    await tally.limiter.wait()
                 async with asyncio.timeout(timeout):
                     code, latency = await session.transaction(envelope, payload, pipeline)
                 in_flight = 0
@@ -272,15 +305,21 @@ async def run_load(
     pipelining: bool = True,
     helo: str = "loadgen.test",
     timeout: float = 30.0,
+    rate: float | None = None,
+    message: bytes | None = None,
 ) -> LoadResult:
     """Send ``messages`` messages over ``sessions`` concurrent connections and measure.
 
     Never raises for server misbehaviour: refusals and broken sessions are counted in the
     result, because a benchmark that stops at the first 4xx says nothing about the other 1999.
+    ``rate`` (messages per second) paces the start of transactions (see :class:`RateLimiter`);
+    ``None`` sends as fast as the server answers. ``message`` replaces the generated message
+    (CRLF, no line starting with a dot: it is sent as is; e.g. one with a DKIM signature).
     """
     if sessions < 1 or messages < 0 or per_session < 1 or size < 1:
         raise ValueError("sessions and per_session must be >= 1, messages >= 0, size >= 1")
-    payload = make_message(size, sender, recipient) + b".\r\n"
+    payload = (message if message is not None
+               else make_message(size, sender, recipient)) + b".\r\n"
     envelope = (
         f"MAIL FROM:<{sender}>\r\n".encode("ascii"),
         f"RCPT TO:<{recipient}>\r\n".encode("ascii"),
@@ -288,6 +327,8 @@ async def run_load(
     )
     tally = _Tally(to_send=messages)
     start = time.perf_counter()
+    if rate is not None:
+        tally.limiter = RateLimiter(rate, start)
     await asyncio.gather(
         *(
             _worker(host, port, tally, per_session, envelope, payload, pipelining, helo, timeout)

@@ -14,6 +14,11 @@ Scenarios (one fresh server and a fresh temporary directory per round and client
     cheap next to the load generator). Measures accepted msgs/s and relayed msgs/s (first
     connection until the sink has taken the last message), through the SMTP client with its
     connection cache.
+  * ``pipeline-cost``: ``accept-deliver`` repeated with the pre-queue stages switched by
+    their variables: none, each stage alone (SPF, DKIM verify, DMARC, ARC, DKIM sign, SRS;
+    ``PIPELINE_STAGES``, a stage pymta has no setting for yet is skipped with a note), and
+    all at their defaults; one row each. The benchmark runs a test DNS server on loopback
+    for x.test (SPF, DKIM key, DMARC) and signs the message for the verifying stages.
   * ``sink``: ``benchmarks.sink`` instead of pymta. Measures the load generator's own ceiling
     on this machine; a pymta figure near it says "client-bound", not "server is this fast".
 
@@ -334,8 +339,169 @@ async def sink(client: str, opts: LoadOptions) -> RoundResult:
         )
 
 
-SCENARIOS: dict[str, Callable[[str, LoadOptions], Awaitable[RoundResult]]] = {
+# ---------------------------------------------------------------------- pipeline cost
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One pre-queue stage the ``pipeline-cost`` scenario switches on by itself.
+
+    ``field`` is its Config field (the stage is skipped, with a note, while pymta has none);
+    ``variable`` the yes/no environment variable that switches it; ``env`` what else the row
+    needs; ``sender`` the MAIL FROM; ``signed``: the message carries a DKIM signature of
+    ``x.test`` whose key the benchmark's DNS publishes, so verification has work to do.
+    """
+
+    label: str
+    field: str
+    variable: str
+    env: tuple[tuple[str, str], ...] = ()
+    sender: str = SENDER
+    signed: bool = False
+
+
+# Data, in pipeline order; a new stage is one more line. Every row starts from "all off".
+PIPELINE_STAGES: tuple[PipelineStage, ...] = (
+    PipelineStage("SPF", "spf_check", "PYMTA_SPF"),
+    PipelineStage("DKIM verify", "dkim_verify", "PYMTA_DKIM_VERIFY", signed=True),
+    PipelineStage("DMARC", "dmarc_check", "PYMTA_DMARC", signed=True),
+    PipelineStage("ARC", "arc", "PYMTA_ARC", signed=True),
+    # signing is for our users: a local sender from MYNETWORKS
+    PipelineStage("DKIM sign", "dkim_sign", "PYMTA_DKIM_SIGN",
+                  env=(("MYNETWORKS", "127.0.0.0/8"),), sender="bench@example.com"),
+    PipelineStage("SRS", "srs_enable", "SRS_ENABLE"),
+)
+DKIM_SELECTOR = "bench"
+
+
+def _config_fields() -> set[str]:
+    from pymta.config.model import Config
+
+    return set(Config.__dataclass_fields__)
+
+
+def pipeline_rows() -> list[tuple[str, dict[str, str], PipelineStage | None]]:
+    """(row label, environment, stage) for the baseline, each known stage alone, and all
+    stages at their defaults; unknown stages are reported and left out."""
+    fields = _config_fields()
+    known = []
+    for stage in PIPELINE_STAGES:
+        if stage.field in fields:
+            known.append(stage)
+        else:
+            print(f"note: pipeline-cost: {stage.label} skipped ({stage.variable}: pymta has no "
+                  f"setting {stage.field!r} yet)", file=sys.stderr)
+    all_off = {stage.variable: "no" for stage in known}
+    rows: list[tuple[str, dict[str, str], PipelineStage | None]] = [
+        ("pipeline-cost: none", all_off, None)]
+    for stage in known:
+        rows.append((f"pipeline-cost: {stage.label}",
+                     {**all_off, stage.variable: "yes", **dict(stage.env)}, stage))
+    signed = next((s for s in known if s.signed), None)
+    rows.append(("pipeline-cost: all (defaults)", {}, signed))
+    return rows
+
+
+def _bench_dns(public_key_b64: str) -> object:
+    """The test DNS server (tests/services/dns.py) with x.test's SPF, DKIM key and DMARC."""
+    from tests.services.dns import DNSTestServer
+
+    chunks = " ".join(f'"{public_key_b64[i:i + 200]}"'
+                      for i in range(0, len(public_key_b64), 200))
+    zone = f"""\
+$TTL 300
+$ORIGIN x.test.
+@       IN SOA ns.x.test. hm.x.test. ( 1 3600 600 86400 300 )
+@       IN TXT "v=spf1 ip4:127.0.0.0/8 -all"
+@       IN MX  10 mx.x.test.
+mx      IN A   127.0.0.1
+_dmarc  IN TXT "v=DMARC1; p=none"
+{DKIM_SELECTOR}._domainkey IN TXT "v=DKIM1; k=rsa; p=" {chunks}
+"""
+    return DNSTestServer(zone, port=0).start()
+
+
+def _signing_key() -> tuple[bytes, str]:
+    """A fresh RSA key: (private PEM, public key base64 for the TXT record)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(der).decode("ascii")
+
+
+def _message(opts: LoadOptions, sender: str, key: bytes | None) -> bytes:
+    from benchmarks.loadgen import make_message
+
+    data = make_message(opts.size, sender, RECIPIENT)
+    if key is None:
+        return data
+    import dkim
+
+    sig = dkim.sign(data, DKIM_SELECTOR.encode(), b"x.test", key,
+                    include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    return sig.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + data
+
+
+async def pipeline_cost(client: str, opts: LoadOptions) -> list[RoundResult]:
+    """accept-deliver once per stage configuration (see ``pipeline_rows``): no stage, each
+    stage by itself, all at their defaults. All DNS (SPF, DKIM keys, DMARC) is answered by a
+    test DNS server on loopback. loadgen only (it can send the signed message)."""
+    from benchmarks.loadgen import run_load
+
+    if client != "loadgen":
+        print(f"note: pipeline-cost runs with loadgen only, not {client}", file=sys.stderr)
+        return []
+    key, public = _signing_key()
+    dns_server = _bench_dns(public)
+    results = []
+    try:
+        for label, env, stage in pipeline_rows():
+            sender = stage.sender if stage is not None else SENDER
+            message = _message(opts, sender, key if stage is not None and stage.signed
+                               else None)
+            with _workdir() as work:
+                port = free_port()
+                server = _pymta_server(work, port, PYMTA_DNS_RESOLVER=dns_server.resolver_spec,
+                                       **env)  # type: ignore[attr-defined]
+                try:
+                    await server.start()
+                    started = time.perf_counter()
+                    r = await run_load(
+                        "127.0.0.1", port, sessions=opts.sessions, messages=opts.messages,
+                        per_session=opts.per_session, size=opts.size, sender=sender,
+                        recipient=RECIPIENT, pipelining=opts.pipelining, message=message)
+                    delivered, seconds = await _wait_delivered(
+                        work / "mail" / "box" / "new", r.accepted, started,
+                        opts.deliver_timeout)
+                finally:
+                    server.stop()
+            failed = r.messages - r.accepted
+            if r.accepted == 0 or delivered < r.accepted:
+                print(f"warning: {label}: {r.accepted} accepted, {delivered} delivered "
+                      f"(server log kept with PYMTA_BENCH_KEEP=1)", file=sys.stderr)
+            results.append(RoundResult(
+                scenario=label, client=client, messages=r.messages, accepted=r.accepted,
+                errors=failed + (r.accepted - delivered), accept_seconds=r.seconds,
+                delivered=delivered, deliver_seconds=seconds, p50_ms=r.p50_ms,
+                p99_ms=r.p99_ms))
+    finally:
+        dns_server.stop()  # type: ignore[attr-defined]
+    return results
+
+
+# A scenario returns one RoundResult, or a list of them (one table row each, named by their
+# ``scenario`` field: pipeline-cost's stage configurations).
+SCENARIOS: dict[str, Callable[[str, LoadOptions],
+                              Awaitable[RoundResult | list[RoundResult]]]] = {
     "accept-deliver": accept_deliver,
     "relay-through": relay_through,
     "sink": sink,
+    "pipeline-cost": pipeline_cost,
 }

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 _END = b"\r\n.\r\n"
 _MAX_LINE = 4096
@@ -64,8 +65,8 @@ class SinkProtocol(asyncio.Protocol):
         self.rcpt_ok = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # No isinstance check: uvloop's TCPTransport is not an asyncio.Transport subclass.
+        self.transport = cast(asyncio.Transport, transport)
         self.stats.connections += 1
         transport.write(self.replies.greeting)
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pymta.backends.table import check_mailbox_path
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
-from .maildir import deliver_maildir
+from .maildir import MaildirCommitter, write_maildir_tmp
 from .mbox import LOCK_TIMEOUT, MailboxLockTimeout, deliver_mbox
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ class LocalDeliveryAgent:
         self._executor = ThreadPoolExecutor(max_workers=threads,
                                             thread_name_prefix="pymta-local")
         self._stopping = threading.Event()
+        # Maildir deliveries are written in those threads, then made durable in batches.
+        self._maildir = MaildirCommitter()
         self._busy_until: dict[str, float] = {}
         # One waiting thread per mbox at most: other deliveries to it wait here, in the loop.
         self._mbox_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
@@ -73,6 +75,7 @@ class LocalDeliveryAgent:
         """Stop taking work; a delivery blocked on a lock is not waited for (it stays queued)."""
         self._stopping.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._maildir.close()
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
         """One Outcome per recipient; never raises for a recipient's own problem."""
@@ -97,8 +100,10 @@ class LocalDeliveryAgent:
         try:
             loop = asyncio.get_running_loop()
             if kind == "maildir":
-                await loop.run_in_executor(self._executor, deliver_maildir, self.mail_dir,
-                                           mailbox, prefix, msg.body_path, self.hostname)
+                pending = await loop.run_in_executor(
+                    self._executor, write_maildir_tmp, self.mail_dir, mailbox, prefix,
+                    msg.body_path, self.hostname)
+                await self._maildir.commit(pending)
             else:
                 if self._busy_until.get(mailbox, 0.0) > time.monotonic():
                     raise MailboxLockTimeout(errno.ETIMEDOUT, "mailbox recently busy", mailbox)

@@ -1,19 +1,33 @@
 """Maildir delivery (https://cr.yp.to/proto/maildir.html).
 
-Maildir needs no locking: a message is written under a unique name in ``tmp/``, fsynced, and
-renamed into ``new/`` -- readers only ever see complete messages. We fsync the file before the
-rename and ``new/`` after it, because the queue deletes its copy once we return: returning
-before the data is durable could lose mail on a crash.
+Maildir needs no locking: a message is written under a unique name in ``tmp/``, made durable,
+and renamed into ``new/`` -- readers only ever see complete messages. The file is durable
+before the rename and ``new/`` after it, because the queue deletes its copy once we return:
+returning before the data is durable could lose mail on a crash.
+
+``deliver_maildir`` does all of it for one message (fsync, rename, fsync ``new/``).
+``MaildirCommitter`` does the same for many concurrent deliveries at once, as the queue's
+group commit does: ``write_maildir_tmp`` writes a message to ``tmp/`` without flushing it,
+then one batch makes every file durable with one ``syncfs(2)`` per file system (or
+``fdatasync`` per file for a batch of one, or where ``syncfs`` is unavailable), renames each
+into ``new/`` and fsyncs every distinct ``new/`` once. An error is charged to the deliveries it
+may have affected; they are temporary failures and their ``tmp/`` files are removed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import chain
+
+from pymta.queue.committer import SYNCFS
 
 from ._crlf import crlf_to_lf, read_chunks
 
@@ -81,3 +95,201 @@ def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
         raise
     _fsync_dir(os.path.join(root, "new"))
     return name
+
+
+@dataclass(eq=False)
+class PendingMaildirFile:
+    """A message written to ``tmp/`` and not yet durable; ``fd`` is open until the batch ends."""
+
+    fd: int
+    tmp_path: str
+    new_dir: str
+    name: str
+    future: asyncio.Future[str] | None = field(default=None, repr=False)
+
+
+def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
+                      hostname: str) -> PendingMaildirFile:
+    """First half of a batched delivery: ``prefix`` + the body into ``tmp/``, not flushed.
+
+    Raises OSError, leaving nothing behind.
+    """
+    root = os.path.join(mail_dir, mailbox)
+    base = unique_name(hostname)
+    tmp_path = os.path.join(root, "tmp", base)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp_path, flags, 0o600)
+    except FileNotFoundError:       # a new maildir (a missing new/ is made at the rename)
+        _make_maildir(root)
+        fd = os.open(tmp_path, flags, 0o600)
+    try:
+        size = 0
+        with open(body_path, "rb") as body:
+            for piece in crlf_to_lf(chain((prefix,), read_chunks(body))):
+                _write_all(fd, piece)
+                size += len(piece)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+    return PendingMaildirFile(fd, tmp_path, os.path.join(root, "new"), f"{base},S={size}")
+
+
+def _make_maildir(root: str) -> None:
+    os.makedirs(root, mode=0o700, exist_ok=True)  # the maildir itself private, not just subdirs
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+
+
+log = logging.getLogger(__name__)
+
+
+class MaildirCommitter:
+    """Makes concurrent maildir deliveries durable together; see the module docstring.
+
+    ``commit`` takes a ``PendingMaildirFile`` (and its descriptor) and returns its name in
+    ``new/`` once it is durable there, or raises OSError (the ``tmp/`` file is gone). One
+    asyncio task and one thread: while a batch is flushed the next one gathers.
+    """
+
+    def __init__(self, fsync: bool = True) -> None:
+        self.fsync = fsync
+        self._pending: list[PendingMaildirFile] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.batches = 0
+        self.max_batch = 0
+
+    async def commit(self, item: PendingMaildirFile) -> str:
+        if self._task is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="pymta-maildir")
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="pymta-maildir")
+        item.future = asyncio.get_running_loop().create_future()
+        self._pending.append(item)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await asyncio.shield(item.future)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for item in self._pending:
+            self._abandon(item)
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _abandon(item: PendingMaildirFile) -> None:
+        with contextlib.suppress(OSError):
+            os.close(item.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(item.tmp_path)
+        if item.future is not None and not item.future.done():
+            item.future.set_exception(OSError("maildir delivery stopped"))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._pending = self._pending, []
+            work = loop.run_in_executor(self._executor, self._flush, batch)
+            try:
+                results = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                work.add_done_callback(lambda f, b=batch: self._resolve(b, f))
+                raise
+            except Exception as e:   # a bug in _flush: report every delivery as failed
+                log.exception("maildir group commit failed")
+                results = [e] * len(batch)
+            self._resolve_results(batch, results)
+
+    def _resolve(self, batch: list[PendingMaildirFile], fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            results = [OSError("maildir group commit failed")] * len(batch)
+        else:
+            results = fut.result()
+        self._resolve_results(batch, results)
+
+    @staticmethod
+    def _resolve_results(batch: list[PendingMaildirFile],
+                         results: list[str | BaseException]) -> None:
+        for item, res in zip(batch, results, strict=True):
+            fut = item.future
+            if fut is None or fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _flush(self, batch: list[PendingMaildirFile]) -> list[str | BaseException]:
+        results: list[str | BaseException] = [item.name for item in batch]
+        try:
+            if self.fsync:
+                self._make_durable(batch, results)
+            dirs: dict[str, list[int]] = {}
+            for i, item in enumerate(batch):
+                if isinstance(results[i], BaseException):
+                    continue
+                try:
+                    try:
+                        os.rename(item.tmp_path, os.path.join(item.new_dir, item.name))
+                    except FileNotFoundError:
+                        _make_maildir(os.path.dirname(item.new_dir))
+                        os.rename(item.tmp_path, os.path.join(item.new_dir, item.name))
+                except OSError as e:
+                    results[i] = e
+                else:
+                    dirs.setdefault(item.new_dir, []).append(i)
+            if self.fsync:
+                for new_dir, idx in dirs.items():
+                    try:
+                        _fsync_dir(new_dir)
+                    except OSError as e:
+                        for i in idx:   # renamed but maybe not durable: not delivered
+                            results[i] = e
+                            with contextlib.suppress(OSError):
+                                os.unlink(os.path.join(new_dir, batch[i].name))
+        finally:
+            for i, item in enumerate(batch):
+                with contextlib.suppress(OSError):
+                    os.close(item.fd)
+                if isinstance(results[i], BaseException):
+                    with contextlib.suppress(OSError):
+                        os.unlink(item.tmp_path)
+        self.batches += 1
+        self.max_batch = max(self.max_batch, len(batch))
+        return results
+
+    def _make_durable(self, batch: list[PendingMaildirFile],
+                      results: list[str | BaseException]) -> None:
+        if len(batch) > 1 and SYNCFS is not None:
+            devices: dict[int, int] = {}
+            try:
+                for item in batch:
+                    devices.setdefault(os.fstat(item.fd).st_dev, item.fd)
+                for fd in devices.values():
+                    SYNCFS(fd)
+                return
+            except OSError as e:
+                log.warning("syncfs on mail directory failed (%s); fsync per file", e)
+        for i, item in enumerate(batch):
+            try:
+                os.fdatasync(item.fd)
+            except OSError as e:
+                results[i] = e

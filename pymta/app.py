@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pymta.config.model import Config, ListenAddress
 from pymta.pipeline import Check, Modifier, Pipeline
@@ -29,8 +30,21 @@ from pymta.queue.store import QueueStore
 from pymta.session import ReceiveContext, network_matcher
 from pymta.smtp.engine import EngineConfig
 from pymta.smtp.server import AuthThrottle, ListenerContext, SMTPServerProtocol
+from pymta.srs import SRS
+from pymta.srs import from_config as srs_from_config
 from pymta.tls import server_ssl_context
-from pymta.types import Address, Authenticator, Recipient, RecipientLookup, Router
+from pymta.types import (
+    Address,
+    Authenticator,
+    Recipient,
+    RecipientLookup,
+    Router,
+    SMTPError,
+    TemporaryFailure,
+)
+
+if TYPE_CHECKING:
+    from pymta.pipeline.dkimkeys import KeyStore
 
 log = logging.getLogger("pymta")
 
@@ -104,12 +118,66 @@ def _default_router(config: Config) -> Router:
     return StaticRouter(local, relay, local_key=local_key, remote_key=relay.destination)
 
 
-def _default_pipeline(config: Config) -> Pipeline:
+def _dkim_keys(config: Config) -> KeyStore | None:
+    """The DKIM/ARC signing keys (DKIM_PRIVATEKEY or the state dir's key files), when
+    signing or sealing is on."""
+    if not (config.dkim_sign or config.arc):
+        return None
+    from pymta.pipeline.dkimkeys import KeyStore
+
+    return KeyStore.from_config(config)
+
+
+def _default_pipeline(config: Config, srs: SRS | None = None,
+                      dkim_keys: KeyStore | None = None) -> Pipeline:
     """The pre-queue checks and modifiers configured; stages are added in their order of
     dependence (SPF and DKIM before DMARC; Authentication-Results after the checks; signing
-    last, over the final header block)."""
+    last, over the final header block; SRS after all, so they see the sender as given).
+    ``srs`` is the server's codec (shared with its reverse lookup); None: from ``config``."""
     checks: list[Check] = []
     modifiers: list[Modifier] = []
+    # 1. SPF (inbound, untrusted clients): records spf_result for DMARC
+    if config.spf_check:
+        from pymta.pipeline.spf import SPFCheck
+
+        checks.append(SPFCheck(receiver=config.hostname, reject_fail=config.spf_reject_fail,
+                               timeout=max(1.0, min(20.0, config.pipeline_timeout - 1.0))))
+    # 2. DKIM verify (between SPF and DMARC): fills txn.results["dkim_signatures"] (list of
+    #    pymta.pipeline.dmarc.DkimSignatureResult); ARC chain validation after it
+    if config.dkim_verify:
+        from pymta.pipeline.dkimverify import DkimVerify
+
+        checks.append(DkimVerify())
+    if config.arc:
+        from pymta.pipeline.arc import ArcVerify
+
+        checks.append(ArcVerify())
+    # 3. DMARC: reads spf_result and dkim_signatures
+    if config.dmarc_check:
+        from pymta.pipeline.dmarc import DMARCCheck
+
+        checks.append(DMARCCheck(enforce=config.dmarc_enforce))
+    # Authentication-Results: after every check, before any signing/sealing modifier
+    from pymta.pipeline.authresults import AuthResultsModifier
+
+    modifiers.append(AuthResultsModifier(config.authserv_id or config.hostname))
+    # ARC seal (forwarded mail) above the A-R it attests, then DKIM signing: top-most field,
+    # over the final header block (pymta/pipeline/arc.py explains the order)
+    keys = dkim_keys if dkim_keys is not None else _dkim_keys(config)
+    if config.arc and keys is not None:
+        from pymta.pipeline.arc import ArcSeal
+
+        modifiers.append(ArcSeal(keys, config.first_domain,
+                                 config.authserv_id or config.hostname))
+    if config.dkim_sign and keys is not None:
+        from pymta.pipeline.dkimsign import DkimSign
+
+        modifiers.append(DkimSign(keys, config.first_domain))
+    srs = srs if srs is not None else srs_from_config(config)
+    if srs is not None:  # keep last: it changes the envelope sender
+        from pymta.pipeline.srs import SRSRewrite
+
+        modifiers.append(SRSRewrite(srs))
     return Pipeline(checks, modifiers, timeout=config.pipeline_timeout)
 
 
@@ -126,13 +194,28 @@ class MTA:
         them); without them the MTA binds ``config``'s listen addresses itself."""
         self.config = config
         self._sockets = sockets
+        # SRS (SRS_ENABLE): the forward rewrite is a pipeline stage, the reverse a lookup in
+        # front of the others; the SRS domain is one we accept mail for
+        self.srs = srs_from_config(config)
+        self.local_domains = frozenset(d.lower() for d in config.mail_domain) | (
+            {self.srs.domain} if self.srs is not None else frozenset())
         self.lookups = list(lookups) if lookups is not None else _default_lookups(config)
+        if self.srs is not None:
+            from pymta.backends.srs import SRSLookup
+
+            self.lookups.insert(0, SRSLookup(self.srs, self.local_domains, list(self.lookups)))
         self.router = router if router is not None else _default_router(config)
         # AUTH on the submission ports; None (no SASL method configured): no ports 587/465
         self.authenticator = (authenticator if authenticator is not None
                               else _default_authenticator(config))
-        self.pipeline = pipeline if pipeline is not None else _default_pipeline(config)
-        self.store = QueueStore(os.path.join(config.state_dir, "queue"))
+        self.dkim_keys = _dkim_keys(config)
+        self.pipeline = (pipeline if pipeline is not None
+                         else _default_pipeline(config, srs=self.srs,
+                                                dkim_keys=self.dkim_keys))
+        # The server's hot path: delivery takes over the lock of a message just queued, and
+        # empty spool files are made ahead of time off the event loop.
+        self.store = QueueStore(os.path.join(config.state_dir, "queue"), hand_over_locks=True,
+                                prealloc=32)
         self.manager: QueueManager | None = None
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self._servers: list[asyncio.base_events.Server] = []
@@ -151,6 +234,11 @@ class MTA:
         from pymta import dns
 
         dns.configure(config.dns_resolver, config.dns_timeout)  # every lookup pymta makes
+        if self.srs is not None:
+            self.srs.load()  # <state dir>/srs/secret, generated at first start
+        if self.dkim_keys is not None:  # DKIM keys and their TXT records, made at first start
+            await asyncio.to_thread(self.dkim_keys.ensure, config.mail_domain if config.dkim_sign
+                                    else (config.first_domain,))
         ssl_ctx = server_ssl_context(config)
         self.store.open()
         await self.store.start()
@@ -164,8 +252,8 @@ class MTA:
         await self.manager.start()
         receive = ReceiveContext(
             hostname=config.hostname,
-            local_domains=frozenset(d.lower() for d in config.mail_domain),
-            first_domain=config.first_domain, lookups=self.lookups, store=self.store,
+            local_domains=self.local_domains, first_domain=config.first_domain,
+            lookups=self.lookups, store=self.store,
             submit=self.manager.submit, header_size_limit=config.header_size_limit,
             max_received=config.max_received_headers,
             relay_allowed=network_matcher(config.mynetworks), authenticator=self.authenticator,
@@ -267,9 +355,14 @@ class MTA:
     async def resolve(self, address: str) -> Recipient | None:
         """Route a notice (DSN) recipient: local addresses through the lookups, others remote."""
         addr = Address(address)
-        if addr.domain in {d.lower() for d in self.config.mail_domain}:
+        if addr.domain in self.local_domains:
             for source in self.lookups:
-                dest = await source.lookup(addr)
+                try:
+                    dest = await source.lookup(addr)
+                except SMTPError as exc:
+                    if isinstance(exc, TemporaryFailure) or not exc.reply.is_permanent:
+                        raise
+                    return None  # e.g. an expired SRS address: nobody to notify
                 if dest is not None:
                     target = dest.targets[0]
                     return Recipient(address=target.address, original=address,

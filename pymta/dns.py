@@ -111,6 +111,22 @@ def get_resolver() -> dns.asyncresolver.Resolver:
     return _resolver
 
 
+def sync_resolver() -> dns.resolver.Resolver:
+    """A blocking ``dns.resolver.Resolver`` with the configured resolver's servers, port and
+    timeouts, sharing its cache: for libraries that do their own blocking DNS in a worker
+    thread (pyspf, dkimpy). Built anew from :func:`get_resolver` each call (cheap), so it
+    always follows the current configuration."""
+    source = get_resolver()
+    twin = dns.resolver.Resolver(configure=False)
+    twin.nameservers = list(source.nameservers)
+    twin.port = source.port
+    twin.lifetime = source.lifetime
+    twin.timeout = source.timeout
+    twin.search = []
+    twin.cache = source.cache
+    return twin
+
+
 # ------------------------------------------------------------------------------ lookups
 
 

@@ -13,6 +13,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _rfc5322_date(now: float) -> str:
+    """``format_datetime`` of ``now`` in UTC, computed once per second (it is slow)."""
+    global _date_cache
+    sec = int(now)
+    cached_sec, text = _date_cache
+    if cached_sec != sec:
+        text = format_datetime(datetime.fromtimestamp(sec, UTC))
+        _date_cache = (sec, text)
+    return text
+
 
 def protocol_name(extended: bool, tls: bool, authenticated: bool) -> str:
     """The ``with`` keyword of RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA."""
@@ -32,7 +45,7 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, qi
     lines.append(f"\tby {hostname} (pymta) with {protocol} id {qid}")
     if tls_info:
         lines.append(f"\t({tls_info})")
-    tail = f"; {format_datetime(datetime.fromtimestamp(now, UTC))}"
+    tail = f"; {_rfc5322_date(now)}"
     if recipient:
         lines.append(f"\tfor <{_clean(recipient)}>{tail}")
     else:

@@ -18,6 +18,7 @@ the password is never logged, the user name only in Postfix's ``sasl_username=``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 from pymta.headerscan import HeaderScanner
 from pymta.pipeline import Action, Pipeline, SpooledBody, Transaction
+from pymta.pipeline.headers import copy_without
 from pymta.received import protocol_name, received_header
 from pymta.smtp import events as ev
 from pymta.types import (
@@ -82,7 +84,7 @@ class ReceiveContext:
     first_domain: str
     lookups: Sequence[RecipientLookup]
     store: object                      # pymta.queue.store.QueueStore
-    submit: Callable[[str, Envelope], None]
+    submit: Callable[..., None]        # (qid, envelope[, lock]): see QueueManager.submit
     header_size_limit: int = 1048576
     max_received: int = 50
     relay_allowed: Callable[[str], bool] = field(default=lambda ip: False)
@@ -338,6 +340,16 @@ class Session:
                 # Held in the queue: `pymta queue list` shows it, `queue release` delivers it.
                 envelope.held = True
                 envelope.extra["quarantine"] = quarantine
+            if txn.header_drops:
+                # A stage removes fields of the message as received (a forged
+                # Authentication-Results): rare, so the spool file is rewritten only then.
+                try:
+                    await self.ctx.store.rewrite_spool(
+                        spool, functools.partial(copy_without,
+                                                 predicates=tuple(txn.header_drops)))
+                except OSError as exc:
+                    log.error("%s: queue file rewrite failed: %s", spool.qid, exc)
+                    return Reply(451, "4.3.0", "Error: queue file write error")
         self._spool = None  # the store owns the file from here on
         try:
             qid = await self.ctx.store.commit(spool, envelope)
@@ -351,5 +363,10 @@ class Session:
         log.info("%s: client=unknown[%s], from=<%s>, size=%d, nrcpt=%d%s", qid, self.peer_ip,
                  mail.address, envelope.size, len(envelope.recipients),
                  f", sasl_username={self.auth_user}" if self.auth_user else "")
-        self.ctx.submit(qid, envelope)
+        lock = getattr(spool, "lock", None)   # still held: see QueueStore.hand_over_locks
+        if lock is not None:
+            spool.lock = None
+            self.ctx.submit(qid, envelope, lock)
+        else:
+            self.ctx.submit(qid, envelope)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")

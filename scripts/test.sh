@@ -19,10 +19,12 @@ step() { printf '\n==> %s\n' "$*"; }
 # libnet-ssleay-perl: swaks needs it for STARTTLS / TLS-on-connect (only Recommends in Debian,
 # and we install without recommends to keep the install small and predictable).
 # slapd ... dovecot-lmtpd: real services the integration tests start themselves (tests/services;
-# never the packaged instances, which the policy-rc.d below keeps from starting). postfix also
+# never the packaged instances, which the policy-rc.d below keeps from starting). opendkim: the
+# independent DKIM verifier of what pymta signs (its test mode, `opendkim -t`). postfix also
 # serves as a throwaway peer / smart host there (its SASL is Dovecot's: no Cyrus packages).
 APT_PACKAGES=(swaks libnet-ssleay-perl openssl postfix
-              slapd ldap-utils mariadb-server mariadb-client dovecot-core dovecot-imapd dovecot-lmtpd)
+              slapd ldap-utils mariadb-server mariadb-client dovecot-core dovecot-imapd dovecot-lmtpd
+              opendkim)
 # Debian's python3 ships without ensurepip; `python3 -m venv` then fails until python3-venv is in.
 if [[ ! -x .venv/bin/python ]] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
     APT_PACKAGES+=(python3-venv)

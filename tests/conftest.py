@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,16 @@ from pymta.app import MTA
 from pymta.config.model import Config, ListenAddress
 
 DOMAIN = "example.com"
+
+
+@functools.cache
+def _test_dkim_key() -> str:
+    """One RSA DKIM key per test session, given as DKIM_PRIVATEKEY to every test server: a
+    server without one generates a 2048-bit key per domain at start (~65 ms each). Tests of
+    key generation pass ``dkim_private_key=""``."""
+    from pymta.pipeline.dkimkeys import generate_key, private_pem
+
+    return private_pem(generate_key("rsa", 2048)).decode("ascii")
 
 
 def make_config(tmp_path: Path, **overrides: object) -> Config:
@@ -36,6 +47,7 @@ def make_config(tmp_path: Path, **overrides: object) -> Config:
         queue_retry_first=0.2,
         queue_retry_max=0.5,
         syslog_level=7,
+        dkim_private_key=_test_dkim_key(),
     )
     return dataclasses.replace(base, **overrides)
 

@@ -1,5 +1,6 @@
-"""The ``pymta`` command (also ``python -m pymta``): serve, check-config, queue management and
-``passwd hash`` (``{SCHEME}`` password hashes for ``SMTPD_SASL_CLIENTAUTH``).
+"""The ``pymta`` command (also ``python -m pymta``): serve, check-config, queue management,
+``passwd hash`` (``{SCHEME}`` password hashes for ``SMTPD_SASL_CLIENTAUTH``) and ``dkim
+show``/``dkim keygen`` (signing keys and the DNS TXT records to publish).
 
 The CLI is what an operator touches first, often with a mistyped variable, so every expected
 problem is one line on stderr and an exit status, never a traceback: configuration errors
@@ -64,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         "hash", help="read a password (prompt, or one line of stdin) and print {SCHEME}hash")
     pw_hash.add_argument("--scheme", default="SHA512-CRYPT", metavar="SCHEME",
                          help="Dovecot scheme name (default SHA512-CRYPT)")
+    dk = sub.add_parser("dkim", help="DKIM signing keys and the DNS records to publish")
+    dksub = dk.add_subparsers(dest="dkim_command", metavar="ACTION", parser_class=_Parser)
+    dk_show = dksub.add_parser("show", parents=[queue_opt],
+                               help="print the TXT record(s) to publish (all domains)")
+    dk_show.add_argument("domain", metavar="DOMAIN", nargs="?", help="only this domain")
+    dk_gen = dksub.add_parser("keygen", parents=[queue_opt],
+                              help="make a new key (replaces the domain's key file)")
+    dk_gen.add_argument("--domain", metavar="D", help="domain (default: every MAIL_DOMAIN)")
+    dk_gen.add_argument("--selector", metavar="S", help="selector (default: DKIM_SELECTOR)")
+    dk_gen.add_argument("--bits", metavar="N", help="RSA key size (default: DKIM_KEYBITS)")
+    dk_gen.add_argument("--algorithm", choices=("rsa", "ed25519"),
+                        help="key type (default: DKIM_ALGORITHM)")
     return parser
 
 
@@ -177,6 +190,54 @@ def _queue(args: argparse.Namespace) -> int:
     return queue.run(args, state_dir)
 
 
+def _dkim(args: argparse.Namespace, out: TextIO) -> int:
+    """``dkim show``: the records of the configured keys, made first when missing (as the
+    server does at first start); ``dkim keygen``: new key files and records. The private key
+    is never printed."""
+    import dataclasses
+
+    from pymta.config.load import load_config
+    from pymta.config.load import parse_domains as _domains
+    from pymta.pipeline.dkimkeys import KeyStore, record_path
+
+    config = load_config(path=args.config)
+    if args.state_dir:
+        config = dataclasses.replace(config, state_dir=args.state_dir)
+    domains = list(config.mail_domain)
+    wanted = args.domain
+    if wanted:
+        domain = _domains("DOMAIN", wanted)
+        if len(domain) != 1:
+            raise _UsageError(f"dkim: one domain, please: {wanted!r}")
+        if domain[0] not in domains:
+            raise _UsageError(f"dkim: {domain[0]} is not one of MAIL_DOMAIN "
+                              f"({' '.join(domains)})")
+        domains = [domain[0]]
+    store = KeyStore.from_config(config)
+    if args.dkim_command == "show":
+        for domain in domains:
+            key = store.get(domain)
+            print(key.zone_line(), file=out)
+        return 0
+    from pymta.config.load import _dkim_keybits, _dkim_selector
+
+    selector = _dkim_selector("--selector", args.selector) if args.selector else None
+    bits = _dkim_keybits("--bits", args.bits) if args.bits else None
+    if store.configured is not None:
+        print("pymta: note: DKIM_PRIVATEKEY is set and signs instead of the new key file",
+              file=sys.stderr)
+    for domain in domains:
+        key = store.generate(domain, selector=selector, algorithm=args.algorithm, bits=bits)
+        print(f"; new key {store.state_dir}/dkim/{domain}.{key.selector}.key; publish "
+              f"(also in {record_path(store.state_dir, domain, key.selector)}):", file=out)
+        print(key.zone_line(), file=out)
+    if selector and selector != config.dkim_selector:
+        print(f"pymta: note: signing uses DKIM_SELECTOR={config.dkim_selector}; set "
+              f"DKIM_SELECTOR={selector} to sign with the new key", file=sys.stderr)
+    print("pymta: restart the server to sign with the new key", file=sys.stderr)
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -196,6 +257,10 @@ def _dispatch(argv: Sequence[str] | None) -> int:
             raise _UsageError("queue: which action? list, show, flush, delete, hold or "
                               "release (see 'pymta queue --help')")
         return _queue(args)
+    if args.command == "dkim":
+        if args.dkim_command not in ("show", "keygen"):
+            raise _UsageError("dkim: which action? show or keygen (see 'pymta dkim --help')")
+        return _dkim(args, sys.stdout)
     if args.command == "passwd":
         if args.passwd_command != "hash":
             raise _UsageError("passwd: which action? hash (see 'pymta passwd --help')")

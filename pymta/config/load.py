@@ -280,6 +280,71 @@ def _parse_secret(name: str, value: Any) -> str:
     return str(value)
 
 
+def _srs_domain(name: str, value: Any) -> str:
+    """One domain name (or empty: the first MAIL_DOMAIN)."""
+    domains = parse_domains(name, value)
+    if len(domains) > 1:
+        raise ConfigError(f"{name}: one domain only: {value!r}")
+    return domains[0] if domains else ""
+
+
+def _srs_max_age(name: str, value: Any) -> int:
+    """Days, as in PostSRSd (a bare number), or a duration with a unit (``3w``); the SRS
+    timestamp counts whole days and wraps after 1024 of them."""
+    text = str(value).strip()
+    if isinstance(value, int | float) and not isinstance(value, bool) or text.isdigit():
+        days = parse_size(name, value, 1)
+    else:
+        days = int(parse_duration(name, value, positive=True) // 86400)
+        if days < 1:
+            raise ConfigError(f"{name}: must be at least one day: {value!r}")
+    if days > 1000:
+        raise ConfigError(f"{name}: at most 1000 days (the timestamp wraps): {value!r}")
+    return days
+
+
+def _authserv_id(name: str, value: Any) -> str:
+    """RFC 8601's authserv-id: one token (a host name, usually), no blanks or separators."""
+    text = _parse_string(name, value).strip()
+    if text and (not text.isascii() or any(c in text for c in ' \t;()"\\')
+                 or not text.isprintable()):
+        raise ConfigError(f"{name}: not a single token: {value!r}")
+    return text
+
+
+def _dkim_selector(name: str, value: Any) -> str:
+    """A DKIM selector: one or more DNS labels (RFC 6376 §3.1), e.g. ``default``, ``2024a``."""
+    text = _parse_string(name, value)
+    if not _is_hostname(text) or text.endswith("."):
+        raise ConfigError(f"{name}: not a selector (DNS labels): {value!r}")
+    return text.lower()
+
+
+def _dkim_keybits(name: str, value: Any) -> int:
+    bits = parse_size(name, value, 1024)
+    if bits > 8192:
+        raise ConfigError(f"{name}: at most 8192 bits: {value!r}")
+    return bits
+
+
+def _dkim_algorithm(name: str, value: Any) -> str:
+    text = _parse_string(name, value).lower()
+    if text not in ("rsa", "ed25519"):
+        raise ConfigError(f"{name}: must be rsa or ed25519: {value!r}")
+    return text
+
+
+def _dkim_private_key(name: str, value: Any) -> str:
+    """Checked now (a PEM key, or its base64 body without the armour lines); kept as given.
+    The message never quotes the key."""
+    from pymta.pipeline.dkimkeys import parse_private_key
+
+    text = _parse_secret(name, value).strip()
+    if text:
+        parse_private_key(text, name)
+    return text
+
+
 def _parse_regex_alias(name: str, value: Any) -> str:
     """Kept raw (rules may be newline separated); checked now so a bad pattern stops start-up."""
     from pymta.backends.regex import parse_regex_alias
@@ -418,6 +483,22 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("submissions_listen", "PYMTA_SUBMISSIONS_LISTEN", parse_listen),
     _Setting("workers", "PYMTA_WORKERS", _size(1)),
     _Setting("pipeline_timeout", "PYMTA_PIPELINE_TIMEOUT", _duration(True)),
+    _Setting("spf_check", "PYMTA_SPF", parse_bool),
+    _Setting("spf_reject_fail", "SPF_REJECT_FAIL", parse_bool),
+    _Setting("dmarc_check", "PYMTA_DMARC", parse_bool),
+    _Setting("dmarc_enforce", "DMARC_ENFORCE", parse_bool),
+    _Setting("authserv_id", "PYMTA_AUTHSERV_ID", _authserv_id),
+    _Setting("dkim_verify", "PYMTA_DKIM_VERIFY", parse_bool),
+    _Setting("dkim_sign", "PYMTA_DKIM_SIGN", parse_bool),
+    _Setting("dkim_selector", "DKIM_SELECTOR", _dkim_selector),
+    _Setting("dkim_keybits", "DKIM_KEYBITS", _dkim_keybits),
+    _Setting("dkim_algorithm", "DKIM_ALGORITHM", _dkim_algorithm),
+    _Setting("dkim_private_key", "DKIM_PRIVATEKEY", _dkim_private_key),
+    _Setting("arc", "PYMTA_ARC", parse_bool),
+    _Setting("srs_enable", "SRS_ENABLE", parse_bool),
+    _Setting("srs_domain", "SRS_DOMAIN", _srs_domain),
+    _Setting("srs_secret", "SRS_SECRET", _parse_secret),
+    _Setting("srs_max_age", "SRS_MAX_AGE", _srs_max_age),
     _Setting("smtpd_use_tls", "SMTPD_USE_TLS", parse_bool),
     _Setting("smtpd_tls_cert_file", "SMTPD_TLS_CERT_FILE", _parse_string),
     _Setting("smtpd_tls_key_file", "SMTPD_TLS_KEY_FILE", _parse_string),
@@ -591,6 +672,14 @@ def _check_together(values: dict[str, Any]) -> None:
             f"PYMTA_RETRY_FIRST: longer than PYMTA_RETRY_MAX ({most:g}s): {first:g}s")
 
 
+def default_workers() -> int:
+    """``PYMTA_WORKERS`` when unset: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def load_config(environ: Mapping[str, str] | None = None, path: str | None = None) -> Config:
     """Return the Config from defaults, the TOML file (``path`` or ``PYMTA_CONFIG``) and the
     environment (``os.environ`` when ``environ`` is None), the environment winning.
@@ -614,5 +703,7 @@ def load_config(environ: Mapping[str, str] | None = None, path: str | None = Non
                               f"{values['hostname']!r}")
         values["mail_domain"] = (domain.lower(),)
     values.setdefault("state_dir", _default_state_dir())
+    # One worker process per core: a process runs Python on one core at a time.
+    values.setdefault("workers", default_workers())
     _check_together(values)
     return Config(**values, extra=extra)

@@ -77,7 +77,7 @@ class Config:
     smtp_listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 25),)
     submission_listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 587),)
     submissions_listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 465),)
-    workers: int = 1                                 # PYMTA_WORKERS
+    workers: int = 1                                 # PYMTA_WORKERS (load_config: one per core)
     # TLS
     smtpd_use_tls: bool = False                      # SMTPD_USE_TLS
     smtpd_tls_cert_file: str = ""                    # SMTPD_TLS_CERT_FILE
@@ -118,6 +118,25 @@ class Config:
     dead_host_time: float = 60.0                     # PYMTA_DEAD_HOST_TIME
     # pre-queue pipeline
     pipeline_timeout: float = 30.0                   # PYMTA_PIPELINE_TIMEOUT (per stage)
+    # sender authentication of inbound mail (pymta/pipeline/spf.py, dmarc.py, authresults.py)
+    spf_check: bool = True                           # PYMTA_SPF (SPF of untrusted clients)
+    spf_reject_fail: bool = False                    # SPF_REJECT_FAIL (fail → 550 5.7.23)
+    dmarc_check: bool = True                         # PYMTA_DMARC
+    dmarc_enforce: bool = True                       # DMARC_ENFORCE (no: tag, never hold/reject)
+    authserv_id: str = ""                            # PYMTA_AUTHSERV_ID (empty: hostname)
+    # DKIM and ARC (pymta/pipeline/dkimverify.py, dkimsign.py, dkimkeys.py, arc.py)
+    dkim_verify: bool = True                         # PYMTA_DKIM_VERIFY (inbound signatures)
+    dkim_sign: bool = True                           # PYMTA_DKIM_SIGN (our users' mail)
+    dkim_selector: str = "default"                   # DKIM_SELECTOR
+    dkim_keybits: int = 2048                         # DKIM_KEYBITS (new RSA keys)
+    dkim_algorithm: str = "rsa"                      # DKIM_ALGORITHM rsa|ed25519 (new keys)
+    dkim_private_key: str = field(default="", repr=False)  # DKIM_PRIVATEKEY (PEM or base64)
+    arc: bool = True                                 # PYMTA_ARC (verify chains, seal forwards)
+    # SRS (sender rewriting of forwarded mail, PostSRSd's job; pymta/srs.py)
+    srs_enable: bool = True                          # SRS_ENABLE
+    srs_domain: str = ""                             # SRS_DOMAIN (empty: first MAIL_DOMAIN)
+    srs_secret: str = field(default="", repr=False)  # SRS_SECRET (empty: state dir file)
+    srs_max_age: int = 21                            # SRS_MAX_AGE (days)
     # logging
     syslog_level: int = 5                            # SYSLOG_LEVEL 0..7
     log_syslog: bool = False                         # PYMTA_LOG_SYSLOG

@@ -11,7 +11,11 @@ pass and never a 5xx (Haraka's plugin timeout, the architecture notes' rule 5). 
 :class:`Modifier` then runs in order (SRS rewrites the sender, DKIM/ARC add signatures, the
 Authentication-Results modifier renders what the checks recorded). What modifiers add goes to
 ``Envelope.prepend`` (the spooled body is never rewritten for it), so delivery agents write
-those fields above the spooled message.
+those fields above the spooled message. A modifier that must *remove* a field of the
+message as received (an ``Authentication-Results`` forged with our authserv-id) calls
+:meth:`Transaction.drop_header`: later stages see the message without it at once (the
+:class:`SpooledBody` view filters), and the session rewrites the spool file's header section
+before the commit (``QueueStore.rewrite_spool``: a rare, crash-safe copy under the same id).
 
 Checks are read-only on the message; modifiers must not change the body (maddy's reason:
 it would break DKIM signatures).
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from pymta.pipeline.headers import DropPredicate, filter_bytes
 from pymta.types import Recipient, Reply
 
 log = logging.getLogger("pymta.pipeline")
@@ -64,17 +69,29 @@ class SpooledBody:
     that need it (DKIM); ``header_bytes`` reads only the header section.
     """
 
-    __slots__ = ("path", "size", "_cache")
+    __slots__ = ("path", "size", "_cache", "_drops")
 
     def __init__(self, path: str, size: int) -> None:
         self.path = path
         self.size = size
         self._cache: bytes | None = None
+        self._drops: tuple[DropPredicate, ...] = ()
+
+    def drop_headers(self, predicates: Sequence[DropPredicate]) -> None:
+        """From now on, show the message without the header fields ``predicates`` match
+        (what ``Transaction.drop_header`` asked for; the file itself is rewritten later)."""
+        if tuple(predicates) != self._drops:
+            self._drops = tuple(predicates)
+            if self._cache is not None:
+                self._cache = filter_bytes(self._cache, self._drops)
+                self.size = len(self._cache)
 
     def read(self) -> bytes:
         if self._cache is None:
             with open(self.path, "rb") as f:
-                self._cache = f.read()
+                data = f.read()
+            self._cache = filter_bytes(data, self._drops) if self._drops else data
+            self.size = len(self._cache)
         return self._cache
 
     async def read_async(self) -> bytes:
@@ -88,6 +105,8 @@ class SpooledBody:
         else:
             with open(self.path, "rb") as f:
                 data = f.read(limit)
+            if self._drops:
+                data = filter_bytes(data, self._drops)
         end = data.find(b"\r\n\r\n")
         return data[: end + 2] if end >= 0 else data
 
@@ -99,7 +118,8 @@ class Transaction:
     ``trusted`` is true for authenticated clients and MYNETWORKS (no SPF/DMARC on them;
     their mail is signed). ``results`` lets later stages read earlier ones (DMARC reads the
     SPF and DKIM outcomes) keyed by stage name. ``prepend`` collects header fields (with
-    CRLF) that will stand above the spooled message, newest first.
+    CRLF) that will stand above the spooled message, newest first. ``header_drops`` are
+    predicates over raw header fields of the message as received (see ``drop_header``).
     """
 
     qid: str
@@ -115,6 +135,13 @@ class Transaction:
     results: dict[str, object] = field(default_factory=dict)
     auth_results: list[str] = field(default_factory=list)
     prepend: list[str] = field(default_factory=list)
+    header_drops: list[DropPredicate] = field(default_factory=list)
+
+    def drop_header(self, predicate: DropPredicate) -> None:
+        """Remove every header field of the received message that ``predicate`` (called with
+        the raw field: name, folded value, CRLF) matches. Only for fields that are there: each
+        call costs the session a rewrite of the spool file's header section before commit."""
+        self.header_drops.append(predicate)
 
     def add_header(self, line: str) -> None:
         """Put a header field above everything added so far (trace fields stack upwards)."""
@@ -185,6 +212,8 @@ class Pipeline:
         for modifier in self.modifiers:
             try:
                 await asyncio.wait_for(modifier.modify(txn, body), self.timeout)
+                if txn.header_drops:
+                    body.drop_headers(txn.header_drops)
             except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
                 log.error("%s: %s failed: %r", txn.qid, modifier.name, exc)
                 return Outcome(Action.TEMPFAIL, TEMPFAIL_REPLY,

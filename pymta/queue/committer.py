@@ -12,12 +12,20 @@ batches grow exactly as fast as the disk is slow: no timers, no added latency wh
 
 For one batch, in this order (the order is the crash-safety argument):
 
+0. run each item's ``prepare`` (the store's: flush the body's last bytes, write the envelope
+   to ``tmp/``), so that creating files -- which waits for the journal while a flush runs --
+   happens here and not on the event loop;
 1. make every item's data durable: ``syncfs(2)`` on the spool's filesystem when the batch has
    more than one item (one journal flush for all of it), otherwise, or if ``syncfs`` fails,
    ``fdatasync`` each file and then fsync ``data/`` once, so a body's directory entry is on disk
    before anything can point at it;
 2. rename each ``tmp/<qid>`` envelope into ``env/`` (the commit point);
 3. fsync ``env/`` once, then resolve the batch's futures.
+
+Removals (``RemoveItem``, a delivered message leaving the queue) ride on the same batches:
+their envelopes are unlinked before the ``env/`` fsync of step 3 (one fsync for commits and
+removals alike), their bodies after it, and the message's lock is closed last, here too: the
+last close of an unlinked file frees its blocks, which waits for the journal.
 
 A crash before 3 completes loses only commits that were never acknowledged; their leftovers are
 removed when the store is next opened. An ``OSError`` is charged to the item that caused it
@@ -59,6 +67,22 @@ class CommitItem:
     done: Callable[[CommitItem, BaseException | None], None]
     renamed: bool = False
     future: asyncio.Future[None] | None = field(default=None, repr=False)
+    # Runs first, on the commit thread: writes the item's files (and sets ``fds``), so the
+    # event loop never waits for the file system's journal. An OSError fails only this item.
+    prepare: Callable[[CommitItem], None] | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class RemoveItem:
+    """A message leaving the queue: ``env`` is unlinked, ``env/`` fsynced (shared with the
+    batch's commits), then ``body`` is unlinked and ``lock_fd`` (the message's lock, if the
+    caller held it) closed -- on the commit thread, where the inode's release may wait for the
+    journal without holding up the event loop."""
+
+    env: str
+    body: str
+    lock_fd: int = -1
+    future: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
 def _load_syncfs() -> Callable[[int], None] | None:
@@ -86,6 +110,7 @@ def _load_syncfs() -> Callable[[int], None] | None:
 
 
 _SYNCFS = _load_syncfs()
+SYNCFS = _SYNCFS    # ``syncfs(fd)`` raising OSError, or None: for other batched flushes
 
 
 class GroupCommitter:
@@ -104,6 +129,7 @@ class GroupCommitter:
         self._env_dir_fd = env_dir_fd
         self._syncfs_fn = _SYNCFS
         self._pending: list[CommitItem] = []
+        self._removals: list[RemoveItem] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -114,6 +140,7 @@ class GroupCommitter:
         self.syncfs_calls = 0
         self.file_syncs = 0
         self.dir_syncs = 0
+        self.removals = 0
 
     @property
     def running(self) -> bool:
@@ -134,6 +161,15 @@ class GroupCommitter:
         self._wakeup.set()
         return item.future
 
+    def submit_removal(self, item: RemoveItem) -> asyncio.Future[None]:
+        """Queue a removal; the future resolves once the envelope's unlink is durable."""
+        if not self.running:
+            raise RuntimeError("group committer is not running")
+        item.future = asyncio.get_running_loop().create_future()
+        self._removals.append(item)
+        self._wakeup.set()
+        return item.future
+
     async def close(self) -> None:
         """Stop accepting commits, finish every one already queued, stop the thread."""
         if self._task is None:
@@ -149,31 +185,35 @@ class GroupCommitter:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._pending:
+            if not self._pending and not self._removals:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             batch, self._pending = self._pending, []
-            work = loop.run_in_executor(self._executor, self._flush, batch)
+            removals, self._removals = self._removals, []
+            work = loop.run_in_executor(self._executor, self._flush, batch, removals)
             try:
                 errors = await asyncio.shield(work)
             except asyncio.CancelledError:
                 # The thread still owns these descriptors; finish the batch when it is done.
-                work.add_done_callback(lambda f, b=batch: self._finish(b, _errors_of(f, b)))
+                work.add_done_callback(
+                    lambda f, b=batch, r=removals: self._finish(b + r, _errors_of(f, b + r)))
                 raise
             except Exception as e:   # a bug in _flush: every item is in doubt
                 log.exception("group commit failed")
-                errors = [e] * len(batch)
-            self._finish(batch, errors)
+                errors = [e] * (len(batch) + len(removals))
+            self._finish(batch + removals, errors)
 
-    def _finish(self, batch: list[CommitItem], errors: list[BaseException | None]) -> None:
+    def _finish(self, batch: list[CommitItem | RemoveItem],
+                errors: list[BaseException | None]) -> None:
         for item, err in zip(batch, errors, strict=True):
-            try:
-                item.done(item, err)
-            except Exception:
-                log.exception("%s: commit clean-up failed", item.qid)
+            if isinstance(item, CommitItem):
+                try:
+                    item.done(item, err)
+                except Exception:
+                    log.exception("%s: commit clean-up failed", item.qid)
             fut = item.future
             if fut is not None and not fut.done():
                 if err is None:
@@ -183,11 +223,27 @@ class GroupCommitter:
 
     # ------------------------------------------------------------------ commit thread side
 
-    def _flush(self, batch: list[CommitItem]) -> list[BaseException | None]:
+    def _flush(self, batch: list[CommitItem], removals: list[RemoveItem] | None = None,
+               ) -> list[BaseException | None]:
         errors: list[BaseException | None] = [None] * len(batch)
-        if self.fsync:
+        for i, item in enumerate(batch):
+            if item.prepare is not None:
+                try:
+                    item.prepare(item)
+                except OSError as e:
+                    errors[i] = e
+        if self.fsync and any(e is None for e in errors):
             self._make_durable(batch, errors)
-        renamed = False
+        removals = removals or []
+        rm_errors: list[BaseException | None] = [None] * len(removals)
+        for i, rm in enumerate(removals):
+            try:
+                os.unlink(rm.env)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                rm_errors[i] = e
+        renamed = bool(removals)
         for i, item in enumerate(batch):
             if errors[i] is None:
                 try:
@@ -202,10 +258,26 @@ class GroupCommitter:
                 self._sync_dir(self._env_dir_fd)
             except OSError as e:
                 _fail_remaining(errors, e)
-        self.batches += 1
-        self.commits += len(batch)
-        self.max_batch = max(self.max_batch, len(batch))
-        return errors
+                _fail_remaining(rm_errors, e)
+        for i, rm in enumerate(removals):
+            if rm_errors[i] is None:
+                try:
+                    os.unlink(rm.body)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.warning("cannot remove %s: %s", rm.body, e)   # clean-up removes it
+            if rm.lock_fd >= 0:
+                try:
+                    os.close(rm.lock_fd)
+                except OSError as e:
+                    log.warning("closing %s: %s", rm.body, e)
+        if batch:
+            self.batches += 1
+            self.commits += len(batch)
+            self.max_batch = max(self.max_batch, len(batch))
+        self.removals += len(removals)
+        return errors + rm_errors
 
     def _make_durable(self, batch: list[CommitItem], errors: list[BaseException | None]) -> None:
         if len(batch) > 1 and self._syncfs_fn is not None:
@@ -216,6 +288,8 @@ class GroupCommitter:
                 # Cannot tell whose data failed; per-file fsync below reports each file's error.
                 log.warning("syncfs on queue failed (%s); falling back to fsync per file", e)
         for i, item in enumerate(batch):
+            if errors[i] is not None:
+                continue        # its prepare step failed: nothing of it will be renamed
             try:
                 self._sync_item(item)
             except OSError as e:
@@ -253,7 +327,7 @@ def _fail_remaining(errors: list[BaseException | None], err: BaseException) -> N
 
 
 def _errors_of(fut: asyncio.Future[list[BaseException | None]],
-               batch: list[CommitItem]) -> list[BaseException | None]:
+               batch: list[CommitItem | RemoveItem]) -> list[BaseException | None]:
     if fut.cancelled():
         return [RuntimeError("group commit cancelled")] * len(batch)
     exc = fut.exception()

@@ -13,7 +13,10 @@ Implementation summary:
   Messages stay on disk; only queue ids and due times live in memory.
 - One attempt holds the store's per-message lock (exactly one attempt per message across all
   worker processes), re-reads the envelope from disk (it is authoritative: the CLI or another
-  worker may have changed it), groups the pending recipients by the router's transport key
+  worker may have changed it) -- except for the first attempt of a message this process has
+  just received, whose lock the receiving side hands over still held since the commit: then
+  nobody can have changed it and the envelope in memory is the one on disk --
+  groups the pending recipients by the router's transport key
   and calls the agents concurrently. Any exception from an agent, or a missing outcome, is a
   temporary ``451 4.3.0`` for the recipients concerned: our own bug never loses or bounces
   mail.
@@ -54,6 +57,7 @@ from .retry import RetryPolicy
 
 log = logging.getLogger("pymta.queue")
 
+MAX_HANDED_OVER = 1024   # locks of just-committed messages kept for their first attempt
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 TIMEOUT_ERROR = Reply(451, "4.4.2", "Delivery attempt timed out")
 EXPIRED_STATUS = "4.4.7"
@@ -112,6 +116,8 @@ class QueueManager:
         self._forced: set[QueueId] = set()       # submitted/flushed: ignore next_attempt
         self._not_before: dict[QueueId, float] = {}  # back-off after an attempt that crashed
         self._inflight: set[QueueId] = set()
+        # Just committed and still locked by us: envelope and lock, handed over by submit()
+        self._fresh: dict[QueueId, tuple[Envelope, MessageLock]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sem: asyncio.Semaphore | None = None
         self._event: asyncio.Event | None = None
@@ -137,6 +143,9 @@ class QueueManager:
         restart (a possible duplicate delivery, never a loss).
         """
         self._running = False
+        for _, lock in self._fresh.values():
+            lock.release()
+        self._fresh.clear()
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -152,10 +161,28 @@ class QueueManager:
                 log.warning("queue manager stop: cancelled %d running attempts", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    def submit(self, qid: QueueId, envelope: Envelope) -> None:
-        """A message was just committed: try it as soon as a slot is free."""
+    def submit(self, qid: QueueId, envelope: Envelope, lock: MessageLock | None = None
+               ) -> None:
+        """A message was just committed: try it as soon as a slot is free.
+
+        ``lock``: the message's lock, held continuously since the commit (the receiving side
+        hands it over). Then nobody can have changed the message on disk, so the attempt uses
+        ``envelope`` as it is instead of locking and reading the envelope again. At most
+        ``MAX_HANDED_OVER`` such locks are kept; beyond that they are released and the
+        attempt reads the disk as usual.
+        """
         if envelope.held:
+            if lock is not None:
+                lock.release()
             return
+        if lock is not None:
+            old = self._fresh.pop(qid, None)
+            if old is not None:
+                old[1].release()
+            if len(self._fresh) < MAX_HANDED_OVER and self._running:
+                self._fresh[qid] = (envelope, lock)
+            else:
+                lock.release()
         self._forced.add(qid)
         self._not_before.pop(qid, None)
         self._schedule(qid, self._clock(), force=True)
@@ -294,11 +321,18 @@ class QueueManager:
             self._poke()
 
     async def _attempt(self, qid: QueueId, *, forced: bool) -> None:
-        lock = self._store.try_lock(qid)
-        if lock is None:
-            return  # another worker is delivering it, or it is gone
+        fresh = self._fresh.pop(qid, None)
+        env: Envelope | None
+        if fresh is not None:
+            env, lock = fresh   # locked since its commit: the disk holds exactly this envelope
+        else:
+            lock = self._store.try_lock(qid)
+            if lock is None:
+                return  # another worker is delivering it, or it is gone
+            env = None
         try:
-            env = self._store.load(qid)
+            if env is None:
+                env = self._store.load(qid)
             if env is None or env.held:
                 return
             start = self._clock()

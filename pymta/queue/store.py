@@ -13,6 +13,9 @@ Layout under the store root (all directories 0700, one filesystem):
     envelope is in ``env/``; everything else is scaffolding.
 ``corrupt/``
     envelopes (and their bodies) the store could not use; kept for a human, never deleted.
+``ready/<qid>``
+    empty bodies made ahead of time (``prealloc``) by a spool thread, each locked by its
+    process; ``new_spool`` hands one out and the commit links it into ``data/``.
 
 Implementation summary. ``new_spool`` creates the body in ``tmp/``, takes an exclusive
 ``flock`` on it, then hard-links it into ``data/``: every body is locked from the moment it has
@@ -30,6 +33,7 @@ old or the new envelope, never a torn one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -38,10 +42,13 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
+from typing import BinaryIO
 
 from pymta.queue import codec
-from pymta.queue.committer import CommitItem, GroupCommitter
+from pymta.queue.committer import CommitItem, GroupCommitter, RemoveItem
 from pymta.queue.ids import is_valid, new_qid
 from pymta.types import Envelope, QueueId, TemporaryFailure
 
@@ -51,6 +58,7 @@ BUFFER_SIZE = 64 * 1024
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 _tmp_serial = itertools.count()
+PREALLOC_MAX_AGE = 10.0     # seconds a prepared body may wait before its qid looks stale
 
 
 def queue_write_error() -> TemporaryFailure:
@@ -64,11 +72,15 @@ class MessageLock:
     Released by ``release()``, by leaving the ``with`` block, or by the process dying.
     """
 
-    __slots__ = ("qid", "_fd")
+    __slots__ = ("qid", "_fd", "_owner")
 
-    def __init__(self, qid: QueueId, fd: int) -> None:
+    def __init__(self, qid: QueueId, fd: int, owner: dict[QueueId, MessageLock] | None = None
+                 ) -> None:
         self.qid = qid
         self._fd = fd
+        self._owner = owner
+        if owner is not None:
+            owner[qid] = self
 
     @property
     def held(self) -> bool:
@@ -76,11 +88,22 @@ class MessageLock:
 
     def release(self) -> None:
         fd, self._fd = self._fd, -1
+        owner, self._owner = self._owner, None
+        if owner is not None and owner.get(self.qid) is self:
+            del owner[self.qid]
         if fd >= 0:
             # Unlock explicitly: a forked child sharing the descriptor must not keep it held.
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def detach(self) -> int:
+        """Give up the descriptor (still locked) to a caller that will close it; -1 if none."""
+        fd, self._fd = self._fd, -1
+        owner, self._owner = self._owner, None
+        if owner is not None and owner.get(self.qid) is self:
+            del owner[self.qid]
+        return fd
 
     def __enter__(self) -> MessageLock:
         return self
@@ -108,13 +131,17 @@ class SpoolWriter:
 
     _OPEN, _COMMITTING, _COMMITTED, _ABORTED = range(4)
 
-    def __init__(self, store: QueueStore, qid: QueueId, fd: int) -> None:
+    def __init__(self, store: QueueStore, qid: QueueId, fd: int, path: str | None = None
+                 ) -> None:
         self.qid = qid
-        self.path = store.body_path(qid)
+        # data/<qid>, or ready/<qid> for a prepared body: the commit links it into data/
+        self.path = path or store.body_path(qid)
         self.size = 0
         self._store = store
         self._file = open(fd, "wb", buffering=BUFFER_SIZE, closefd=True)  # noqa: SIM115
         self._state = self._OPEN
+        # After a commit with ``QueueStore.hand_over_locks``: the message's lock, still held.
+        self.lock: MessageLock | None = None
 
     @property
     def closed(self) -> bool:
@@ -161,10 +188,23 @@ class QueueStore:
 
     committer_class: type[GroupCommitter] = GroupCommitter
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True,
+                 hand_over_locks: bool = False, prealloc: int = 0) -> None:
+        """``hand_over_locks``: a committed writer keeps its message locked in ``writer.lock``
+        for the caller to pass to the delivery (the server does); else the lock is released.
+        ``prealloc``: after ``start()``, keep up to this many empty bodies ready for
+        ``new_spool`` (a server's hot path); each is locked, so clean-up leaves them alone,
+        and ``close()`` (or, after a crash, the next ``open()``) removes the unused ones."""
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
+        self.hand_over_locks = hand_over_locks
+        self.prealloc = prealloc
+        self._ready: collections.deque[tuple[QueueId, int, float]] = collections.deque()
+        self._filling = False
+        self._spool_executor: ThreadPoolExecutor | None = None
+        self._held: dict[QueueId, MessageLock] = {}   # locks this process holds, by qid
         self.tmp_dir = os.path.join(self.root, "tmp")
+        self.ready_dir = os.path.join(self.root, "ready")
         self.data_dir = os.path.join(self.root, "data")
         self.env_dir = os.path.join(self.root, "env")
         self.corrupt_dir = os.path.join(self.root, "corrupt")
@@ -177,7 +217,8 @@ class QueueStore:
         """Create the layout and clean up after any crash; safe while other processes run."""
         if self._root_fd >= 0:
             return
-        for path in (self.root, self.tmp_dir, self.data_dir, self.env_dir, self.corrupt_dir):
+        for path in (self.root, self.tmp_dir, self.data_dir, self.env_dir, self.corrupt_dir,
+                     self.ready_dir):
             try:
                 os.mkdir(path, _DIR_MODE)
             except FileExistsError:
@@ -196,9 +237,18 @@ class QueueStore:
                 fs_fd=self._root_fd, data_dir_fd=self._data_fd, env_dir_fd=self._env_fd,
                 fsync=self.fsync)
         await self.committer.start()
+        if self.prealloc and self._spool_executor is None:
+            self._spool_executor = ThreadPoolExecutor(1, thread_name_prefix="pymta-spool")
+            self._refill()
 
     async def close(self) -> None:
         """Finish queued commits, stop the committer thread, close the directories."""
+        executor, self._spool_executor = self._spool_executor, None
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+        while self._ready:
+            qid, fd, _ = self._ready.popleft()
+            self._discard_body(qid, fd)
         if self.committer is not None:
             await self.committer.close()
         for fd in (self._root_fd, self._data_fd, self._env_fd):
@@ -210,6 +260,8 @@ class QueueStore:
         removed = 0
         for name in os.listdir(self.tmp_dir):
             removed += self._unlink_if_unused(os.path.join(self.tmp_dir, name), None)
+        for name in os.listdir(self.ready_dir):
+            removed += self._unlink_if_unused(os.path.join(self.ready_dir, name), None)
         # env/ is listed before data/: a commit creates the body before the envelope, so any
         # envelope seen here already has its body in the later data/ listing (unless removed).
         envs = {n for n in os.listdir(self.env_dir) if is_valid(n)}
@@ -264,7 +316,66 @@ class QueueStore:
     # ------------------------------------------------------------------ receiving
 
     def new_spool(self) -> SpoolWriter:
-        """A new, locked, empty body in ``data/``. Raises OSError (disk full...) like ``write``."""
+        """A new, locked, empty body in ``data/``. Raises OSError (disk full...) like ``write``.
+
+        With ``prealloc``, a body made ahead of time by the spool thread (creating a file
+        waits for the file system's journal, which is busy flushing the last batch); made
+        here when none is ready.
+        """
+        ready = self._ready
+        if ready:
+            qid, fd, made = ready.popleft()
+            if time.monotonic() - made <= PREALLOC_MAX_AGE:
+                self._refill()
+                return SpoolWriter(self, qid, fd, os.path.join(self.ready_dir, qid))
+            # After a quiet spell: ids should stay close to arrival times, so the spool thread
+            # replaces the whole stale lot while this one message makes its own body.
+            stale = [(qid, fd, made)]
+            while ready:
+                stale.append(ready.popleft())
+            if self._spool_executor is not None:
+                self._spool_executor.submit(self._discard_bodies, stale)
+            else:
+                self._discard_bodies(stale)
+        self._refill()
+        qid, fd = self._create_body()
+        return SpoolWriter(self, qid, fd)
+
+    def _refill(self) -> None:
+        if (self.prealloc and not self._filling and self._spool_executor is not None
+                and len(self._ready) <= self.prealloc // 2):
+            self._filling = True
+            self._spool_executor.submit(self._fill)
+
+    def _fill(self) -> None:
+        """Spool thread: top up the ready bodies. On a fault, stop: ``new_spool`` then makes
+        its own body and reports the fault to its client."""
+        try:
+            while len(self._ready) < self.prealloc and self._spool_executor is not None:
+                qid = new_qid()
+                try:
+                    fd = self._create_locked(os.path.join(self.ready_dir, qid))
+                except (FileExistsError, BlockingIOError):
+                    continue
+                self._ready.append((qid, fd, time.monotonic()))
+        except OSError as e:
+            log.warning("queue: cannot prepare spool files: %s", e)
+        finally:
+            self._filling = False
+
+    def _discard_bodies(self, bodies: list[tuple[QueueId, int, float]]) -> None:
+        for qid, fd, _ in bodies:
+            self._discard_body(qid, fd)
+
+    def _discard_body(self, qid: QueueId, fd: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.ready_dir, _checked(qid)))
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _create_body(self) -> tuple[QueueId, int]:
+        """Create and lock an empty ``data/<qid>`` (via ``tmp/``, so clean-up never sees an
+        unlocked body of a live process)."""
         for _ in range(10):
             qid = new_qid()
             tmp = os.path.join(self.tmp_dir, qid + ".body")
@@ -285,8 +396,46 @@ class QueueStore:
                 os.unlink(tmp)
             except OSError as e:    # a stray second name is harmless; clean-up removes it
                 log.warning("%s: %s", qid, e)
-            return SpoolWriter(self, qid, fd)
+            return qid, fd
         raise FileExistsError(errno.EEXIST, "no unused queue id after 10 attempts")
+
+    def rewrite_spool_sync(self, writer: SpoolWriter,
+                           transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
+        """Replace a not yet committed body by ``transform(old, new)``'s output, same qid.
+
+        For the rare pre-queue edit of the message as received (dropping a forged header
+        field). The new body is built in ``tmp/`` under its own lock and renamed over
+        ``data/<qid>``; the writer then holds the new file (and its lock). A crash at any
+        point leaves an uncommitted body or a ``tmp/`` file, both removed by clean-up; the
+        committer's flush of ``data/`` makes the rename durable with the commit. Raises
+        OSError; the writer is unchanged (still the old body) if the rename did not happen.
+        """
+        if writer._store is not self or writer.closed:
+            raise ValueError(f"{writer.qid}: spool writer is not open")
+        writer._file.flush()
+        tmp = os.path.join(self.tmp_dir, f"{writer.qid}.{os.getpid()}-{next(_tmp_serial)}.edit")
+        fd = self._create_locked(tmp)
+        new = open(fd, "wb", buffering=BUFFER_SIZE, closefd=True)  # noqa: SIM115
+        try:
+            with open(writer.path, "rb") as old:
+                transform(old, new)
+            new.flush()
+            size = new.tell()
+            os.rename(tmp, writer.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                new.close()
+            raise
+        old_file, writer._file = writer._file, new
+        writer.size = size
+        with contextlib.suppress(OSError):
+            old_file.close()    # the replaced inode: its lock goes with it
+
+    async def rewrite_spool(self, writer: SpoolWriter,
+                            transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
+        await asyncio.to_thread(self.rewrite_spool_sync, writer, transform)
 
     async def commit(self, writer: SpoolWriter, envelope: Envelope) -> QueueId:
         """Make the message durable; on return it may be acknowledged with 250.
@@ -303,26 +452,20 @@ class QueueStore:
             writer.abort()
             raise queue_write_error()
         env_tmp = os.path.join(self.tmp_dir, qid)
-        env_fd = -1
         try:
-            writer._file.flush()
-            envelope.size = writer.size
+            envelope.size = writer.size     # counts bytes still in the writer's buffer too
             data = codec.encode(envelope)
-            env_fd = self._create_locked(env_tmp)
-            _write_all(env_fd, data)
         except Exception as e:
-            if isinstance(e, OSError):
-                log.error("%s: queue file write error: %s", qid, e)
-            else:
-                log.exception("%s: cannot write envelope", qid)
-            if env_fd >= 0:
-                self._drop(env_tmp, env_fd)
+            log.exception("%s: cannot write envelope", qid)
             writer._discard()
             raise queue_write_error() from e
         writer._state = writer._COMMITTING
-        item = CommitItem(qid, (writer._file.fileno(), env_fd), env_tmp,
-                          os.path.join(self.env_dir, qid),
-                          functools.partial(self._finish_commit, writer, env_fd))
+        # The body's last write and the envelope's creation run on the commit thread
+        # (``_prepare_commit``): file creation waits for the journal while another batch is
+        # being flushed, and the event loop must not wait with it.
+        item = CommitItem(qid, (), env_tmp, os.path.join(self.env_dir, qid),
+                          functools.partial(self._finish_commit, writer),
+                          prepare=functools.partial(self._prepare_commit, writer, data))
         fut = committer.submit(item)
         try:
             # Shielded: a session cancelled mid-commit must not close files the commit thread
@@ -334,19 +477,45 @@ class QueueStore:
             raise queue_write_error() from e
         return qid
 
-    def _finish_commit(self, writer: SpoolWriter, env_fd: int, item: CommitItem,
+    def _prepare_commit(self, writer: SpoolWriter, data: bytes, item: CommitItem) -> None:
+        """Commit thread: flush the body, give a prepared body its name in ``data/``, write the
+        envelope to ``tmp/`` (``item.fds``)."""
+        writer._file.flush()
+        data_path = self.body_path(writer.qid)
+        if writer.path != data_path:
+            os.link(writer.path, data_path)     # locked under both names: clean-up skips it
+            old, writer.path = writer.path, data_path
+            try:
+                os.unlink(old)
+            except OSError as e:    # a stray second name is harmless; clean-up removes it
+                log.warning("%s: %s", writer.qid, e)
+        env_fd = self._create_locked(item.src)
+        item.fds = (writer._file.fileno(), env_fd)
+        _write_all(env_fd, data)
+
+    def _finish_commit(self, writer: SpoolWriter, item: CommitItem,
                        err: BaseException | None) -> None:
+        env_fd = item.fds[1] if len(item.fds) > 1 else -1
         if err is None:
             with contextlib.suppress(OSError):
                 os.close(env_fd)    # the envelope is durable already; nothing left to lose
             writer._state = writer._COMMITTED
-            writer._close()                     # releases the body lock for delivery
+            if self.hand_over_locks:
+                # Keep the message locked for the delivery that follows at once: the queue
+                # manager takes ``writer.lock`` and need not reopen, relock or reload anything.
+                try:
+                    writer.lock = MessageLock(item.qid, os.dup(writer._file.fileno()),
+                                              self._held)
+                except OSError:
+                    writer.lock = None
+            writer._close()                     # releases the body lock unless handed over
             return
         log.error("%s: queue file write error: %s", item.qid, err)
         if item.renamed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(item.dst)
-        self._drop(item.src, env_fd)
+        if env_fd >= 0:
+            self._drop(item.src, env_fd)
         writer._discard()
 
     async def enqueue_bytes(self, envelope: Envelope, data: bytes) -> QueueId:
@@ -434,7 +603,17 @@ class QueueStore:
             os.unlink(self.body_path(qid))
 
     async def remove(self, qid: QueueId) -> None:
-        await asyncio.to_thread(self.remove_sync, qid)
+        """``remove_sync`` on the commit thread, sharing the batch's ``env/`` fsync. A lock on
+        ``qid`` this process holds goes with it (closed after the unlinks; ``release`` is
+        then a no-op), so the inode's release never waits for the journal on the loop."""
+        committer = self.committer
+        if committer is None or not committer.running:
+            await asyncio.to_thread(self.remove_sync, qid)
+            return
+        env = os.path.join(self.env_dir, _checked(qid))
+        lock = self._held.get(qid)
+        item = RemoveItem(env, self.body_path(qid), lock.detach() if lock is not None else -1)
+        await asyncio.shield(committer.submit_removal(item))
 
     # ------------------------------------------------------------------ locking
 
@@ -457,7 +636,7 @@ class QueueStore:
         except BaseException:
             os.close(fd)
             raise
-        return MessageLock(qid, fd)
+        return MessageLock(qid, fd, self._held)
 
     def lock(self, qid: QueueId, timeout: float) -> MessageLock | None:
         """Like ``try_lock`` but waits up to ``timeout`` seconds for the holder (CLI use)."""

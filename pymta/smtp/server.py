@@ -22,6 +22,7 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 from pymta.session import ReceiveContext, Session
 from pymta.smtp import events as ev
@@ -103,8 +104,8 @@ class SMTPServerProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports do not derive from asyncio.Transport.
+        self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         self._peer_ip = ip = str(peer[0])
         ctx = self.ctx

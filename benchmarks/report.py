@@ -1,0 +1,232 @@
+"""Rendering of the side-by-side results: medians, ratios, markdown tables, the PNG plot.
+
+Pure functions over plain data (no servers, no timing), so they are unit-tested
+(``tests/unit/test_bench_report.py``); ``benchmarks/compare.py`` fills the data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PYMTA = "pymta"
+POSTFIX = "postfix"
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the values that were measured (None and NaN are skipped); None if none."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(present) if present else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    """Thousands separators, fixed digits; an en dash for "not measured"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
+    """"met" / "not met" against a target, "–" when the value is missing."""
+    if value is None:
+        return "–"
+    ok = value >= target if higher_is_better else value <= target
+    return "met" if ok else "not met"
+
+
+@dataclass
+class Results:
+    """Everything one ``python -m benchmarks`` run measured, each as a list over rounds.
+
+    ``throughput[(metric, load)][server]``: msg/s per round ("accept" or "end-to-end").
+    ``sweep[sessions][server]``: accepted msg/s per round at that concurrency.
+    ``latency[server]``: per round a dict with rate/achieved/p50/p99 (ms).
+    ``memory``: named figures (see ``memory.py``), one dict per scenario.
+    """
+
+    throughput: dict[tuple[str, str], dict[str, list[float]]] = field(default_factory=dict)
+    sweep: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    sweep_client: str = ""
+    latency: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def add_throughput(self, metric: str, load: str, server: str, value: float | None) -> None:
+        if value is not None:
+            self.throughput.setdefault((metric, load), {}).setdefault(server, []).append(value)
+
+    def add_sweep(self, sessions: int, server: str, value: float) -> None:
+        self.sweep.setdefault(sessions, {}).setdefault(server, []).append(value)
+
+    def add_errors(self, what: str, count: int) -> None:
+        if count:
+            self.errors[what] = self.errors.get(what, 0) + count
+
+
+TARGETS = {"accept": 3.0, "end-to-end": 2.0}
+
+
+def throughput_table(results: Results) -> list[str]:
+    """Medians per (metric, load) for both servers and the ratio pymta/Postfix."""
+    rows = ["| measure | load | rounds | pymta msg/s | Postfix msg/s | pymta/Postfix "
+            "| target | |",
+            "|---|---|---:|---:|---:|---:|---:|---|"]
+    for (metric, load), by_server in results.throughput.items():
+        mine, theirs = median(by_server.get(PYMTA, [])), median(by_server.get(POSTFIX, []))
+        r = ratio(mine, theirs)
+        target = TARGETS.get(metric)
+        rounds = max((len(v) for v in by_server.values()), default=0)
+        rows.append(
+            f"| {metric} | {load} | {rounds} | {fmt(mine)} | {fmt(theirs)} | {fmt(r, 2, '×')} "
+            f"| {fmt(target, 0, '×') if target else ''} "
+            f"| {verdict(r, target) if target else ''} |")
+    return rows
+
+
+def sweep_table(results: Results) -> list[str]:
+    """Accepted msg/s per concurrency level, both servers, with the ratio."""
+    rows = ["| sessions | pymta msg/s | Postfix msg/s | pymta/Postfix |",
+            "|---:|---:|---:|---:|"]
+    for sessions in sorted(results.sweep):
+        by_server = results.sweep[sessions]
+        mine, theirs = median(by_server.get(PYMTA, [])), median(by_server.get(POSTFIX, []))
+        r = ratio(mine, theirs)
+        rows.append(f"| {sessions} | {fmt(mine)} | {fmt(theirs)} | {fmt(r, 2, '×')} |")
+    return rows
+
+
+def latency_table(results: Results, target_ms: float = 20.0) -> list[str]:
+    """End-of-DATA → 250 latency at half of each server's own peak accept rate."""
+    rows = ["| server | offered msg/s | achieved msg/s | p50 ms | p99 ms | rounds | "
+            f"p99 ≤ {target_ms:g} ms |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for server, rounds in results.latency.items():
+        p99 = median(r["p99_ms"] for r in rounds)
+        rows.append(
+            f"| {server} | {fmt(median(r['rate'] for r in rounds))} "
+            f"| {fmt(median(r['achieved'] for r in rounds))} "
+            f"| {fmt(median(r['p50_ms'] for r in rounds), 2)} | {fmt(p99, 2)} | {len(rounds)} "
+            f"| {verdict(p99, target_ms, higher_is_better=False) if server == PYMTA else ''} |")
+    return rows
+
+
+MEMORY_ROWS: Sequence[tuple[str, str, str, int, float | None, bool]] = (
+    # (scenario, key, label, digits, target, higher is better)
+    ("idle", "connections", "idle connections held open", 0, None, True),
+    ("idle", "workers", "server processes (supervisor + workers)", 0, None, True),
+    ("idle", "baseline_rss_mb", "RSS before, MB (all server processes)", 1, None, True),
+    ("idle", "rss_mb", "RSS with the connections open, MB", 1, None, True),
+    ("idle", "kb_per_conn_rss", "RSS per idle connection, KB", 2, 10.0, False),
+    ("idle", "kb_per_conn_pss", "PSS per idle connection, KB", 2, None, False),
+    ("large", "messages", "messages in flight × size MB", 0, None, True),
+    ("large", "accepted", "accepted", 0, None, True),
+    ("large", "baseline_rss_mb", "RSS before, MB", 1, None, True),
+    ("large", "peak_rss_mb", "peak RSS while receiving and delivering, MB", 1, None, True),
+    ("large", "growth_mb", "RSS growth, MB", 1, 50.0, False),
+)
+
+
+def memory_table(results: Results) -> list[str]:
+    """The memory figures of pymta (Postfix is not measured here: one process per session)."""
+    rows = ["| scenario | figure | value | target | |", "|---|---|---:|---:|---|"]
+    for scenario, key, label, digits, target, higher in MEMORY_ROWS:
+        figures = results.memory.get(scenario)
+        if not figures or key not in figures:
+            continue
+        value: float | None = figures[key]
+        shown = fmt(value, digits)
+        if key == "messages":
+            shown = f"{fmt(value)} × {fmt(figures.get('size_mb'))}"
+        rows.append(f"| {scenario} | {label} | {shown} | {fmt(target, 0) if target else ''} "
+                    f"| {verdict(value, target, higher) if target else ''} |")
+    return rows
+
+
+def machine_info(*, client_loop: str, server_loop: str, workers: str, postfix: str) -> list[str]:
+    """What the numbers depend on, as markdown bullet lines."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"- cores: {cpus} ({model})",
+        f"- kernel: {platform.system()} {platform.release()}",
+        f"- python: {platform.python_version()} ({platform.python_implementation()})",
+        f"- pymta workers: {workers}; server event loop: {server_loop}; "
+        f"client event loop: {client_loop}",
+        f"- postfix: {postfix or 'not installed'}",
+    ]
+
+
+def render(results: Results, *, header: Sequence[str], command: str) -> str:
+    """The whole results document (markdown)."""
+    doc = ["# pymta vs Postfix: benchmark results", "", *header, ""]
+    if results.throughput:
+        doc += ["## Throughput (median of rounds; ratio = pymta / Postfix)", "",
+                *throughput_table(results), ""]
+    if results.sweep:
+        doc += [f"## Throughput vs concurrency ({results.sweep_client}, accepted msg/s)", "",
+                *sweep_table(results), "", "![throughput vs concurrency](latest.png)", ""]
+    if results.latency:
+        doc += ["## Latency at half of peak (end of DATA → 250, loadgen)", "",
+                *latency_table(results), ""]
+    if results.memory:
+        doc += ["## Memory (pymta)", "", *memory_table(results), ""]
+    if results.errors:
+        doc += ["## Failed or missing messages", "",
+                *(f"- {what}: {n}" for what, n in results.errors.items()), ""]
+    doc += [f"Command: `{command}`", ""]
+    return "\n".join(doc)
+
+
+def plot(results: Results, path: Path) -> Path | None:
+    """Throughput vs concurrency for both servers as a PNG; None if matplotlib is missing."""
+    if not results.sweep:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    levels = sorted(results.sweep)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for server, label, marker in ((PYMTA, "pymta", "o"), (POSTFIX, "Postfix", "s")):
+        ys = [median(results.sweep[n].get(server, [])) for n in levels]
+        if any(y is not None for y in ys):
+            ax.plot(levels, [math.nan if y is None else y for y in ys], marker=marker,
+                    label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(levels)
+    ax.set_xticklabels([str(n) for n in levels])
+    ax.set_xlabel("concurrent sessions (one 4 KiB message per session)")
+    ax.set_ylabel("accepted messages / s (median)")
+    ax.set_title(f"Throughput vs concurrency ({results.sweep_client}, {os.cpu_count()} cores)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

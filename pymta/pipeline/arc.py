@@ -1,0 +1,187 @@
+"""ARC (RFC 8617, with dkimpy): verifying an incoming chain, and sealing mail we forward.
+
+Forwarding through an alias breaks SPF (our address sends for someone else's domain) and often
+DMARC; an ARC set lets the next receiver trust the results *we* saw. Two stages:
+
+- :class:`ArcVerify` (a Check, after DKIM verify): validates an existing chain
+  (``arc=pass``/``fail``/``none`` in Authentication-Results, ``txn.results["arc"]``). Key
+  records are fetched first through pymta's resolver (as in :mod:`.dkimverify`), so the
+  hashing runs without waiting on DNS, in a thread for large messages. A key lookup that
+  fails temporarily makes a failing chain ``temperror``.
+- :class:`ArcSeal` (a Modifier): for a message with at least one recipient we forward, i.e.
+  a remote target (``Recipient.local`` false) reached through one of our addresses
+  (``original`` in a local domain), adds the next ARC set (``ARC-Seal``,
+  ``ARC-Message-Signature``, ``ARC-Authentication-Results``) signed with the DKIM key of our
+  first domain. The ARC-Authentication-Results are rendered from ``txn.auth_results`` (the
+  results of our checks, plus the chain's ``arc=`` from :class:`ArcVerify`) under our
+  authserv-id; they are what dkimpy's ``arc_sign`` reads as its input.
+
+Order (decided here; ``app._default_pipeline`` follows it): Authentication-Results modifier,
+then ARC seal, then DKIM sign, then SRS. RFC 8617 §5.1: the sealer performs its
+authentication checks and records them (A-R) *before* sealing, and the new set stands above
+those fields, so sealing comes after the A-R modifier. DKIM signing comes after the seal and
+is top-most: the AMS does not cover ``DKIM-Signature`` and our DKIM signature does not cover
+``ARC-*`` fields (neither is in the other's signed-field list), so either order verifies;
+signing last keeps the rule that the DKIM signature is computed over the final header block.
+SRS only changes the envelope sender, which neither signature covers.
+
+The ARC signature algorithm is rsa-sha256 (the only one RFC 8617 defines): with an ed25519
+DKIM key (``DKIM_ALGORITHM=ed25519``) the sealer has no usable key and seals nothing (logged
+once at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import dkim
+
+from pymta.pipeline import PASS, SpooledBody, Transaction, Verdict
+from pymta.pipeline.dkimkeys import KeyStore
+from pymta.pipeline.dkimverify import LIB_LOG, TEMPFAIL, prefetch, prefetched_dnsfunc
+
+log = logging.getLogger("pymta.pipeline.arc")
+
+THREAD_THRESHOLD = 32 * 1024
+ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
+
+
+def arc_key_names(header: bytes) -> list[str]:
+    """``<s>._domainkey.<d>`` of every ARC-Seal and ARC-Message-Signature of a header."""
+    headers, _ = dkim.rfc822_parse(header + b"\r\n")
+    names: list[str] = []
+    for name, value in headers:
+        if name.lower() not in (b"arc-seal", b"arc-message-signature"):
+            continue
+        try:
+            tags = dkim.util.parse_tag_value(value)
+        except Exception:  # noqa: BLE001 - a broken field fails the chain in arc_verify
+            continue
+        if b"s" in tags and b"d" in tags:
+            names.append((tags[b"s"] + b"._domainkey." + tags[b"d"])
+                         .decode("ascii", "replace").lower().rstrip("."))
+    return names
+
+
+def has_arc(header: bytes) -> bool:
+    headers, _ = dkim.rfc822_parse(header + b"\r\n")
+    return any(name.lower() in ARC_FIELDS for name, _ in headers)
+
+
+class ArcVerify:
+    """The Check: ``arc=pass|fail|none|temperror``, never a rejection."""
+
+    name = "arc"
+
+    async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
+        header = body.header_bytes()
+        if not has_arc(header):
+            txn.results["arc_cv"] = "none"
+            if not txn.trusted:
+                txn.auth_results.append("arc=none")
+            return PASS
+        records = await prefetch(arc_key_names(header))
+        message = await body.read_async()
+        if len(message) > THREAD_THRESHOLD:
+            cv, reason = await asyncio.to_thread(self._verify, message, records)
+        else:
+            cv, reason = self._verify(message, records)
+        if cv == "fail" and any(v is TEMPFAIL for v in records.values()):
+            cv, reason = "temperror", "key lookup failed temporarily"
+        txn.results["arc_cv"] = cv
+        fragment = f"arc={cv}"
+        if reason and cv != "pass":
+            fragment += ' reason="' + reason.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        txn.auth_results.append(fragment)
+        log.info("%s: arc=%s%s", txn.qid, cv, f" ({reason})" if reason else "")
+        return PASS
+
+    @staticmethod
+    def _verify(message: bytes, records: dict[str, bytes | None | object]) -> tuple[str, str]:
+        try:
+            cv, _results, reason = dkim.arc_verify(message, logger=LIB_LOG,
+                                                   dnsfunc=prefetched_dnsfunc(records))
+        except Exception as exc:  # noqa: BLE001 - a broken chain is a failed chain
+            return "fail", f"{type(exc).__name__}"
+        if cv == dkim.CV_Pass:
+            return "pass", ""
+        if cv == dkim.CV_None:
+            return "none", ""
+        return "fail", str(reason)[:100]
+
+
+def forwarded(txn: Transaction) -> bool:
+    """Does the message go to a remote target through one of our addresses (an alias)?"""
+    for rcpt in txn.recipients:
+        if rcpt.local:
+            continue
+        original = rcpt.original.rpartition("@")[2].lower()
+        if original in txn.local_domains and rcpt.original.lower() != rcpt.address.lower():
+            return True
+    return False
+
+
+def render_aar_input(authserv_id: str, fragments: list[str]) -> str:
+    """The Authentication-Results field handed to ``arc_sign`` (it becomes the AAR)."""
+    body = "; ".join(f for f in fragments if f) or "none"
+    return f"Authentication-Results: {authserv_id}; {body}\r\n"
+
+
+def seal(message: bytes, key_pem: bytes, selector: str, domain: str,
+         authserv_id: str) -> list[bytes]:
+    """The new ARC set for ``message`` (which carries our A-R field), top first."""
+    return dkim.arc_sign(message, selector.encode("ascii"), domain.encode("ascii"), key_pem,
+                         authserv_id.encode("ascii"), logger=LIB_LOG, linesep=b"\r\n")
+
+
+class ArcSeal:
+    """The Modifier (see the module docstring)."""
+
+    name = "arc-seal"
+
+    def __init__(self, keys: KeyStore, domain: str, authserv_id: str) -> None:
+        self.keys = keys
+        self.domain = domain.lower()
+        self.authserv_id = authserv_id
+        self._warned = False
+
+    async def modify(self, txn: Transaction, body: SpooledBody) -> None:
+        if not forwarded(txn):
+            return
+        spooled = await body.read_async()
+        fragments = list(txn.auth_results)
+        if not any(f.split("=", 1)[0].strip().lower() == "arc" for f in fragments):
+            cv = txn.results.get("arc_cv")
+            if cv is None:  # no ArcVerify stage ran: an existing chain cannot be continued
+                cv = "fail" if has_arc(body.header_bytes()) else "none"
+            fragments.append(f"arc={cv}")
+        # our own A-R (already in the prepend) is replaced by the rendered one: arc_sign would
+        # otherwise read both and list every result twice
+        prepend = "".join(f for f in txn.prepend
+                          if not f.lower().startswith("authentication-results:"))
+        message = (render_aar_input(self.authserv_id, fragments).encode("utf-8", "replace")
+                   + prepend.encode("utf-8", "surrogateescape") + spooled)
+        fields = await asyncio.to_thread(self._seal, message)
+        if not fields:
+            log.warning("%s: not ARC-sealed (chain terminated or no usable results)", txn.qid)
+            return
+        for field in reversed(fields):  # AAR, AMS, then AS on top
+            txn.add_header(field.decode("ascii", "replace").rstrip("\r\n"))
+        log.info("%s: ARC-sealed i=%s d=%s s=%s", txn.qid, _instance(fields[0]), self.domain,
+                 self.keys.selector)
+
+    def _seal(self, message: bytes) -> list[bytes]:
+        key = self.keys.get(self.domain)
+        if key.algorithm != "rsa":
+            if not self._warned:
+                log.warning("ARC sealing needs an RSA key; %s has an %s key: not sealing",
+                            self.domain, key.algorithm)
+                self._warned = True
+            return []
+        return seal(message, key.dkimpy_private, key.selector, key.domain, self.authserv_id)
+
+
+def _instance(field: bytes) -> str:
+    m = dkim.ARC.INSTANCE_RE.search(field)
+    return m.group(1).decode() if m else "?"

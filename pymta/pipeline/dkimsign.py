@@ -1,0 +1,113 @@
+"""DKIM signing (RFC 6376; rsa-sha256, or ed25519-sha256 per RFC 8463) of mail our own users
+send: from authenticated clients, and from ``MYNETWORKS`` clients whose sender is in one of
+our domains.
+
+Implementation summary. The modifier runs last, after every other stage has added its header
+fields, and signs exactly what receivers will see: ``txn.prepend`` (our trace and result
+fields, newest first) above the spooled message (our ``Received:`` first). The signature is
+added with ``add_header``, so it is the top-most field. Signing (body hash plus one RSA or
+ed25519 operation) runs in a worker thread.
+
+Which domain signs: the ``From:`` header's domain when it is one of ``MAIL_DOMAIN`` (DMARC
+alignment), else the envelope sender's domain when local, else (authenticated clients only,
+whose mail we vouch for) the first domain. Signed header fields: dkimpy's RFC 6376 §5.4.1
+list of those present, ``From`` oversigned (so no second ``From`` can be added), never
+``Received``/``Return-Path``/``Authentication-Results``; canonicalization relaxed/relaxed.
+A message without ``From:`` cannot be signed (RFC 6376 §5.4): it goes out unsigned, logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+
+import dkim
+
+from pymta.pipeline import SpooledBody, Transaction
+from pymta.pipeline.dkimkeys import DkimKey, KeyStore
+
+log = logging.getLogger("pymta.pipeline.dkim")
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].strip().rstrip(".").lower() if "@" in address else ""
+
+
+def header_value(header: bytes, name: bytes) -> str | None:
+    """The unfolded value of the first ``name`` field of a header section, or None."""
+    headers, _ = dkim.rfc822_parse(header + b"\r\n")
+    for field_name, value in headers:
+        if field_name.strip().lower() == name:
+            return value.decode("utf-8", "replace").replace("\r\n", "").strip()
+    return None
+
+
+def from_domain(header: bytes) -> str:
+    """The domain of the (first) ``From:`` address, or '' without one."""
+    value = header_value(header, b"from")
+    if value is None:
+        return ""
+    addresses = email.utils.getaddresses([value])
+    for _, addr in addresses:
+        if "@" in addr:
+            return _domain_of(addr)
+    return ""
+
+
+def message_as_sent(txn: Transaction, spooled: bytes) -> bytes:
+    """What delivery agents write: the prepended fields, then the spooled message."""
+    prepend = "".join(txn.prepend)
+    return prepend.encode("utf-8", "surrogateescape") + spooled if prepend else spooled
+
+
+def sign_message(message: bytes, key: DkimKey) -> bytes:
+    """The ``DKIM-Signature: ...`` field (CRLF-terminated, folded) for ``message``."""
+    return dkim.sign(message, key.selector.encode("ascii"), key.domain.encode("ascii"),
+                     key.dkimpy_private, canonicalize=(b"relaxed", b"relaxed"),
+                     signature_algorithm=key.signature_algorithm,
+                     include_headers=None, linesep=b"\r\n")
+
+
+class DkimSign:
+    """The Modifier. ``keys`` gives the key per domain (generated on first use if missing)."""
+
+    name = "dkim-sign"
+
+    def __init__(self, keys: KeyStore, first_domain: str) -> None:
+        self.keys = keys
+        self.first_domain = first_domain.lower()
+
+    def signing_domain(self, txn: Transaction, header: bytes) -> str | None:
+        """The domain to sign as, or None when this message is not ours to sign."""
+        local = txn.local_domains
+        author = from_domain(header)
+        sender = _domain_of(txn.sender)
+        if txn.auth_user is not None:
+            for domain in (author, sender):
+                if domain in local:
+                    return domain
+            return self.first_domain
+        if txn.trusted and (author in local or sender in local):
+            return author if author in local else sender
+        return None
+
+    async def modify(self, txn: Transaction, body: SpooledBody) -> None:
+        header = body.header_bytes()
+        domain = self.signing_domain(txn, header)
+        if domain is None:
+            return
+        spooled = await body.read_async()
+        message = message_as_sent(txn, spooled)
+        try:
+            field = await asyncio.to_thread(self._sign, message, domain)
+        except dkim.ParameterError as exc:  # no From:, or nothing signable
+            log.warning("%s: not DKIM-signed: %s", txn.qid, exc)
+            return
+        txn.add_header(field.decode("ascii").rstrip("\r\n"))
+        log.info("%s: DKIM-signed d=%s s=%s a=%s", txn.qid, domain, self.keys.selector,
+                 self.keys.get(domain).signature_algorithm.decode())
+
+    def _sign(self, message: bytes, domain: str) -> bytes:
+        key = self.keys.get(domain)  # may read or generate the key file: in this thread
+        return sign_message(message, key)

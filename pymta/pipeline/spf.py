@@ -1,0 +1,211 @@
+"""SPF (RFC 7208): is the client allowed to send mail for the sender's domain?
+
+Checked for inbound mail only: clients that are authenticated or in ``MYNETWORKS``
+(``Transaction.trusted``) are not checked; loopback is not exempt unless it is listed. The
+identity is the MAIL FROM domain, or the HELO name when MAIL FROM is null (§2.4).
+
+Implementation summary. The evaluation is pyspf's (``spf.query``), which does blocking DNS:
+it runs in a worker thread, bounded by its own deadline (below the pipeline's stage timeout,
+so a slow DNS gives ``temperror`` rather than a pipeline tempfail). pyspf's DNS goes through
+its ``spf.DNSLookup`` hook, replaced once (at import) by a dispatcher that uses the resolver
+of the calling context -- a blocking twin of pymta's configured resolver
+(:func:`pymta.dns.sync_resolver`, ``PYMTA_DNS_RESOLVER``) set in a ``ContextVar`` for the
+worker thread -- and pyspf's own dnspython lookup outside a pymta check. dnspython's global
+default resolver is never touched.
+
+Results: the Verdict carries ``auth_result`` ``spf=<result> smtp.mailfrom=<domain>`` (or
+``smtp.helo=<name>``) and a ``Received-SPF:`` header field (§9.1); the structured outcome is
+``txn.results["spf_result"]`` (:class:`SpfResult`) for DMARC. Policy: record only, unless
+``SPF_REJECT_FAIL=yes``, which answers ``fail`` with ``550 5.7.23``. ``temperror`` (DNS
+failure or timeout) and ``permerror`` are recorded, never a pass and never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.resolver
+import spf
+
+from pymta import dns as pymta_dns
+from pymta.pipeline import PASS, Action, SpooledBody, Transaction, Verdict
+from pymta.pipeline.headers import fold
+from pymta.types import Reply
+
+log = logging.getLogger("pymta.pipeline.spf")
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+R_SPF_FAIL = "5.7.23"
+_MAX_QUERY_TIME = 20.0      # RFC 7208 §4.6.4: at least 20 seconds for the whole evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class SpfResult:
+    """The SPF outcome for DMARC and others: ``result`` is one of :data:`RESULTS`,
+    ``domain`` the domain that was checked, ``identity`` ``mailfrom`` or ``helo``."""
+
+    result: str
+    domain: str
+    identity: str
+    explanation: str = ""
+
+
+# ---------------------------------------------------------------------------- DNS for pyspf
+
+_resolver_var: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar(
+    "pymta_spf_resolver", default=None)
+_library_lookup = spf.DNSLookup
+
+
+def _dns_lookup(name: str, qtype: str, strict: bool = True, timeout: float | None = None,
+                ) -> list[tuple[tuple[str, str], object]]:
+    """pyspf's ``DNSLookup`` contract: ``[((name, qtype), value), ...]``; nothing for NXDOMAIN
+    or no data; ``spf.TempError`` for a failure that retrying may cure."""
+    resolver = _resolver_var.get()
+    if resolver is None:   # pyspf used outside a pymta check: its own behaviour
+        return _library_lookup(name, qtype, strict, timeout)
+    lifetime = resolver.lifetime if not timeout else min(float(timeout), resolver.lifetime)
+    try:
+        answer = resolver.resolve(name, qtype, lifetime=lifetime, search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
+        return []
+    except dns.exception.DNSException as exc:
+        raise spf.TempError(f"DNS {type(exc).__name__}: {name} {qtype}") from exc
+    out: list[tuple[tuple[str, str], object]] = []
+    for rdata in answer:
+        if qtype in ("A", "AAAA"):
+            out.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            out.append(((name, qtype), (rdata.preference, rdata.exchange)))
+        elif qtype == "PTR":
+            out.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            out.append(((name, qtype), rdata.strings))
+    return out
+
+
+spf.DNSLookup = _dns_lookup
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)+"
+                     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$")
+
+
+def client_ip(peer_ip: str) -> str:
+    """The address SPF sees: zone index dropped, IPv4-mapped IPv6 as IPv4."""
+    addr = ipaddress.ip_address(peer_ip.partition("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def identity_of(sender: str, helo: str) -> tuple[str, str]:
+    """(identity, domain) to check: MAIL FROM's domain, or the HELO name for a null sender."""
+    if sender:
+        return "mailfrom", sender.rpartition("@")[2].lower().rstrip(".")
+    return "helo", helo.lower().rstrip(".")
+
+
+def evaluate(ip: str, sender: str, helo: str, receiver: str,
+             resolver: dns.resolver.Resolver, querytime: float = _MAX_QUERY_TIME,
+             ) -> tuple[str, str, str, str]:
+    """Blocking: (result, explanation, comment, mechanism) for one message, via pyspf."""
+    identity, domain = identity_of(sender, helo)
+    if not _DOMAIN.match(domain):   # address literal, bare word, nothing at all
+        return "none", "no valid domain to check", f"{receiver}: no domain to check", ""
+    token = _resolver_var.set(resolver)
+    try:
+        q = spf.query(i=ip, s=sender, h=helo or domain, receiver=receiver,
+                      querytime=querytime)
+        result, _code, explanation = q.check()
+        try:
+            comment = f"{receiver}: {q.get_header_comment(result)}"
+        except Exception:  # noqa: BLE001 - only the comment is lost
+            comment = receiver
+        return result, str(explanation), comment, str(getattr(q, "mechanism", "") or "")
+    finally:
+        _resolver_var.reset(token)
+
+
+def _kv(value: str) -> str:
+    """A Received-SPF key-value-pair value: dot-atom or quoted-string (RFC 7208 §9.1)."""
+    value = "".join(c if c.isprintable() else "?" for c in value)
+    return spf.quote_value(value) or '""'
+
+
+def received_spf(result: str, comment: str, ip: str, sender: str, helo: str, receiver: str,
+                 identity: str, mechanism: str = "") -> str:
+    """The ``Received-SPF:`` field (no CRLF), folded."""
+    comment = "".join(c if c.isprintable() and c not in "()\\" else "?" for c in comment)
+    parts = [f"client-ip={ip}"]
+    if identity == "mailfrom":
+        parts.append(f"envelope-from={_kv(sender)}")
+    if helo:
+        parts.append(f"helo={_kv(helo)}")
+    parts.append(f"receiver={_kv(receiver)}")
+    if mechanism:
+        parts.append(f"mechanism={_kv(mechanism)}")
+    parts.append(f"identity={identity}")
+    # the result and its comment on the first line, the key-value pairs folded below
+    return f"Received-SPF: {result} ({comment})\r\n\t" + fold("", parts).removeprefix(": ")
+
+
+class SPFCheck:
+    """The SPF check (see the module docstring). ``timeout`` bounds one evaluation; keep it
+    below the pipeline's stage timeout so a slow DNS ends in ``temperror``."""
+
+    name = "spf"
+
+    def __init__(self, *, receiver: str, reject_fail: bool = False,
+                 timeout: float = _MAX_QUERY_TIME) -> None:
+        self.receiver = receiver
+        self.reject_fail = reject_fail
+        self.timeout = timeout
+
+    async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
+        if txn.trusted:
+            return PASS
+        identity, domain = identity_of(txn.sender, txn.helo)
+        try:
+            ip = client_ip(txn.peer_ip)
+        except ValueError:
+            return PASS     # not an IP client (a unix socket): nothing SPF can say
+        mechanism = ""
+        try:
+            result, explanation, comment, mechanism = await asyncio.wait_for(
+                asyncio.to_thread(evaluate, ip, txn.sender, txn.helo, self.receiver,
+                                  pymta_dns.sync_resolver(), max(1.0, self.timeout - 1.0)),
+                self.timeout)
+        except TimeoutError:
+            result, explanation = "temperror", "SPF evaluation timed out"
+            comment = f"{self.receiver}: timeout during lookup of {domain}"
+        except Exception as exc:  # noqa: BLE001 - never a pass, never a 5xx
+            log.warning("%s: SPF evaluation failed: %r", txn.qid, exc)
+            result, explanation = "temperror", f"SPF evaluation failed: {exc!r}"
+            comment = f"{self.receiver}: temporary error in processing {domain}"
+        if result not in RESULTS:
+            result = "temperror"
+        txn.results["spf_result"] = SpfResult(result, domain, identity, explanation)
+        ptype = "smtp.mailfrom" if identity == "mailfrom" else "smtp.helo"
+        auth = f"spf={result} {ptype}={domain or 'unknown'}"
+        header = received_spf(result, comment, ip, txn.sender, txn.helo, self.receiver,
+                              identity, mechanism)
+        if result == "fail" and self.reject_fail:
+            return Verdict(Action.REJECT,
+                           Reply(550, R_SPF_FAIL,
+                                 f"SPF validation failed: {domain} does not designate {ip} "
+                                 f"as permitted sender"),
+                           auth_result=auth, reason=f"spf=fail {domain}")
+        return Verdict(headers=(header,), auth_result=auth,
+                       reason="" if result in ("pass", "none") else f"spf={result} {domain}")

@@ -1,0 +1,127 @@
+"""Pure helpers of the pymta-vs-Postfix benchmark: medians, ratios, tables, pacing.
+
+No server is started and no timing is asserted (numbers belong in benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.compare import smtp_source_argv, sweep_messages
+from benchmarks.loadgen import RateLimiter, run_load
+from benchmarks.report import (
+    POSTFIX,
+    PYMTA,
+    Results,
+    fmt,
+    latency_table,
+    median,
+    memory_table,
+    plot,
+    ratio,
+    render,
+    sweep_table,
+    throughput_table,
+    verdict,
+)
+from benchmarks.sink import start_sink
+
+
+def test_median_skips_missing_and_nan() -> None:
+    assert median([3.0, None, 1.0, math.nan, 2.0]) == 2.0
+    assert median([4.0, 1.0]) == 2.5
+    assert median([None, math.nan]) is None
+    assert median([]) is None
+
+
+def test_ratio_and_format() -> None:
+    assert ratio(300.0, 100.0) == 3.0
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, 0.0) is None
+    assert fmt(12345.678) == "12,346"
+    assert fmt(2.5, 2, "×") == "2.50×"
+    assert fmt(None) == "–"
+    assert fmt(math.nan) == "–"
+
+
+def test_verdict() -> None:
+    assert verdict(3.0, 3.0) == "met"
+    assert verdict(2.9, 3.0) == "not met"
+    assert verdict(19.0, 20.0, higher_is_better=False) == "met"
+    assert verdict(None, 1.0) == "–"
+
+
+def _results() -> Results:
+    res = Results()
+    for mine, theirs in ((3100.0, 1000.0), (2900.0, 1100.0), (3000.0, 900.0)):
+        res.add_throughput("accept", "smtp-source -s 20", PYMTA, mine)
+        res.add_throughput("accept", "smtp-source -s 20", POSTFIX, theirs)
+    res.add_throughput("end-to-end", "smtp-source -s 20", PYMTA, 1500.0)
+    res.add_throughput("end-to-end", "smtp-source -s 20", POSTFIX, None)  # not measured
+    for n, (a, b) in {1: (100.0, 200.0), 20: (3000.0, 1000.0)}.items():
+        res.add_sweep(n, PYMTA, a)
+        res.add_sweep(n, POSTFIX, b)
+    res.sweep_client = "smtp-source"
+    res.latency[PYMTA] = [{"rate": 1500.0, "achieved": 1490.0, "p50_ms": 2.0, "p99_ms": 25.0}]
+    res.memory["idle"] = {"connections": 10000.0, "kb_per_conn_rss": 4.0}
+    return res
+
+
+def test_throughput_table_medians_ratio_and_target() -> None:
+    rows = throughput_table(_results())
+    accept = next(r for r in rows if r.startswith("| accept"))
+    assert "| 3 | 3,000 | 1,000 | 3.00× | 3× | met |" in accept
+    e2e = next(r for r in rows if r.startswith("| end-to-end"))
+    assert "| 1,500 | – | – |" in e2e
+
+
+def test_sweep_latency_memory_tables() -> None:
+    res = _results()
+    assert sweep_table(res)[2:] == ["| 1 | 100 | 200 | 0.50× |", "| 20 | 3,000 | 1,000 | 3.00× |"]
+    assert "| pymta | 1,500 | 1,490 | 2.00 | 25.00 | 1 | not met |" in latency_table(res)
+    mem = memory_table(res)
+    assert any("per idle connection" in r and "| 4.00 | 10 | met |" in r for r in mem)
+
+
+def test_render_has_every_section(tmp_path: Path) -> None:
+    doc = render(_results(), header=["- cores: 2"], command="python -m benchmarks --all")
+    for heading in ("## Throughput", "## Throughput vs concurrency", "## Latency", "## Memory"):
+        assert heading in doc
+    assert doc.rstrip().endswith("`python -m benchmarks --all`")
+    pytest.importorskip("matplotlib")
+    png = plot(_results(), tmp_path / "p.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rate_limiter_slots() -> None:
+    lim = RateLimiter(100.0, t0=10.0)           # one slot every 10 ms from t=10
+    assert lim.delay(now=10.0) == 0.0           # slot 0 due now
+    assert lim.delay(now=10.0) == pytest.approx(0.01)
+    assert lim.delay(now=10.5) == 0.0           # behind schedule: no wait, no catch-up sleep
+    assert lim.issued == 3
+    with pytest.raises(ValueError):
+        RateLimiter(0.0)
+
+
+def test_sweep_messages_and_smtp_source_argv() -> None:
+    assert sweep_messages(1, 2000) == 300
+    assert sweep_messages(20, 2000) == 2000
+    assert sweep_messages(100, 2000) == 2000
+    assert sweep_messages(5, 100) == 100
+    argv = smtp_source_argv(2525, 20, 5000, 4096)
+    assert argv[1:7] == ["-s", "20", "-m", "5000", "-l", "4096"]
+    assert "-d" not in argv  # one message per session
+    assert argv[-1] == "127.0.0.1:2525"
+
+
+async def test_paced_load_counts_every_message() -> None:
+    server, stats, port = await start_sink("127.0.0.1", 0)
+    try:
+        r = await run_load("127.0.0.1", port, sessions=5, messages=20, size=300, rate=2000.0)
+    finally:
+        server.close()
+    assert (r.accepted, r.failed) == (20, 0)
+    assert stats.messages == 20
