@@ -40,18 +40,36 @@ def _bind(addresses: tuple[ListenAddress, ...], copies: int) -> list[list[socket
         host = addr.host or "0.0.0.0"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         port = addr.port
+        if port:
+            _probe(family, host, port)
         for i in range(copies):
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
             sock.listen(1024)
             sock.setblocking(False)
             port = sock.getsockname()[1]  # port 0: the copies take the port the first got
             per_worker[i].append(sock)
     return per_worker
+
+
+def _probe(family: int, host: str, port: int) -> None:
+    """Refuse a port another server already listens on. SO_REUSEPORT would otherwise let a
+    second pymta (same user) bind it too and silently take half of the connections."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
 
 
 class Supervisor:

@@ -534,7 +534,12 @@ class QueueStore:
             log.error("%s: queue file write error: %s", writer.qid, e)
             writer.abort()
             raise queue_write_error() from e
-        return await self.commit(writer, envelope)
+        qid = await self.commit(writer, envelope)
+        lock = getattr(writer, "lock", None)
+        if lock is not None:        # nobody takes a hand-over here: the next attempt locks
+            writer.lock = None
+            lock.release()
+        return qid
 
     # ------------------------------------------------------------------ queued messages
 

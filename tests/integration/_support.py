@@ -94,22 +94,28 @@ async def wait_queue_empty(mta: MTA, timeout: float = 10.0) -> None:
     await wait_for(lambda: not mta.store.ids(), timeout=timeout)
 
 
+# Fields pymta puts above the client's message: local delivery's, the pipeline's, ours.
+ADDED_FIELDS = (b"Return-Path", b"Delivered-To", b"Authentication-Results", b"Received-SPF",
+                b"DKIM-Signature", b"ARC-Seal", b"ARC-Message-Signature",
+                b"ARC-Authentication-Results", b"Received")
+
+
 def split_delivered(stored: bytes) -> tuple[list[bytes], bytes]:
     """Split a delivered (LF) message into the header lines local delivery and the server
-    prepended (Return-Path, Delivered-To, Received with its continuation lines) and the rest.
+    prepended (Return-Path, Delivered-To, the pipeline's trace fields such as
+    Authentication-Results, then our Received with its continuation lines) and the rest.
     """
     lines = stored.split(b"\n")
     added: list[bytes] = []
     i = 0
-    while i < len(lines) and lines[i].split(b":", 1)[0] in (b"Return-Path", b"Delivered-To",
-                                                           b"Received"):
+    while i < len(lines) and lines[i].split(b":", 1)[0] in ADDED_FIELDS:
         field = lines[i]
         i += 1
         while i < len(lines) and lines[i][:1] in (b"\t", b" "):
             field += b"\n" + lines[i]
             i += 1
         added.append(field)
-        if field.startswith(b"Received"):
+        if field.startswith(b"Received:"):
             break  # only our own Received; the client's headers follow
     return added, b"\n".join(lines[i:])
 
