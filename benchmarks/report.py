@@ -173,6 +173,8 @@ def machine_info(*, client_loop: str, server_loop: str, workers: str, postfix: s
         f"- python: {platform.python_version()} ({platform.python_implementation()})",
         f"- pymta workers: {workers}; server event loop: {server_loop}; "
         f"client event loop: {client_loop}",
+        "- pymta pipeline: content checks off (SPF, DKIM, DMARC, ARC, SRS), like the Postfix "
+        "side; see pipeline-cost.md for their price",
         f"- postfix: {postfix or 'not installed'}",
     ]
 

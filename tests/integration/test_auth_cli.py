@@ -11,7 +11,16 @@ import pytest
 from pymta.backends.passwd import HASH_SCHEMES, verify_password
 
 DOVEADM = shutil.which("doveadm")
-needs_doveadm = pytest.mark.skipif(DOVEADM is None, reason="doveadm (dovecot-core) not installed")
+
+
+@pytest.fixture
+def require_doveadm() -> None:
+    """A missing tool must fail the run, not skip it: scripts/test.sh installs it."""
+    if DOVEADM is None:
+        pytest.fail("doveadm (dovecot-core) is not installed (scripts/test.sh installs it)")
+
+
+needs_doveadm = pytest.mark.usefixtures("require_doveadm")
 PASSWORD = "pässwörd with spaces & $ymbols"
 
 

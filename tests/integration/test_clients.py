@@ -28,7 +28,16 @@ from tests.integration._support import (
 )
 
 SWAKS = shutil.which("swaks")
-needs_swaks = pytest.mark.skipif(SWAKS is None, reason="swaks is not installed")
+
+
+@pytest.fixture
+def require_swaks() -> None:
+    """A missing tool must fail the run, not skip it: scripts/test.sh installs it."""
+    if SWAKS is None:
+        pytest.fail("swaks is not installed (scripts/test.sh installs it)")
+
+
+needs_swaks = pytest.mark.usefixtures("require_swaks")
 
 
 def sample(subject: str) -> bytes:

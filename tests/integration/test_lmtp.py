@@ -29,7 +29,7 @@ def dovecot() -> Iterator[DovecotServer]:
     try:
         server.start()
     except ServiceError as exc:
-        pytest.skip(f"dovecot unavailable: {exc}")
+        pytest.fail(f"dovecot unavailable: {exc}")
     try:
         yield server
     finally:

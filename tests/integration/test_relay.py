@@ -32,7 +32,7 @@ def smarthost() -> Iterator[PostfixPeer]:
     try:
         peer.start()
     except ServiceError as exc:
-        pytest.skip(f"postfix smart host unavailable: {exc}")
+        pytest.fail(f"postfix smart host unavailable: {exc}")
     try:
         yield peer
     finally:
