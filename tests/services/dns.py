@@ -207,7 +207,9 @@ class DNSTestServer:
         fixed = port is not None
         if port is None and os.environ.get(PORT_ENV, "").strip():
             port, fixed = int(os.environ[PORT_ENV]), True
-        candidates = [port] if fixed else [DEFAULT_PORT, 0, 0, 0]
+        if port == 0:   # any free port: a UDP port whose TCP twin is taken is retried
+            fixed = False
+        candidates = [port] if fixed else [DEFAULT_PORT if port is None else 0, 0, 0, 0, 0]
         last: Exception | None = None
         for cand in candidates:
             try:
