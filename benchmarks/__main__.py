@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import platform
 import statistics
 import sys
@@ -42,15 +41,9 @@ def _runner() -> tuple[str, Callable[[Coroutine[Any, Any, Any]], Any]]:
 
 def machine_info(loop_name: str) -> list[str]:
     """What the numbers depend on: cores, CPU model, Python, event loop of the client."""
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from benchmarks.report import cpu_model, usable_cores
+
+    model, cpus = cpu_model(), usable_cores()
     return [
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         f"- nproc: {cpus}",

@@ -155,17 +155,25 @@ def memory_table(results: Results) -> list[str]:
     return rows
 
 
-def machine_info(*, client_loop: str, server_loop: str, workers: str, postfix: str) -> list[str]:
-    """What the numbers depend on, as markdown bullet lines."""
-    model = "unknown"
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo ("unknown" elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return "unknown"
+
+
+def usable_cores() -> int | None:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine_info(*, client_loop: str, server_loop: str, workers: str, postfix: str) -> list[str]:
+    """What the numbers depend on, as markdown bullet lines."""
+    model, cpus = cpu_model(), usable_cores()
     return [
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         f"- cores: {cpus} ({model})",
