@@ -25,13 +25,13 @@ returned to the pool. ``close()`` closes the pool when the MTA stops.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from pymta.backends._mysqlpool import MysqlPool, MysqlUnavailable
 from pymta.backends.table import check_mailbox_path
 from pymta.config.errors import ConfigError
 from pymta.types import Address, Destination, Target, TemporaryFailure
@@ -133,9 +133,14 @@ class MysqlLookup:
         if importlib.util.find_spec("aiomysql") is None:
             raise ConfigError("MYSQL_HOST: needs the aiomysql package "
                               "(pip install 'pymta-server[mysql]')")
-        self._pool: Any = None
-        self._pool_lock = asyncio.Lock()
-        self.queries = 0   # queries sent, for metrics and tests
+        self.pool = MysqlPool(host=self.host, port=self.port, database=s.database,
+                              user=s.user, password=s.password, timeout=s.timeout,
+                              size=s.pool_size)
+
+    @property
+    def queries(self) -> int:
+        """Queries sent, for metrics and tests."""
+        return self.pool.queries
 
     @classmethod
     def from_config(cls, config: Any) -> MysqlLookup:
@@ -150,58 +155,18 @@ class MysqlLookup:
 
     # ------------------------------------------------------------------ pool
 
-    async def _get_pool(self) -> Any:
-        if self._pool is None:
-            async with self._pool_lock:
-                if self._pool is None:
-                    import aiomysql
-
-                    s = self.settings
-                    self._pool = await aiomysql.create_pool(
-                        minsize=0, maxsize=s.pool_size, host=self.host, port=self.port,
-                        user=s.user or None, password=s.password, db=s.database,
-                        connect_timeout=s.timeout, autocommit=True, charset="utf8mb4",
-                        pool_recycle=3600)
-        return self._pool
-
     async def close(self) -> None:
         """Close the pool (at MTA stop); a later lookup would open a new one."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
-            await pool.wait_closed()
+        await self.pool.close()
 
     async def _query(self, query: CompiledQuery, address: str) -> list[Any]:
         """First-column values of every row; TemporaryFailure when the server can't answer."""
-        import pymysql
-
-        args = query.args(address)
-        last: BaseException | None = None
-        for _attempt in range(2):
-            conn = None
-            pool = None
-            try:
-                pool = await self._get_pool()
-                conn = await asyncio.wait_for(pool.acquire(), self.settings.timeout)
-                self.queries += 1
-                async with conn.cursor() as cur:
-                    await asyncio.wait_for(cur.execute(query.sql, args), self.settings.timeout)
-                    rows = await asyncio.wait_for(cur.fetchall(), self.settings.timeout)
-            except (pymysql.err.MySQLError, TimeoutError, OSError) as exc:
-                last = exc
-                if conn is not None:
-                    conn.close()  # mid-query state is unknown: never reuse it
-                continue
-            except BaseException:
-                if conn is not None:
-                    conn.close()
-                raise
-            finally:
-                if conn is not None and pool is not None:
-                    pool.release(conn)
-            return [row[0] for row in rows if row and row[0] is not None]
-        log.warning("MySQL %s:%d: %s", self.host, self.port, _describe(last))
-        raise TemporaryFailure("Temporary lookup failure (database unavailable)")
+        try:
+            rows, _ = await self.pool.query(query.sql, query.args(address))
+        except MysqlUnavailable as exc:
+            log.warning("MySQL %s:%d: %s", self.host, self.port, _describe(exc.__cause__))
+            raise TemporaryFailure("Temporary lookup failure (database unavailable)") from None
+        return [row[0] for row in rows if row and row[0] is not None]
 
     # ------------------------------------------------------------------ lookup
 

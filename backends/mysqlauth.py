@@ -21,12 +21,12 @@ password or a wrong password is "no" (``535``). The password is never logged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from pymta.backends._mysqlpool import MysqlPool, MysqlUnavailable
 from pymta.backends.passwd import averify_password
 from pymta.config.errors import ConfigError
 from pymta.types import ConnInfo, Identity, TemporaryFailure
@@ -96,12 +96,8 @@ class MysqlAuthenticator:
             raise ConfigError("MYSQL_DATABASE: must be set for MYSQL_QUERY_PASS")
         self.database = database
         self.query = compile_pass_query(query)
-        self._user = user
-        self._password = password
-        self.timeout = timeout
-        self.pool_size = pool_size
-        self._pool: Any = None
-        self._pool_lock = asyncio.Lock()
+        self.pool = MysqlPool(host=self.host, port=self.port, database=database, user=user,
+                              password=password, timeout=timeout, size=pool_size)
 
     @classmethod
     def from_config(cls, config: Any) -> MysqlAuthenticator:
@@ -113,61 +109,25 @@ class MysqlAuthenticator:
     def __repr__(self) -> str:
         return f"MysqlAuthenticator({self.host}:{self.port}/{self.database})"
 
-    async def _get_pool(self) -> Any:
-        if self._pool is None:
-            async with self._pool_lock:
-                if self._pool is None:
-                    import aiomysql
-
-                    self._pool = await aiomysql.create_pool(
-                        minsize=0, maxsize=self.pool_size, host=self.host, port=self.port,
-                        user=self._user or None, password=self._password, db=self.database,
-                        connect_timeout=self.timeout, autocommit=True, charset="utf8mb4",
-                        pool_recycle=3600)
-        return self._pool
-
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
-            await pool.wait_closed()
+        await self.pool.close()
 
     async def _fetch(self, username: str) -> tuple[str | None, str | None]:
         """(stored password, user column) of the first row; (None, None) without a row."""
-        import pymysql
-
-        args = self.query.args(username)
-        last: BaseException | None = None
-        for _attempt in range(2):
-            conn = None
-            pool = None
-            try:
-                pool = await self._get_pool()
-                conn = await asyncio.wait_for(pool.acquire(), self.timeout)
-                async with conn.cursor() as cur:
-                    await asyncio.wait_for(cur.execute(self.query.sql, args), self.timeout)
-                    row = await asyncio.wait_for(cur.fetchone(), self.timeout)
-                    names = [d[0].lower() for d in (cur.description or ())]
-            except (pymysql.err.MySQLError, TimeoutError, OSError) as exc:
-                last = exc
-                if conn is not None:
-                    conn.close()
-                continue
-            except BaseException:
-                if conn is not None:
-                    conn.close()
-                raise
-            finally:
-                if conn is not None and pool is not None:
-                    pool.release(conn)
-            if not row:
-                return None, None
-            index = names.index("password") if "password" in names else 0
-            user = row[names.index("user")] if "user" in names else None
-            return _text(row[index]), _text(user)
-        log.warning("MySQL SASL check on %s:%d failed: %s", self.host, self.port,
-                    type(last).__name__ + (f": {last}" if last else ""))
-        raise TemporaryFailure("Temporary authentication failure", "4.7.0", 454)
+        try:
+            rows, names = await self.pool.query(self.query.sql, self.query.args(username),
+                                                first_only=True)
+        except MysqlUnavailable as exc:
+            last = exc.__cause__
+            log.warning("MySQL SASL check on %s:%d failed: %s", self.host, self.port,
+                        type(last).__name__ + (f": {last}" if last else ""))
+            raise TemporaryFailure("Temporary authentication failure", "4.7.0", 454) from None
+        if not rows:
+            return None, None
+        row = rows[0]
+        index = names.index("password") if "password" in names else 0
+        user = row[names.index("user")] if "user" in names else None
+        return _text(row[index]), _text(user)
 
     async def authenticate(self, username: str, password: str,
                            conn: ConnInfo) -> Identity | None:

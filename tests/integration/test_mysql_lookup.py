@@ -186,7 +186,7 @@ async def test_database_stopped_mid_test_gives_451_and_keeps_accepted_mail(
 
             boxes = await wait_for(lambda: mbox_bytes(config.mail_dir, "alice@example.com"))
             assert len(boxes) == 1 and b"accepted before" in boxes[0]
-            assert sql._pool is not None
-        assert sql._pool is None          # MTA.stop closed the pool
+            assert sql.pool.is_open
+        assert not sql.pool.is_open       # MTA.stop closed the pool
     finally:
         server.stop()
