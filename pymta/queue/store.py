@@ -353,11 +353,9 @@ class QueueStore:
         try:
             while len(self._ready) < self.prealloc and self._spool_executor is not None:
                 qid = new_qid()
-                try:
-                    fd = self._create_locked(os.path.join(self.ready_dir, qid))
-                except (FileExistsError, BlockingIOError):
-                    continue
-                self._ready.append((qid, fd, time.monotonic()))
+                fd = self._create_linked(qid, os.path.join(self.ready_dir, qid), ".ready")
+                if fd >= 0:
+                    self._ready.append((qid, fd, time.monotonic()))
         except OSError as e:
             log.warning("queue: cannot prepare spool files: %s", e)
         finally:
@@ -378,26 +376,35 @@ class QueueStore:
         unlocked body of a live process)."""
         for _ in range(10):
             qid = new_qid()
-            tmp = os.path.join(self.tmp_dir, qid + ".body")
-            try:
-                fd = self._create_locked(tmp)
-            except (FileExistsError, BlockingIOError):
-                continue    # id collision, or another process's clean-up is deleting it
-            try:
-                os.link(tmp, self.body_path(qid))   # unlike rename, never replaces a file
-            except (FileExistsError, FileNotFoundError):
-                # id collision, or another process's clean-up took tmp before we locked it
-                self._drop(tmp, fd)
-                continue
-            except BaseException:
-                self._drop(tmp, fd)
-                raise
-            try:
-                os.unlink(tmp)
-            except OSError as e:    # a stray second name is harmless; clean-up removes it
-                log.warning("%s: %s", qid, e)
-            return qid, fd
+            fd = self._create_linked(qid, self.body_path(qid), ".body")
+            if fd >= 0:
+                return qid, fd
         raise FileExistsError(errno.EEXIST, "no unused queue id after 10 attempts")
+
+    def _create_linked(self, qid: QueueId, dst: str, suffix: str) -> int:
+        """Create ``dst`` already locked: made and locked as ``tmp/<qid><suffix>``, then
+        hard-linked to ``dst``. Created in place, a file would be unlocked for an instant,
+        and another process starting up could take it for a crash's leftover and delete it.
+        -1 on an id collision or when such a clean-up took the ``tmp/`` file first."""
+        tmp = os.path.join(self.tmp_dir, qid + suffix)
+        try:
+            fd = self._create_locked(tmp)
+        except (FileExistsError, BlockingIOError):
+            return -1       # id collision, or another process's clean-up is deleting it
+        try:
+            os.link(tmp, dst)       # unlike rename, never replaces a file
+        except (FileExistsError, FileNotFoundError):
+            # id collision, or another process's clean-up took tmp before we locked it
+            self._drop(tmp, fd)
+            return -1
+        except BaseException:
+            self._drop(tmp, fd)
+            raise
+        try:
+            os.unlink(tmp)
+        except OSError as e:    # a stray second name is harmless; clean-up removes it
+            log.warning("%s: %s", qid, e)
+        return fd
 
     def rewrite_spool_sync(self, writer: SpoolWriter,
                            transform: Callable[[BinaryIO, BinaryIO], None]) -> None:

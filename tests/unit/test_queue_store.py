@@ -199,6 +199,47 @@ async def test_orphans_cleaned_on_open(tmp_path: Path) -> None:
     await s2.close()
 
 
+async def test_startup_cleanup_never_takes_a_prepared_body(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A second worker starting up runs its clean-up in the instant between the creation of a
+    prepared (``prealloc``) body and its lock; the body must still be there to receive mail."""
+    import fcntl
+
+    from pymta.queue import store as store_module
+
+    root = tmp_path / "queue"
+    other = QueueStore(root)
+    real_flock = fcntl.flock
+    raced: list[str] = []
+
+    def flock_after_cleanup(fd: int, op: int) -> None:
+        if op & fcntl.LOCK_EX and not raced:
+            raced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            other._recover()            # what another process's open() does, at the worst time
+        real_flock(fd, op)
+
+    s = QueueStore(root, prealloc=4)
+    s.open()
+    other.open()
+    monkeypatch.setattr(store_module.fcntl, "flock", flock_after_cleanup)
+    await s.start()
+    for _ in range(100):
+        if len(s._ready) == 4:
+            break
+        await asyncio.sleep(0.01)
+    monkeypatch.setattr(store_module.fcntl, "flock", real_flock)
+    assert raced, "the clean-up never ran between create and lock"
+    writers = [s.new_spool() for _ in range(4)]
+    for w in writers:
+        w.write(b"Subject: t\r\n\r\nbody\r\n")
+    qids = [await s.commit(w, envelope()) for w in writers]
+    assert sorted(s.ids()) == sorted(qids)
+    assert all(body_of(s, q) == b"Subject: t\r\n\r\nbody\r\n" for q in qids)
+    await s.close()
+    await other.close()
+
+
 async def test_corrupt_envelope_is_quarantined(store: QueueStore) -> None:
     qid = await commit_bytes(store, b"body")
     with open(os.path.join(store.env_dir, qid), "wb") as f:
