@@ -257,7 +257,7 @@ class MTA:
             submit=self.manager.submit, header_size_limit=config.header_size_limit,
             max_received=config.max_received_headers,
             relay_allowed=network_matcher(config.mynetworks), authenticator=self.authenticator,
-            pipeline=self.pipeline or None)
+            pipeline=self.pipeline or None, hold_incoming=config.hold_incoming)
         engine_cfg = EngineConfig(
             hostname=config.hostname, size_limit=config.message_size_limit,
             max_line_length=config.max_line_length, max_recipients=config.max_recipients,

@@ -90,6 +90,10 @@ class ReceiveContext:
     relay_allowed: Callable[[str], bool] = field(default=lambda ip: False)
     authenticator: Authenticator | None = None
     pipeline: Pipeline | None = None
+    # Every accepted message waits on hold until ``pymta queue release`` (Postfix's HOLD
+    # action for all mail): for maintenance of what is behind us, and for measuring
+    # the receiving side alone.
+    hold_incoming: bool = False
 
 
 class Session:
@@ -330,7 +334,7 @@ class Session:
             next_attempt=now, client_ip=self.peer_ip, helo=self.helo,
             auth_user=self.auth_user, body_type=mail.params.body,
             smtputf8=mail.params.smtputf8, ret=mail.params.ret, envid=mail.params.envid,
-            protocol=self.protocol)
+            protocol=self.protocol, held=self.ctx.hold_incoming)
         if txn is not None:
             envelope.sender = txn.sender
             envelope.recipients = txn.recipients

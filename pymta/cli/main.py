@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("hold", "hold messages (no delivery attempts)"),
                        ("release", "release held messages")):
         q = qsub.add_parser(name, parents=[queue_opt], help=text)
-        q.add_argument("ids", metavar="ID", nargs="+")
+        q.add_argument("ids", metavar="ID", nargs="*")
+        q.add_argument("--all", action="store_true", help=f"{name} every message")
     pw = sub.add_parser("passwd", help="password hashes for SMTPD_SASL_CLIENTAUTH")
     pwsub = pw.add_subparsers(dest="passwd_command", metavar="ACTION", parser_class=_Parser)
     pw_hash = pwsub.add_parser(
@@ -184,8 +185,10 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
 def _queue(args: argparse.Namespace) -> int:
     from pymta.cli import queue
 
-    if args.queue_command == "delete" and bool(args.ids) == bool(args.all):
-        raise _UsageError("queue delete: give message IDs or --all, not both or neither")
+    if (args.queue_command in ("delete", "hold", "release")
+            and bool(args.ids) == bool(args.all)):
+        raise _UsageError(f"queue {args.queue_command}: give message IDs or --all, "
+                          "not both or neither")
     state_dir = args.state_dir or _load(args).state_dir
     return queue.run(args, state_dir)
 

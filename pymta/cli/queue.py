@@ -311,9 +311,12 @@ def cmd_delete(store: Any, state_dir: str, qids: Sequence[str], delete_all: bool
 
 
 def cmd_hold(store: Any, state_dir: str, qids: Sequence[str], hold: bool,
-             out: TextIO, err: TextIO) -> int:
-    """Hold (never attempt) or release messages; a release makes the message due now."""
+             out: TextIO, err: TextIO, every: bool = False) -> int:
+    """Hold (never attempt) or release messages; a release makes the message due now.
+    ``every``: all messages in the queue (a message delivered meanwhile is not an error)."""
     word = "held" if hold else "released"
+    if every:
+        qids = list(store.ids())
 
     def change(qid: str, env: Envelope) -> None:
         env.held = hold
@@ -324,7 +327,7 @@ def cmd_hold(store: Any, state_dir: str, qids: Sequence[str], hold: bool,
 
     status = _each(store, qids, change, err)
     signal_server(state_dir, err)
-    return status
+    return 0 if every else status
 
 
 def run(args: Any, state_dir: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -341,5 +344,6 @@ def run(args: Any, state_dir: str, out: TextIO | None = None, err: TextIO | None
     if args.queue_command == "delete":
         return cmd_delete(store, state_dir, args.ids, args.all, out, err)
     if args.queue_command in ("hold", "release"):
-        return cmd_hold(store, state_dir, args.ids, args.queue_command == "hold", out, err)
+        return cmd_hold(store, state_dir, args.ids, args.queue_command == "hold", out, err,
+                        every=getattr(args, "all", False))
     raise AssertionError(args.queue_command)

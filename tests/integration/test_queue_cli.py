@@ -181,3 +181,33 @@ def test_show_unknown_id(server_factory) -> None:
         assert len(lines) == 1, (args, proc.stderr)
         assert lines[0] == f"pymta: queue: no message {args[1]}"
     assert srv.running
+
+
+def test_hold_incoming_keeps_mail_until_release_all(server_factory) -> None:
+    """``PYMTA_HOLD_INCOMING=yes``: mail is accepted (fsynced, 250) but never attempted until
+    ``queue release --all``; then it is delivered at once."""
+    srv: ServerProc = server_factory("qh", PYMTA_HOLD_INCOMING="yes",
+                                     PYMTA_QUEUE_SCAN_INTERVAL="0.2")
+    srv.start()
+    maildir = srv.mail_dir / "alice" / "new"
+    qids = []
+    for i in range(3):
+        code, text = smtp_send(srv.port, SENDER, ["alice@example.com"],
+                               make_message(SENDER, "alice@example.com", f"held {i}"))
+        assert code == 250, text
+        qids.append(queued_id(text))
+    time.sleep(1.0)     # several queue scans: a held message is never picked up
+    assert not maildir.exists() or list(maildir.iterdir()) == []
+    data = srv.queue_json()
+    assert sorted(e["id"] for e in data) == sorted(qids)
+    assert all(e["held"] for e in data)
+
+    proc = srv.cli("queue", "release", "--all", check=True)
+    for qid in qids:
+        assert f"{qid}: released" in proc.stdout
+    wait_until(lambda: maildir.exists() and len(list(maildir.iterdir())) == 3, 10, 0.1,
+               "the released messages in alice's maildir")
+    srv.wait_queue_empty(10)
+    proc = srv.cli("queue", "release")
+    assert proc.returncode == 2 and "give message IDs or --all" in proc.stderr
+    assert srv.stop() == 0
