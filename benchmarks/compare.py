@@ -2,20 +2,25 @@
 
 Scenarios (``python -m benchmarks --scenario NAME``; ``--all`` runs every one of them):
 
-* ``accept`` / ``end-to-end``: one run gives both figures. A fresh server (pymta, or a
-  throwaway Postfix from ``benchmarks/postfix.py``) on an empty spool takes ``--messages``
-  messages for ``box@example.com`` from 20 sessions, one 4 KiB message per session, from
-  ``smtp-source`` and from our ``loadgen``. **accept** = messages answered 250 / time until the
-  client has its last 250 (every 250 means "fsynced in the queue" for both servers).
-  **end-to-end** = files in ``box/new`` / time from the first connection until the last file
-  is there. Delivery is *not* paused for the accept figure, for either server: both deliver
-  while they accept, as in production (pymta has no "hold" switch; pausing only Postfix's
-  would make the two rows measure different things).
+* ``accept`` / ``end-to-end``: a fresh server (pymta, or a throwaway Postfix from
+  ``benchmarks/postfix.py``) on an empty spool takes ``--messages`` messages for
+  ``box@example.com`` from 20 sessions, one 4 KiB message per session, from ``smtp-source``
+  and from our ``loadgen``. **accept** = messages answered 250 / time until the client has its
+  last 250 (every 250 means "fsynced in the queue" for both servers), with delivery paused on
+  both: every message is put on hold (pymta ``PYMTA_HOLD_INCOMING=yes``, Postfix the ``HOLD``
+  action, see ``postfix.HOLD_CF``). **end-to-end** = files in ``box/new`` / time from the first
+  connection until the last file is there, in a separate run with delivery on. Every run also
+  records the machine's CPU time per message (``benchmarks/floor.py``).
+* ``floor``: the least CPU per message any server could spend on this machine
+  (``benchmarks/floor.py``): smtp-source against smtp-sink, and the bare file-system work of
+  a durable queue and of maildir delivery. With the CPU figures of the runs above, the report
+  shows what each ratio target allows pymta to spend per message and whether that is above
+  the floor at all.
 * ``sweep``: accepted msg/s at 1, 5, 20, 50, 100 concurrent sessions (one message per
   session, ``smtp-source`` when installed), both servers; the data of the PNG plot.
-* ``latency``: ``loadgen`` paced at half of each server's own peak accept rate (the loadgen
-  accept median of this run, or a quick peak run first); p50/p99 from the final ``.`` to the
-  250.
+* ``latency``: ``loadgen`` paced at half of each server's own peak rate with delivery on (the
+  loadgen end-to-end median of this run, or a quick peak run first); p50/p99 from the final
+  ``.`` to the 250.
 * ``memory-idle`` / ``memory-large``: see ``benchmarks/memory.py`` (pymta only).
 
 Order within a round alternates (pymta first in odd rounds, Postfix first in even ones), so a
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import postfix as pf
+from benchmarks.floor import CpuCost, CpuSample, fs_floor, sink_floor
 from benchmarks.loadgen import run_load
 from benchmarks.report import POSTFIX, PYMTA, Results, median
 from benchmarks.scenarios import BenchmarkError, ServerProcess, free_port, server_python
@@ -47,7 +53,8 @@ SMTP_SOURCE = Path("/usr/sbin/smtp-source")
 RECIPIENT = "box@example.com"
 SENDER = "a@x.test"
 SWEEP_LEVELS = (1, 5, 20, 50, 100)
-COMPARE_SCENARIOS = ("accept", "end-to-end", "sweep", "latency", "memory-idle", "memory-large")
+COMPARE_SCENARIOS = ("accept", "end-to-end", "floor", "sweep", "latency", "memory-idle",
+                     "memory-large")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,7 @@ class Run:
     deliver_seconds: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    cpu: CpuCost | None = None          # machine CPU per accepted message over the run
 
     @property
     def accepted_per_s(self) -> float:
@@ -154,14 +162,17 @@ def _no_uvloop_shim(work: Path) -> Path:
 
 
 def make_server(kind: str, work: Path, port: int, opts: CompareOptions,
-                size_limit: int | None = None) -> tuple[ServerProcess, Path]:
-    """The server of ``kind`` and the maildir (``.../box``) it delivers to."""
+                size_limit: int | None = None, hold: bool = False) -> tuple[ServerProcess, Path]:
+    """The server of ``kind`` and the maildir (``.../box``) it delivers to; ``hold``: it
+    queues every message on hold and delivers nothing."""
     if kind == PYMTA:
         extra = {"MESSAGE_SIZE_LIMIT": str(size_limit)} if size_limit else {}
+        if hold:
+            extra["PYMTA_HOLD_INCOMING"] = "yes"
         return pymta_server(work, port, opts, **extra), work / "mail" / "box"
     if kind == POSTFIX:
         return pf.prepare_postfix(work, port, recipient=RECIPIENT,
-                                  size_limit=size_limit or 10240000)
+                                  size_limit=size_limit or 10240000, hold=hold)
     raise BenchmarkError(f"unknown server {kind!r}")
 
 
@@ -232,13 +243,17 @@ async def run_client(client: str, port: int, sessions: int, messages: int, size:
 
 
 async def measure(kind: str, client: str, opts: CompareOptions, *, sessions: int,
-                  messages: int, deliver: bool, rate: float | None = None) -> Run:
-    """One fresh server of ``kind``, one load, optionally waiting for every delivery."""
+                  messages: int, deliver: bool, rate: float | None = None,
+                  hold: bool = False) -> Run:
+    """One fresh server of ``kind``, one load, optionally waiting for every delivery.
+    ``hold``: delivery paused (every message queued on hold)."""
     with workdir(f"pymta-bench-{kind}-") as work:
         port = free_port()
-        server, box = make_server(kind, work, port, opts)
+        server, box = make_server(kind, work, port, opts, hold=hold)
         try:
             await server.start()
+            await asyncio.sleep(0.2)    # let start-up work (workers, spool set-up) finish
+            before = CpuSample.now()
             started = time.perf_counter()
             accepted, failed, seconds, p50, p99 = await run_client(
                 client, port, sessions, messages, opts.size, rate=rate)
@@ -246,10 +261,11 @@ async def measure(kind: str, client: str, opts: CompareOptions, *, sessions: int
             if deliver:
                 delivered, deliver_s = await wait_files(box / "new", accepted, started,
                                                         opts.deliver_timeout)
+            cpu = CpuCost.between(before, CpuSample.now(), accepted)
         finally:
             stop_server(server)
         return Run(kind, client, messages, accepted, failed, seconds, delivered, deliver_s,
-                   p50, p99)
+                   p50, p99, cpu)
 
 
 def _servers(opts: CompareOptions, round_no: int) -> list[str]:
@@ -271,23 +287,55 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-async def throughput(results: Results, opts: CompareOptions) -> None:
-    """``accept`` and ``end-to-end``: every client, every server, ``rounds`` times."""
+async def throughput(results: Results, opts: CompareOptions, names: list[str]) -> None:
+    """``accept`` (delivery paused) and ``end-to-end`` (delivery on, a run of its own): every
+    client, every server, ``rounds`` times."""
+    metrics = [m for m in ("accept", "end-to-end") if m in names]
     for n in range(1, opts.rounds + 1):
-        for client in _clients():
-            for kind in _servers(opts, n):
-                r = await measure(kind, client, opts, sessions=opts.sessions,
-                                  messages=opts.messages, deliver=True)
-                label = _load_label(client, opts)
-                results.add_throughput("accept", label, kind, r.accepted_per_s)
-                results.add_throughput("end-to-end", label, kind, r.delivered_per_s)
-                results.add_errors(f"{kind}/{client}: not accepted", r.failed)
-                results.add_errors(f"{kind}/{client}: accepted, not delivered in "
-                                   f"{opts.deliver_timeout:.0f} s",
-                                   r.accepted - (r.delivered or 0))
-                _note(f"round {n}/{opts.rounds} {kind:7} {client:11}: accept "
-                      f"{r.accepted_per_s:8,.0f}/s  end-to-end {r.delivered_per_s or 0:8,.0f}/s"
-                      f"  (accepted {r.accepted}/{r.messages}, delivered {r.delivered})")
+        for metric in metrics:
+            for client in _clients():
+                for kind in _servers(opts, n):
+                    r = await _throughput_run(results, opts, metric, client, kind)
+                    rate = (r.delivered_per_s if metric == "end-to-end" else r.accepted_per_s)
+                    _note(f"round {n}/{opts.rounds} {metric:10} {kind:7} {client:11}: "
+                          f"{rate or 0:8,.0f}/s, CPU {r.cpu.busy_ms if r.cpu else 0:.2f} ms/msg "
+                          f"(accepted {r.accepted}/{r.messages}, delivered {r.delivered})")
+
+
+async def _throughput_run(results: Results, opts: CompareOptions, metric: str, client: str,
+                          kind: str) -> Run:
+    deliver = metric == "end-to-end"
+    r = await measure(kind, client, opts, sessions=opts.sessions, messages=opts.messages,
+                      deliver=deliver, hold=not deliver)
+    label = _load_label(client, opts)
+    results.add_throughput(metric, label, kind,
+                           r.delivered_per_s if deliver else r.accepted_per_s)
+    if r.cpu is not None:
+        results.add_cpu(metric, label, kind, r.cpu)
+    results.add_errors(f"{metric} {kind}/{client}: not accepted", r.failed)
+    if deliver:
+        results.add_errors(f"{kind}/{client}: accepted, not delivered in "
+                           f"{opts.deliver_timeout:.0f} s", r.accepted - (r.delivered or 0))
+    return r
+
+
+async def floor(results: Results, opts: CompareOptions) -> None:
+    """The least CPU per message on this machine (``benchmarks/floor.py``), ``rounds``
+    times: smtp-source against smtp-sink, and the bare file-system work."""
+    spool_fs = Path(tempfile.gettempdir())   # where every server's spool and maildir live
+    for n in range(1, opts.rounds + 1):
+        for name, measure_floor in (
+                ("smtp-sink", lambda: sink_floor(
+                    lambda port: smtp_source_argv(port, opts.sessions, opts.messages,
+                                                  opts.size), opts.messages)),
+                ("queue files", lambda: fs_floor(spool_fs, opts.messages, opts.sessions,
+                                                 opts.size, deliver=False)),
+                ("queue + maildir", lambda: fs_floor(spool_fs, opts.messages, opts.sessions,
+                                                     opts.size, deliver=True))):
+            cost = await asyncio.to_thread(measure_floor)
+            results.floor.setdefault(name, []).append(cost)
+            _note(f"floor round {n}/{opts.rounds} {name:15}: user {cost.user_ms:.3f} "
+                  f"+ system {cost.system_ms:.3f} ms/msg")
 
 
 def sweep_messages(sessions: int, cap: int) -> int:
@@ -315,12 +363,13 @@ async def latency(results: Results, opts: CompareOptions) -> None:
     """p50/p99 end-of-DATA latency with loadgen paced at half of each server's peak."""
     peaks: dict[str, float] = {}
     for kind in _servers(opts, 1):
+        # The peak a server sustains with delivery on (as in these runs): its end-to-end rate.
         label = _load_label("loadgen", opts)
-        peak = median(results.throughput.get(("accept", label), {}).get(kind, []))
-        if peak is None:  # accept was not run: measure the peak once, quickly
+        peak = median(results.throughput.get(("end-to-end", label), {}).get(kind, []))
+        if peak is None:  # end-to-end was not run: measure the peak once, quickly
             r = await measure(kind, "loadgen", opts, sessions=opts.sessions,
-                              messages=min(opts.messages, 2000), deliver=False)
-            peak = r.accepted_per_s
+                              messages=min(opts.messages, 2000), deliver=True)
+            peak = r.delivered_per_s or r.accepted_per_s
             _note(f"latency: {kind} peak (loadgen, {r.accepted} msgs) {peak:,.0f}/s")
         peaks[kind] = peak
     for n in range(1, opts.latency_rounds + 1):
@@ -379,7 +428,9 @@ async def run_selected(names: list[str], opts: CompareOptions, *, idle_connectio
 
     results = Results()
     if "accept" in names or "end-to-end" in names:
-        await throughput(results, opts)
+        await throughput(results, opts, names)
+    if "floor" in names:
+        await floor(results, opts)
     if "sweep" in names:
         await sweep(results, opts)
     if "latency" in names:

@@ -138,12 +138,23 @@ def _run_checked(argv: list[str], what: str) -> None:
     raise BenchmarkError(f"{what} failed (exit {proc.returncode}): {detail.strip()}")
 
 
+# Delivery paused, for the accept figure: every message goes to the hold queue (the HOLD
+# action, as pymta's PYMTA_HOLD_INCOMING). in_flow_delay must then be off: it throttles
+# smtpd while deliveries lag behind arrivals, and with delivery paused they always do.
+HOLD_CF = """\
+smtpd_data_restrictions = check_client_access static:HOLD
+in_flow_delay = 0s
+"""
+
+
 def prepare_postfix(work: Path, port: int, *, recipient: str = "box@example.com",
-                    size_limit: int = 10240000) -> tuple[ServerProcess, Path]:
+                    size_limit: int = 10240000, hold: bool = False
+                    ) -> tuple[ServerProcess, Path]:
     """Write a Postfix instance into ``work``; return its (unstarted) master and maildir.
 
     The maildir is ``work/mail/box`` (delivered messages appear in its ``new``), the same
-    layout as the pymta scenarios' ``work/mail/box``.
+    layout as the pymta scenarios' ``work/mail/box``. ``hold``: accept into the hold queue,
+    deliver nothing.
     """
     if not postfix_installed():
         raise BenchmarkError("postfix is not installed (Debian package postfix)")
@@ -154,7 +165,8 @@ def prepare_postfix(work: Path, port: int, *, recipient: str = "box@example.com"
     os.chown(mail, MAIL_UID, MAIL_UID)
     shutil.copy(MASTER_CF_DIST, etc / "master.cf")
     (etc / "main.cf").write_text(MAIN_CF.format(T=work, recipient=recipient, uid=MAIL_UID,
-                                                size_limit=size_limit))
+                                                size_limit=size_limit)
+                                 + (HOLD_CF if hold else ""))
     postconf = [str(POSTCONF), "-c", str(etc)]
     _run_checked([*postconf, "-F", "*/*/chroot = n"], "postconf -F")
     _run_checked([*postconf, "-MX", "smtp/inet"], "postconf -MX")

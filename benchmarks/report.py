@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.floor import CpuCost
+
 PYMTA = "pymta"
 POSTFIX = "postfix"
 
@@ -63,6 +65,13 @@ class Results:
     latency: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    # cpu[(metric, load)][server]: machine CPU per message per round (see floor.py)
+    cpu: dict[tuple[str, str], dict[str, list[CpuCost]]] = field(default_factory=dict)
+    # floor[name]: the least CPU per message (floor.py), per round
+    floor: dict[str, list[CpuCost]] = field(default_factory=dict)
+
+    def add_cpu(self, metric: str, load: str, server: str, cost: CpuCost) -> None:
+        self.cpu.setdefault((metric, load), {}).setdefault(server, []).append(cost)
 
     def add_throughput(self, metric: str, load: str, server: str, value: float | None) -> None:
         if value is not None:
@@ -93,6 +102,65 @@ def throughput_table(results: Results) -> list[str]:
             f"| {metric} | {load} | {rounds} | {fmt(mine)} | {fmt(theirs)} | {fmt(r, 2, '×')} "
             f"| {fmt(target, 0, '×') if target else ''} "
             f"| {verdict(r, target) if target else ''} |")
+    return rows
+
+
+def _cpu_median(costs: Sequence[CpuCost]) -> tuple[float | None, float | None, float | None]:
+    """Medians of (user, system, idle) ms per message."""
+    return (median(c.user_ms for c in costs), median(c.system_ms for c in costs),
+            median(c.idle_ms for c in costs))
+
+
+def _busy(costs: Sequence[CpuCost]) -> float | None:
+    return median(c.busy_ms for c in costs)
+
+
+def cpu_table(results: Results) -> list[str]:
+    """Machine CPU per message in the throughput runs (all processes, load generator too)."""
+    rows = ["| measure | load | server | user ms | system ms | busy ms (user + system) "
+            "| idle ms |", "|---|---|---|---:|---:|---:|---:|"]
+    for (metric, load), by_server in results.cpu.items():
+        for server in (PYMTA, POSTFIX):
+            costs = by_server.get(server)
+            if not costs:
+                continue
+            user, system, idle = _cpu_median(costs)
+            rows.append(f"| {metric} | {load} | {server} | {fmt(user, 3)} | {fmt(system, 3)} "
+                        f"| {fmt(_busy(costs), 3)} | {fmt(idle, 3)} |")
+    return rows
+
+
+FLOOR_OF = {"accept": ("smtp-sink", "queue files"),
+            "end-to-end": ("smtp-sink", "queue + maildir")}
+
+
+def floor_table(results: Results) -> list[str]:
+    """The floor measurements themselves."""
+    rows = ["| floor | user ms | system ms | busy ms |", "|---|---:|---:|---:|"]
+    for name, costs in results.floor.items():
+        user, system, _ = _cpu_median(costs)
+        rows.append(f"| {name} | {fmt(user, 3)} | {fmt(system, 3)} | {fmt(_busy(costs), 3)} |")
+    return rows
+
+
+def budget_table(results: Results) -> list[str]:
+    """Per target: the CPU per message it allows pymta (Postfix's busy CPU per message / the
+    ratio), the floor no server can go below, and where pymta is. Only the smtp-source loads:
+    the floor's client is smtp-source (our Python loadgen costs more CPU per message itself)."""
+    rows = ["| measure | load | Postfix busy ms | target | budget for pymta ms | floor ms "
+            "| pymta busy ms | best ratio at the floor |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (metric, load), by_server in results.cpu.items():
+        target = TARGETS.get(metric)
+        parts = FLOOR_OF.get(metric, ())
+        floors = [_busy(results.floor.get(p, [])) for p in parts]
+        floor = None if not parts or None in floors else sum(f for f in floors if f)
+        theirs, mine = _busy(by_server.get(POSTFIX, [])), _busy(by_server.get(PYMTA, []))
+        if target is None or theirs is None or not load.startswith("smtp-source"):
+            continue
+        rows.append(f"| {metric} | {load} | {fmt(theirs, 3)} | {fmt(target, 0, '×')} "
+                    f"| {fmt(theirs / target, 3)} | {fmt(floor, 3)} | {fmt(mine, 3)} "
+                    f"| {fmt(ratio(theirs, floor), 2, '×')} |")
     return rows
 
 
@@ -193,6 +261,19 @@ def render(results: Results, *, header: Sequence[str], command: str) -> str:
     if results.throughput:
         doc += ["## Throughput (median of rounds; ratio = pymta / Postfix)", "",
                 *throughput_table(results), ""]
+    if results.cpu:
+        doc += ["## Machine CPU per message (median of rounds; all processes, the load "
+                "generator and the kernel included)", "", *cpu_table(results), ""]
+    if results.floor:
+        doc += ["## The floor: least CPU per message on this machine (benchmarks/floor.py)", "",
+                *floor_table(results), ""]
+    if results.cpu and results.floor:
+        doc += ["## What the targets allow", "",
+                "On the same cores, a ratio r needs pymta to spend at most Postfix's CPU per "
+                "message / r. The floor (smtp-sink + the bare file-system work) is what any "
+                "server spends at the least; \"best ratio at the floor\" is Postfix's cost / "
+                "floor, the ratio a server with no user-space cost at all would reach.", "",
+                *budget_table(results), ""]
     if results.sweep:
         doc += [f"## Throughput vs concurrency ({results.sweep_client}, accepted msg/s)", "",
                 *sweep_table(results), "", "![throughput vs concurrency](latest.png)", ""]

@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks.compare import smtp_source_argv, sweep_messages
+from benchmarks.floor import CpuCost, CpuSample, fs_floor
 from benchmarks.loadgen import RateLimiter, run_load
 from benchmarks.report import (
     POSTFIX,
     PYMTA,
     Results,
+    budget_table,
+    cpu_table,
+    floor_table,
     fmt,
     latency_table,
     median,
@@ -84,6 +88,43 @@ def test_sweep_latency_memory_tables() -> None:
     assert "| pymta | 1,500 | 1,490 | 2.00 | 25.00 | 1 | not met |" in latency_table(res)
     mem = memory_table(res)
     assert any("per idle connection" in r and "| 4.00 | 10 | met |" in r for r in mem)
+
+
+def test_cpu_floor_and_budget_tables() -> None:
+    res = _results()
+    label = "smtp-source -s 20"
+    for busy in (2.0, 2.2, 1.8):
+        res.add_cpu("accept", label, POSTFIX, CpuCost(busy / 2, busy / 2, 0.1))
+        res.add_cpu("accept", label, PYMTA, CpuCost(busy, 0.5, 0.3))
+    res.floor = {"smtp-sink": [CpuCost(0.05, 0.05, 0.0)] * 3,
+                 "queue files": [CpuCost(0.01, 0.5, 0.2)] * 3}
+    cpu = cpu_table(res)
+    assert "| accept | smtp-source -s 20 | postfix | 1.000 | 1.000 | 2.000 | 0.100 |" in cpu
+    assert "| accept | smtp-source -s 20 | pymta | 2.000 | 0.500 | 2.500 | 0.300 |" in cpu
+    assert "| queue files | 0.010 | 0.500 | 0.510 |" in floor_table(res)
+    # 3× Postfix's 2.0 ms leaves 0.667 ms; the floor is 0.1 + 0.51 = 0.61 ms: 2.0 / 0.61
+    (row,) = budget_table(res)[2:]
+    assert row == ("| accept | smtp-source -s 20 | 2.000 | 3× | 0.667 | 0.610 | 2.500 "
+                   "| 3.28× |")
+    # no floor measured for end-to-end: the budget is still shown, the floor is not
+    res.add_cpu("end-to-end", label, POSTFIX, CpuCost(1.0, 1.0, 0.0))
+    assert "| end-to-end | smtp-source -s 20 | 2.000 | 2× | 1.000 | – | – | – |" in (
+        budget_table(res))
+    res.add_cpu("accept", "loadgen 20 sessions", POSTFIX, CpuCost(1.0, 1.0, 0.0))
+    assert not any("loadgen" in r for r in budget_table(res))   # the floor's client differs
+    doc = render(res, header=[], command="x")
+    assert "## What the targets allow" in doc and "## The floor" in doc
+
+
+def test_fs_floor_counts_and_cleans_up(tmp_path: Path) -> None:
+    before = CpuSample.now()
+    cost = fs_floor(tmp_path, 40, 20, 4096, deliver=True)
+    after = CpuSample.now()
+    assert list(tmp_path.iterdir()) == []       # nothing left behind
+    assert cost.user_ms >= 0 and cost.system_ms >= 0
+    # the per-message figure is the machine's CPU time over the run divided by 40
+    total = (after.user - before.user) + (after.system - before.system)
+    assert cost.busy_ms * 40 / 1000 <= total + 1e-9
 
 
 def test_render_has_every_section(tmp_path: Path) -> None:
