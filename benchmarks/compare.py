@@ -17,7 +17,8 @@ Scenarios (``python -m benchmarks --scenario NAME``; ``--all`` runs every one of
   shows what each ratio target allows pymta to spend per message and whether that is above
   the floor at all.
 * ``sweep``: accepted msg/s at 1, 5, 20, 50, 100 concurrent sessions (one message per
-  session, ``smtp-source`` when installed), both servers; the data of the PNG plot.
+  session, ``smtp-source`` when installed), delivery paused as for ``accept``, both servers;
+  the data of the PNG plot.
 * ``latency``: ``loadgen`` paced at half of each server's own peak rate with delivery on (the
   loadgen end-to-end median of this run, or a quick peak run first); p50/p99 from the final
   ``.`` to the 250.
@@ -352,7 +353,7 @@ async def sweep(results: Results, opts: CompareOptions) -> None:
             messages = sweep_messages(sessions, opts.sweep_messages)
             for kind in _servers(opts, n):
                 r = await measure(kind, client, opts, sessions=sessions, messages=messages,
-                                  deliver=False)
+                                  deliver=False, hold=True)
                 results.add_sweep(sessions, kind, r.accepted_per_s)
                 results.add_errors(f"sweep {kind}/{sessions}: not accepted", r.failed)
                 _note(f"sweep round {n}/{opts.sweep_rounds} {kind:7} {sessions:3} sessions: "
