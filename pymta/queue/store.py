@@ -17,9 +17,10 @@ Layout under the store root (all directories 0700, one filesystem):
     empty bodies made ahead of time (``prealloc``) by a spool thread, each locked by its
     process; ``new_spool`` hands one out and the commit links it into ``data/``.
 
-Implementation summary. ``new_spool`` creates the body in ``tmp/``, takes an exclusive
-``flock`` on it, then hard-links it into ``data/``: every body is locked from the moment it has
-a name in ``data/`` until its commit has finished or failed. That lock is what makes start-up
+Implementation summary. ``new_spool`` creates the body without a name (``O_TMPFILE``; on file
+systems without it, in ``tmp/``), takes an exclusive ``flock`` on it, then hard-links it into
+``data/`` (or ``ready/``): every body is locked from the moment it has a name there until its
+commit has finished or failed. That lock is what makes start-up
 clean-up safe with several processes on one spool: ``open()`` deletes a ``tmp/`` file or a
 body without an envelope only if it can take the lock, i.e. no live process is writing it.
 ``commit`` flushes the body, writes the envelope to ``tmp/<qid>`` and hands both to the
@@ -203,6 +204,7 @@ class QueueStore:
         self._filling = False
         self._spool_executor: ThreadPoolExecutor | None = None
         self._held: dict[QueueId, MessageLock] = {}   # locks this process holds, by qid
+        self._tmpfile_ok = hasattr(os, "O_TMPFILE")   # False once the file system says no
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.ready_dir = os.path.join(self.root, "ready")
         self.data_dir = os.path.join(self.root, "data")
@@ -382,10 +384,35 @@ class QueueStore:
         raise FileExistsError(errno.EEXIST, "no unused queue id after 10 attempts")
 
     def _create_linked(self, qid: QueueId, dst: str, suffix: str) -> int:
-        """Create ``dst`` already locked: made and locked as ``tmp/<qid><suffix>``, then
-        hard-linked to ``dst``. Created in place, a file would be unlocked for an instant,
-        and another process starting up could take it for a crash's leftover and delete it.
-        -1 on an id collision or when such a clean-up took the ``tmp/`` file first."""
+        """Create ``dst`` already locked. Created in place, a file would be unlocked for an
+        instant, and another process starting up could take it for a crash's leftover and
+        delete it. So it is made nameless (``O_TMPFILE``), locked, then linked as ``dst``: one
+        directory entry, no scaffolding, and a crash in between leaves nothing. Where the
+        file system has no ``O_TMPFILE``: made and locked as ``tmp/<qid><suffix>``, linked to
+        ``dst``, then the ``tmp/`` name removed. -1 on an id collision or when such a
+        clean-up took the ``tmp/`` file first."""
+        if self._tmpfile_ok:
+            fd = self._create_nameless(os.path.dirname(dst))
+            if fd >= 0:
+                try:
+                    # linkat(AT_SYMLINK_FOLLOW): CPython uses it (not link(2), which would
+                    # link the /proc symlink itself) only when given a directory descriptor;
+                    # the absolute source path makes the descriptor itself irrelevant.
+                    os.link(f"/proc/self/fd/{fd}", dst, src_dir_fd=self._root_fd,
+                            follow_symlinks=True)           # never replaces a file
+                except FileExistsError:
+                    os.close(fd)
+                    return -1
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno not in (errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EACCES):
+                        raise
+                    self._tmpfile_ok = False    # no usable /proc: the tmp/ way from now on
+                except BaseException:
+                    os.close(fd)
+                    raise
+                else:
+                    return fd
         tmp = os.path.join(self.tmp_dir, qid + suffix)
         try:
             fd = self._create_locked(tmp)
@@ -404,6 +431,25 @@ class QueueStore:
             os.unlink(tmp)
         except OSError as e:    # a stray second name is harmless; clean-up removes it
             log.warning("%s: %s", qid, e)
+        return fd
+
+    def _create_nameless(self, directory: str) -> int:
+        """A locked ``O_TMPFILE`` in ``directory``; -1 (and no more tries) if unsupported."""
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, _FILE_MODE)
+        except (AttributeError, IsADirectoryError, NotADirectoryError):
+            self._tmpfile_ok = False
+            return -1
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOENT):
+                self._tmpfile_ok = False
+                return -1
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def rewrite_spool_sync(self, writer: SpoolWriter,

@@ -199,11 +199,14 @@ async def test_orphans_cleaned_on_open(tmp_path: Path) -> None:
     await s2.close()
 
 
+@pytest.mark.parametrize("nameless", [True, False], ids=["O_TMPFILE", "tmp-link"])
 async def test_startup_cleanup_never_takes_a_prepared_body(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          nameless: bool) -> None:
     """A second worker starting up runs its clean-up in the instant between the creation of a
-    prepared (``prealloc``) body and its lock; the body must still be there to receive mail."""
+    prepared (``prealloc``) body and its lock; the body must still be there to receive mail.
+    Both ways of making a body: nameless until locked, and (file systems without O_TMPFILE)
+    through a locked ``tmp/`` name."""
     import fcntl
 
     from pymta.queue import store as store_module
@@ -220,6 +223,7 @@ async def test_startup_cleanup_never_takes_a_prepared_body(tmp_path: Path,
         real_flock(fd, op)
 
     s = QueueStore(root, prealloc=4)
+    s._tmpfile_ok = nameless
     s.open()
     other.open()
     monkeypatch.setattr(store_module.fcntl, "flock", flock_after_cleanup)
@@ -236,8 +240,10 @@ async def test_startup_cleanup_never_takes_a_prepared_body(tmp_path: Path,
     qids = [await s.commit(w, envelope()) for w in writers]
     assert sorted(s.ids()) == sorted(qids)
     assert all(body_of(s, q) == b"Subject: t\r\n\r\nbody\r\n" for q in qids)
+    assert s._tmpfile_ok is nameless
     await s.close()
     await other.close()
+    assert os.listdir(root / "tmp") == [] and os.listdir(root / "ready") == []
 
 
 async def test_corrupt_envelope_is_quarantined(store: QueueStore) -> None:
