@@ -19,6 +19,14 @@ def read_chunks(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
         yield chunk
 
 
+def with_prefix(prefix: bytes, f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
+    """``prefix``, then ``read_chunks(f)``; the prefix rides on the first chunk, so a small
+    message (the usual case) takes one write instead of two."""
+    chunks = read_chunks(f, size)
+    yield prefix + next(chunks, b"")
+    yield from chunks
+
+
 def read_lines(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:
     """Lines of at most ``size`` bytes, so an endless line never fills memory (mbox)."""
     while line := f.readline(size):

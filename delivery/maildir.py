@@ -25,11 +25,10 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import chain
 
 from pymta.queue.committer import SYNCFS
 
-from ._crlf import crlf_to_lf, read_chunks
+from ._crlf import crlf_to_lf, with_prefix
 
 _counter = itertools.count(1)  # next() on a count is atomic under the GIL: thread-safe
 
@@ -80,8 +79,8 @@ def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
     try:
         size = 0
         try:
-            with open(body_path, "rb") as body:
-                for piece in crlf_to_lf(chain((prefix,), read_chunks(body))):
+            with open(body_path, "rb", buffering=0) as body:
+                for piece in crlf_to_lf(with_prefix(prefix, body)):
                     _write_all(fd, piece)
                     size += len(piece)
             os.fsync(fd)
@@ -125,8 +124,9 @@ def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str
         fd = os.open(tmp_path, flags, 0o600)
     try:
         size = 0
-        with open(body_path, "rb") as body:
-            for piece in crlf_to_lf(chain((prefix,), read_chunks(body))):
+        # Unbuffered: whole chunks are read anyway, and a buffered reader costs system calls
+        with open(body_path, "rb", buffering=0) as body:
+            for piece in crlf_to_lf(with_prefix(prefix, body)):
                 _write_all(fd, piece)
                 size += len(piece)
     except BaseException:

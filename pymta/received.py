@@ -55,4 +55,6 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, qi
 
 def _clean(text: str) -> str:
     """Keep header text on one line and free of comment-breaking characters."""
+    if text.isprintable() and "(" not in text and ")" not in text and "\\" not in text:
+        return text     # the usual case, without a loop over every character
     return "".join(c for c in text if c.isprintable() and c not in "()\\")

@@ -50,6 +50,10 @@ R_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 R_AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
 R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
 
+# How much of a message's start a session keeps in memory for the pipeline's header reads
+# (``SpooledBody.head``); a header section longer than this is read back from the spool file.
+HEAD_KEEP = 32 * 1024
+
 
 def network_matcher(networks: Sequence[str]) -> Callable[[str], bool]:
     """``relay_allowed`` for ``MYNETWORKS``: is a client address inside one of the networks?
@@ -101,7 +105,7 @@ class Session:
 
     __slots__ = ("ctx", "peer_ip", "peer_port", "helo", "extended", "tls_info", "auth_user",
                  "_sender", "_mail", "_targets", "_spool", "_scanner", "_write_error",
-                 "_started")
+                 "_started", "_head", "_head_room")
 
     def __init__(self, ctx: ReceiveContext, peer_ip: str, peer_port: int) -> None:
         self.ctx = ctx
@@ -124,6 +128,8 @@ class Session:
         self._scanner: HeaderScanner | None = None
         self._write_error: OSError | None = None
         self._started = 0.0
+        self._head: list[bytes] = []
+        self._head_room = 0
 
     def abort(self) -> None:
         """Drop a partial message (failed DATA, disconnect): nothing was acknowledged."""
@@ -201,6 +207,8 @@ class Session:
             recipient=next(iter(originals)) if len(originals) == 1 else None,
             now=time.time(), auth_user=self.auth_user)
         self._write(header)
+        self._head = [header]
+        self._head_room = HEAD_KEEP
         if event.bdat:
             return Reply(250, "2.0.0", "Ok")
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -252,6 +260,12 @@ class Session:
         scanner = self._scanner
         if scanner is not None and not scanner.done:
             scanner.feed(data)
+            # Keep the spool file's start until the header section is complete, so the
+            # pipeline's header reads need not open the file (see SpooledBody).
+            room = self._head_room
+            if room > 0:
+                self._head.append(data if len(data) <= room else data[:room])
+                self._head_room = room - len(data)
         self._write(data)
 
     def _write(self, data: bytes) -> None:
@@ -297,13 +311,13 @@ class Session:
         self._targets = {}
         self._scanner = None
         self._write_error = None
+        self._head = []
 
     async def _run_pipeline(self, pipeline: Pipeline,
                             spool) -> tuple[Transaction, Reply | None]:
         """Run the checks and modifiers; a reply means the message ends here (not queued)."""
         mail = self._mail
         assert mail is not None
-        spool.flush()
         ctx = self.ctx
         txn = Transaction(
             qid=spool.qid, sender=mail.address, recipients=list(self._targets.values()),
@@ -311,7 +325,10 @@ class Session:
             local_domains=ctx.local_domains, auth_user=self.auth_user,
             trusted=self.auth_user is not None or ctx.relay_allowed(self.peer_ip),
             tls=self.tls_info is not None)
-        outcome = await pipeline.run(txn, SpooledBody(spool.path, spool.size))
+        # Written bytes stay in the spool's buffer unless a stage reads the file (then the body
+        # flushes them first); the commit thread writes them out otherwise.
+        body = SpooledBody(spool.path, spool.size, b"".join(self._head), spool.flush)
+        outcome = await pipeline.run(txn, body)
         why = "; ".join(outcome.reasons)
         if outcome.action in (Action.REJECT, Action.TEMPFAIL):
             log.log(25, "%s: %s: from=<%s> %s (%s)", spool.qid,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -67,15 +67,25 @@ class SpooledBody:
 
     Messages are bounded by MESSAGE_SIZE_LIMIT, so reading one whole is allowed for stages
     that need it (DKIM); ``header_bytes`` reads only the header section.
+
+    ``head`` is a prefix of the spooled file the session kept in memory while it streamed
+    the message (see ``Session.on_data_chunk``); when it holds the whole header section,
+    ``header_bytes`` answers from it instead of opening the file, which is all most messages
+    need. ``flush`` (the spool writer's) runs once before the file is first read, so a
+    reader sees the whole message; when no stage reads the file, the commit thread does
+    that write instead of the event loop.
     """
 
-    __slots__ = ("path", "size", "_cache", "_drops")
+    __slots__ = ("path", "size", "_cache", "_drops", "_head", "_flush")
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, head: bytes | None = None,
+                 flush: Callable[[], None] | None = None) -> None:
         self.path = path
         self.size = size
         self._cache: bytes | None = None
         self._drops: tuple[DropPredicate, ...] = ()
+        self._head = head
+        self._flush = flush
 
     def drop_headers(self, predicates: Sequence[DropPredicate]) -> None:
         """From now on, show the message without the header fields ``predicates`` match
@@ -86,8 +96,14 @@ class SpooledBody:
                 self._cache = filter_bytes(self._cache, self._drops)
                 self.size = len(self._cache)
 
+    def _flushed(self) -> None:
+        flush, self._flush = self._flush, None
+        if flush is not None:
+            flush()
+
     def read(self) -> bytes:
         if self._cache is None:
+            self._flushed()
             with open(self.path, "rb") as f:
                 data = f.read()
             self._cache = filter_bytes(data, self._drops) if self._drops else data
@@ -96,6 +112,7 @@ class SpooledBody:
 
     async def read_async(self) -> bytes:
         if self._cache is None:
+            self._flushed()     # here, not in the thread: the writer belongs to the loop
             self._cache = await asyncio.to_thread(self.read)
         return self._cache
 
@@ -103,6 +120,14 @@ class SpooledBody:
         if self._cache is not None:
             data = self._cache
         else:
+            head = self._head
+            if head is not None and not self._drops:
+                # ``head`` is a prefix of the file: a blank line found in it is the file's
+                # first one, and the answer is what reading the file would give.
+                end = head.find(b"\r\n\r\n", 0, limit)
+                if end >= 0:
+                    return head[: end + 2]
+            self._flushed()
             with open(self.path, "rb") as f:
                 data = f.read(limit)
             if self._drops:
@@ -211,7 +236,9 @@ class Pipeline:
             return Outcome(action, reply or TEMPFAIL_REPLY, reasons)
         for modifier in self.modifiers:
             try:
-                await asyncio.wait_for(modifier.modify(txn, body), self.timeout)
+                # asyncio.timeout, not wait_for: no task per stage and message
+                async with asyncio.timeout(self.timeout):
+                    await modifier.modify(txn, body)
                 if txn.header_drops:
                     body.drop_headers(txn.header_drops)
             except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
@@ -222,7 +249,8 @@ class Pipeline:
 
     async def _run_check(self, check: Check, txn: Transaction, body: SpooledBody) -> Verdict:
         try:
-            return await asyncio.wait_for(check.check(txn, body), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await check.check(txn, body)
         except TimeoutError:
             log.warning("%s: %s timed out after %.0fs", txn.qid, check.name, self.timeout)
             return Verdict(Action.TEMPFAIL, TEMPFAIL_REPLY, reason="timeout")

@@ -20,6 +20,10 @@ from pymta.types import Envelope, RcptState, Recipient
 
 VERSION = 1
 
+# allow_nan stays on: a deliberately infinite next_attempt must round-trip, not fail a commit.
+# One encoder for every call: ``json.dumps`` with options builds a new one each time.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
 
 class CodecError(ValueError):
     """The bytes are not an envelope this code can read (corrupt or truncated)."""
@@ -50,8 +54,7 @@ def encode(envelope: Envelope) -> bytes:
         "protocol": envelope.protocol,
         "extra": dict(envelope.extra),
     }
-    # allow_nan stays on: a deliberately infinite next_attempt must round-trip, not fail a commit.
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _ENCODER.encode(doc).encode("ascii")
 
 
 def decode(data: bytes) -> Envelope:

@@ -64,6 +64,8 @@ def format_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, re
 
 def log_active(qid: str, envelope: Envelope) -> None:
     """An attempt starts: who sent it, how big, how many recipients are still pending."""
+    if not LOG.isEnabledFor(logging.INFO):     # INFO is below the default level: skip the work
+        return
     LOG.info(format_active(qid, envelope),
              extra={"mta_event": {"qid": qid, "event": "active", "from": envelope.sender,
                                   "size": envelope.size, "nrcpt": len(envelope.pending())}})
@@ -72,6 +74,8 @@ def log_active(qid: str, envelope: Envelope) -> None:
 def log_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, relay: str,
                   delay: float, delays: tuple[float, float, float, float]) -> None:
     """The result of one attempt for one recipient."""
+    if not LOG.isEnabledFor(NOTICE):
+        return
     line = format_recipient(qid, rcpt, status=status, reply=reply, relay=relay, delay=delay,
                             delays=delays)
     LOG.log(NOTICE, line, extra={"mta_event": {
@@ -92,4 +96,6 @@ def log_notice(qid: str, kind: str, notice_qid: str) -> None:
 
 def log_removed(qid: str) -> None:
     """Every recipient reached a final state; the message left the queue."""
+    if not LOG.isEnabledFor(logging.INFO):
+        return
     LOG.info(f"{qid}: removed", extra={"mta_event": {"qid": qid, "event": "removed"}})

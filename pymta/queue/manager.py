@@ -299,7 +299,8 @@ class QueueManager:
             if self._heap:
                 timeout = min(timeout, max(self._heap[0][0] - self._clock(), 0.0))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
+                async with asyncio.timeout(timeout):    # unlike wait_for, makes no task
+                    await self._event.wait()
 
     # ------------------------------------------------------------------ one attempt
 
@@ -367,6 +368,9 @@ class QueueManager:
             groups.setdefault(key, (agent, []))[1].append(rcpt)
         calls = [self._deliver_group(qid, key, agent, msg, rcpts)
                  for key, (agent, rcpts) in groups.items()]
+        if len(calls) == 1:     # the usual case: no task and gather for a single call
+            results.extend(await calls[0])
+            return results
         for group in await asyncio.gather(*calls):
             results.extend(group)
         return results
@@ -376,11 +380,8 @@ class QueueManager:
                              ) -> list[tuple[Recipient, Outcome]]:
         """One agent call; exceptions and missing outcomes become temporary failures."""
         try:
-            call = agent.deliver(msg, rcpts)
-            if self._agent_timeout is not None:
-                outcomes = await asyncio.wait_for(call, self._agent_timeout)
-            else:
-                outcomes = await call
+            async with asyncio.timeout(self._agent_timeout):    # None: no limit
+                outcomes = await agent.deliver(msg, rcpts)
         except TimeoutError:
             log.error("%s: transport %s timed out after %ss", qid, key, self._agent_timeout)
             return [(r, Outcome(r.address, OutcomeKind.TEMPORARY, TIMEOUT_ERROR, key))
