@@ -324,11 +324,16 @@ async def floor(results: Results, opts: CompareOptions) -> None:
     """The least CPU per message on this machine (``benchmarks/floor.py``), ``rounds``
     times: smtp-source against smtp-sink, and the bare file-system work."""
     spool_fs = Path(tempfile.gettempdir())   # where every server's spool and maildir live
+
+    def source(port: int) -> list[str]:
+        return smtp_source_argv(port, opts.sessions, opts.messages, opts.size)
+
+    def python_sink(port: int) -> list[str]:
+        return [server_python(), "-m", "benchmarks.sink", "--listen", f"127.0.0.1:{port}"]
     for n in range(1, opts.rounds + 1):
         for name, measure_floor in (
-                ("smtp-sink", lambda: sink_floor(
-                    lambda port: smtp_source_argv(port, opts.sessions, opts.messages,
-                                                  opts.size), opts.messages)),
+                ("smtp-sink", lambda: sink_floor(source, opts.messages)),
+                ("python sink", lambda: sink_floor(source, opts.messages, python_sink)),
                 ("queue files", lambda: fs_floor(spool_fs, opts.messages, opts.sessions,
                                                  opts.size, deliver=False)),
                 ("queue + maildir", lambda: fs_floor(spool_fs, opts.messages, opts.sessions,

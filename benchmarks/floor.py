@@ -12,6 +12,9 @@ answered by the **floor**, measured here with no MTA at all:
 
 * ``smtp-sink``: Postfix's ``smtp-source`` against Postfix's ``smtp-sink`` (both C): the load
   generator, loopback TCP and the barest SMTP answering, nothing stored;
+* ``python sink`` (not part of the floor, for comparison): the same against
+  ``benchmarks/sink.py``, a do-nothing ``asyncio.Protocol`` SMTP responder on uvloop: what
+  answering SMTP from Python costs before any MTA work;
 * ``queue files``: the file-system work of a durable queue in the leanest form (one file per
   message: create, write, ``fdatasync`` in batches of ``sessions`` as a group commit would,
   one directory fsync per batch), from a tight loop with almost no user-space work;
@@ -120,22 +123,25 @@ def _dir_fd(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def sink_floor(source_argv: Callable[[int], list[str]], messages: int) -> CpuCost:
-    """CPU per message of ``smtp-source`` (``source_argv(port)``) against ``smtp-sink``."""
+def sink_floor(source_argv: Callable[[int], list[str]], messages: int,
+               server_argv: Callable[[int], list[str]] | None = None) -> CpuCost:
+    """CPU per message of ``smtp-source`` (``source_argv(port)``) against ``smtp-sink``, or
+    against the server ``server_argv(port)`` starts."""
     from benchmarks.scenarios import BenchmarkError, free_port
 
-    if not SMTP_SINK.exists():
+    if server_argv is None and not SMTP_SINK.exists():
         raise BenchmarkError(f"{SMTP_SINK} is not installed (Debian package postfix)")
     port = free_port()
-    sink = subprocess.Popen(sink_argv(port), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sink = subprocess.Popen((server_argv or sink_argv)(port), cwd=Path(__file__).parents[1],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         wait_listening(port)
         before = CpuSample.now()
         proc = subprocess.run(source_argv(port), capture_output=True, text=True, timeout=600)
         after = CpuSample.now()
         if proc.returncode:
-            raise BenchmarkError(f"smtp-source against smtp-sink failed: {proc.stdout.strip()}")
+            raise BenchmarkError(f"smtp-source against a sink failed: {proc.stdout.strip()}")
         return CpuCost.between(before, after, messages)
     finally:
         sink.kill()
