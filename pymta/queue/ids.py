@@ -49,6 +49,19 @@ class QueueIdGenerator:
         self._last = 0
         # Ids are made on the event loop, but the CLI and to_thread helpers may call in too.
         self._lock = threading.Lock()
+        self._pid_part = ""     # encoded once per process (not a getpid per id)
+        if hasattr(os, "register_at_fork"):
+            # A forked worker must not reuse its parent's pid part: it is reset in the child.
+            os.register_at_fork(after_in_child=self._forget_pid)
+
+    def _forget_pid(self) -> None:
+        self._pid_part = ""
+
+    def _pid_suffix(self) -> str:
+        part = self._pid_part
+        if not part:
+            part = self._pid_part = _b32(os.getpid() & ((1 << 25) - 1), PID_CHARS)
+        return part
 
     def __call__(self) -> QueueId:
         now = time.time_ns() // 1000
@@ -56,7 +69,7 @@ class QueueIdGenerator:
             if now <= self._last:
                 now = self._last + 1
             self._last = now
-        return _b32(now, TIME_CHARS) + _b32(os.getpid() & ((1 << 25) - 1), PID_CHARS)
+        return _b32(now, TIME_CHARS) + self._pid_suffix()
 
 
 new_qid = QueueIdGenerator()

@@ -132,14 +132,17 @@ class SpoolWriter:
 
     _OPEN, _COMMITTING, _COMMITTED, _ABORTED = range(4)
 
-    def __init__(self, store: QueueStore, qid: QueueId, fd: int, path: str | None = None
-                 ) -> None:
+    def __init__(self, store: QueueStore, qid: QueueId, fd: int | BinaryIO,
+                 path: str | None = None) -> None:
         self.qid = qid
         # data/<qid>, or ready/<qid> for a prepared body: the commit links it into data/
         self.path = path or store.body_path(qid)
         self.size = 0
         self._store = store
-        self._file = open(fd, "wb", buffering=BUFFER_SIZE, closefd=True)  # noqa: SIM115
+        # A prepared body comes with its buffered file already built by the spool thread
+        # (``_open_body``): its fstat and lseek each release the GIL, and getting it back
+        # can wait for the spool and commit threads, so the event loop should not do them.
+        self._file = fd if not isinstance(fd, int) else _open_body(fd)
         self._state = self._OPEN
         # After a commit with ``QueueStore.hand_over_locks``: the message's lock, still held.
         self.lock: MessageLock | None = None
@@ -200,7 +203,7 @@ class QueueStore:
         self.fsync = fsync
         self.hand_over_locks = hand_over_locks
         self.prealloc = prealloc
-        self._ready: collections.deque[tuple[QueueId, int, float]] = collections.deque()
+        self._ready: collections.deque[tuple[QueueId, BinaryIO, float]] = collections.deque()
         self._filling = False
         self._spool_executor: ThreadPoolExecutor | None = None
         self._held: dict[QueueId, MessageLock] = {}   # locks this process holds, by qid
@@ -249,8 +252,8 @@ class QueueStore:
         if executor is not None:
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
         while self._ready:
-            qid, fd, _ = self._ready.popleft()
-            self._discard_body(qid, fd)
+            qid, f, _ = self._ready.popleft()
+            self._discard_body(qid, f)
         if self.committer is not None:
             await self.committer.close()
         for fd in (self._root_fd, self._data_fd, self._env_fd):
@@ -326,13 +329,13 @@ class QueueStore:
         """
         ready = self._ready
         if ready:
-            qid, fd, made = ready.popleft()
+            qid, f, made = ready.popleft()
             if time.monotonic() - made <= PREALLOC_MAX_AGE:
                 self._refill()
-                return SpoolWriter(self, qid, fd, os.path.join(self.ready_dir, qid))
+                return SpoolWriter(self, qid, f, os.path.join(self.ready_dir, qid))
             # After a quiet spell: ids should stay close to arrival times, so the spool thread
             # replaces the whole stale lot while this one message makes its own body.
-            stale = [(qid, fd, made)]
+            stale = [(qid, f, made)]
             while ready:
                 stale.append(ready.popleft())
             if self._spool_executor is not None:
@@ -357,21 +360,21 @@ class QueueStore:
                 qid = new_qid()
                 fd = self._create_linked(qid, os.path.join(self.ready_dir, qid), ".ready")
                 if fd >= 0:
-                    self._ready.append((qid, fd, time.monotonic()))
+                    self._ready.append((qid, _open_body(fd), time.monotonic()))
         except OSError as e:
             log.warning("queue: cannot prepare spool files: %s", e)
         finally:
             self._filling = False
 
-    def _discard_bodies(self, bodies: list[tuple[QueueId, int, float]]) -> None:
-        for qid, fd, _ in bodies:
-            self._discard_body(qid, fd)
+    def _discard_bodies(self, bodies: list[tuple[QueueId, BinaryIO, float]]) -> None:
+        for qid, f, _ in bodies:
+            self._discard_body(qid, f)
 
-    def _discard_body(self, qid: QueueId, fd: int) -> None:
+    def _discard_body(self, qid: QueueId, f: BinaryIO) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.ready_dir, _checked(qid)))
         with contextlib.suppress(OSError):
-            os.close(fd)
+            f.close()       # nothing written: closing flushes nothing
 
     def _create_body(self) -> tuple[QueueId, int]:
         """Create and lock an empty ``data/<qid>`` (via ``tmp/``, so clean-up never sees an
@@ -734,6 +737,15 @@ class QueueStore:
             os.unlink(path)
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _open_body(fd: int) -> BinaryIO:
+    """The buffered file a ``SpoolWriter`` writes through; owns (and closes) ``fd``."""
+    try:
+        return open(fd, "wb", buffering=BUFFER_SIZE, closefd=True)  # noqa: SIM115
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -571,6 +571,21 @@ def test_qids_unique_sortable_and_safe() -> None:
     assert t is not None and abs(t - time.time()) < 60
 
 
+def test_forked_child_gets_its_own_pid_part() -> None:
+    parent = ids.new_qid()          # the pid part is now cached in this process
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                    # pragma: no cover - child
+        os.write(w, ids.new_qid().encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        child = f.read().decode()
+    assert child[ids.TIME_CHARS:] != parent[ids.TIME_CHARS:]
+    assert ids.new_qid()[ids.TIME_CHARS:] == parent[ids.TIME_CHARS:]
+
+
 def test_qids_unique_across_processes() -> None:
     code = "from pymta.queue.ids import new_qid\nfor _ in range(5000): print(new_qid())"
     procs = [run_child(code) for _ in range(4)]
