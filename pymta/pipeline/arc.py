@@ -37,7 +37,7 @@ import logging
 
 import dkim
 
-from pymta.pipeline import PASS, SpooledBody, Transaction, Verdict
+from pymta.pipeline import PASS, SpooledBody, Transaction, Verdict, dkimrsa
 from pymta.pipeline.dkimkeys import KeyStore
 from pymta.pipeline.dkimverify import LIB_LOG, TEMPFAIL, prefetch, prefetched_dnsfunc
 
@@ -141,6 +141,7 @@ class ArcSeal:
     name = "arc-seal"
 
     def __init__(self, keys: KeyStore, domain: str, authserv_id: str) -> None:
+        dkimrsa.install()   # RSA by OpenSSL: ~10× faster than dkimpy's, same signature
         self.keys = keys
         self.domain = domain.lower()
         self.authserv_id = authserv_id

@@ -24,7 +24,7 @@ import logging
 
 import dkim
 
-from pymta.pipeline import SpooledBody, Transaction
+from pymta.pipeline import SpooledBody, Transaction, dkimrsa
 from pymta.pipeline.dkimkeys import DkimKey, KeyStore
 
 log = logging.getLogger("pymta.pipeline.dkim")
@@ -75,6 +75,7 @@ class DkimSign:
     name = "dkim-sign"
 
     def __init__(self, keys: KeyStore, first_domain: str) -> None:
+        dkimrsa.install()   # RSA by OpenSSL: ~10× faster than dkimpy's, same signature
         self.keys = keys
         self.first_domain = first_domain.lower()
 
