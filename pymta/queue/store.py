@@ -3,8 +3,9 @@
 Layout under the store root (all directories 0700, one filesystem):
 
 ``tmp/``
-    files being created: envelopes waiting for their commit, atomic rewrites, and bodies for
-    the instant between creation and getting a name in ``data/``.
+    files being created: envelopes waiting for their commit, atomic rewrites, and (only on
+    file systems without ``O_TMPFILE``) bodies for the instant between creation and getting a
+    name in ``data/`` or ``ready/``.
 ``data/<qid>``
     the body, written in place while DATA/BDAT arrives and never renamed or replaced after
     the commit, so a lock on it stays meaningful for the life of the message.
@@ -377,8 +378,8 @@ class QueueStore:
             f.close()       # nothing written: closing flushes nothing
 
     def _create_body(self) -> tuple[QueueId, int]:
-        """Create and lock an empty ``data/<qid>`` (via ``tmp/``, so clean-up never sees an
-        unlocked body of a live process)."""
+        """Create and lock an empty ``data/<qid>`` (``_create_linked``: clean-up never sees
+        an unlocked body of a live process)."""
         for _ in range(10):
             qid = new_qid()
             fd = self._create_linked(qid, self.body_path(qid), ".body")
