@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -157,8 +158,8 @@ def sink_argv(port: int) -> list[str]:
 
 
 def wait_listening(port: int, timeout: float = 10.0) -> None:
-    import socket
-
+    """Until a sink accepts connections on loopback ``port`` (it has no greeting to wait for
+    that would tell us sooner); OSError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
