@@ -16,8 +16,13 @@ Semantics:
   the message is accepted and local delivery bounces that one recipient with a DSN, as
   Postfix does for an alias pointing at a missing mailbox.
 * **Loops are cut.** A target already on the expansion path is skipped; expansion deeper than
-  ``max_depth`` or wider than ``max_targets`` is cut with a warning. An address whose every
-  branch loops resolves to nothing and is treated as unknown (logged).
+  ``max_depth`` is cut with a warning. An address whose every branch loops resolves to
+  nothing and is treated as unknown (logged).
+* **Expansion is bounded while it runs**, not after: one resolution stops once it has
+  ``max_targets`` distinct final targets (Postfix's ``virtual_alias_expansion_limit``) or has
+  made ``max_lookups`` lookups, and runs at most ``max_parallel`` lookups at a time, so a
+  wide or deep alias tree costs bounded queries, memory and time; a cut is logged once. The
+  targets kept are those found first.
 * **Results are cached** per address (case-folded) for ``ttl`` seconds, unknown addresses for
   ``negative_ttl``; temporary failures are never cached. Concurrent lookups of the same
   address share one resolution, so a burst of RCPTs for one address costs one query. The
@@ -30,10 +35,43 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from pymta.types import Address, Destination, RecipientLookup, Target
 
 log = logging.getLogger("pymta.lookup")
+
+
+@dataclass
+class _Budget:
+    """What one resolution may still spend, shared by all its branches."""
+
+    targets_left: int
+    lookups_left: int
+    gate: asyncio.Semaphore
+    seen: set[str] = field(default_factory=set)
+    cut: bool = False
+    made: int = 0           # lookups actually made (a reserved one may be skipped)
+
+    def take(self, target: Target) -> bool:
+        """Count ``target`` as found: False (and the expansion is cut) when it is a new one
+        and the target limit is reached. Duplicates are free (they are merged anyway)."""
+        key = target.address.lower()
+        if key in self.seen:
+            return True
+        if self.targets_left <= 0:
+            self.cut = True
+            return False
+        self.seen.add(key)
+        self.targets_left -= 1
+        return True
+
+    def reserve_lookup(self) -> bool:
+        if self.lookups_left <= 0 or self.targets_left <= 0:
+            self.cut = True
+            return False
+        self.lookups_left -= 1
+        return True
 
 
 class LookupChain:
@@ -42,7 +80,7 @@ class LookupChain:
     def __init__(self, sources: Sequence[RecipientLookup],
                  local_domains: Iterable[str] | None = None, *, ttl: float = 60.0,
                  negative_ttl: float = 30.0, max_entries: int = 100_000, max_depth: int = 20,
-                 max_targets: int = 1000,
+                 max_targets: int = 1000, max_lookups: int = 2000, max_parallel: int = 8,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.sources = list(sources)
         self._domains = (frozenset(d.lower().rstrip(".") for d in local_domains)
@@ -52,6 +90,8 @@ class LookupChain:
         self.max_entries = max_entries
         self.max_depth = max_depth
         self.max_targets = max_targets
+        self.max_lookups = max_lookups
+        self.max_parallel = max_parallel
         self._clock = clock
         self._cache: dict[str, tuple[float, Destination | None]] = {}
         self._inflight: dict[str, asyncio.Task[Destination | None]] = {}
@@ -122,7 +162,9 @@ class LookupChain:
         dest = await self._first(address)
         if dest is None:
             return None
-        targets = await self._expand(dest, (address.key,))
+        budget = _Budget(self.max_targets, self.max_lookups,
+                         asyncio.Semaphore(self.max_parallel))
+        targets = await self._expand(dest, (address.key,), budget)
         out: list[Target] = []
         seen: set[str] = set()
         for target in targets:
@@ -130,51 +172,66 @@ class LookupChain:
             if tkey not in seen:
                 seen.add(tkey)
                 out.append(target)
-        if len(out) > self.max_targets:
-            log.warning("<%s>: alias expansion cut at %d of %d targets", address.text,
-                        self.max_targets, len(out))
-            out = out[:self.max_targets]
+        if budget.cut:
+            log.warning("<%s>: alias expansion cut at %d targets after %d lookups (limits: %d "
+                        "targets, %d lookups)", address.text, len(out), budget.made + 1,
+                        self.max_targets, self.max_lookups)
         if not out:
             log.warning("<%s>: every alias branch loops; treated as unknown", address.text)
             return None
         return Destination(tuple(out))
 
-    async def _expand(self, dest: Destination, path: tuple[str, ...]) -> list[Target]:
-        """Final targets of ``dest`` (found for ``path[-1]``), resolving unresolved ones."""
+    async def _expand(self, dest: Destination, path: tuple[str, ...],
+                      budget: _Budget) -> list[Target]:
+        """Final targets of ``dest`` (found for ``path[-1]``), resolving unresolved ones
+        within ``budget``; the result keeps the order of the alias tree."""
         pending: list[tuple[int, Target]] = []
         slots: list[list[Target]] = []
         for target in dest.targets:
+            if budget.targets_left <= 0 and target.address.lower() not in budget.seen:
+                budget.cut = True
+                break       # a huge answer is not walked to its end
             slot: list[Target] = []
             slots.append(slot)
             if not target.local or target.mailbox is not None:
-                slot.append(target)
+                if budget.take(target):
+                    slot.append(target)
                 continue
             tkey = target.address.lower()
             if tkey == path[-1]:
-                slot.append(target)         # the source's own final answer
+                if budget.take(target):     # the source's own final answer
+                    slot.append(target)
             elif tkey in path:
                 log.warning("alias loop cut: %s -> %s", " -> ".join(path), target.address)
             elif not self._is_local(target.address):
-                slot.append(Target(target.address, False, None))
+                forward = Target(target.address, False, None)
+                if budget.take(forward):
+                    slot.append(forward)
             elif len(path) > self.max_depth:
                 log.warning("alias expansion deeper than %d cut at %s", self.max_depth,
                             " -> ".join(path))
-            else:
+            elif budget.reserve_lookup():
                 pending.append((len(slots) - 1, target))
         if pending:
             results = await asyncio.gather(
-                *(self._expand_one(t, path) for _, t in pending))
+                *(self._expand_one(t, path, budget) for _, t in pending))
             for (index, _), result in zip(pending, results, strict=True):
                 slots[index].extend(result)
         return [t for slot in slots for t in slot]
 
-    async def _expand_one(self, target: Target, path: tuple[str, ...]) -> list[Target]:
-        sub = await self._first(Address(target.address))
+    async def _expand_one(self, target: Target, path: tuple[str, ...],
+                          budget: _Budget) -> list[Target]:
+        async with budget.gate:   # at most max_parallel lookups of this resolution at once
+            if budget.targets_left <= 0:
+                budget.cut = True
+                return []         # enough found while this one waited its turn
+            budget.made += 1
+            sub = await self._first(Address(target.address))
         if sub is None:
             log.info("alias target <%s> of <%s> is known to no source", target.address,
                      path[0])
-            return [target]
-        return await self._expand(sub, (*path, target.address.lower()))
+            return [target] if budget.take(target) else []
+        return await self._expand(sub, (*path, target.address.lower()), budget)
 
     async def close(self) -> None:
         """Close every source that has an ``async close()`` (pools, threads)."""

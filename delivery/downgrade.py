@@ -7,7 +7,11 @@ every MIME leaf part whose body holds 8-bit octets and whose Content-Transfer-En
 header is replaced. Multipart bodies are walked by their boundaries at the byte level, so
 every other byte -- headers included, and with them DKIM signatures over unchanged parts --
 stays exactly as received. Header fields with raw 8-bit octets are left alone (only
-SMTPUTF8 makes them legal; Postfix sends them as they are too).
+SMTPUTF8 makes them legal; Postfix sends them as they are too). So are 8-bit octets that
+belong to no leaf part: a multipart preamble or epilogue, or the body of a multipart whose
+delimiter never occurs or whose boundary is empty (malformed messages, where a part
+begins only by a reader's guess); no Content-Transfer-Encoding applies there
+(RFC 2045 §6.4), and re-encoding would change the structure a signature covers.
 
 The other checks (SMTPUTF8, SIZE) are small predicates used by the relay agent.
 """
@@ -20,8 +24,12 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+# A line that may belong to a header section (the stdlib parser's own test): a field
+# "name:" (any printable name, even empty), a continuation, or an mbox "From " line.
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
 _CTE_LINE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n")
 _8BIT = re.compile(rb"[\x80-\xff]")
+_LEADING_DASH = re.compile(rb"(?m)^-")
 _MAX_DEPTH = 32
 
 
@@ -30,9 +38,11 @@ def has_8bit(data: bytes) -> bool:
 
 
 def header_section(data: bytes) -> bytes:
-    """The header section of a message (up to, not including, the empty line)."""
-    m = _HEADER_END.search(data)
-    return data[:m.start()] if m else data
+    """The header section of a message: up to the empty line, or up to the first line that
+    cannot be a header field (a message without the empty line, or whose first line is
+    already text: everything from there is body, as every MIME parser reads it)."""
+    headers, _, _ = _split(data)
+    return headers.rstrip(b"\r\n")
 
 
 def needs_smtputf8(sender: str, recipients: list[str], data: bytes) -> bool:
@@ -44,42 +54,66 @@ def needs_smtputf8(sender: str, recipients: list[str], data: bytes) -> bool:
 
 
 def _split(part: bytes) -> tuple[bytes, bytes, bytes]:
-    """(headers incl. their final line break, the empty line, body)."""
-    for lead in (b"\r\n", b"\n"):
-        if part.startswith(lead):  # a body part without header fields
-            return b"", lead, part[len(lead):]
-    m = _HEADER_END.search(part)
-    if m is None:
-        return part, b"", b""
-    first_break = data_break = m.group()
-    # the first line break ends the last header line, the second is the empty line
-    split = 2 if first_break.startswith(b"\r\n") else 1
-    return part[:m.start() + split], data_break[split:], part[m.end():]
+    """(headers incl. their final line break, the empty line, body).
+
+    The body starts after the first empty line, or -- without one -- at the first line that
+    cannot be part of a header section; then the empty line is ``b""`` and the body is not
+    (a message whose first line is text has no header fields at all). Work is linear in the
+    header section: each line is looked at once.
+    """
+    pos = 0
+    size = len(part)
+    while pos < size:
+        nl = part.find(b"\n", pos)
+        end = size if nl < 0 else nl + 1
+        line = part[pos:end]
+        if line in (b"\r\n", b"\n"):
+            return part[:pos], line, part[end:]
+        if not _HEADER_LINE.match(line):
+            return part[:pos], b"", part[pos:]
+        pos = end
+    return part, b"", b""
 
 
 def _qp(body: bytes) -> bytes:
-    """Quoted-printable with CRLF line breaks and soft breaks at 76 columns."""
+    """Quoted-printable with CRLF line breaks and soft breaks at 76 columns.
+
+    A soft break can start a line with text that was mid-line before, such as ``--XX``, a
+    delimiter of the enclosing multipart: a leading ``-`` is therefore always written as
+    ``=2D`` (the same octet once decoded), so no line we make can end a part."""
     lines = body.split(b"\r\n")
     out = binascii.b2a_qp(b"\n".join(lines), quotetabs=False, istext=True, header=False)
+    out = _LEADING_DASH.sub(b"=2D", out)
     return out.replace(b"\n", b"\r\n")
 
 
 def _convert(part: bytes, depth: int) -> bytes:
     headers, empty, body = _split(part)
-    if not empty or not has_8bit(body) or depth > _MAX_DEPTH:
+    if not has_8bit(body) or depth > _MAX_DEPTH:
         return part
+    empty = empty or b"\r\n"   # no empty line before the body: we write one
     msg = BytesHeaderParser(policy=compat32).parsebytes(headers)
-    ctype = msg.get_content_type()
+    maintype = msg.get_content_maintype()
     cte = str(msg.get("content-transfer-encoding", "7bit")).strip().lower()
-    if msg.get_content_maintype() == "multipart":
+    if maintype == "multipart":
         boundary = msg.get_boundary()
-        if not boundary:
+        try:    # the header's own octets (kept by surrogateescape), as delimiter lines hold them
+            delimiter = boundary.encode("ascii", "surrogateescape") if boundary else b""
+        except UnicodeEncodeError:
+            delimiter = b""     # e.g. RFC 2231-decoded text no delimiter line can carry
+        if not delimiter:
             return part
-        return headers + empty + _convert_multipart(body, boundary.encode("latin-1"), depth)
-    if ctype == "message/rfc822":
+        return headers + empty + _convert_multipart(body, delimiter, depth)
+    if maintype == "message":
+        # Every message/* (not only rfc822) holds a message, as MIME parsers read it, and
+        # must not be given a Content-Transfer-Encoding: convert inside, or leave it.
+        if msg.get_content_type() == "message/delivery-status":
+            return part         # header blocks, no body parts: nothing to convert in it
         return headers + empty + _convert(body, depth + 1)
-    if cte not in ("7bit", "8bit", "binary"):
-        return part  # already encoded (base64/qp): 8-bit octets there are garbage, not text
+    if cte in ("base64", "quoted-printable"):
+        return part  # already encoded: 8-bit octets there are garbage, not text
+    # 7bit/8bit/binary, empty, or a token nobody knows: the octets are the content as sent,
+    # and a reader that cannot decode the declared encoding has nothing better (RFC 2045 §6.4)
     new_headers = _CTE_LINE.sub(b"", headers)
     new_headers += b"Content-Transfer-Encoding: quoted-printable\r\n"
     if depth == 0 and msg.get("mime-version") is None:
@@ -99,11 +133,13 @@ def _convert_multipart(body: bytes, boundary: bytes, depth: int) -> bytes:
             out.append(body[:line_end])  # preamble and first delimiter
         else:
             # the line break before a delimiter belongs to the delimiter (RFC 2046 §5.1.1)
+            # (but never one that already ended the previous delimiter: an empty part)
             seg_end = m.start()
             crlf = 2 if body[max(seg_end - 2, 0):seg_end] == b"\r\n" else (
                 1 if body[max(seg_end - 1, 0):seg_end] == b"\n" else 0)
-            out.append(_convert(body[start:seg_end - crlf], depth + 1))
-            out.append(body[seg_end - crlf:line_end])
+            brk = max(seg_end - crlf, start)
+            out.append(_convert(body[start:brk], depth + 1))
+            out.append(body[brk:line_end])
         pos = start = line_end
         if m.group(1):  # close delimiter: the rest is epilogue
             start = None

@@ -12,7 +12,10 @@ then **one reply per accepted recipient, in RCPT order** -- that is LMTP's point
 says for itself whether it took the message. ``QUIT``. Every reply maps to a per-recipient
 outcome (2xx delivered, 4xx temporary, 5xx permanent, quoted). A server that cannot be
 reached, or a connection lost before a recipient's final reply, is temporary for every
-undecided recipient: LMTP is a local transport, and a local fault never bounces mail.
+undecided recipient: LMTP is a local transport, and a local fault never bounces mail. An
+envelope that can never be sent (``_client.screen``: controls or undecodable bytes in an
+address) is refused before connecting; any other error closes the connection (no QUIT on a
+session in an unknown state) and leaves the undecided recipients deferred.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
-from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body
+from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body, screen
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +131,14 @@ class LMTPDeliveryAgent:
         return _Session(reader, writer, self.timeout), f"{host}[{peer[0]}]:{port}"
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
-        rcpts = list(rcpts)
         fallback_relay = self.spec.partition(":")[2]
+        refused, rcpts = screen(msg, rcpts, fallback_relay)
+        if not rcpts:
+            return refused
+        return refused + await self._deliver(msg, rcpts, fallback_relay)
+
+    async def _deliver(self, msg: QueuedMessage, rcpts: list[Recipient],
+                       fallback_relay: str) -> list[Outcome]:
         try:
             session, relay = await self._connect()
         except (OSError, TimeoutError) as exc:
@@ -140,7 +149,7 @@ class LMTPDeliveryAgent:
                             fallback_relay, OutcomeKind.TEMPORARY)
         decided: dict[int, Outcome] = {}
         stage = "greeting"
-        clean = False
+        clean = aborted = False
         try:
             code, text, _ = await session.reply()
             if code != 220:
@@ -166,7 +175,7 @@ class LMTPDeliveryAgent:
             mail = f"MAIL FROM:<{msg.envelope.sender}>"
             if prepared.mail_options:
                 mail += " " + " ".join(prepared.mail_options)
-            code, text, _ = await session.command(mail.encode(enc, "surrogateescape"))
+            code, text, _ = await session.command(mail.encode(enc))
             if code != 250:
                 clean = True
                 return outcomes(rcpts, parse_reply(code, text), relay)
@@ -174,10 +183,10 @@ class LMTPDeliveryAgent:
             accepted: list[int] = []
             for i, r in enumerate(rcpts):
                 line = f"RCPT TO:<{r.address}>"
-                options = rcpt_options(r, extensions)
+                options = rcpt_options(r, extensions, prepared.smtputf8)
                 if options:
                     line += " " + " ".join(options)
-                code, text, _ = await session.command(line.encode(enc, "surrogateescape"))
+                code, text, _ = await session.command(line.encode(enc))
                 if 200 <= code < 300:
                     accepted.append(i)
                 else:
@@ -203,8 +212,19 @@ class LMTPDeliveryAgent:
             log.warning("%s: %s (%s)", msg.qid, reply.text, exc)
             for i, r in enumerate(rcpts):
                 decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
+        except Exception:
+            log.exception("%s: error while sending %s to %s", msg.qid, stage, relay)
+            reply = Reply(451, "4.3.0", f"local error while sending {stage} to {relay}")
+            for i, r in enumerate(rcpts):
+                decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
+        except BaseException:
+            aborted = True      # cancelled: close at once, wait for nothing
+            raise
         finally:
-            await session.close(quit_=clean)
+            if aborted:
+                session.writer.close()
+            else:
+                await session.close(quit_=clean)
         return [decided[i] for i in range(len(rcpts))]
 
 

@@ -4,7 +4,10 @@ Disk writes (and fsyncs, and lock waits) run in a worker thread so the event loo
 serving SMTP while a slow disk or a locked mbox holds one delivery up. Every local fault --
 disk full, I/O error, lock timeout, a bad path from a misconfigured source -- is *temporary*:
 the message stays queued until the administrator fixes it, instead of bouncing mail that was
-addressed correctly. Only a recipient with no mailbox at all is permanent.
+addressed correctly. Only a recipient with no mailbox at all is permanent -- and an address
+that cannot be written into ``Return-Path:``/``Delivered-To:`` (controls, undecodable bytes:
+an old queue file; the receiving side refuses them now), which would otherwise forge header
+fields in the mailbox: ``5.1.7``/``5.1.3`` as for the relay (``_client.screen``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pymta.backends.table import check_mailbox_path
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
+from ._client import screen
 from .maildir import MaildirCommitter, write_maildir_tmp
 from .mbox import LOCK_TIMEOUT, MailboxLockTimeout, deliver_mbox
 
@@ -48,6 +52,12 @@ def _failure_reply(exc: BaseException, kind: str, mailbox: str) -> Reply:
 
 
 BUSY_BACKOFF = 30.0  # seconds an mbox that stayed locked is deferred without waiting again
+# Seconds a delivery waits behind other deliveries to the same mbox. Ours take milliseconds
+# each; a longer wait means the file is locked from outside (a MUA), and every delivery
+# queued behind it would hold one of the queue's delivery slots for the whole lock timeout:
+# with a burst to one mailbox, all of them, so nothing else (a flushed message included) is
+# delivered for 20 s. Postfix caps this with local_destination_concurrency_limit (2).
+MBOX_QUEUE_WAIT = 3.0
 
 
 class LocalDeliveryAgent:
@@ -79,7 +89,8 @@ class LocalDeliveryAgent:
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
         """One Outcome per recipient; never raises for a recipient's own problem."""
-        return [await self._deliver_one(msg, rcpt) for rcpt in rcpts]
+        refused, rcpts = screen(msg, rcpts, "local", local=True)
+        return refused + [await self._deliver_one(msg, rcpt) for rcpt in rcpts]
 
     async def _deliver_one(self, msg: QueuedMessage, rcpt: Recipient) -> Outcome:
         mailbox = rcpt.mailbox
@@ -110,7 +121,13 @@ class LocalDeliveryAgent:
                 lock = self._mbox_locks.get(mailbox)
                 if lock is None:
                     lock = self._mbox_locks[mailbox] = asyncio.Lock()
-                async with lock:
+                try:
+                    async with asyncio.timeout(MBOX_QUEUE_WAIT):
+                        await lock.acquire()
+                except TimeoutError:
+                    raise MailboxLockTimeout(errno.ETIMEDOUT, "mailbox busy",
+                                             mailbox) from None
+                try:
                     try:
                         await loop.run_in_executor(
                             self._executor, deliver_mbox, self.mail_dir, mailbox, sender,
@@ -122,6 +139,8 @@ class LocalDeliveryAgent:
                         if len(self._busy_until) > 10000:
                             self._busy_until.clear()
                         raise
+                finally:
+                    lock.release()
         except Exception as exc:  # any local fault must stay temporary
             reply = _failure_reply(exc, kind, mailbox)
             log.warning("%s: to=<%s> %s: %s (%r)", msg.qid, rcpt.address, kind, reply, exc)

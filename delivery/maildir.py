@@ -12,6 +12,11 @@ then one batch makes every file durable with one ``syncfs(2)`` per file system (
 ``fdatasync`` per file for a batch of one, or where ``syncfs`` is unavailable), renames each
 into ``new/`` and fsyncs every distinct ``new/`` once. An error is charged to the deliveries it
 may have affected; they are temporary failures and their ``tmp/`` files are removed.
+
+A new maildir (the first delivery to a mailbox) is made durable as it is created: each new
+directory's parent is fsynced (``_dirs.makedirs_durable``), and the maildir itself once its
+``tmp/new/cur`` exist, so a delivery is never reported done while a crash could still take
+the mailbox, and the message in it, away.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pymta.queue.committer import SYNCFS
 
 from ._crlf import crlf_to_lf, with_prefix
+from ._dirs import fsync_dir, makedirs_durable
 
 _counter = itertools.count(1)  # next() on a count is atomic under the GIL: thread-safe
 
@@ -47,14 +53,6 @@ def unique_name(hostname: str) -> str:
     return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_safe_hostname(hostname)}"
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -70,9 +68,7 @@ def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
     OSError on any failure, leaving nothing behind in ``new/``.
     """
     root = os.path.join(mail_dir, mailbox)
-    os.makedirs(root, mode=0o700, exist_ok=True)  # the maildir itself private, not just subdirs
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+    _make_maildir(root)
     base = unique_name(hostname)
     tmp_path = os.path.join(root, "tmp", base)
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -92,7 +88,7 @@ def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
         raise
-    _fsync_dir(os.path.join(root, "new"))
+    fsync_dir(os.path.join(root, "new"))
     return name
 
 
@@ -138,9 +134,17 @@ def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str
 
 
 def _make_maildir(root: str) -> None:
-    os.makedirs(root, mode=0o700, exist_ok=True)  # the maildir itself private, not just subdirs
+    """Create what is missing of the maildir ``root`` (private, 0700) and make it durable."""
+    makedirs_durable(root, 0o700)
+    made = False
     for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(os.path.join(root, sub), 0o700)
+            made = True
+        except FileExistsError:
+            continue
+    if made:
+        fsync_dir(root)
 
 
 log = logging.getLogger(__name__)
@@ -259,7 +263,7 @@ class MaildirCommitter:
             if self.fsync:
                 for new_dir, idx in dirs.items():
                     try:
-                        _fsync_dir(new_dir)
+                        fsync_dir(new_dir)
                     except OSError as e:
                         for i in idx:   # renamed but maybe not durable: not delivered
                             results[i] = e

@@ -8,7 +8,8 @@ exclude threads of one process and are dropped when *any* descriptor of the file
 The format is "mboxo" as written by Postfix: a ``From sender date`` line, the message with
 LF line endings and lines starting with ``From `` quoted as ``>From ``, then a blank line.
 A failed delivery truncates the file back to its old size, so readers never see half a
-message and a retry does not leave a duplicate fragment behind.
+message and a retry does not leave a duplicate fragment behind. A new mbox file (and any
+directory made for it) is durable in its parent directory before the delivery counts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain
 
 from ._crlf import CHUNK, crlf_to_lf, read_lines
+from ._dirs import fsync_dir, makedirs_durable
 
 LOCK_TIMEOUT = 20.0      # seconds; Postfix: deliver_lock_attempts(20) x deliver_lock_delay(1s)
 STALE_LOCK_AGE = 300.0   # a dotlock older than this is left over from a crash
@@ -147,14 +149,6 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[n:]
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_path: str,
                  now: float, lock_timeout: float = LOCK_TIMEOUT,
                  stop: threading.Event | None = None) -> None:
@@ -166,7 +160,7 @@ def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_p
     """
     path = os.path.join(mail_dir, mailbox)
     parent = os.path.dirname(path) or "."
-    os.makedirs(parent, mode=0o700, exist_ok=True)
+    makedirs_durable(parent, 0o700)     # a new directory is durable before the file in it
     deadline = time.monotonic() + lock_timeout
     thread_lock = _thread_lock(path)
     while not thread_lock.acquire(timeout=_POLL):
@@ -183,7 +177,7 @@ def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_p
             finally:
                 os.close(fd)  # also releases the lockf lock
             if created:
-                _fsync_dir(parent)
+                fsync_dir(parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)

@@ -30,7 +30,14 @@ Implementation summary:
   temporary, 5xx permanent, the remote reply quoted); MAIL refusal applies to all; a
   connection lost mid-transaction is temporary for everything still undecided. ``relay`` is
   ``host[ip]:port``. Hygiene (SMTPUTF8, 8BITMIME conversion, SIZE, DSN parameters) is
-  ``delivery._client.prepare``.
+  ``delivery._client.prepare``; an envelope that can never be sent (``_client.screen``) is
+  refused before any connection is made.
+- **Every connection is closed on every error path**: an unexpected exception in a
+  transaction (a bug, an encoding error) is a temporary failure of the recipients still
+  undecided and the connection is closed, never cached; a cancellation (server stop) closes
+  it at once. A connection nobody holds must not stay ESTABLISHED at the next hop.
+- **Flush** (``flush()``, from ``pymta queue flush``) forgets every dead host, as Postfix's
+  flush does: the operator says the destination is back.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from pymta import dns as pdns
 from pymta.config.model import RelayHost
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
-from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body
+from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body, screen
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +156,18 @@ class SMTPRelayAgent:
 
     # ------------------------------------------------------------------ delivery
 
+    def flush(self) -> None:
+        """Forget every dead host (``pymta queue flush``: the operator says they are back)."""
+        self._dead.clear()
+
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
+        results, sendable = screen(msg, rcpts, "none")
+        if not sendable:
+            return results
         groups: dict[str, list[Recipient]] = {}
-        for r in rcpts:
+        for r in sendable:
             groups.setdefault(self.destination(r), []).append(r)
         data = await asyncio.to_thread(read_body, msg)
-        results: list[Outcome] = []
         for dest, group in groups.items():
             results.extend(await self._deliver_destination(dest, msg, group, data))
         return results
@@ -172,15 +185,19 @@ class SMTPRelayAgent:
                                 else OutcomeKind.TEMPORARY)
             results: list[Outcome] = []
             reusable = True
-            for i in range(0, len(rcpts), self.rcpt_limit):
-                batch = rcpts[i:i + self.rcpt_limit]
-                if not reusable:
-                    results.extend(outcomes(batch, Reply(451, "4.4.2", f"lost connection "
-                                                         f"with {conn.relay}"), conn.relay,
-                                            OutcomeKind.TEMPORARY))
-                    continue
-                batch_out, reusable = await self._transaction(conn, msg, batch, data)
-                results.extend(batch_out)
+            try:
+                for i in range(0, len(rcpts), self.rcpt_limit):
+                    batch = rcpts[i:i + self.rcpt_limit]
+                    if not reusable:
+                        results.extend(outcomes(batch, Reply(451, "4.4.2", f"lost connection "
+                                                             f"with {conn.relay}"),
+                                                conn.relay, OutcomeKind.TEMPORARY))
+                        continue
+                    batch_out, reusable = await self._transaction(conn, msg, batch, data)
+                    results.extend(batch_out)
+            except BaseException:
+                _close_now(conn)    # cancelled (server stop) or a bug: never leave it open
+                raise
             if reusable:
                 self._release(dest, conn)
             else:
@@ -213,7 +230,8 @@ class SMTPRelayAgent:
             stage = "RCPT TO"
             for i, r in enumerate(rcpts):
                 try:
-                    await smtp.rcpt(r.address, options=rcpt_options(r, ext), encoding=encoding)
+                    await smtp.rcpt(r.address, options=rcpt_options(r, ext, prepared.smtputf8),
+                                    encoding=encoding)
                     accepted.append(i)
                 except SMTPResponseException as exc:
                     reply = parse_reply(exc.code, exc.message)
@@ -234,9 +252,14 @@ class SMTPRelayAgent:
             what = "timeout" if isinstance(exc, TimeoutError) else "lost connection"
             reply = Reply(451, "4.4.2", f"{what} with {relay} while sending {stage}")
             log.info("%s: %s (%s)", msg.qid, reply.text, exc)
-            for i, r in enumerate(rcpts):
-                decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
-            return [decided[i] for i in range(len(rcpts))], False
+        except Exception:
+            # Our bug, or a value the client library cannot encode: the session is in an
+            # unknown state, so it is closed; what is still undecided is tried again later.
+            log.exception("%s: error while sending %s to %s", msg.qid, stage, relay)
+            reply = Reply(451, "4.3.0", f"local error while sending {stage} to {relay}")
+        for i, r in enumerate(rcpts):
+            decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
+        return [decided[i] for i in range(len(rcpts))], False
 
     # ------------------------------------------------------------------ connections
 
@@ -255,6 +278,9 @@ class SMTPRelayAgent:
                     return conn
                 except (SMTPException, OSError, TimeoutError):
                     pass
+                except BaseException:
+                    _close_now(conn)
+                    raise
             self._discard(conn)
         return await self._connect_destination(dest, sample)
 
@@ -368,19 +394,11 @@ class SMTPRelayAgent:
                                start_tls=False, validate_certs=False, tls_context=self._tls)
         try:
             await smtp.connect(timeout=self.connect_timeout)
-        except SMTPConnectResponseError as exc:
-            reply = parse_reply(exc.code, exc.message)
-            # 4xx and 5xx greetings alike: try the next host (Postfix smtp_skip_5xx_greeting)
-            raise HostFailure(Reply(451, "4.4.2" if reply.code < 500 else "4.3.0",
-                                    f"host {relay} refused to talk to me: {reply}")) from None
-        except (SMTPException, OSError, TimeoutError) as exc:
-            cause = exc.__cause__ if exc.__cause__ is not None else exc
-            text = (cause.strerror if isinstance(cause, OSError) and cause.strerror
-                    else str(cause).strip() or type(exc).__name__)
-            if isinstance(exc, TimeoutError):
-                text = "Connection timed out"
-            raise HostFailure(Reply(451, "4.4.1", f"connect to {relay}: {text}"),
-                              dead=True) from None
+        except BaseException as exc:
+            smtp.close()    # whatever happened, no half-open socket stays behind
+            if not isinstance(exc, Exception):
+                raise
+            raise self._connect_failure(exc, relay) from None
         self.connections_opened += 1
         try:
             await self._ehlo(smtp)
@@ -411,8 +429,35 @@ class SMTPRelayAgent:
             smtp.close()
             raise HostFailure(Reply(451, "4.4.2", f"lost connection with {relay} during "
                                     f"session set-up: {exc}")) from None
+        except Exception as exc:
+            smtp.close()
+            log.exception("error during session set-up with %s", relay)
+            raise HostFailure(Reply(451, "4.3.0", f"local error during session set-up "
+                                    f"with {relay}: {type(exc).__name__}")) from None
+        except BaseException:
+            smtp.close()
+            raise
         now = self._clock()
         return Connection(smtp, relay, host, created=now, idle_since=now)
+
+    @staticmethod
+    def _connect_failure(exc: Exception, relay: str) -> HostFailure:
+        """The HostFailure for a connect (or greeting) that went wrong."""
+        if isinstance(exc, SMTPConnectResponseError):
+            reply = parse_reply(exc.code, exc.message)
+            # 4xx and 5xx greetings alike: try the next host (Postfix smtp_skip_5xx_greeting)
+            return HostFailure(Reply(451, "4.4.2" if reply.code < 500 else "4.3.0",
+                                     f"host {relay} refused to talk to me: {reply}"))
+        if not isinstance(exc, SMTPException | OSError | TimeoutError):
+            log.error("connect to %s: %r", relay, exc)
+            return HostFailure(Reply(451, "4.3.0", f"connect to {relay}: local error "
+                                     f"({type(exc).__name__})"))
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        text = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                else str(cause).strip() or type(exc).__name__)
+        if isinstance(exc, TimeoutError):
+            text = "Connection timed out"
+        return HostFailure(Reply(451, "4.4.1", f"connect to {relay}: {text}"), dead=True)
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
         try:
@@ -440,6 +485,15 @@ class SMTPRelayAgent:
         reply = parse_reply(last.code, last.message)
         raise HostFailure(Reply(451, "4.7.0", f"SASL authentication failed; server "
                                 f"{relay} said: {reply}"))
+
+
+def _close_now(conn: Connection) -> None:
+    """Close at once, without QUIT: the session is in an unknown state (or we are stopping)."""
+    if conn.expiry is not None:
+        conn.expiry.cancel()
+        conn.expiry = None
+    with contextlib.suppress(Exception):
+        conn.smtp.close()
 
 
 def _dns_failure(failure: pdns.DNSFailure, name: str) -> HostFailure:

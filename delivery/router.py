@@ -47,6 +47,13 @@ class StaticRouter:
             return (self.remote_key(rcpt) if self.remote_key else "relay"), self.remote
         return "unroutable", self._unroutable
 
+    def flush(self) -> None:
+        """``pymta queue flush``: the agents forget what they remember about dead hosts."""
+        for agent in (self.local, self.remote):
+            flush = getattr(agent, "flush", None)
+            if flush is not None:
+                flush()
+
     async def close(self) -> None:
         """Close the agents' cached connections (the server is stopping)."""
         for agent in (self.local, self.remote):

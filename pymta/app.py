@@ -29,7 +29,13 @@ from pymta.queue.retry import RetryPolicy
 from pymta.queue.store import QueueStore
 from pymta.session import ReceiveContext, network_matcher
 from pymta.smtp.engine import EngineConfig
-from pymta.smtp.server import AuthThrottle, ListenerContext, SMTPServerProtocol
+from pymta.smtp.server import (
+    AuthThrottle,
+    ConnectionRateLimit,
+    ListenerContext,
+    SMTPServerProtocol,
+    close_sessions,
+)
 from pymta.srs import SRS
 from pymta.srs import from_config as srs_from_config
 from pymta.tls import server_ssl_context
@@ -257,7 +263,8 @@ class MTA:
             submit=self.manager.submit, header_size_limit=config.header_size_limit,
             max_received=config.max_received_headers,
             relay_allowed=network_matcher(config.mynetworks), authenticator=self.authenticator,
-            pipeline=self.pipeline or None, hold_incoming=config.hold_incoming)
+            pipeline=self.pipeline or None, hold_incoming=config.hold_incoming,
+            message_size_limit=config.message_size_limit, queue_minfree=config.queue_minfree)
         engine_cfg = EngineConfig(
             hostname=config.hostname, size_limit=config.message_size_limit,
             max_line_length=config.max_line_length, max_recipients=config.max_recipients,
@@ -266,6 +273,8 @@ class MTA:
             receive=receive, engine_config=engine_cfg, ssl_context=ssl_ctx,
             idle_timeout=config.idle_timeout, max_connections=config.max_connections,
             max_per_ip=config.max_connections_per_ip,
+            rate_limit=(ConnectionRateLimit(config.connection_rate_limit)
+                        if config.connection_rate_limit else None),
             auth_throttle=AuthThrottle(config.auth_fail_delay, config.auth_fail_delay_max))
         try:
             await self._listen("smtp", config.smtp_listen, engine_cfg, implicit_tls=False)
@@ -327,9 +336,8 @@ class MTA:
                 await server.wait_closed()
         self._servers.clear()
         if self._listener is not None:
-            for proto in list(self._listener.active):
-                if proto.transport is not None:
-                    proto.transport.abort()
+            # answers being made (a message being committed) are sent before the 421
+            await close_sessions(self._listener)
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None

@@ -6,12 +6,22 @@ Postfix's layout, so log and header readers see what they expect::
             by HOST (pymta) with ESMTPS id QID
             (version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 bits=256)
             for <rcpt@example.com>; Wed, 25 Nov 2026 17:00:00 +0000
+
+What the client said goes in only through :mod:`pymta.headervalue`: the HELO as it is when
+it is a domain or an address literal, else cleaned to one word of at most 255 characters
+(``EHLO evil.test;dkim=pass`` shows as ``from evil.test?dkim=pass``: no ``;`` that would end
+the clause early, no parenthesis, no control); the SASL user name as comment text; the
+recipient only when it is a well-formed mailbox (otherwise the ``for`` clause is left out,
+as for several recipients). Every line stays below 998 octets; the ``(unknown [IP])``
+comment moves to its own line when the first one would pass 78.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from email.utils import format_datetime
+
+from pymta.headervalue import comment_text, trace_helo, trace_mailbox
 
 _date_cache: tuple[int, str] = (-1, "")
 
@@ -38,23 +48,19 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, qi
                     tls_info: str | None, recipient: str | None, now: float,
                     auth_user: str | None = None) -> bytes:
     ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
-    helo_text = _clean(helo) or "unknown"
-    lines = [f"Received: from {helo_text} (unknown [{ip}])"]
+    first = f"Received: from {trace_helo(helo)}"
+    client = f"(unknown [{comment_text(ip)}])"
+    fits = len(first) + 1 + len(client) <= 78
+    lines = [f"{first} {client}"] if fits else [first, "\t" + client]
     if auth_user:
-        lines.append(f"\t(Authenticated sender: {_clean(auth_user)})")
+        lines.append(f"\t(Authenticated sender: {comment_text(auth_user)})")
     lines.append(f"\tby {hostname} (pymta) with {protocol} id {qid}")
     if tls_info:
         lines.append(f"\t({tls_info})")
     tail = f"; {_rfc5322_date(now)}"
-    if recipient:
-        lines.append(f"\tfor <{_clean(recipient)}>{tail}")
+    mailbox = trace_mailbox(recipient) if recipient else None
+    if mailbox:
+        lines.append(f"\tfor <{mailbox}>{tail}")
     else:
         lines[-1] += tail
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
-
-
-def _clean(text: str) -> str:
-    """Keep header text on one line and free of comment-breaking characters."""
-    if text.isprintable() and "(" not in text and ")" not in text and "\\" not in text:
-        return text     # the usual case, without a loop over every character
-    return "".join(c for c in text if c.isprintable() and c not in "()\\")

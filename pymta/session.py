@@ -7,7 +7,17 @@ lookups (first source that knows it wins) and keeps the expanded, de-duplicated 
 and BDAT open a spool file and write our ``Received:`` header before the first byte of the
 message; chunks stream straight to the spool; the end of data runs the content checks
 (hop count, header size), then commits envelope and body durably (group commit) and only
-then answers ``250``. Every local fault becomes a 4xx and the partial spool file is removed.
+then answers ``250``. Every local fault becomes a 4xx and the partial spool file is removed:
+``452 4.3.1`` when the queue's disk is full (already at ``MAIL FROM`` when less than
+Postfix's ``queue_minfree`` reserve is free, see ``pymta.queue.space``), ``451 4.3.0`` for
+any other fault (a read-only or failing file system, a bug).
+
+A client that disconnects while the end-of-data decision runs (slow pre-queue checks) gets
+nothing queued: the decision keeps the spool file until it ends (its stages may be reading
+the file, or a thread rewriting it), then removes it and logs one NOTICE line, ``lost
+connection after end of data from unknown[IP]``. Nothing was acknowledged, so the client
+sends the message again; only a disconnect after the commit has started leaves it queued
+(the unavoidable window of RFC 1047, as with Postfix).
 
 Relay policy (Postfix's ``permit_mynetworks, permit_sasl_authenticated, reject``): a recipient
 outside the local domains is accepted only from an authenticated client (``auth_user``, set by
@@ -26,8 +36,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pymta.headerscan import HeaderScanner
+from pymta.log import NOTICE
 from pymta.pipeline import Action, Pipeline, SpooledBody, Transaction
 from pymta.pipeline.headers import copy_without
+from pymta.queue.space import reserve_for
+from pymta.queue.store import QueueStore, SpoolClosedError, SpoolWriter, queue_write_error
 from pymta.received import protocol_name, received_header
 from pymta.smtp import events as ev
 from pymta.types import (
@@ -49,6 +62,9 @@ R_RELAY_DENIED = "Relay access denied"
 R_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 R_AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
 R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+R_LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing")
+# Never sent (the client is gone); what the engine is told so that it forgets the message.
+R_LOST = Reply(451, "4.4.2", "Error: lost connection")
 
 # How much of a message's start a session keeps in memory for the pipeline's header reads
 # (``SpooledBody.head``); a header section longer than this is read back from the spool file.
@@ -87,7 +103,7 @@ class ReceiveContext:
     local_domains: frozenset[str]
     first_domain: str
     lookups: Sequence[RecipientLookup]
-    store: object                      # pymta.queue.store.QueueStore
+    store: QueueStore
     submit: Callable[..., None]        # (qid, envelope[, lock]): see QueueManager.submit
     header_size_limit: int = 1048576
     max_received: int = 50
@@ -98,6 +114,10 @@ class ReceiveContext:
     # action for all mail): for maintenance of what is behind us, and for measuring
     # the receiving side alone.
     hold_incoming: bool = False
+    # Free space the queue keeps before a MAIL FROM is accepted (452 4.3.1 below it):
+    # Postfix's queue_minfree, and never less than 1.5 x the message size limit.
+    message_size_limit: int = 10240000
+    queue_minfree: int = 0
 
 
 class Session:
@@ -105,7 +125,7 @@ class Session:
 
     __slots__ = ("ctx", "peer_ip", "peer_port", "helo", "extended", "tls_info", "auth_user",
                  "_sender", "_mail", "_targets", "_spool", "_scanner", "_write_error",
-                 "_started", "_head", "_head_room")
+                 "_started", "_head", "_head_room", "_ending", "_gone", "_at_start")
 
     def __init__(self, ctx: ReceiveContext, peer_ip: str, peer_port: int) -> None:
         self.ctx = ctx
@@ -115,7 +135,11 @@ class Session:
         self.extended = False
         self.tls_info: str | None = None
         self.auth_user: str | None = None
-        self._spool = None
+        self._spool: SpoolWriter | None = None
+        # True while on_data_end runs: it owns the spool then, and an abort (the client
+        # disconnected) only sets ``_gone`` for it to act on.
+        self._ending = False
+        self._gone = False
         self._reset()
 
     # ------------------------------------------------------------------ transaction
@@ -130,9 +154,17 @@ class Session:
         self._started = 0.0
         self._head: list[bytes] = []
         self._head_room = 0
+        self._at_start = False
 
     def abort(self) -> None:
-        """Drop a partial message (failed DATA, disconnect): nothing was acknowledged."""
+        """Drop a partial message (failed DATA, disconnect): nothing was acknowledged.
+
+        While the end-of-data decision runs, its stages may be reading the spool file (or a
+        thread rewriting it): the decision is told instead, and drops the message when its
+        current step ends."""
+        if self._ending:
+            self._gone = True
+            return
         spool = self._spool
         if spool is not None:
             self._spool = None
@@ -152,6 +184,13 @@ class Session:
         self._reset()
 
     def on_mail(self, event: ev.MailFrom) -> Reply:
+        # Postfix's queue_minfree check: refuse before the client sends anything when the
+        # queue could not take the message (cached statvfs: no syscall per command).
+        refusal = self.ctx.store.admission(
+            event.params.size or 0,
+            reserve_for(self.ctx.message_size_limit, self.ctx.queue_minfree))
+        if refusal is not None:
+            return refusal.reply
         self._mail = event
         self._sender = event.address
         self._targets = {}
@@ -196,7 +235,7 @@ class Session:
             spool = self.ctx.store.new_spool()
         except OSError as exc:
             log.error("cannot create a spool file: %s", exc)
-            return Reply(451, "4.3.0", "Error: queue file write error")
+            return self.ctx.store.write_fault(exc).reply
         self._spool = spool
         self._scanner = HeaderScanner(self.ctx.header_size_limit)
         rcpts = list(self._targets.values())
@@ -209,6 +248,7 @@ class Session:
         self._write(header)
         self._head = [header]
         self._head_room = HEAD_KEEP
+        self._at_start = True
         if event.bdat:
             return Reply(250, "2.0.0", "Ok")
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -257,6 +297,13 @@ class Session:
         return protocol_name(self.extended, self.tls_info is not None, self.auth_user is not None)
 
     def on_data_chunk(self, data: bytes) -> None:
+        if self._at_start:
+            self._at_start = False
+            if data[:1] in (b" ", b"\t"):
+                # A first line starting with a blank would read as a continuation of our
+                # Received: field (a client appending "by trusted.example" to our trace).
+                # An empty line first makes it body, as Postfix's cleanup does.
+                data = b"\r\n" + data
         scanner = self._scanner
         if scanner is not None and not scanner.done:
             scanner.feed(data)
@@ -277,33 +324,48 @@ class Session:
             self._write_error = exc
 
     async def on_data_end(self, event: ev.DataEnd) -> Reply:
-        spool = self._spool
+        """The end-of-data decision: ``250`` only once the message is durable (group commit
+        done), a 4xx for every local fault, and the spool file removed unless committed."""
+        self._ending = True
         try:
-            if spool is None:
-                return Reply(451, "4.3.0", "Error: queue file write error")
-            if event.error is not None:
-                return event.error
-            if self._write_error is not None:
-                log.error("queue file write error: %s", self._write_error)
-                return Reply(451, "4.3.0", "Error: queue file write error")
-            scanner = self._scanner
-            if scanner is not None and scanner.too_large:
-                return Reply(552, "5.3.4", "Error: message header size exceeds limit")
-            if scanner is not None and scanner.received > self.ctx.max_received:
-                return Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
-            pipeline = self.ctx.pipeline
-            txn = None
-            if pipeline:
-                txn, early = await self._run_pipeline(pipeline, spool)
-                if early is not None:
-                    return early
-            reply = await self._commit(spool, txn)
-            return reply
+            return await self._end_of_data(event)
+        except Exception:   # a bug: the client retries, and the log says where
+            log.exception("unknown[%s]: end of data failed", self.peer_ip)
+            return R_LOCAL_ERROR
         finally:
+            self._ending = False
+            if self._gone:
+                self._gone = False
+                log.log(NOTICE, "lost connection after end of data from unknown[%s]",
+                        self.peer_ip)
             if self._spool is not None:
                 self._spool.abort()
             self._spool = None
             self._reset_after_message()
+
+    async def _end_of_data(self, event: ev.DataEnd) -> Reply:
+        spool = self._spool
+        if spool is None:
+            return queue_write_error().reply
+        if event.error is not None:
+            return event.error
+        if self._write_error is not None:
+            log.error("%s: queue file write error: %s", spool.qid, self._write_error)
+            return self.ctx.store.write_fault(self._write_error).reply
+        scanner = self._scanner
+        if scanner is not None and scanner.too_large:
+            return Reply(552, "5.3.4", "Error: message header size exceeds limit")
+        if scanner is not None and scanner.received > self.ctx.max_received:
+            return Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
+        pipeline = self.ctx.pipeline
+        txn = None
+        if pipeline:
+            txn, early = await self._run_pipeline(pipeline, spool)
+            if self._gone:
+                return R_LOST
+            if early is not None:
+                return early
+        return await self._commit(spool, txn)
 
     def _reset_after_message(self) -> None:
         self._sender = None
@@ -368,10 +430,15 @@ class Session:
                     await self.ctx.store.rewrite_spool(
                         spool, functools.partial(copy_without,
                                                  predicates=tuple(txn.header_drops)))
+                except SpoolClosedError:
+                    self._gone = True
+                    return R_LOST
                 except OSError as exc:
                     log.error("%s: queue file rewrite failed: %s", spool.qid, exc)
-                    return Reply(451, "4.3.0", "Error: queue file write error")
-        self._spool = None  # the store owns the file from here on
+                    return self.ctx.store.write_fault(exc).reply
+                if self._gone:
+                    return R_LOST
+        self._spool = None  # the store owns the file from here on: it commits or removes it
         try:
             qid = await self.ctx.store.commit(spool, envelope)
         except TemporaryFailure as exc:
@@ -380,7 +447,7 @@ class Session:
         except OSError as exc:
             log.error("%s: queue commit failed: %s", spool.qid, exc)
             spool.abort()
-            return Reply(451, "4.3.0", "Error: queue file write error")
+            return self.ctx.store.write_fault(exc).reply
         log.info("%s: client=unknown[%s], from=<%s>, size=%d, nrcpt=%d%s", qid, self.peer_ip,
                  mail.address, envelope.size, len(envelope.recipients),
                  f", sasl_username={self.auth_user}" if self.auth_user else "")

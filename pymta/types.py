@@ -144,6 +144,10 @@ class RcptState(enum.Enum):
     PENDING = "pending"      # not yet delivered; due at Envelope.next_attempt
     DELIVERED = "delivered"  # final 2xx from the delivery agent
     FAILED = "failed"        # permanent failure or expired; a DSN was generated (unless NEVER)
+    # Failed (permanent or expired) but its failure DSN is not queued yet: never handed to a
+    # delivery agent again, kept until the notice is queued (Postfix's bounce log, kept
+    # apart from the recipient's delivery state). Then FAILED.
+    NOTICE_OWED = "notice_owed"
 
 
 @dataclass(slots=True)

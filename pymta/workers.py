@@ -11,6 +11,11 @@ releases its locks. Workers die with the supervisor (``PR_SET_PDEATHSIG``), so `
 the supervisor cannot leave orphans holding the port. The supervisor restarts a worker that
 exits unexpectedly (with a pause so a crash loop does not spin), forwards SIGTERM/SIGINT
 (stop) and SIGUSR1 (rescan the queue) to all workers, and owns the pid file.
+
+SIGUSR1's default action is to terminate, and a worker installs its real handler only once
+it has started (``serve_async``), so from the fork until then a worker records a SIGUSR1
+(``pymta queue flush``/``release`` during its start-up) and sends it to itself again as soon
+as the real handler is in place: the request is neither fatal nor lost.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from pymta.config.model import Config, ListenAddress
 
@@ -31,6 +38,7 @@ log = logging.getLogger("pymta")
 
 PR_SET_PDEATHSIG = 1
 RESTART_PAUSE = 1.0
+STARTUP_POLL = 0.05     # how often a starting worker looks whether its handler is in place
 
 
 def _bind(addresses: tuple[ListenAddress, ...], copies: int) -> list[list[socket.socket]]:
@@ -107,9 +115,12 @@ class Supervisor:
             return
         code = 1
         try:
+            # First of all: the parent's handlers would forward signals to our siblings.
+            self.children = {}
+            early = _EarlyUsr1()
+            signal.signal(signal.SIGUSR1, early)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             _die_with_parent()
             for i, socks in enumerate(self.sockets):
@@ -119,8 +130,8 @@ class Supervisor:
             from pymta.app import install_uvloop, serve_async
 
             install_uvloop()
-            code = asyncio.run(serve_async(self.config, sockets=self.sockets[index],
-                                           pid_file=False))
+            code = asyncio.run(early.replayed(
+                serve_async(self.config, sockets=self.sockets[index], pid_file=False)))
         except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
             log.exception("worker %d failed", index)
         finally:
@@ -183,6 +194,32 @@ class Supervisor:
                 os.unlink(pid_path)
             log.log(25, "pymta stopped")
         return exit_code
+
+
+class _EarlyUsr1:
+    """A starting worker's SIGUSR1 handler: records the request (see the module docstring).
+
+    The real handler is installed by ``serve_async`` (``loop.add_signal_handler``) once the
+    server has started; ``replayed`` runs it and, as soon as the handler has changed, sends
+    one SIGUSR1 to this process if any arrived before. (Polling, every ``STARTUP_POLL``
+    seconds during start-up only: ``serve_async`` offers no hook for "started".)
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    async def replayed(self, serve: Coroutine[Any, Any, int]) -> int:
+        task = asyncio.ensure_future(serve)
+        while not task.done():
+            if signal.getsignal(signal.SIGUSR1) is not self:    # the real one is in place
+                if self.requested:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                break
+            await asyncio.wait({task}, timeout=STARTUP_POLL)
+        return await task
 
 
 def _die_with_parent() -> None:

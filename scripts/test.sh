@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's one test command: ./scripts/test.sh [pytest args...]
+# The project's one test command: ./scripts/test.sh [--fuzz-seconds N] [pytest args...]
 #
 # Works on a fresh Debian 12 machine (root, python3 3.11, network only to apt and PyPI) and is
 # cheap on a second run: every step first checks whether it is already done.
@@ -8,10 +8,30 @@
 #   2. .venv with the package in editable mode plus test extras (re-installed only when
 #      pyproject.toml changed since the last install).
 #   3. ruff check .
-#   4. pytest; its exit status is ours, and "no tests collected" (5) is a failure, not a pass.
+#   4. pytest; "no tests collected" (5) is a failure, not a pass.
+#   5. fuzzing: every fuzz/ target for N seconds (--fuzz-seconds N, else $PYMTA_FUZZ_SECONDS,
+#      else 5: under a minute for all targets); 0 skips it. A finding fails the command and
+#      its reproducer is printed. N is exported as PYMTA_FUZZ_SECONDS to pytest too, for
+#      the property and torture tests that scale with it. Hours: see fuzz/README.md.
+# The exit status is pytest's, or 1 when pytest passed and fuzzing found something.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+FUZZ_SECONDS="${PYMTA_FUZZ_SECONDS:-5}"
+PYTEST_ARGS=()
+while (($#)); do
+    case "$1" in
+        --fuzz-seconds) FUZZ_SECONDS="${2:?--fuzz-seconds needs a number}"; shift 2 ;;
+        --fuzz-seconds=*) FUZZ_SECONDS="${1#*=}"; shift ;;
+        *) PYTEST_ARGS+=("$1"); shift ;;
+    esac
+done
+if [[ ! "$FUZZ_SECONDS" =~ ^[0-9]+$ ]]; then
+    echo "--fuzz-seconds / PYMTA_FUZZ_SECONDS must be a whole number of seconds" >&2
+    exit 2
+fi
+export PYMTA_FUZZ_SECONDS="$FUZZ_SECONDS"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -86,12 +106,30 @@ step "ruff check ."
 .venv/bin/ruff check .
 
 # --- 4. tests ---------------------------------------------------------------------------------
-step "pytest -q $*"
+step "pytest -q ${PYTEST_ARGS[*]}"
 rc=0
-.venv/bin/python -m pytest -q "$@" || rc=$?
+.venv/bin/python -m pytest -q ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} || rc=$?
 if ((rc == 5)); then
     echo "ERROR: pytest collected no tests (exit 5); that is a failure here." >&2
 elif ((rc != 0)); then
     echo "ERROR: pytest failed with exit status $rc" >&2
+fi
+
+# --- 5. fuzzing -------------------------------------------------------------------------------
+# atheris ships wheels for x86_64 Linux only (pyproject's marker); elsewhere the targets still
+# run on their seed corpus, without coverage guidance.
+if ((FUZZ_SECONDS == 0)); then
+    step "fuzz: skipped (--fuzz-seconds 0)"
+elif .venv/bin/python -c 'import atheris' >/dev/null 2>&1; then
+    step "fuzz: every target ${FUZZ_SECONDS}s (python -m fuzz all --seconds $FUZZ_SECONDS)"
+    frc=0
+    .venv/bin/python -m fuzz all --seconds "$FUZZ_SECONDS" --log-dir fuzz/logs/test || frc=$?
+    if ((frc != 0)); then
+        echo "ERROR: fuzzing found something (reproducers above, logs in fuzz/logs/test)" >&2
+        ((rc != 0)) || rc=1
+    fi
+else
+    step "fuzz: atheris is not available here; targets on their seed corpus only"
+    .venv/bin/python -m fuzz check || { ((rc != 0)) || rc=1; }
 fi
 exit "$rc"

@@ -5,10 +5,20 @@ works directly on ``<state_dir>/queue`` through :class:`pymta.queue.store.QueueS
 the store's per-message lock before a change, so it never races a delivery attempt in the
 server. After a change it sends SIGUSR1 to the server named in ``<state_dir>/pymta.pid`` so
 the queue manager rescans at once instead of at its next periodic scan.
+
+``flush`` leaves a new token in ``<state_dir>/queue/flush`` before the signal, so every
+worker process can tell a flush from other queue changes: a worker that sees a new token
+forgets its dead hosts (Postfix's flush does the same), makes due every message nobody has
+tried since, and tries the messages it had in flight once more as soon as their attempt ends.
+Only when no server runs are the envelopes themselves made due (see ``cmd_flush``).
+
+Everything printed that came from a client or a remote server (addresses, replies, HELO) is
+shown with non-printable characters escaped: one queue entry, one set of lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,11 +29,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from pymta.queue.deliverylog import printable as _p
 from pymta.types import Envelope, RcptState
 
 LOCK_TIMEOUT = 10.0        # one named message: wait for a running attempt to finish
-FLUSH_LOCK_TIMEOUT = 1.0   # flush: a message being delivered right now needs no flush
+FLUSH_LOCK_TIMEOUT = 0.0   # flush: a message being delivered is the server's (see above)
 HEADER_LIMIT = 1 << 20     # queue show: never print more than this much header text
+FLUSH_FILE = "flush"       # under <state_dir>/queue; pymta.queue.manager.FLUSH_FILE
+_WAITING = (RcptState.PENDING, RcptState.NOTICE_OWED)
 
 
 class QueueCommandError(Exception):
@@ -54,6 +67,23 @@ def _valid_id(qid: str) -> bool:
     return is_valid(qid)
 
 
+def _missing(store: Any, qid: str) -> QueueCommandError:
+    """The error for an id that is not in the queue. When the store has moved a file of that
+    id aside to ``corrupt/`` (just now, reading it for this command, or earlier), that is
+    where the message is, and "no message" would send the user looking elsewhere."""
+    corrupt = getattr(store, "corrupt_dir", None)
+    if isinstance(corrupt, str) and _valid_id(qid):
+        try:
+            names = os.listdir(corrupt)
+        except OSError:
+            names = []
+        # <qid>, <qid>.<ns> (a second one), <qid>.body, stray-env-<qid>, stray-data-<qid>
+        if any(n == qid or n.startswith(qid + ".") or n.endswith("-" + qid) for n in names):
+            return QueueCommandError(f"queue: message {qid} was moved to {corrupt}/ (its "
+                                     "queue file could not be used; see the server log)")
+    return QueueCommandError(f"queue: no message {qid}")
+
+
 @contextmanager
 def _locked(store: Any, qid: str, timeout: float) -> Iterator[Envelope]:
     """Hold the message's lock and yield its envelope; QueueCommandError if it is gone or
@@ -63,12 +93,12 @@ def _locked(store: Any, qid: str, timeout: float) -> Iterator[Envelope]:
     lock = store.lock(qid, timeout)
     if lock is None:
         if store.load(qid) is None:
-            raise QueueCommandError(f"queue: no message {qid}")
+            raise _missing(store, qid)
         raise QueueCommandError(f"queue: message {qid} is busy (being delivered); try again")
     try:
         env = store.load(qid)
         if env is None:
-            raise QueueCommandError(f"queue: no message {qid}")
+            raise _missing(store, qid)
         yield env
     finally:
         lock.release()
@@ -124,7 +154,7 @@ def _last_error(env: Envelope) -> str:
     failing = [r for r in env.recipients if r.state is not RcptState.DELIVERED and r.last_reply]
     if not failing:
         return ""
-    return max(failing, key=lambda r: r.last_attempt).last_reply
+    return _p(max(failing, key=lambda r: r.last_attempt).last_reply)
 
 
 def _size(store: Any, qid: str, env: Envelope) -> int:
@@ -181,13 +211,13 @@ def cmd_list(store: Any, as_json: bool, out: TextIO) -> int:
     for qid, env in entries:
         flags = " (held)" if env.held else ""
         print(f"{qid:<16} {_age(now - env.received_at):>6} {_size(store, qid, env):>9}  "
-              f"<{env.sender}>{flags}", file=out)
+              f"<{_p(env.sender)}>{flags}", file=out)
         for r in env.recipients:
             tries = f"  ({r.attempts} attempt{'' if r.attempts == 1 else 's'}" + (
-                f", via {r.next_hop})" if r.next_hop else ")") if r.attempts else ""
-            print(f"{'':<16} {r.state.value:>16}  <{r.address}>{tries}", file=out)
+                f", via {_p(r.next_hop)})" if r.next_hop else ")") if r.attempts else ""
+            print(f"{'':<16} {r.state.value:>16}  <{_p(r.address)}>{tries}", file=out)
             if r.last_reply and r.state is not RcptState.DELIVERED:
-                print(f"{'':<16} {'':>16}    {r.last_reply}", file=out)
+                print(f"{'':<16} {'':>16}    {_p(r.last_reply)}", file=out)
         error = _last_error(env)
         if error:
             print(f"{'':<16} {'last error':>16}  {error}", file=out)
@@ -216,14 +246,14 @@ def _headers(path: str) -> str:
             if total > HEADER_LIMIT:
                 lines.append("[... header truncated]")
                 break
-            lines.append(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+            lines.append(_p(raw.rstrip(b"\r\n").decode("utf-8", "replace")))
     return "\n".join(lines)
 
 
 def cmd_show(store: Any, qid: str, out: TextIO) -> int:
     env = store.load(qid) if _valid_id(qid) else None
     if env is None:
-        raise QueueCommandError(f"queue: no message {qid}")
+        raise _missing(store, qid)
     now = time.time()
     rows = [
         ("id", qid),
@@ -239,14 +269,15 @@ def cmd_show(store: Any, qid: str, out: TextIO) -> int:
         ("bounce", "yes" if env.is_bounce else "no"),
     ]
     for label, value in rows:
-        print(f"{label + ':':<14}{value}", file=out)
+        print(f"{label + ':':<14}{_p(value)}", file=out)
     for r in env.recipients:
-        print(f"recipient:    <{r.address}>" + (f" (for <{r.original}>)"
-                                                 if r.original != r.address else ""), file=out)
+        print(f"recipient:    <{_p(r.address)}>" + (f" (for <{_p(r.original)}>)"
+                                                     if r.original != r.address else ""),
+              file=out)
         print(f"  state:      {r.state.value}, attempts {r.attempts}", file=out)
-        print(f"  next hop:   {r.next_hop or '-'}", file=out)
+        print(f"  next hop:   {_p(r.next_hop) or '-'}", file=out)
         print(f"  last try:   {_when(r.last_attempt, now)}", file=out)
-        print(f"  last reply: {r.last_reply or '-'}", file=out)
+        print(f"  last reply: {_p(r.last_reply) or '-'}", file=out)
     print("", file=out)
     try:
         print(_headers(store.body_path(qid)), file=out)
@@ -258,24 +289,65 @@ def cmd_show(store: Any, qid: str, out: TextIO) -> int:
 # ------------------------------------------------------------------------------ changing
 
 
+def write_flush_token(state_dir: str) -> None:
+    """A new token in ``<state_dir>/queue/flush`` (atomic rename; see the module docstring)."""
+    root = Path(state_dir) / "queue"
+    token = f"{time.time_ns()}.{os.getpid()}\n"
+    tmp = root / f"{FLUSH_FILE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(token)
+        os.replace(tmp, root / FLUSH_FILE)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def cmd_flush(store: Any, state_dir: str, out: TextIO, err: TextIO) -> int:
-    """Make every non-held message due now (Postfix ``postqueue -f``)."""
+    """Make every non-held message due now (Postfix ``postqueue -f``) and tell the server
+    to forget its dead hosts.
+
+    With a server running, the request is the token and the signal: the server makes due
+    every message nobody has tried since (every worker sees the token; whoever holds a
+    message tries it once). Nothing is rewritten, so a flush costs no fsync per message and
+    waits for no lock: rewriting a large queue under load one envelope (two fsyncs) at a
+    time, and waiting up to a second for each message being delivered, is what made a flush
+    seen under load take longer than 20 s to reach the server. Without a server, the
+    envelopes are made due on disk, for the next start.
+    """
+    try:
+        write_flush_token(state_dir)
+    except OSError as exc:
+        print(f"pymta: queue: cannot write the flush request: {exc.strerror or exc}",
+              file=err)
+    if signal_server(state_dir, err):
+        count = 0
+        for qid in store.ids():
+            env = store.load(qid)
+            if env is not None and not env.held and _waiting(env):
+                count += 1
+        print(f"{count} message(s) due now", file=out)
+        return 0
     now = time.time()
-    count = 0
+    count = busy = 0
     for qid in store.ids():
         try:
             with _locked(store, qid, FLUSH_LOCK_TIMEOUT) as env:
-                if env.held or not env.pending():
+                if env.held or not _waiting(env):
                     continue
                 env.next_attempt = now
                 store.save_sync(qid, env)
                 count += 1
-        except QueueCommandError:
-            continue  # delivered meanwhile, or being delivered right now
-    notified = signal_server(state_dir, err)
-    print(f"{count} message(s) due now" + ("" if notified else " (no running server)"),
-          file=out)
+        except QueueCommandError as exc:
+            busy += "busy" in str(exc)
+            continue  # delivered meanwhile, or locked by a process we could not signal
+    note = f", {busy} busy" if busy else ""
+    print(f"{count} message(s) due now{note} (no running server)", file=out)
     return 0
+
+
+def _waiting(env: Envelope) -> bool:
+    return any(r.state in _WAITING for r in env.recipients)
 
 
 def _each(store: Any, qids: Sequence[str], change: Any, err: TextIO) -> int:

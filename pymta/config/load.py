@@ -469,11 +469,16 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("lookup_negative_ttl", "PYMTA_LOOKUP_NEGATIVE_TTL", _duration(False)),
     _Setting("lookup_timeout", "PYMTA_LOOKUP_TIMEOUT", _duration(True)),
     _Setting("message_size_limit", "MESSAGE_SIZE_LIMIT", _size(0)),
+    # Postfix's queue_minfree: below this much free space (and never below 1.5 x the message
+    # size limit) MAIL FROM gets 452 4.3.1
+    _Setting("queue_minfree", "PYMTA_QUEUE_MINFREE", _size(0)),
     _Setting("max_recipients", "PYMTA_MAX_RECIPIENTS", _size(1)),
     _Setting("max_errors", "PYMTA_MAX_ERRORS", _size(1)),
     _Setting("idle_timeout", "PYMTA_IDLE_TIMEOUT", _duration(True)),
     _Setting("max_connections", "PYMTA_MAX_CONNECTIONS", _size(1)),
     _Setting("max_connections_per_ip", "PYMTA_MAX_CONNECTIONS_PER_IP", _size(1)),
+    # Postfix's smtpd_client_connection_rate_limit: connections per client per minute, 0 off
+    _Setting("connection_rate_limit", "PYMTA_CONNECTION_RATE_LIMIT", _size(0)),
     # RFC 5321 §4.5.3.1.4: a command line may be 512 octets; a smaller limit breaks clients.
     _Setting("max_line_length", "PYMTA_LINE_LENGTH_LIMIT", _size(512)),
     _Setting("header_size_limit", "PYMTA_HEADER_SIZE_LIMIT", _size(1)),

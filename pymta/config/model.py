@@ -65,11 +65,13 @@ class Config:
     lookup_timeout: float = 5.0                      # PYMTA_LOOKUP_TIMEOUT (connect/query)
     # limits
     message_size_limit: int = 10240000               # MESSAGE_SIZE_LIMIT
+    queue_minfree: int = 0                           # PYMTA_QUEUE_MINFREE (bytes; 452 at MAIL)
     max_recipients: int = 1000                       # PYMTA_MAX_RECIPIENTS
     max_errors: int = 20                             # PYMTA_MAX_ERRORS
     idle_timeout: float = 300.0                      # PYMTA_IDLE_TIMEOUT (seconds)
     max_connections: int = 2000                      # PYMTA_MAX_CONNECTIONS
     max_connections_per_ip: int = 50                 # PYMTA_MAX_CONNECTIONS_PER_IP
+    connection_rate_limit: int = 0                   # PYMTA_CONNECTION_RATE_LIMIT (/IP/min, 0 off)
     max_line_length: int = 2048                      # PYMTA_LINE_LENGTH_LIMIT (commands)
     header_size_limit: int = 1048576                 # PYMTA_HEADER_SIZE_LIMIT (whole header)
     max_received_headers: int = 50                   # PYMTA_MAX_RECEIVED_HEADERS

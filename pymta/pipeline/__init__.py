@@ -19,6 +19,11 @@ before the commit (``QueueStore.rewrite_spool``: a rare, crash-safe copy under t
 
 Checks are read-only on the message; modifiers must not change the body (maddy's reason:
 it would break DKIM signatures).
+
+A message a stage cannot parse is still mail (Postfix accepts it): the stage records its
+"cannot evaluate" result (``dkim=permerror``, no seal, no signature) or raises
+:class:`CannotEvaluate`, which the pipeline logs and treats as "no opinion". Only a fault of
+ours (a spool file we cannot read, a key we cannot load, a timeout) is a temporary failure.
 """
 
 from __future__ import annotations
@@ -60,6 +65,14 @@ class Verdict:
 
 
 PASS = Verdict()
+
+
+class CannotEvaluate(Exception):
+    """Raised by a stage that cannot judge or change *this message* because of the message
+    itself (its header section does not parse): a result, not a fault. A check raising it
+    counts as PASS with the reason logged; a modifier raising it (before it changed anything)
+    leaves the message as it is. Never raise it for a local fault (those stay temporary
+    failures)."""
 
 
 class SpooledBody:
@@ -241,6 +254,9 @@ class Pipeline:
                     await modifier.modify(txn, body)
                 if txn.header_drops:
                     body.drop_headers(txn.header_drops)
+            except CannotEvaluate as exc:
+                log.warning("%s: %s: message not changed: %s", txn.qid, modifier.name, exc)
+                reasons.append(f"{modifier.name}: {exc}")
             except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
                 log.error("%s: %s failed: %r", txn.qid, modifier.name, exc)
                 return Outcome(Action.TEMPFAIL, TEMPFAIL_REPLY,
@@ -251,6 +267,9 @@ class Pipeline:
         try:
             async with asyncio.timeout(self.timeout):
                 return await check.check(txn, body)
+        except CannotEvaluate as exc:
+            log.info("%s: %s cannot evaluate the message: %s", txn.qid, check.name, exc)
+            return Verdict(reason=f"cannot evaluate: {exc}")
         except TimeoutError:
             log.warning("%s: %s timed out after %.0fs", txn.qid, check.name, self.timeout)
             return Verdict(Action.TEMPFAIL, TEMPFAIL_REPLY, reason="timeout")

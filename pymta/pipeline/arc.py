@@ -28,6 +28,20 @@ SRS only changes the envelope sender, which neither signature covers.
 The ARC signature algorithm is rsa-sha256 (the only one RFC 8617 defines): with an ed25519
 DKIM key (``DKIM_ALGORITHM=ed25519``) the sealer has no usable key and seals nothing (logged
 once at start).
+
+Messages that cannot be sealed are still delivered, unsealed (issue 10, defect 9): no
+``From:`` (RFC 8617 requires it signed), an incoming chain dkimpy refuses to continue (e.g. a
+forged ``i=50``), or a header section dkimpy cannot parse. For a header section with blanks
+before a colon (``Received :``) the seal is computed over :func:`.headers.strict_view`
+(relaxed canonicalization: the same hashes as the message as sent); without an empty line
+after the header section the body boundary is a guess, so nothing is sealed. Only our own
+faults (the key cannot be read or used) stay temporary failures. The verifier likewise
+reads such a message through the strict view and never fails the message, only the chain.
+
+What we seal is checked: dkimpy renders the ``ARC-Authentication-Results`` by parsing our
+Authentication-Results with ``authres`` and printing it again, so the set is added only when
+that AAR reads back as exactly the results we recorded (the values we write survive that
+round trip by construction, :mod:`pymta.headervalue`; this check makes sure of it).
 """
 
 from __future__ import annotations
@@ -35,27 +49,31 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import authres
 import dkim
 
-from pymta.pipeline import PASS, SpooledBody, Transaction, Verdict, dkimrsa
+from pymta.headervalue import quote_value
+from pymta.pipeline import PASS, CannotEvaluate, SpooledBody, Transaction, Verdict, dkimrsa
 from pymta.pipeline.dkimkeys import KeyStore
 from pymta.pipeline.dkimverify import LIB_LOG, TEMPFAIL, prefetch, prefetched_dnsfunc
+from pymta.pipeline.headers import field_name, split_fields, strict_view
 
 log = logging.getLogger("pymta.pipeline.arc")
 
 THREAD_THRESHOLD = 32 * 1024
-ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
+ARC_FIELDS = ("arc-seal", "arc-message-signature", "arc-authentication-results")
+#: dkimpy exceptions that are our fault, not the message's: they stay temporary failures
+_LOCAL_FAULTS = (dkim.KeyFormatError, dkim.AuthresNotFoundError, dkim.NaClNotFoundError)
 
 
 def arc_key_names(header: bytes) -> list[str]:
     """``<s>._domainkey.<d>`` of every ARC-Seal and ARC-Message-Signature of a header."""
-    headers, _ = dkim.rfc822_parse(header + b"\r\n")
     names: list[str] = []
-    for name, value in headers:
-        if name.lower() not in (b"arc-seal", b"arc-message-signature"):
+    for field in split_fields(header):
+        if field_name(field) not in ("arc-seal", "arc-message-signature"):
             continue
         try:
-            tags = dkim.util.parse_tag_value(value)
+            tags = dkim.util.parse_tag_value(field[field.find(b":") + 1:])
         except Exception:  # noqa: BLE001 - a broken field fails the chain in arc_verify
             continue
         if b"s" in tags and b"d" in tags:
@@ -65,8 +83,7 @@ def arc_key_names(header: bytes) -> list[str]:
 
 
 def has_arc(header: bytes) -> bool:
-    headers, _ = dkim.rfc822_parse(header + b"\r\n")
-    return any(name.lower() in ARC_FIELDS for name, _ in headers)
+    return any(field_name(f) in ARC_FIELDS for f in split_fields(header))
 
 
 class ArcVerify:
@@ -92,16 +109,20 @@ class ArcVerify:
         txn.results["arc_cv"] = cv
         fragment = f"arc={cv}"
         if reason and cv != "pass":
-            fragment += ' reason="' + reason.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            fragment += f" reason={quote_value(reason, 100)}"
         txn.auth_results.append(fragment)
         log.info("%s: arc=%s%s", txn.qid, cv, f" ({reason})" if reason else "")
         return PASS
 
     @staticmethod
     def _verify(message: bytes, records: dict[str, bytes | None | object]) -> tuple[str, str]:
+        dnsfunc = prefetched_dnsfunc(records)
         try:
-            cv, _results, reason = dkim.arc_verify(message, logger=LIB_LOG,
-                                                   dnsfunc=prefetched_dnsfunc(records))
+            try:
+                cv, _results, reason = dkim.arc_verify(message, logger=LIB_LOG, dnsfunc=dnsfunc)
+            except dkim.MessageFormatError:     # read it as Postfix splits it
+                cv, _results, reason = dkim.arc_verify(strict_view(message).data,
+                                                       logger=LIB_LOG, dnsfunc=dnsfunc)
         except Exception as exc:  # noqa: BLE001 - a broken chain is a failed chain
             return "fail", f"{type(exc).__name__}"
         if cv == dkim.CV_Pass:
@@ -130,9 +151,48 @@ def render_aar_input(authserv_id: str, fragments: list[str]) -> str:
 
 def seal(message: bytes, key_pem: bytes, selector: str, domain: str,
          authserv_id: str) -> list[bytes]:
-    """The new ARC set for ``message`` (which carries our A-R field), top first."""
-    return dkim.arc_sign(message, selector.encode("ascii"), domain.encode("ascii"), key_pem,
-                         authserv_id.encode("ascii"), logger=LIB_LOG, linesep=b"\r\n")
+    """The new ARC set for ``message`` (which carries our A-R field), top first.
+
+    Raises :class:`~pymta.pipeline.CannotEvaluate` when this message cannot be sealed (see
+    the module docstring); our own faults (the key) propagate."""
+
+    def arc_sign(data: bytes) -> list[bytes]:
+        return dkim.arc_sign(data, selector.encode("ascii"), domain.encode("ascii"), key_pem,
+                             authserv_id.encode("ascii"), logger=LIB_LOG, linesep=b"\r\n")
+
+    try:
+        try:
+            return arc_sign(message)
+        except dkim.MessageFormatError:
+            view = strict_view(message)
+            if view.separated:
+                raise CannotEvaluate("no empty line after the header section: "
+                                     "not ARC-sealed") from None
+            return arc_sign(view.data)  # relaxed: the hashes of the message as sent
+    except _LOCAL_FAULTS:
+        raise
+    except (dkim.DKIMException, ValueError, IndexError, KeyError, UnicodeError) as exc:
+        raise CannotEvaluate(f"not ARC-sealed: {type(exc).__name__}: {exc}") from exc
+
+
+def _method_result(fragment: str) -> tuple[str, str]:
+    method, _, rest = fragment.partition("=")
+    return method.strip().lower(), (rest.split(None, 1) or [""])[0].lower()
+
+
+def aar_matches(aar_field: bytes, fragments: list[str]) -> bool:
+    """Does the ``ARC-Authentication-Results`` dkimpy made hold exactly the results of
+    ``fragments``, in order? (One ``authres`` parse, ~0.4 ms; only forwarded mail is sealed.)"""
+    value = aar_field.decode("ascii", "replace").partition(":")[2].partition(";")[2]
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse_value(" ".join(value.split()))
+    except authres.core.SyntaxError:
+        return False
+    want = [_method_result(f) for f in fragments if f] or [("none", "")]
+    got = [(r.method, getattr(r, "result", "") or "") for r in parsed.results]
+    if not parsed.results:
+        got = [("none", "")]
+    return got == want
 
 
 class ArcSeal:
@@ -166,6 +226,12 @@ class ArcSeal:
         fields = await asyncio.to_thread(self._seal, message)
         if not fields:
             log.warning("%s: not ARC-sealed (chain terminated or no usable results)", txn.qid)
+            return
+        aar = next((f for f in fields if f.lower().startswith(b"arc-authentication-results:")),
+                   b"")
+        if not aar_matches(aar, fragments):
+            log.error("%s: not ARC-sealed: the ARC-Authentication-Results would not say what "
+                      "our checks found: %r", txn.qid, aar[:300])
             return
         for field in reversed(fields):  # AAR, AMS, then AS on top
             txn.add_header(field.decode("ascii", "replace").rstrip("\r\n"))

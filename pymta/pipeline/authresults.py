@@ -13,12 +13,21 @@ now stale) and are removed first (RFC 8601 §5): ``txn.drop_header`` makes the s
 this one see the message without them and has the session rewrite the spool file's header
 section before the commit. Fields of other authserv-ids are kept. This must run before DKIM
 signing and ARC sealing (ARC copies our results into ``ARC-Authentication-Results``).
+
+The fragments are written by the checks, which put client-supplied values in only through
+:mod:`pymta.headervalue`; as a last guard (a check of a third party), a fragment with a
+control or non-ASCII character has each of them replaced by ``?`` so it stays on its line.
 """
 
 from __future__ import annotations
 
+import re
+
+from pymta.headervalue import quote_value
 from pymta.pipeline import SpooledBody, Transaction
 from pymta.pipeline.headers import field_name, field_value, fold, split_fields
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 # Any field ``claims_ours`` matches has this name, in some ASCII letter case (``field_name``
 # decodes ASCII only), so a header section without these bytes has none to drop.
@@ -85,5 +94,7 @@ class AuthResultsModifier:
             txn.drop_header(self.claims_ours)
         if txn.trusted and not txn.auth_results:
             return
+        fragments = [f if f.isascii() and f.isprintable() else _UNPRINTABLE.sub("?", f)
+                     for f in txn.auth_results or ["none"]]
         txn.add_header(fold("Authentication-Results",
-                            [self.authserv_id, *(txn.auth_results or ["none"])]))
+                            [quote_value(self.authserv_id), *fragments]))

@@ -14,6 +14,14 @@ whose mail we vouch for) the first domain. Signed header fields: dkimpy's RFC 63
 list of those present, ``From`` oversigned (so no second ``From`` can be added), never
 ``Received``/``Return-Path``/``Authentication-Results``; canonicalization relaxed/relaxed.
 A message without ``From:`` cannot be signed (RFC 6376 §5.4): it goes out unsigned, logged.
+
+A message dkimpy cannot parse as it is (issue 10, defect 9) is still accepted. When the only
+trouble is blanks before a colon (``Subject :``), it is signed over
+:func:`.headers.strict_view`: with relaxed/relaxed canonicalization the hashes are those of
+the message as sent, so the signature verifies for any receiver that reads the obsolete
+syntax. When the header section does not end with an empty line, where the body begins is
+a guess: the message goes out unsigned (:class:`~pymta.pipeline.CannotEvaluate`, logged),
+as it would with a milter signer that cannot parse it.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import logging
 
 import dkim
 
-from pymta.pipeline import SpooledBody, Transaction, dkimrsa
+from pymta.pipeline import CannotEvaluate, SpooledBody, Transaction, dkimrsa
 from pymta.pipeline.dkimkeys import DkimKey, KeyStore
+from pymta.pipeline.headers import field_name, field_value, split_fields, strict_view
 
 log = logging.getLogger("pymta.pipeline.dkim")
 
@@ -34,18 +43,20 @@ def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].strip().rstrip(".").lower() if "@" in address else ""
 
 
-def header_value(header: bytes, name: bytes) -> str | None:
-    """The unfolded value of the first ``name`` field of a header section, or None."""
-    headers, _ = dkim.rfc822_parse(header + b"\r\n")
-    for field_name, value in headers:
-        if field_name.strip().lower() == name:
-            return value.decode("utf-8", "replace").replace("\r\n", "").strip()
+def header_value(header: bytes, name: str | bytes) -> str | None:
+    """The unfolded value of the first ``name`` (lower-case) field of a header section, or
+    None; fields split as Postfix splits them, so any header section can be read."""
+    if isinstance(name, bytes):
+        name = name.decode("ascii")
+    for field in split_fields(header):
+        if field_name(field) == name:
+            return field_value(field)
     return None
 
 
 def from_domain(header: bytes) -> str:
     """The domain of the (first) ``From:`` address, or '' without one."""
-    value = header_value(header, b"from")
+    value = header_value(header, "from")
     if value is None:
         return ""
     addresses = email.utils.getaddresses([value])
@@ -111,4 +122,13 @@ class DkimSign:
 
     def _sign(self, message: bytes, domain: str) -> bytes:
         key = self.keys.get(domain)  # may read or generate the key file: in this thread
-        return sign_message(message, key)
+        try:
+            return sign_message(message, key)
+        except dkim.MessageFormatError:
+            view = strict_view(message)
+        if view.separated:
+            raise CannotEvaluate("no empty line after the header section: not DKIM-signed")
+        try:
+            return sign_message(view.data, key)  # relaxed: the hashes of the message as sent
+        except dkim.MessageFormatError as exc:
+            raise CannotEvaluate(f"message cannot be parsed: not DKIM-signed ({exc})") from exc

@@ -21,6 +21,19 @@ Result per signature (RFC 8601 §2.7.1 names):
   revoked (empty ``p=``), a key shorter than 1024 bits, or ``rsa-sha1`` (RFC 8301 §3.1).
 - ``none`` (for the message, not a signature): there is no signature at all.
 
+A message dkimpy cannot parse as it is (``Subject :`` with a blank before the colon, a
+first line that is not a field, no empty line after the header section: mail Postfix
+accepts) is verified as Postfix would hand it to a milter (:func:`.headers.strict_view`):
+the blanks before a colon go (relaxed header canonicalization removes them anyway; a
+signature with *simple* header canonicalization over such a field is ``permerror``), and the
+body starts at the first line that is not a field. What still does not parse gives every
+signature ``permerror``: a result for the message, never a temporary failure.
+
+The values in the fragments come from the signature, i.e. from whoever sent the message:
+they are written only through :mod:`pymta.headervalue` (``header.d``/``header.s`` a domain
+or token, percent-encoded otherwise; ``header.b``/``reason`` tokens or quoted-strings), so a
+``d=`` such as ``x; dkim=pass`` cannot become a result of its own.
+
 Results go to ``txn.results["dkim_signatures"]`` (a list of :class:`DkimSignature`, a
 :class:`pymta.pipeline.dmarc.DkimSignatureResult`, top signature first, read by DMARC) and
 one Authentication-Results fragment per signature,
@@ -43,8 +56,10 @@ import dns.name
 import dns.resolver
 
 from pymta import dns as pymta_dns
+from pymta.headervalue import pvalue, quote_value
 from pymta.pipeline import PASS, SpooledBody, Transaction, Verdict
 from pymta.pipeline.dmarc import DkimSignatureResult
+from pymta.pipeline.headers import field_name, split_fields, strict_view
 
 log = logging.getLogger("pymta.pipeline.dkim")
 
@@ -72,25 +87,16 @@ class DkimSignature(DkimSignatureResult):
         """This signature as an RFC 8601 resinfo fragment."""
         parts = [f"dkim={self.result}"]
         if self.reason:
-            parts.append(f"reason={quote_value(self.reason)}")
+            parts.append(f"reason={quote_value(self.reason, 120)}")
         if self.domain:
-            parts.append(f"header.d={quote_value(self.domain)}")
+            parts.append(f"header.d={pvalue(self.domain)}")
         if self.selector:
-            parts.append(f"header.s={quote_value(self.selector)}")
+            parts.append(f"header.s={pvalue(self.selector)}")
         if self.b_prefix:
+            # ``/`` and ``=`` of base64 are tspecials: quoted when it contains them, and
+            # last, as authres reads a quoted property only at the end (pymta.headervalue)
             parts.append(f"header.b={quote_value(self.b_prefix)}")
         return " ".join(parts)
-
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
-
-
-def quote_value(text: str) -> str:
-    """An RFC 8601 ``value``: a MIME token as is, else a quoted-string (``/`` and ``=`` of
-    base64 are tspecials, so ``header.b`` is quoted when it contains them)."""
-    if _TOKEN.fullmatch(text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # ------------------------------------------------------------------------------ key lookups
@@ -178,12 +184,14 @@ class _Sig:
 
 
 def parse_signatures(header: bytes) -> list[_Sig]:
-    """The DKIM-Signature fields of a header section, top first, with their tags parsed."""
-    headers, _ = dkim.rfc822_parse(header + b"\r\n")
+    """The DKIM-Signature fields of a header section, top first, with their tags parsed.
+    Fields are split as Postfix splits them (:func:`.headers.split_fields`), so this never
+    fails on a header section dkimpy cannot parse."""
     out: list[_Sig] = []
-    for name, value in headers:
-        if name.lower() != b"dkim-signature":
+    for field in split_fields(header):
+        if field_name(field) != "dkim-signature":
             continue
+        value = field[field.find(b":") + 1:]
         index = len(out)
         try:
             out.append(_Sig(index, dkim.util.parse_tag_value(value)))
@@ -206,16 +214,36 @@ def _result(sig: _Sig, result: str, reason: str = "") -> DkimSignature:
 def verify_all(message: bytes, sigs: Sequence[_Sig],
                records: dict[str, bytes | None | object]) -> list[DkimSignature]:
     """Verify every signature of ``message`` against prefetched key records (CPU only)."""
-    checker = dkim.DKIM(message, logger=LIB_LOG, minkey=MIN_KEY_BITS)
+    renamed: frozenset[str] = frozenset()
+    try:
+        checker = dkim.DKIM(message, logger=LIB_LOG, minkey=MIN_KEY_BITS)
+    except dkim.MessageFormatError:
+        view = strict_view(message)
+        renamed = view.renamed
+        try:
+            checker = dkim.DKIM(view.data, logger=LIB_LOG, minkey=MIN_KEY_BITS)
+        except dkim.MessageFormatError as exc:
+            log.info("DKIM: message cannot be parsed: %s", exc)
+            return [_result(sig, "permerror", "message cannot be parsed") for sig in sigs]
     dnsfunc = prefetched_dnsfunc(records)
     results: list[DkimSignature] = []
     for sig in sigs:
-        results.append(_verify_one(checker, sig, records, dnsfunc))
+        results.append(_verify_one(checker, sig, records, dnsfunc, renamed))
     return results
 
 
+def _simple_over_renamed(tags: dict[bytes, bytes], renamed: frozenset[str]) -> bool:
+    """Does a signature with *simple* header canonicalization cover a field whose blanks
+    before the colon :func:`.headers.strict_view` removed (its hash would then be wrong)?"""
+    if not renamed or tags.get(b"c", b"simple").split(b"/")[0].strip().lower() != b"simple":
+        return False
+    signed = {h.strip().decode("ascii", "replace").lower()
+              for h in tags.get(b"h", b"").split(b":")}
+    return bool(renamed & (signed | {"dkim-signature"}))
+
+
 def _verify_one(checker: dkim.DKIM, sig: _Sig, records: dict[str, bytes | None | object],
-                dnsfunc) -> DkimSignature:
+                dnsfunc, renamed: frozenset[str] = frozenset()) -> DkimSignature:
     if sig.tags is None:
         return _result(sig, "neutral", sig.error)
     tags = sig.tags
@@ -223,6 +251,8 @@ def _verify_one(checker: dkim.DKIM, sig: _Sig, records: dict[str, bytes | None |
         dkim.validate_signature_fields(tags)
     except dkim.ValidationError as exc:
         return _result(sig, "neutral", str(exc))
+    if _simple_over_renamed(tags, renamed):
+        return _result(sig, "permerror", "simple canonicalization of a field in obsolete syntax")
     if tags[b"a"].lower() == b"rsa-sha1":
         return _result(sig, "permerror", "rsa-sha1 is not accepted (RFC 8301)")
     name = _key_name(tags[b"s"], tags[b"d"])

@@ -46,6 +46,7 @@ import dns.exception
 import dns.resolver
 
 from pymta import dns as pymta_dns
+from pymta.headervalue import comment_text, pvalue
 from pymta.pipeline import PASS, Action, SpooledBody, Transaction, Verdict
 from pymta.pipeline.headers import field_name, field_value, split_fields
 from pymta.types import Reply
@@ -258,14 +259,17 @@ class DMARCCheck:
             record, from_org = await fetch_policy(domain)
         except TempError as exc:
             txn.results.setdefault("dmarc_result", DmarcResult("temperror", domain))
-            return Verdict(auth_result=f"dmarc=temperror header.from={domain}",
+            return Verdict(auth_result=f"dmarc=temperror header.from={pvalue(domain)}",
                            reason=f"DMARC record lookup failed: {exc}")
         if record is None:
             txn.results.setdefault("dmarc_result", DmarcResult("none", domain))
-            return Verdict(auth_result=f"dmarc=none header.from={domain}")
+            return Verdict(auth_result=f"dmarc=none header.from={pvalue(domain)}")
         res = evaluate(domain, record, from_org, txn.results.get("spf_result"),
                        list(txn.results.get("dkim_signatures") or []), self.rng)
-        auth = f"dmarc={res.result} (p={res.policy}) header.from={domain}"
+        # domain and policy are checked already (``_DOMAIN``, ``parse_record``); written
+        # through pymta.headervalue all the same, as every value in a header field we write
+        auth = (f"dmarc={res.result} ({comment_text('p=' + res.policy)}) "
+                f"header.from={pvalue(domain)}")
         if res.result != "fail" or res.disposition == "none":
             txn.results.setdefault("dmarc_result", res)
             return Verdict(auth_result=auth,
@@ -274,8 +278,8 @@ class DMARCCheck:
         why = f"DMARC policy of {domain}: p={res.policy}, disposition {res.disposition}"
         if not self.enforce:
             return Verdict(auth_result=auth, reason=why, headers=(
-                f"X-DMARC-Disposition: {res.disposition} (not enforced; p={res.policy}; "
-                f"header.from={domain})",))
+                f"X-DMARC-Disposition: {res.disposition} (not enforced; "
+                f"{comment_text('p=' + res.policy)}; {comment_text('header.from=' + domain)})",))
         if res.disposition == "reject":
             return Verdict(Action.REJECT,
                            Reply(550, "5.7.1", f"Email rejected per DMARC policy for {domain}"),

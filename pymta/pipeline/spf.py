@@ -13,6 +13,13 @@ of the calling context -- a blocking twin of pymta's configured resolver
 worker thread -- and pyspf's own dnspython lookup outside a pymta check. dnspython's global
 default resolver is never touched.
 
+Only a name that is syntactically a multi-label domain is evaluated; anything else (a HELO
+that is an address literal, a bare word, ``evil.test;dkim=pass``) is ``none`` without a DNS
+query (§2.3, §4.3). Client-supplied text reaches the header fields only through
+:mod:`pymta.headervalue`: ``smtp.helo=``/``smtp.mailfrom=`` as an RFC 8601 ``pvalue`` (a
+domain as it is, anything else quoted), the ``Received-SPF`` key-values as dot-atoms or
+quoted-strings, the comment as comment text.
+
 Results: the Verdict carries ``auth_result`` ``spf=<result> smtp.mailfrom=<domain>`` (or
 ``smtp.helo=<name>``) and a ``Received-SPF:`` header field (§9.1); the structured outcome is
 ``txn.results["spf_result"]`` (:class:`SpfResult`) for DMARC. Policy: record only, unless
@@ -26,7 +33,6 @@ import asyncio
 import contextvars
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass
 
 import dns.exception
@@ -35,6 +41,7 @@ import dns.resolver
 import spf
 
 from pymta import dns as pymta_dns
+from pymta.headervalue import comment_text, is_fqdn, kv_value, pvalue
 from pymta.pipeline import PASS, Action, SpooledBody, Transaction, Verdict
 from pymta.pipeline.headers import fold
 from pymta.types import Reply
@@ -98,10 +105,6 @@ spf.DNSLookup = _dns_lookup
 
 # ---------------------------------------------------------------------------- evaluation
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)+"
-                     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$")
-
-
 def client_ip(peer_ip: str) -> str:
     """The address SPF sees: zone index dropped, IPv4-mapped IPv6 as IPv4."""
     addr = ipaddress.ip_address(peer_ip.partition("%")[0])
@@ -122,8 +125,9 @@ def evaluate(ip: str, sender: str, helo: str, receiver: str,
              ) -> tuple[str, str, str, str]:
     """Blocking: (result, explanation, comment, mechanism) for one message, via pyspf."""
     identity, domain = identity_of(sender, helo)
-    if not _DOMAIN.match(domain):   # address literal, bare word, nothing at all
-        return "none", "no valid domain to check", f"{receiver}: no domain to check", ""
+    if not is_fqdn(domain):     # address literal, bare word, junk, nothing at all
+        what = "HELO name" if identity == "helo" else "sender domain"
+        return ("none", f"{what} is not a domain", f"{receiver}: {what} is not a domain", "")
     token = _resolver_var.set(resolver)
     try:
         q = spf.query(i=ip, s=sender, h=helo or domain, receiver=receiver,
@@ -138,24 +142,18 @@ def evaluate(ip: str, sender: str, helo: str, receiver: str,
         _resolver_var.reset(token)
 
 
-def _kv(value: str) -> str:
-    """A Received-SPF key-value-pair value: dot-atom or quoted-string (RFC 7208 §9.1)."""
-    value = "".join(c if c.isprintable() else "?" for c in value)
-    return spf.quote_value(value) or '""'
-
-
 def received_spf(result: str, comment: str, ip: str, sender: str, helo: str, receiver: str,
                  identity: str, mechanism: str = "") -> str:
     """The ``Received-SPF:`` field (no CRLF), folded."""
-    comment = "".join(c if c.isprintable() and c not in "()\\" else "?" for c in comment)
-    parts = [f"client-ip={ip}"]
+    comment = comment_text(comment, 400)
+    parts = [f"client-ip={ip}"]     # from our socket, as pypolicyd-spf writes it
     if identity == "mailfrom":
-        parts.append(f"envelope-from={_kv(sender)}")
+        parts.append(f"envelope-from={kv_value(sender)}")
     if helo:
-        parts.append(f"helo={_kv(helo)}")
-    parts.append(f"receiver={_kv(receiver)}")
+        parts.append(f"helo={kv_value(helo)}")
+    parts.append(f"receiver={kv_value(receiver)}")
     if mechanism:
-        parts.append(f"mechanism={_kv(mechanism)}")
+        parts.append(f"mechanism={kv_value(mechanism)}")
     parts.append(f"identity={identity}")
     # the result and its comment on the first line, the key-value pairs folded below
     return f"Received-SPF: {result} ({comment})\r\n\t" + fold("", parts).removeprefix(": ")
@@ -198,7 +196,7 @@ class SPFCheck:
             result = "temperror"
         txn.results["spf_result"] = SpfResult(result, domain, identity, explanation)
         ptype = "smtp.mailfrom" if identity == "mailfrom" else "smtp.helo"
-        auth = f"spf={result} {ptype}={domain or 'unknown'}"
+        auth = f"spf={result} {ptype}={pvalue(domain) if domain else 'unknown'}"
         header = received_spf(result, comment, ip, txn.sender, txn.helo, self.receiver,
                               identity, mechanism)
         if result == "fail" and self.reject_fail:

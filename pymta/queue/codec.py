@@ -14,6 +14,7 @@ is corrupt, and the store quarantines it rather than delivering something half-u
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pymta.types import Envelope, RcptState, Recipient
@@ -58,10 +59,22 @@ def encode(envelope: Envelope) -> bytes:
 
 
 def decode(data: bytes) -> Envelope:
+    """The envelope in ``data``; CodecError (UnsupportedVersion for a newer format) for
+    anything else, whatever the bytes: a queue file is input too, and one bad file must
+    become one quarantined message, never an exception escaping into the queue manager."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise CodecError(f"not JSON: {e}") from None
+    except RecursionError:      # "[[[[...": nesting deeper than the interpreter's stack
+        raise CodecError("not JSON: nested too deeply") from None
+    try:
+        return _envelope(doc)
+    except (OverflowError, RecursionError) as e:   # e.g. an integer beyond a float's range
+        raise CodecError(f"bad value: {e}") from None
+
+
+def _envelope(doc: Any) -> Envelope:
     if not isinstance(doc, dict):
         raise CodecError("not a JSON object")
     version = doc.get("v")
@@ -172,13 +185,21 @@ class _Fields:
         return value
 
     def integer(self, key: str, default: Any = _MISSING) -> int:
+        """A count or a size: never negative, and within 64 bits (a corrupt 400-digit
+        value must not reach arithmetic that would take it at its word)."""
         value = self._get(key, default)
         if not isinstance(value, int) or isinstance(value, bool):
             raise CodecError(f"field {key!r} is not an integer")
+        if not 0 <= value < 2**63:
+            raise CodecError(f"field {key!r} is out of range")
         return value
 
     def number(self, key: str, default: Any = _MISSING) -> float:
+        """A time: a finite float or infinity (never NaN, which no comparison orders)."""
         value = self._get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise CodecError(f"field {key!r} is not a number")
-        return float(value)
+        value = float(value)
+        if math.isnan(value):
+            raise CodecError(f"field {key!r} is not a number")
+        return value

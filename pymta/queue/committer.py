@@ -77,7 +77,8 @@ class RemoveItem:
     """A message leaving the queue: ``env`` is unlinked, ``env/`` fsynced (shared with the
     batch's commits), then ``body`` is unlinked and ``lock_fd`` (the message's lock, if the
     caller held it) closed -- on the commit thread, where the inode's release may wait for the
-    journal without holding up the event loop."""
+    journal without holding up the event loop. When the removal fails, ``lock_fd`` is left
+    open (the message is still queued and still locked) for the caller to take back."""
 
     env: str
     body: str
@@ -267,11 +268,14 @@ class GroupCommitter:
                     pass
                 except OSError as e:
                     log.warning("cannot remove %s: %s", rm.body, e)   # clean-up removes it
-            if rm.lock_fd >= 0:
+            if rm.lock_fd >= 0 and rm_errors[i] is None:
+                # After a failed removal the message is still queued: its lock stays open
+                # for the caller to keep (QueueStore.remove gives it back to its holder).
                 try:
                     os.close(rm.lock_fd)
                 except OSError as e:
                     log.warning("closing %s: %s", rm.body, e)
+                rm.lock_fd = -1
         if batch:
             self.batches += 1
             self.commits += len(batch)

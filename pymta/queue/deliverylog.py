@@ -9,6 +9,10 @@ tools (pflogsumm and friends) expect Postfix's shape, so the format copies it::
     QID: sender non-delivery notification: DSNQID
     QID: removed
 
+Addresses, relays and replies come from clients and remote servers; they are written with
+every non-printable character (CR, LF, U+2028, U+0085, undecodable bytes ...) escaped as
+``\\xHH``/``\\uHHHH``, so one log line stays one line and says what was really there.
+
 ``delays`` is ``a/b/c/d`` as in Postfix, but pymta only measures two of the four: ``a`` is the
 time from arrival to the start of this attempt and ``d`` the time the delivery agent took;
 ``b`` and ``c`` are always ``0``. Each record also carries the fields as
@@ -37,12 +41,29 @@ def _num(value: float) -> str:
     return text or "0"
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (a byte kept by
+    ``surrogateescape`` as ``\\xHH``, the byte it was)."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+            continue
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            code -= 0xDC00
+        out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)
+
+
 def _reply_text(reply: Reply) -> str:
-    return str(reply).replace("\r", " ").replace("\n", " ")
+    return printable(str(reply).replace("\r\n", " ").replace("\r", " ").replace("\n", " "))
 
 
 def format_active(qid: str, envelope: Envelope) -> str:
-    return (f"{qid}: from=<{envelope.sender}>, size={envelope.size}, "
+    return (f"{qid}: from=<{printable(envelope.sender)}>, size={envelope.size}, "
             f"nrcpt={len(envelope.pending())} (queue active)")
 
 
@@ -51,10 +72,10 @@ def format_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, re
     """The ``to=<..>`` line for one recipient of one attempt."""
     if status not in STATUSES:
         raise ValueError(f"unknown delivery status {status!r}")
-    parts = [f"{qid}: to=<{rcpt.address}>"]
+    parts = [f"{qid}: to=<{printable(rcpt.address)}>"]
     if rcpt.original and rcpt.original.lower() != rcpt.address.lower():
-        parts.append(f"orig_to=<{rcpt.original}>")
-    parts.append(f"relay={relay or 'none'}")
+        parts.append(f"orig_to=<{printable(rcpt.original)}>")
+    parts.append(f"relay={printable(relay) or 'none'}")
     parts.append(f"delay={_num(delay)}")
     parts.append("delays=" + "/".join(_num(d) for d in delays))
     parts.append(f"dsn={reply.enhanced}")

@@ -7,6 +7,27 @@ readable ``message/delivery-status`` and the returned original: complete as
 ``RET=HDRS`` or the original is larger than ``bounce_size_limit`` (Postfix's default 50000).
 For SMTPUTF8 messages the RFC 6533 types ``message/global*`` are used instead.
 
+Only failure reports return the message itself (subject to ``RET`` and the size limit).
+Success and delay reports carry its header section only, whatever ``RET`` says, as Postfix's
+do: ``NOTIFY=SUCCESS`` is asked for by a sender nobody has verified, and a full copy would make
+every local mailbox a reflector of arbitrary content to arbitrary addresses (RFC 3461 §4.3
+leaves the choice to the MTA).
+
+Every value written into a header field or a DSN field is checked for that field's syntax
+here, whatever the receiving side let through (old queue files exist): addresses go in as
+``rfc822`` when they are plain printable ASCII, else as RFC 6533 ``utf-8`` addresses with
+``\\x{HHHH}`` escapes; ENVID and ORCPT are xtext-decoded only when the result is printable;
+Remote-MTA must be a host name or address literal; free text (remote replies) is one line of
+printable characters. Nothing a client chose reaches the report raw.
+
+No line we write exceeds RFC 5322's 998 octets, whatever the input (a next hop answers a
+longer one with ``500 Line too long``, and the notice is lost). Lengths are counted in octets,
+not characters: under SMTPUTF8 a character is up to four. A ``Diagnostic-Code`` longer than a
+line is folded at its spaces (DSN fields are header fields, RFC 3464 §2.1.1, so folding is
+allowed and a parser unfolds it); a word too long for any line, an address, and the reason in
+the human-readable part (plain text that is not unfolded) are cut instead. The returned
+original is returned as it was received.
+
 The report is assembled by hand rather than with :mod:`email`: the original is streamed from
 the spool (it may be large, and only its header may be needed), it must be returned byte for
 byte, and every line must end in CRLF. Tests parse the result back with the stdlib parser.
@@ -16,6 +37,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +48,10 @@ from ..types import Envelope, Recipient, Reply
 BOUNCE_SIZE_LIMIT = 50000
 CRLF = b"\r\n"
 _READ_CHUNK = 65536
-_MAX_FIELD = 900  # keep every delivery-status line well under the 998-octet limit
+_MAX_FIELD = 900  # octets of one value in a field: well under the 998-octet line limit
+_LINE_MAX = 998   # octets in a line, CRLF excluded (RFC 5322 §2.1.1)
+_HUMAN_ADDRESS = 320   # octets of an address in the human-readable part (RFC 5321: 256)
+_BOUNDARY_MAX = 70     # characters of a MIME boundary (RFC 2046 §5.1.1)
 
 Action = Literal["failed", "delivered", "delayed"]
 
@@ -75,39 +100,220 @@ _INTRO = {
 }
 
 
-def _one_line(text: str) -> str:
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_REPLY = re.compile(r"([2-5]\d\d)[ -](?:([245]\.\d{1,3}\.\d{1,3})\s+)?(.*)", re.DOTALL)
+_ATOM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+_HOST = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})?\.)*[A-Za-z0-9_-]{1,63}\.?"
+                   r"|\[[0-9A-Fa-f:.]{2,45}\]|\[IPv6:[0-9A-Fa-f:.]{2,45}\]")
+
+
+def _char_escape(ch: str) -> str:
+    """RFC 6533 ``EmbeddedUnicodeChar`` for one character; an undecodable byte kept by
+    ``surrogateescape`` becomes U+FFFD (a code point, unlike the byte, is well defined)."""
+    code = ord(ch)
+    if 0xD800 <= code <= 0xDFFF:
+        code = 0xFFFD
+    return f"\\x{{{code:X}}}"
+
+
+def _clean_text(text: str, utf8: bool) -> str:
+    """One line of printable text: whitespace runs (CR, LF, U+2028 ...) become one space,
+    other controls (and non-ASCII unless ``utf8``) ``\\x{HH}`` escapes."""
     text = " ".join(text.split())
-    return text if len(text) <= _MAX_FIELD else text[:_MAX_FIELD] + "..."
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() and (utf8 or ch.isascii()) else _char_escape(ch)
+                   for ch in text)
 
 
-def _xtext_decode(value: str) -> str:
-    """ORCPT travels xtext-encoded (RFC 3461 §4): ``+HH`` stands for one octet."""
+def _octets(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
+def _cut(text: str, octets: int, mark: str = "...") -> str:
+    """``text`` in at most ``octets`` UTF-8 octets, cut at a character and ending in
+    ``mark`` when it was cut. For cleaned text (``_clean_text``: no surrogates)."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= octets:
+        return text
+    keep = max(octets - len(mark), 0)
+    return raw[:keep].decode("utf-8", "ignore") + mark[:octets]   # drops a split character
+
+
+def _one_line(text: str, utf8: bool = True, octets: int = _MAX_FIELD) -> str:
+    """``text`` as one printable line (``_clean_text``) of at most ``octets`` octets."""
+    return _cut(_clean_text(text, utf8), octets)
+
+
+def _fold(line: str) -> str:
+    """A field line folded at its spaces (a line break before the space) so that no line is
+    longer than ``_LINE_MAX`` octets; a word too long for any line ends the value, cut to
+    what the line has room for. Unchanged when it fits already (the usual case)."""
+    if _octets(line) <= _LINE_MAX:
+        return line
+    lines: list[str] = []
+    current = ""
+    for i, word in enumerate(line.split(" ")):
+        piece = word if i == 0 else " " + word
+        size = _octets(piece)
+        if size > _LINE_MAX:        # a run without a space: nothing to fold at
+            lines.append(current + _cut(piece, _LINE_MAX - _octets(current)))
+            return "\n".join(lines)
+        if current and _octets(current) + size > _LINE_MAX:
+            lines.append(current)
+            current = piece
+        else:
+            current += piece
+    lines.append(current)
+    return "\n".join(lines)
+
+
+def _plain_address(address: str) -> bool:
+    """Printable ASCII (spaces only inside a quoted local part): fine as an ``rfc822``
+    address in any header or DSN field as it is."""
+    if not (address.isascii() and address.isprintable()):
+        return False
+    return " " not in address or address.startswith('"')
+
+
+def sendable_address(address: str, smtputf8: bool) -> bool:
+    """Can a notice be sent to ``address``: one ``local@domain`` without controls, spaces,
+    or undecodable bytes, and non-ASCII only in an SMTPUTF8 message?"""
+    if not address or "@" not in address or len(address) > 998:
+        return False
+    local, _, domain = address.rpartition("@")
+    if not local or not domain or not address.isprintable():
+        return False
+    if " " in domain or (" " in local and not local.startswith('"')):
+        return False
+    return smtputf8 or address.isascii()
+
+
+def _address_field(address: str, utf8: bool) -> str:
+    """``address-type ; generic-address`` (RFC 3464 §2.1.2) for Final-Recipient and kin:
+    ``rfc822`` for a plain address, else RFC 6533 ``utf-8`` (raw UTF-8 only where the
+    report is ``message/global-delivery-status``, escapes otherwise)."""
+    if _plain_address(address) and len(address) <= _MAX_FIELD:
+        return f"rfc822; {address}"
+    out = []
+    room = _MAX_FIELD
+    for ch in address:
+        keep = ch.isprintable() and (ch not in " \\+=" if ch.isascii() else utf8)
+        piece = ch if keep else _char_escape(ch)
+        room -= _octets(piece)
+        if room < 0:
+            break       # cut whole characters and escapes only
+        out.append(piece)
+    return "utf-8; " + "".join(out)
+
+
+def _xtext_decode(value: str) -> str | None:
+    """RFC 3461 §4 xtext (``+HH`` stands for one octet) to text; None when the value is not
+    xtext at all (raw controls, spaces, non-ASCII) or does not decode as UTF-8."""
+    if not (value.isascii() and value.isprintable()) or " " in value:
+        return None
     out = bytearray()
-    raw = value.encode("utf-8", "surrogateescape")
+    raw = value.encode("ascii")
     i = 0
     while i < len(raw):
-        if raw[i : i + 1] == b"+" and _is_hex(raw[i + 1 : i + 3]):
+        if raw[i : i + 1] == b"+":
+            if not _is_hex(raw[i + 1 : i + 3]):
+                return None
             out.append(int(raw[i + 1 : i + 3], 16))
             i += 3
         else:
             out.append(raw[i])
             i += 1
-    return out.decode("utf-8", "replace")
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _is_hex(b: bytes) -> bool:
     return len(b) == 2 and all(c in b"0123456789ABCDEFabcdef" for c in b)
 
 
-def _addr_type(address: str, utf8: bool) -> str:
-    return "utf-8" if utf8 and not address.isascii() else "rfc822"
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 
 
-def _original_recipient(rcpt: Recipient) -> str | None:
+def _unembed(text: str) -> str | None:
+    """RFC 6533 ``\\x{HHHH}`` escapes to characters; None for a code point that is none."""
+    def one(m: re.Match[str]) -> str:
+        code = int(m.group(1), 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            raise ValueError(m.group(0))
+        return chr(code)
+    try:
+        return _EMBEDDED.sub(one, text)
+    except ValueError:
+        return None
+
+
+def _original_recipient(rcpt: Recipient, utf8: bool) -> str | None:
+    """Original-Recipient from the ORCPT parameter (``type;xtext``), or None when it is
+    absent or malformed (a wrong value is worse than none)."""
     if not rcpt.orcpt or ";" not in rcpt.orcpt:
         return None
-    kind, _, addr = rcpt.orcpt.partition(";")
-    return f"{kind.strip()}; {_one_line(_xtext_decode(addr.strip()))}"
+    kind, _, value = rcpt.orcpt.partition(";")
+    kind = kind.strip()
+    if not _ATOM.fullmatch(kind):
+        return None
+    value = value.strip()
+    address = _xtext_decode(value)
+    if address is None and kind.lower() == "utf-8" and value.isprintable():
+        address = value         # RFC 6533 utf-8-addr-unitext: raw UTF-8 under SMTPUTF8
+    if address is not None and kind.lower() == "utf-8":
+        address = _unembed(address)
+    if not address:
+        return None
+    if kind.lower() == "rfc822" and _plain_address(address):
+        return f"rfc822; {address}"
+    if kind.lower() in ("rfc822", "utf-8"):
+        return _address_field(address, utf8)
+    text = _clean_text(address, False)
+    return f"{kind}; {text}" if len(text) <= _MAX_FIELD else None
+
+
+def _envelope_id(envid: str) -> str | None:
+    """Original-Envelope-Id: the decoded ENVID when it is printable ASCII, else its xtext
+    form (always printable ASCII); None when empty."""
+    decoded = _xtext_decode(envid)
+    if decoded is not None and decoded.isascii() and decoded.isprintable():
+        text = decoded
+    else:
+        raw = (decoded if decoded is not None else envid).encode("utf-8", "surrogateescape")
+        text = "".join(chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
+                       for b in raw)
+    text = text.strip()
+    return text[:_MAX_FIELD] or None
+
+
+def _host(name: str | None) -> str | None:
+    """A host name or address literal for Remote-MTA / Reporting-MTA, else None."""
+    if not name or len(name) > 255 or not _HOST.fullmatch(name):
+        return None
+    return name
+
+
+def _status(status: str, action: str) -> str:
+    """An RFC 3463 status code; a malformed one becomes its class default."""
+    if _STATUS.fullmatch(status):
+        return status
+    return {"delivered": "2.0.0", "delayed": "4.0.0"}.get(action, "5.0.0")
+
+
+def parse_reply_text(text: str) -> Reply:
+    """A reply as ``str(Reply)`` wrote it (``550 5.1.1 text``), back into a Reply; text that
+    is not one (an old or hand-edited queue file) becomes a ``550 5.0.0`` with that text."""
+    m = _REPLY.fullmatch(text.strip())
+    if m is None:
+        return Reply(550, "5.0.0", text.strip() or "delivery failed")
+    code = int(m.group(1))
+    enhanced = m.group(2) or f"{str(code)[0]}.0.0"
+    if enhanced[0] != str(code)[0]:
+        enhanced = f"{str(code)[0]}.0.0"
+    return Reply(code, enhanced, m.group(3))
 
 
 def _human_part(reporting_mta: str, entries: Sequence[DsnEntry], action_kind: str) -> str:
@@ -116,20 +322,23 @@ def _human_part(reporting_mta: str, entries: Sequence[DsnEntry], action_kind: st
              "                   The mail system", ""]
     for e in entries:
         r = e.recipient
-        who = f"<{r.address}>"
+        who = f"<{_one_line(r.address, octets=_HUMAN_ADDRESS)}>"
         if r.original and r.original.lower() != r.address.lower():
-            who += f" (expanded from <{r.original}>)"
+            who += f" (expanded from <{_one_line(r.original, octets=_HUMAN_ADDRESS)}>)"
+        remote = _host(e.remote_mta)
         if e.action == "delivered":
-            why = "delivered to mailbox" if r.local else "delivery via " + (e.remote_mta or "relay")
+            why = "delivered to mailbox" if r.local else "delivery via " + (remote or "relay")
             if e.diagnostic is not None:
-                why += f": {_one_line(e.diagnostic.text)}"
+                why += f": {e.diagnostic.text}"
         elif e.diagnostic is None:
-            why = f"delivery failed (status {e.status})"
+            why = f"delivery failed (status {_status(e.status, e.action)})"
         else:
-            where = f"host {e.remote_mta} said: " if e.remote_mta else ""
-            why = _one_line(f"{where}{e.diagnostic}")
+            where = f"host {remote} said: " if remote else ""
+            why = f"{where}{e.diagnostic}"
             if e.status == "4.4.7":
                 why = f"message expired, last error: {why}"
+        # plain text, never unfolded: the reason is cut to what the line has room for
+        why = _one_line(why, octets=_LINE_MAX - _octets(who) - 2)
         lines.append(f"{who}: {why}")
         lines.append("")
     return "\n".join(lines)
@@ -140,28 +349,43 @@ def _status_part(*, reporting_mta: str, qid: str, envelope: Envelope,
     utf8 = envelope.smtputf8
     head = [f"Reporting-MTA: dns; {reporting_mta}",
             f"X-Pymta-Queue-ID: {qid}",
-            f"X-Pymta-Sender: {_addr_type(envelope.sender, utf8)}; {envelope.sender}"]
-    if envelope.envid:
-        head.append(f"Original-Envelope-Id: {_one_line(_xtext_decode(envelope.envid))}")
+            f"X-Pymta-Sender: {_address_field(envelope.sender, utf8)}"]
+    envid = _envelope_id(envelope.envid) if envelope.envid else None
+    if envid:
+        head.append(f"Original-Envelope-Id: {envid}")
     head.append(f"Arrival-Date: {email.utils.formatdate(envelope.received_at, localtime=True)}")
     blocks = ["\n".join(head)]
     for e in entries:
         r = e.recipient
-        block = [f"Final-Recipient: {_addr_type(r.address, utf8)}; {r.address}"]
-        orig = _original_recipient(r)
+        block = [f"Final-Recipient: {_address_field(r.address, utf8)}"]
+        orig = _original_recipient(r, utf8)
         if orig:
             block.append(f"Original-Recipient: {orig}")
         block.append(f"Action: {e.action}")
-        block.append(f"Status: {e.status}")
-        if e.remote_mta:
-            block.append(f"Remote-MTA: dns; {e.remote_mta}")
+        block.append(f"Status: {_status(e.status, e.action)}")
+        remote = _host(e.remote_mta)
+        if remote:
+            block.append(f"Remote-MTA: dns; {remote}")
         if e.diagnostic is not None:
-            block.append(f"Diagnostic-Code: smtp; {_one_line(str(e.diagnostic))}")
+            text = _clean_text(str(e.diagnostic), utf8)
+            if len(text) > _MAX_FIELD:      # characters: folding makes room for the octets
+                text = text[:_MAX_FIELD] + "..."
+            block.append(_fold(f"Diagnostic-Code: smtp; {text}"))
         if r.last_attempt:
             block.append("Last-Attempt-Date: "
                          + email.utils.formatdate(r.last_attempt, localtime=True))
         blocks.append("\n".join(block))
     return "\n\n".join(blocks) + "\n"
+
+
+def _header_address(address: str, utf8: bool) -> str:
+    """The DSN's ``To:`` value: the address as it is when it is one (the envelope is what
+    routes the notice); otherwise escaped into one printable line, so that no byte a client
+    chose can break or add a header field."""
+    if ((_plain_address(address) or (utf8 and sendable_address(address, True)))
+            and _octets(address) <= _MAX_FIELD):
+        return address
+    return _one_line(address, False) or "undisclosed-recipients:;"
 
 
 def _crlf(text: str) -> bytes:
@@ -201,19 +425,20 @@ def build_dsn(*, reporting_mta: str, qid: str, envelope: Envelope, entries: Sequ
 
     ``action_kind`` (``failed``/``delivered``/``delayed``) picks the subject and wording;
     ``to`` is the DSN's recipient for the ``To:`` header (default: the original sender).
-    The original is returned in full unless ``envelope.ret`` is ``HDRS`` or the spool file
-    is larger than ``size_limit``; a missing spool file returns no original at all rather
-    than losing the notice.
+    A failure report returns the original in full unless ``envelope.ret`` is ``HDRS`` or
+    the spool file is larger than ``size_limit``; success and delay reports return its
+    header section only (see the module docstring). A missing spool file returns no
+    original at all rather than losing the notice.
     """
     if not entries:
         raise ValueError("a DSN needs at least one recipient entry")
     utf8 = envelope.smtputf8
-    boundary = f"{qid}.{int(now)}.{secrets.token_hex(6)}/{reporting_mta}"
+    boundary = f"{qid}.{int(now)}.{secrets.token_hex(6)}/{reporting_mta}"[:_BOUNDARY_MAX]
     date = email.utils.formatdate(now, localtime=True)
     msgid = f"<{int(now)}.{qid}.{secrets.token_hex(4)}@{reporting_mta}>"
     rcpt_to = envelope.sender if to is None else to
 
-    headers_only = (envelope.ret or "").upper() == "HDRS"
+    headers_only = action_kind != "failed" or (envelope.ret or "").upper() == "HDRS"
     try:
         size = os.path.getsize(body_path)
         original: bytes | None
@@ -253,12 +478,13 @@ def build_dsn(*, reporting_mta: str, qid: str, envelope: Envelope, entries: Sequ
     body += _crlf(status)
     if original is not None:
         eight = envelope.body_type.upper() != "7BIT" or not original.isascii()
+        undelivered = "Undelivered " if action_kind != "delivered" else ""   # as Postfix
         if headers_only:
             ctype = "message/global-headers" if utf8 else "text/rfc822-headers"
-            desc = "Undelivered Message Headers"
+            desc = f"{undelivered}Message Headers"
         else:
             ctype = "message/global" if utf8 else "message/rfc822"
-            desc = "Undelivered Message" if action_kind == "failed" else "Delivered Message"
+            desc = f"{undelivered}Message"
         body += _crlf(
             f"\n--{boundary}\n"
             f"Content-Description: {desc}\n"
@@ -270,7 +496,7 @@ def build_dsn(*, reporting_mta: str, qid: str, envelope: Envelope, entries: Sequ
     body += _crlf(f"\n--{boundary}--\n")
     head = _crlf(
         f"From: MAILER-DAEMON@{reporting_mta} (Mail Delivery System)\n"
-        f"To: {rcpt_to}\n"
+        f"To: {_header_address(rcpt_to, utf8)}\n"
         f"Subject: {_SUBJECTS.get(action_kind, _SUBJECTS['failed'])}\n"
         f"Date: {date}\n"
         f"Message-ID: {msgid}\n"

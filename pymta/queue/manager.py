@@ -9,6 +9,17 @@ Implementation summary:
 
 - A heap of ``(due, qid)`` plus a dict ``qid -> due`` (later entries make earlier ones stale)
   and an ``asyncio.Event`` that wakes the scheduler loop when something new is due.
+- **Two clocks.** ``next_attempt`` on disk is wall-clock time (it must survive a restart),
+  but the schedule in memory runs on a monotonic clock (``CLOCK_BOOTTIME``: it also counts a
+  suspend), so a wall-clock jump cannot stall or storm the messages this process scheduled.
+  A disk value is turned into a delay once, when it is read, and that delay is bounded: never
+  longer than the longest retry interval the policy can produce, and never longer than the
+  interval the message's own last attempt set (a last attempt "in the future" means the clock
+  went back). A jump forward makes the messages this process did not schedule itself due at
+  once, as Postfix's deferred-queue scan would; the concurrency bound still holds. Lifetime is
+  wall-clock age, as in Postfix (the only clock that survives restarts, and a forward jump
+  usually means real time passed: a suspend, NTP stepping a slow clock), and it is judged only
+  after a failed attempt, never on a scan.
 - At most ``concurrency`` attempts run at once (a semaphore): the bounded active queue.
   Messages stay on disk; only queue ids and due times live in memory.
 - One attempt holds the store's per-message lock (exactly one attempt per message across all
@@ -20,23 +31,63 @@ Implementation summary:
   and calls the agents concurrently. Any exception from an agent, or a missing outcome, is a
   temporary ``451 4.3.0`` for the recipients concerned: our own bug never loses or bounces
   mail.
-- Outcomes are applied per recipient; DSNs are queued *before* the envelope is saved or
-  removed, so a crash in between can duplicate a notice but never lose one. A failure DSN
-  that cannot be queued leaves its recipients pending (the notice is still owed).
+- **Outcomes are recorded as soon as they are known** (Postfix marks recipients done one by
+  one): with several transport groups in flight, each group's outcomes are saved when that
+  group returns (saves serialised under the attempt's lock); the last group's save is the
+  attempt's final one, so a message with one group costs one save as before. A stop
+  cancels agent calls only, never the recording of outcomes already known (it waits for
+  that), and the message lock is held until the recording is done.
+- **Notices first, state second**: DSNs are queued *before* the envelope is saved or
+  removed, so a crash in between can duplicate a notice but never lose one. A recipient that
+  failed for good becomes ``NOTICE_OWED`` (never handed to an agent again) until its failure
+  DSN is queued, then ``FAILED``: Postfix keeps its bounce logs apart from the recipients'
+  delivery state in the same way. Failure notices are sent once per attempt, when the last
+  group has returned; success notices per group, before that group's save.
+- **A queue update that fails is retried alone, never the delivery.** When the envelope
+  cannot be saved or removed after an attempt (a full, read-only or failing file system:
+  ``OSError``), the attempt's outcomes stay in memory with the message's lock still held
+  (no other worker can take the message and deliver it again from the stale envelope on
+  disk), and only that write is tried again, with back-off (``WRITE_RETRY_FIRST`` doubling
+  to ``WRITE_RETRY_MAX``), one log line per failure; a flush tries at once. When the disk
+  is back, the state is written and the message goes on as if nothing had happened. At
+  most ``MAX_UNWRITTEN`` messages wait like this (each costs its envelope and one open
+  file); beyond that no new delivery starts until some are written, since every one of
+  them would only add to what a restart could repeat. The memory lasts as long as the
+  process: ``stop()`` tries each write once more, and what still fails is logged. A
+  restart with the disk still broken repeats those deliveries -- unavoidable, since the
+  outcome exists nowhere else, and Postfix has the same window between a delivery and
+  the queue file update that records it. A save after one of several transport groups
+  that fails is not retried on its own: the attempt's final write carries it.
+- Faults reading the queue are logged once per message and fault, not once per scan (a
+  file with an I/O error would otherwise log every ``scan_interval``); local faults are one
+  line with the system's error text, tracebacks are kept for our own bugs.
 - Never a bounce of a bounce: a failure of a null-sender message (or of a DSN) is reported
-  to the postmaster as a double bounce; a failed double bounce is logged and dropped.
+  to the postmaster as a double bounce; a failed double bounce is logged and dropped. A
+  sender that cannot be written as an address (controls, undecodable bytes) is treated the
+  same way: its notice goes to the postmaster.
+- **Flush** (``pymta queue flush``): the CLI writes a new token (its time) into
+  ``<queue>/flush`` and sends SIGUSR1; every worker that sees a new token forgets its dead
+  hosts (the router's ``flush()``) and in-memory back-offs, and makes due every message that
+  nobody has tried since the flush (so of several workers only the first to lock a message
+  tries it); a message that was in flight at the flush gets one more attempt as soon as that
+  one ends (it may have met the dead-host memory). A token, not a flag that is consumed, so
+  every worker sees it; nothing is rewritten on disk. A token found at ``start()`` counts
+  too: a worker that was starting when the flush came replays the signal only once started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import logging
+import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..types import (
     DeliveryAgent,
@@ -50,17 +101,29 @@ from ..types import (
     Recipient,
     Reply,
     Router,
+    SMTPError,
 )
 from . import deliverylog
-from .dsn import DsnEntry, build_dsn
+from .dsn import DsnEntry, build_dsn, parse_reply_text, sendable_address
 from .retry import RetryPolicy
 
 log = logging.getLogger("pymta.queue")
 
 MAX_HANDED_OVER = 1024   # locks of just-committed messages kept for their first attempt
+RECORD_GRACE = 10.0      # a stop waits this long for outcomes being recorded (local work)
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 TIMEOUT_ERROR = Reply(451, "4.4.2", "Delivery attempt timed out")
 EXPIRED_STATUS = "4.4.7"
+FLUSH_FILE = "flush"     # under the store root; the CLI writes a new token into it
+WRITE_RETRY_FIRST = 1.0  # a failed queue update is tried again after this, doubling ...
+WRITE_RETRY_MAX = 60.0   # ... up to this (seconds)
+MAX_UNWRITTEN = 256      # messages whose outcomes wait in memory for the disk
+_WAITING = (RcptState.PENDING, RcptState.NOTICE_OWED)
+
+
+def boottime() -> float:
+    """Seconds on a clock that never jumps and keeps counting through a suspend."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class MessageLock(Protocol):
@@ -80,6 +143,7 @@ class QueueStoreLike(Protocol):
 
 
 Resolver = Callable[[str], Awaitable[Recipient | None]]
+Results = list[tuple[Recipient, Outcome]]
 
 
 def _remote_mta(rcpt: Recipient, relay: str) -> str | None:
@@ -90,13 +154,74 @@ def _remote_mta(rcpt: Recipient, relay: str) -> str | None:
     return host or None
 
 
+def read_flush_token(path: str | None) -> str:
+    """The current flush token ("" when there is none or it cannot be read)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            return f.read(256).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+
+
+def flush_token_time(token: str, default: float) -> float:
+    """When the flush was asked for: the token starts with ``time.time_ns()``."""
+    head = token.split(".", 1)[0].split(None, 1)[0] if token else ""
+    return int(head) / 1e9 if head.isdigit() else default
+
+
+def fault_text(exc: BaseException) -> str:
+    """A local fault as one log line: the system's error text and errno name (``Read-only
+    file system (EROFS)``) of the ``OSError`` behind ``exc``, else ``exc`` itself."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            name = errno.errorcode.get(seen.errno or 0)
+            return f"{seen.strerror} ({name})" if name else seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return deliverylog.printable(str(exc)) or type(exc).__name__
+
+
+def _last_tried(env: Envelope) -> float:
+    return max((r.last_attempt for r in env.recipients), default=0.0)
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One delivery attempt of one message: what its groups share while they run."""
+
+    qid: QueueId
+    env: Envelope
+    msg: QueuedMessage
+    start: float
+    extra: Results = field(default_factory=list)   # outcomes decided without an agent
+    groups_left: int = 1
+    lock: asyncio.Lock | None = None
+    # Tasks inside an agent call right now: the only thing a stop may cancel.
+    calls: set[asyncio.Task[Any]] = field(default_factory=set)
+    # The message's lock: released when the attempt ends, unless ``kept`` (its outcomes
+    # wait in memory for the disk: ``QueueManager._unwritten``).
+    message_lock: MessageLock | None = None
+    kept: bool = False
+    remove: bool = False        # the write the attempt ends with: removal, else save
+    dirty: bool = False         # a group's save failed; the final write carries it
+    write_failures: int = 0
+
+
 class QueueManager:
     """Schedules delivery attempts for the messages in ``store`` and handles their outcomes."""
 
     def __init__(self, store: QueueStoreLike, router: Router, *, policy: RetryPolicy,
                  hostname: str, postmaster: str, resolve: Resolver, concurrency: int = 20,
                  scan_interval: float = 60.0, clock: Callable[[], float] = time.time,
-                 agent_timeout: float | None = 3600.0, stop_grace: float = 10.0) -> None:
+                 monotonic: Callable[[], float] | None = None,
+                 agent_timeout: float | None = 3600.0, stop_grace: float = 10.0,
+                 flush_file: str | None = None) -> None:
+        """``clock`` is wall-clock time (``next_attempt``, ``received_at``); ``monotonic``
+        runs the schedule in memory (default: boot time; a test that injects only ``clock``
+        gets it for both). ``flush_file`` is where ``pymta queue flush`` leaves its token
+        (default ``<store.root>/flush`` when the store has a root)."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._store = store
@@ -108,17 +233,39 @@ class QueueManager:
         self._concurrency = concurrency
         self._scan_interval = scan_interval
         self._clock = clock
+        if monotonic is None:
+            monotonic = boottime if clock is time.time else clock
+        self._mono = monotonic
         self._agent_timeout = agent_timeout
         self._stop_grace = stop_grace
+        # No retry interval the policy makes is longer: a disk value further out than this
+        # was written by a clock that has since gone back.
+        self._max_wait = policy.maximum * (1.0 + policy.jitter)
+        root = getattr(store, "root", None)
+        if flush_file is None and isinstance(root, str):
+            flush_file = os.path.join(root, FLUSH_FILE)
+        self._flush_file = flush_file
+        self._flush_token = ""
+        self._flushed_at = 0.0      # wall time of the last flush: attempted since, or due
 
-        self._heap: list[tuple[float, QueueId]] = []
+        self._heap: list[tuple[float, QueueId]] = []   # (monotonic due, qid)
         self._due: dict[QueueId, float] = {}
+        self._basis: dict[QueueId, float] = {}   # the disk next_attempt a due came from
         self._forced: set[QueueId] = set()       # submitted/flushed: ignore next_attempt
         self._not_before: dict[QueueId, float] = {}  # back-off after an attempt that crashed
         self._inflight: set[QueueId] = set()
+        self._reflush: set[QueueId] = set()      # in flight at a flush: once more at its end
         # Just committed and still locked by us: envelope and lock, handed over by submit()
         self._fresh: dict[QueueId, tuple[Envelope, MessageLock]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._active: set[_Attempt] = set()     # attempts past their lock and load
+        # Attempts whose final queue update failed: outcomes and lock kept until written.
+        self._unwritten: dict[QueueId, _Attempt] = {}
+        self._paused: set[QueueId] = set()       # put off by that bound: due when below it
+        self._paused_logged = False             # "no new deliveries" said once per episode
+        self._read_faults: dict[QueueId, str] = {}  # load faults logged (once each)
+        self._ids_fault = ""                    # listing fault logged ("" when none)
+        self._cancelling = False                # stop: no agent call may start
         self._sem: asyncio.Semaphore | None = None
         self._event: asyncio.Event | None = None
         self._rescan = False
@@ -132,15 +279,27 @@ class QueueManager:
         if self._running:
             return
         self._ensure_primitives()
+        self._cancelling = False
+        # A token already there may be a flush asked for while this process was starting
+        # (its SIGUSR1 is replayed only once it has started, and finds this token seen):
+        # it applies to the messages not tried since. That is harmless for an old token,
+        # since every message waiting is tried at least every retry interval.
+        self._flush_token = read_flush_token(self._flush_file)
+        if self._flush_token:
+            self._flushed_at = min(flush_token_time(self._flush_token, self._clock()),
+                                   self._clock())
         await self._scan()
         self._running = True
         self._runner = asyncio.create_task(self._run(), name="pymta-qmgr")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop scheduling; let running attempts finish for ``grace`` seconds, then cancel.
+        """Stop scheduling; let running attempts finish for ``grace`` seconds, then cancel
+        the agent calls still running.
 
-        A cancelled attempt persists nothing, so its message is simply tried again after a
-        restart (a possible duplicate delivery, never a loss).
+        Only agent calls are cancelled: their recipients' outcomes are unknown and they are
+        tried again after a restart. Outcomes already known are being recorded, and that is
+        never interrupted (for up to ``RECORD_GRACE``, against a disk that hangs), so a
+        delivery that was made is never made again (see the module docstring).
         """
         self._running = False
         for _, lock in self._fresh.values():
@@ -155,11 +314,40 @@ class QueueManager:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self._stop_grace
                                             if grace is None else grace)
-            for t in pending:
-                t.cancel()
             if pending:
-                log.warning("queue manager stop: cancelled %d running attempts", len(pending))
+                self._cancelling = True
+                calls = [t for att in self._active for t in att.calls]
+                for t in calls:
+                    t.cancel()
+                log.warning("queue manager stop: cancelled %d running delivery calls of %d "
+                            "attempts", len(calls), len(pending))
+                _, pending = await asyncio.wait(pending, timeout=RECORD_GRACE)
+                for t in pending:   # recording hangs (a dead disk): give up on it
+                    t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+        await self._write_back_all()
+
+    async def _write_back_all(self) -> None:
+        """At a stop: each queue update still owed is tried once more (bounded by
+        ``RECORD_GRACE`` in all); what still fails is given up, with one line saying what a
+        restart may repeat (see "A queue update that fails" in the module docstring)."""
+        if not self._unwritten:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RECORD_GRACE):
+                for att in list(self._unwritten.values()):
+                    await self._write_back(att)
+        left = list(self._unwritten.values())
+        self._unwritten.clear()
+        for att in left:
+            att.kept = False
+            if att.message_lock is not None:
+                att.message_lock.release()
+        if left:
+            log.error("queue manager stop: %d message(s) could not be updated on disk (%s); "
+                      "deliveries made for them may be repeated after a restart", len(left),
+                      " ".join(att.qid for att in left[:20]) + (" ..." if len(left) > 20
+                                                                else ""))
 
     def submit(self, qid: QueueId, envelope: Envelope, lock: MessageLock | None = None
                ) -> None:
@@ -185,11 +373,16 @@ class QueueManager:
                 lock.release()
         self._forced.add(qid)
         self._not_before.pop(qid, None)
-        self._schedule(qid, self._clock(), force=True)
+        self._schedule(qid, self._mono(), force=True)
         self._poke()
 
     def wake(self) -> None:
-        """Rescan the store now (the CLI flushed, released or deleted messages on disk)."""
+        """Rescan the store now (the CLI flushed, released or deleted messages on disk).
+
+        A flush takes effect here and now (dead hosts forgotten), not after the scheduler
+        has worked through its backlog; the rescan follows as soon as the loop gets to it.
+        """
+        self._check_flush()
         self._rescan = True
         self._poke()
 
@@ -200,8 +393,9 @@ class QueueManager:
         ``start()``. Messages queued during the run (DSNs) wait for the next call.
         """
         self._ensure_primitives()
+        self._check_flush()
         await self._scan()
-        due = self._pop_due(self._clock())
+        due = self._pop_due(self._mono())
         started = []
         for qid in due:
             started.append(await self._launch(qid))
@@ -223,12 +417,52 @@ class QueueManager:
             self._event.set()
 
     def _schedule(self, qid: QueueId, due: float, *, force: bool = False) -> None:
+        """Due at ``due`` on the monotonic clock (after a crash back-off unless ``force``)."""
         if not force:
             due = max(due, self._not_before.get(qid, 0.0))
         if self._due.get(qid) == due:
             return
         self._due[qid] = due
         heapq.heappush(self._heap, (due, qid))
+
+    def _wait_for(self, env: Envelope, now: float) -> float:
+        """Seconds until ``env.next_attempt`` (wall clock), bounded against clock jumps.
+
+        Never negative (a jump forward: due now), never more than the longest retry interval
+        and never more than the interval the last attempt set, when that attempt (or the
+        arrival) lies in the future: the clock has gone back since it was written.
+        """
+        wait = env.next_attempt - now
+        if not wait > 0.0:          # also NaN: due now rather than never
+            return 0.0
+        written = max((r.last_attempt for r in env.recipients), default=0.0)
+        written = max(written, env.received_at)
+        if written > now:
+            wait = min(wait, max(env.next_attempt - written, 0.0))
+        return min(wait, self._max_wait)
+
+    def _schedule_env(self, qid: QueueId, env: Envelope, *, rescan: bool = False) -> None:
+        """Schedule by the envelope's ``next_attempt``; a rescan leaves a due time alone that
+        was made from the same disk value (so a clock jump does not move it). A message
+        nobody has tried since the last flush is due now."""
+        if self._flush_pending(env):
+            self._basis[qid] = env.next_attempt
+            self._schedule(qid, self._mono())   # a crash back-off since the flush still holds
+            return
+        if rescan and qid in self._due and self._basis.get(qid) == env.next_attempt:
+            return
+        self._basis[qid] = env.next_attempt
+        self._schedule(qid, self._mono() + self._wait_for(env, self._clock()))
+
+    def _flush_pending(self, env: Envelope) -> bool:
+        """Was this message flushed, and has no attempt (here or in another worker) been
+        made since? Then it is due regardless of its ``next_attempt``."""
+        return bool(self._flushed_at) and _last_tried(env) < self._flushed_at
+
+    def _forget(self, qid: QueueId) -> None:
+        self._due.pop(qid, None)
+        self._basis.pop(qid, None)
+        self._not_before.pop(qid, None)
 
     def _pop_due(self, now: float) -> list[QueueId]:
         out = []
@@ -245,23 +479,70 @@ class QueueManager:
         """Schedule every queued, non-held message by the ``next_attempt`` on disk."""
         try:
             ids = self._store.ids()
+        except OSError as e:
+            text = fault_text(e)
+            if text != self._ids_fault:     # once per fault, not once per scan
+                log.error("queue scan failed: %s", text)
+                self._ids_fault = text
+            return
         except Exception:
             log.exception("queue scan failed")
             return
+        if self._ids_fault:
+            log.info("queue scan works again")
+            self._ids_fault = ""
         for i, qid in enumerate(ids):
             if i % 256 == 255:
                 await asyncio.sleep(0)  # a large queue must not stall the event loop
-            if qid in self._inflight:
-                continue
+            if qid in self._inflight or qid in self._unwritten:
+                continue    # the disk is behind for the latter: its schedule is ours
             try:
                 env = self._store.load(qid)
+            except OSError as e:
+                text = fault_text(e)
+                if self._read_faults.get(qid) != text:
+                    log.error("%s: cannot read queue file: %s; skipped", qid, text)
+                    self._read_faults[qid] = text
+                continue
             except Exception:
                 log.exception("%s: cannot read queue file; skipped", qid)
                 continue
+            if self._read_faults.pop(qid, None) is not None:
+                log.info("%s: queue file readable again", qid)
             if env is None or env.held:
-                self._due.pop(qid, None)
+                self._forget(qid)
                 continue
-            self._schedule(qid, env.next_attempt)
+            self._schedule_env(qid, env, rescan=True)
+        if len(self._basis) > 2 * len(ids) + 1024 or self._read_faults:
+            known = set(ids)    # forget what other workers or the CLI removed
+            if len(self._basis) > 2 * len(ids) + 1024:
+                for qid in [q for q in self._basis if q not in known]:
+                    self._basis.pop(qid, None)
+            for qid in [q for q in self._read_faults if q not in known]:
+                del self._read_faults[qid]
+
+    def _check_flush(self) -> bool:
+        """Act on a new ``pymta queue flush`` token: forget dead hosts and back-offs, and
+        make every message not tried since the flush due now (the next scan schedules them;
+        ``_attempt`` lets them through). Nothing is written to disk: like Postfix's flush,
+        a trigger, and cheap with a large queue under load."""
+        token = read_flush_token(self._flush_file)
+        if not token or token == self._flush_token:
+            return False
+        self._flush_token = token
+        self._flushed_at = min(flush_token_time(token, self._clock()), self._clock())
+        flush = getattr(self._router, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except Exception:
+                log.exception("router flush failed")
+        self._not_before.clear()
+        self._reflush |= self._inflight
+        for qid in self._unwritten:     # the disk may be back: try those writes now
+            self._schedule(qid, self._mono(), force=True)
+        log.info("queue flush: dead hosts forgotten, queue rescanned")
+        return True
 
     async def _launch(self, qid: QueueId) -> asyncio.Task[None] | None:
         assert self._sem is not None
@@ -278,6 +559,11 @@ class QueueManager:
             self._inflight.discard(qid)
             assert self._sem is not None
             self._sem.release()
+            if qid in self._reflush:
+                self._reflush.discard(qid)
+                if self._running:   # flushed while in flight: once more, at once
+                    self._forced.add(qid)
+                    self._schedule(qid, self._mono(), force=True)
             self._poke()
 
         task.add_done_callback(done)
@@ -292,12 +578,20 @@ class QueueManager:
             if self._rescan or loop.time() >= next_scan:
                 self._rescan = False
                 next_scan = loop.time() + self._scan_interval
+                self._check_flush()
                 await self._scan()
-            for qid in self._pop_due(self._clock()):
+            due = self._pop_due(self._mono())
+            for i, qid in enumerate(due):
+                if self._rescan:    # a flush or release need not wait for the backlog
+                    for rest in due[i:]:
+                        self._schedule(rest, self._mono())   # still due, after the rescan
+                    break
                 await self._launch(qid)  # blocks while `concurrency` attempts are running
             timeout = max(next_scan - loop.time(), 0.0)
             if self._heap:
-                timeout = min(timeout, max(self._heap[0][0] - self._clock(), 0.0))
+                timeout = min(timeout, max(self._heap[0][0] - self._mono(), 0.0))
+            if self._rescan:
+                timeout = 0.0
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):    # unlike wait_for, makes no task
                     await self._event.wait()
@@ -311,19 +605,29 @@ class QueueManager:
             await self._attempt(qid, forced=forced)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            # Our own bug after the agents ran: nothing was persisted, the message stays
-            # queued as it was. Back off in memory so a persistent bug is not a busy loop.
-            retry_at = self._clock() + self._policy.delay(1)
-            log.exception("%s: delivery attempt failed; retrying after %.0fs", qid,
-                          retry_at - self._clock())
-            self._not_before[qid] = retry_at
-            self._schedule(qid, retry_at)
+        except Exception as e:
+            # A local fault (reading the envelope, removing a finished message) or our own
+            # bug: the disk holds what was saved (whole outcomes or nothing; outcomes not
+            # saved are kept by _keep_unwritten, never here); try again later. Back off in
+            # memory so a persistent fault is not a busy loop.
+            delay = self._policy.delay(1)
+            if isinstance(e, OSError):
+                log.error("%s: queue file error: %s; retrying after %.0fs", qid,
+                          fault_text(e), delay)
+            else:
+                log.exception("%s: delivery attempt failed; retrying after %.0fs", qid, delay)
+            self._not_before[qid] = self._mono() + delay
+            self._schedule(qid, self._mono() + delay)
             self._poke()
 
     async def _attempt(self, qid: QueueId, *, forced: bool) -> None:
+        kept = self._unwritten.get(qid)
+        if kept is not None:    # delivered already: only the queue update is owed
+            await self._write_back(kept)
+            return
         fresh = self._fresh.pop(qid, None)
         env: Envelope | None
+        lock: MessageLock | None
         if fresh is not None:
             env, lock = fresh   # locked since its commit: the disk holds exactly this envelope
         else:
@@ -331,54 +635,116 @@ class QueueManager:
             if lock is None:
                 return  # another worker is delivering it, or it is gone
             env = None
+        att: _Attempt | None = None
         try:
             if env is None:
                 env = self._store.load(qid)
             if env is None or env.held:
+                self._forget(qid)
                 return
             start = self._clock()
-            if env.next_attempt > start and not forced:
-                self._schedule(qid, env.next_attempt)  # another worker already tried it
+            if (not forced and env.next_attempt != self._basis.get(qid)
+                    and self._wait_for(env, start) > 0.0 and not self._flush_pending(env)):
+                self._schedule_env(qid, env)  # another worker tried it meanwhile
+                return
+            if self._writes_paused(qid):
                 return
             self._not_before.pop(qid, None)
             pending = env.pending()
-            if not pending:
+            if not pending and not any(r.state is RcptState.NOTICE_OWED
+                                       for r in env.recipients):
                 await self._store.remove(qid)
+                self._forget(qid)
                 deliverylog.log_removed(qid)
                 return
-            deliverylog.log_active(qid, env)
-            msg = QueuedMessage(qid, env, self._store.body_path(qid))
-            results = await self._deliver_all(qid, msg, pending)
-            await self._finish(qid, env, msg, results, start)
+            att = _Attempt(qid, env, QueuedMessage(qid, env, self._store.body_path(qid)),
+                           start, message_lock=lock)
+            if pending:
+                deliverylog.log_active(qid, env)
+            self._active.add(att)
+            try:
+                await self._deliver_all(att, pending)
+            finally:
+                self._active.discard(att)
         finally:
-            lock.release()
+            if att is None or not att.kept:
+                lock.release()
 
-    async def _deliver_all(self, qid: QueueId, msg: QueuedMessage,
-                           pending: list[Recipient]) -> list[tuple[Recipient, Outcome]]:
+    def _writes_paused(self, qid: QueueId) -> bool:
+        """True (and ``qid`` put off) while ``MAX_UNWRITTEN`` messages already wait for the
+        disk: a delivery made now could not be recorded either."""
+        if len(self._unwritten) < MAX_UNWRITTEN:
+            self._paused_logged = False
+            return False
+        if not self._paused_logged:
+            log.error("queue: %d messages wait for their queue files to be updated; no new "
+                      "delivery starts until the disk takes writes again", len(self._unwritten))
+            self._paused_logged = True
+        self._paused.add(qid)
+        self._schedule(qid, self._mono() + WRITE_RETRY_MAX)
+        return True
+
+    async def _deliver_all(self, att: _Attempt, pending: list[Recipient]) -> None:
+        """Route, deliver, and record; see "Outcomes are recorded as soon as they are known"."""
         groups: dict[str, tuple[DeliveryAgent, list[Recipient]]] = {}
-        results: list[tuple[Recipient, Outcome]] = []
         for rcpt in pending:
             try:
                 key, agent = self._router.route(rcpt)
             except Exception:
-                log.exception("%s: routing <%s> failed", qid, rcpt.address)
-                results.append((rcpt, Outcome(rcpt.address, OutcomeKind.TEMPORARY,
-                                              LOCAL_ERROR, "none")))
+                log.exception("%s: routing <%s> failed", att.qid,
+                              deliverylog.printable(rcpt.address))
+                att.extra.append((rcpt, Outcome(rcpt.address, OutcomeKind.TEMPORARY,
+                                                LOCAL_ERROR, "none")))
                 continue
             groups.setdefault(key, (agent, []))[1].append(rcpt)
-        calls = [self._deliver_group(qid, key, agent, msg, rcpts)
+        if len(groups) <= 1:    # the usual case: no extra task, one save
+            results: Results = []
+            for key, (agent, rcpts) in groups.items():
+                results = await self._deliver_group(att, key, agent, rcpts)
+            await self._record(att, results)
+            return
+        att.groups_left = len(groups)
+        att.lock = asyncio.Lock()
+        tasks = [asyncio.create_task(self._run_group(att, key, agent, rcpts),
+                                     name=f"pymta-group-{att.qid}-{key}")
                  for key, (agent, rcpts) in groups.items()]
-        if len(calls) == 1:     # the usual case: no task and gather for a single call
-            results.extend(await calls[0])
-            return results
-        for group in await asyncio.gather(*calls):
-            results.extend(group)
-        return results
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:   # not by stop(), which cancels agent calls only
+            for t in att.calls:
+                t.cancel()      # agents still working; outcomes being recorded are kept
+            await _settle(tasks)
+            raise
+        for t in tasks:
+            if t.cancelled():   # a stop cancelled that agent call: its outcome is unknown
+                if att.dirty:   # what the other groups did is only in memory: write it
+                    await self._write_outcome(att)
+                raise asyncio.CancelledError
+            exc = t.exception()
+            if exc is not None:
+                raise exc
 
-    async def _deliver_group(self, qid: QueueId, key: str, agent: DeliveryAgent,
-                             msg: QueuedMessage, rcpts: list[Recipient],
-                             ) -> list[tuple[Recipient, Outcome]]:
-        """One agent call; exceptions and missing outcomes become temporary failures."""
+    async def _run_group(self, att: _Attempt, key: str, agent: DeliveryAgent,
+                         rcpts: list[Recipient]) -> None:
+        results = await self._deliver_group(att, key, agent, rcpts)
+        await self._record(att, results)
+
+    async def _deliver_group(self, att: _Attempt, key: str, agent: DeliveryAgent,
+                             rcpts: list[Recipient]) -> Results:
+        """One agent call; exceptions and missing outcomes become temporary failures.
+
+        While the call runs, its task is in ``att.calls``, where a stop finds what it may
+        cancel. Once the agent has returned, the task leaves that set in the same step
+        (no await in between), so a stop can never cancel the recording that follows: a
+        cancellation requested while the result is on its way is raised at the agent's
+        await, before the outcome was taken.
+        """
+        qid, msg = att.qid, att.msg
+        if self._cancelling:
+            raise asyncio.CancelledError   # stopping: start no new delivery
+        task = asyncio.current_task()
+        assert task is not None
+        att.calls.add(task)
         try:
             async with asyncio.timeout(self._agent_timeout):    # None: no limit
                 outcomes = await agent.deliver(msg, rcpts)
@@ -390,117 +756,248 @@ class QueueManager:
             log.exception("%s: transport %s raised; recipients deferred", qid, key)
             return [(r, Outcome(r.address, OutcomeKind.TEMPORARY, LOCAL_ERROR, key))
                     for r in rcpts]
+        finally:
+            att.calls.discard(task)
         return self._match(qid, key, rcpts, outcomes)
 
     @staticmethod
     def _match(qid: QueueId, key: str, rcpts: Sequence[Recipient],
-               outcomes: Sequence[Outcome]) -> list[tuple[Recipient, Outcome]]:
+               outcomes: Sequence[Outcome]) -> Results:
         """Pair outcomes with recipients by address (duplicates pair in order)."""
         waiting: dict[str, deque[Recipient]] = defaultdict(deque)
         for r in rcpts:
             waiting[r.address.lower()].append(r)
-        out: list[tuple[Recipient, Outcome]] = []
+        out: Results = []
         for o in outcomes:
             queue = waiting.get(o.recipient.lower())
             if not queue:
                 log.error("%s: transport %s returned an outcome for unknown recipient <%s>",
-                          qid, key, o.recipient)
+                          qid, key, deliverylog.printable(o.recipient))
                 continue
             out.append((queue.popleft(), o))
         for queue in waiting.values():
             for r in queue:
                 log.error("%s: transport %s returned no outcome for <%s>; deferred",
-                          qid, key, r.address)
+                          qid, key, deliverylog.printable(r.address))
                 out.append((r, Outcome(r.address, OutcomeKind.TEMPORARY, LOCAL_ERROR, key)))
         return out
 
-    async def _finish(self, qid: QueueId, env: Envelope, msg: QueuedMessage,
-                      results: list[tuple[Recipient, Outcome]], start: float) -> None:
+    # ------------------------------------------------------------------ recording
+
+    async def _record(self, att: _Attempt, results: Results) -> None:
+        """Record one group's outcomes; the last group to return concludes the attempt."""
+        if att.lock is None:
+            await self._conclude(att, results + att.extra)
+            return
+        async with att.lock:
+            att.groups_left -= 1
+            if att.groups_left <= 0:
+                await self._conclude(att, results + att.extra)
+                return
+            delivered = self._apply(att, results)
+            if delivered:       # notices first, state second
+                await self._notify(att, delivered, "delivered", self._clock())
+            try:
+                await self._store.save(att.qid, att.env)
+            except OSError as e:
+                # Not retried on its own: the attempt's final write saves the same envelope
+                # (or keeps it in memory until it can).
+                log.error("%s: cannot save the outcomes so far: %s; kept for the end of "
+                          "the attempt", att.qid, fault_text(e))
+                att.dirty = True
+            else:
+                att.dirty = False
+
+    def _apply(self, att: _Attempt, results: Results) -> list[DsnEntry]:
+        """Put outcomes into the recipients (in memory) and log them; the success-notice
+        entries they call for. A failure becomes NOTICE_OWED when a notice is wanted."""
+        env = att.env
         now = self._clock()
         expired = self._policy.expired(env.received_at, now)
-        failed: list[DsnEntry] = []
         delivered: list[DsnEntry] = []
         for rcpt, o in results:
             rcpt.attempts += 1
             rcpt.last_reply = str(o.reply)
             rcpt.last_attempt = now
             rcpt.next_hop = o.relay
-            remote = _remote_mta(rcpt, o.relay)
             flags = rcpt.notify_flags
             if o.kind is OutcomeKind.DELIVERED:
                 rcpt.state = RcptState.DELIVERED
                 status = "sent"
                 if Notify.SUCCESS in flags:
                     delivered.append(DsnEntry(rcpt, "delivered", o.reply.enhanced, o.reply,
-                                              remote))
-            elif o.kind is OutcomeKind.PERMANENT:
-                rcpt.state = RcptState.FAILED
-                status = "bounced"
-                if Notify.FAILURE in flags:
-                    failed.append(DsnEntry(rcpt, "failed", _final_status(o.reply), o.reply,
-                                           remote))
-            elif expired:
-                rcpt.state = RcptState.FAILED
-                status = "expired"
-                if Notify.FAILURE in flags:
-                    failed.append(DsnEntry(rcpt, "failed", EXPIRED_STATUS, o.reply, remote))
+                                              _remote_mta(rcpt, o.relay)))
+            elif o.kind is OutcomeKind.PERMANENT or expired:
+                status = "bounced" if o.kind is OutcomeKind.PERMANENT else "expired"
+                rcpt.state = (RcptState.NOTICE_OWED if Notify.FAILURE in flags
+                              else RcptState.FAILED)
             else:
                 status = "deferred"
-            deliverylog.log_recipient(qid, rcpt, status=status, reply=o.reply,
+            deliverylog.log_recipient(att.qid, rcpt, status=status, reply=o.reply,
                                       relay=o.relay, delay=now - env.received_at,
-                                      delays=(max(start - env.received_at, 0.0), 0.0, 0.0,
-                                              max(now - start, 0.0)))
+                                      delays=(max(att.start - env.received_at, 0.0), 0.0,
+                                              0.0, max(now - att.start, 0.0)))
+        return delivered
 
-        # Notices first, state second: a crash in between duplicates a DSN, never loses one.
-        if failed and not await self._notify(qid, env, msg, failed, "failed", now):
-            for e in failed:  # the notice is still owed: keep them queued and try again
-                e.recipient.state = RcptState.PENDING
+    async def _conclude(self, att: _Attempt, results: Results) -> None:
+        """The attempt's last step: notices (success, then every failure owed), then the
+        envelope saved with its next attempt, or removed when nothing is left to do."""
+        env = att.env
+        delivered = self._apply(att, results)
+        now = self._clock()
         if delivered:
-            await self._notify(qid, env, msg, delivered, "delivered", now)
+            await self._notify(att, delivered, "delivered", now)
+        owed = [r for r in env.recipients if r.state is RcptState.NOTICE_OWED]
+        if owed and await self._notify(att, [_owed_entry(r) for r in owed], "failed", now):
+            for r in owed:
+                r.state = RcptState.FAILED
+        waiting = [r for r in env.recipients if r.state in _WAITING]
+        if waiting:
+            env.next_attempt = now + self._policy.delay(max(r.attempts for r in waiting))
+        att.remove = not waiting
+        await self._write_outcome(att)
 
-        pending = env.pending()
-        if not pending:
-            await self._store.remove(qid)
-            self._due.pop(qid, None)
+    # ------------------------------------------------------------------ queue updates
+
+    async def _write_outcome(self, att: _Attempt) -> bool:
+        """The attempt's queue update: the message removed, or its envelope saved and the
+        next attempt scheduled. On a local fault the attempt is kept in memory with its lock
+        and the write tried again later (``_keep_unwritten``); False then."""
+        qid = att.qid
+        try:
+            if att.remove:
+                await self._store.remove(qid)
+            else:
+                await self._store.save(qid, att.env)
+        except FileNotFoundError as e:
+            if att.remove or os.path.exists(self._store.body_path(qid)):
+                self._keep_unwritten(att, e)
+                return False
+            # (nobody removes a message whose lock we hold; an admin deleting files might)
+            log.error("%s: message files are gone; its state is not saved", qid)
+            self._unwritten.pop(qid, None)
+            att.kept = False
+            self._forget(qid)
+            return True
+        except OSError as e:
+            self._keep_unwritten(att, e)
+            return False
+        if att.remove:
+            self._forget(qid)
             deliverylog.log_removed(qid)
+        else:
+            self._basis[qid] = att.env.next_attempt
+            self._schedule(qid, self._mono() + self._wait_for(att.env, self._clock()))
+        att.dirty = False
+        return True
+
+    def _keep_unwritten(self, att: _Attempt, err: OSError) -> None:
+        """The write failed: keep the outcomes and the lock, try the write again later."""
+        qid = att.qid
+        att.write_failures += 1
+        delay = min(WRITE_RETRY_FIRST * 2.0 ** min(att.write_failures - 1, 16), WRITE_RETRY_MAX)
+        lock = att.message_lock
+        if lock is None or not getattr(lock, "held", True):
+            # A store may close the lock with a failed removal (ours gives it back; another
+            # implementation may not): take it again before anyone else can.
+            lock = self._relock(att, err)
+            if lock is None:
+                return
+        att.message_lock = lock
+        if not att.kept:
+            att.kept = True
+            self._unwritten[qid] = att
+        what = "removal" if att.remove else "outcomes"
+        log.error("%s: cannot update the queue file: %s; %s kept in memory, trying again "
+                  "in %.0fs", qid, fault_text(err), what, delay)
+        self._schedule(qid, self._mono() + delay, force=True)
+
+    def _relock(self, att: _Attempt, err: OSError) -> MessageLock | None:
+        """The message's lock again after a removal that failed and took it along; None
+        (and the attempt no longer kept) when the message is gone after all -- the removal
+        got as far as the envelope -- or another process was quicker."""
+        qid = att.qid
+        try:
+            lock = self._store.try_lock(qid)
+            gone = lock is None and self._store.load(qid) is None
+        except OSError:
+            lock, gone = None, False
+        if lock is not None:
+            return lock
+        self._unwritten.pop(qid, None)
+        att.kept = False
+        if gone:
+            log.warning("%s: removed, although the file system reported: %s", qid,
+                        fault_text(err))
+            self._forget(qid)
+            deliverylog.log_removed(qid)
+        else:
+            log.error("%s: cannot update the queue file: %s; the message could not be locked "
+                      "again, another process may deliver it again", qid, fault_text(err))
+            self._not_before[qid] = self._mono() + WRITE_RETRY_MAX
+        return None
+
+    async def _write_back(self, att: _Attempt) -> None:
+        """Try a queue update that failed once more; the lock goes when it is done."""
+        failures = att.write_failures
+        if not await self._write_outcome(att):
             return
-        env.next_attempt = now + self._policy.delay(max(r.attempts for r in pending))
-        await self._store.save(qid, env)
-        self._schedule(qid, env.next_attempt)
+        self._unwritten.pop(att.qid, None)
+        att.kept = False
+        if att.message_lock is not None:
+            att.message_lock.release()
+        log.info("%s: queue file updated after %d failed attempt(s)", att.qid, failures)
+        if self._paused and len(self._unwritten) < MAX_UNWRITTEN:
+            for qid in self._paused:    # the disk takes writes again: deliver what waited
+                self._schedule(qid, self._mono())
+            self._paused.clear()
+            self._poke()
 
     # ------------------------------------------------------------------ notices
 
-    async def _notify(self, qid: QueueId, env: Envelope, msg: QueuedMessage,
-                      entries: list[DsnEntry], kind: str, now: float) -> bool:
+    async def _notify(self, att: _Attempt, entries: list[DsnEntry], kind: str,
+                      now: float) -> bool:
         """Queue one DSN about ``entries``. False means "could not queue it; try again later".
 
         True is also returned when the notice is deliberately dropped (no recipient can take
         it: a failed double bounce, or an address ``resolve`` does not know).
         """
+        qid, env = att.qid, att.env
         double = False
         to = env.sender
-        if env.sender == "" or env.is_bounce:
+        if env.sender == "" or env.is_bounce or not sendable_address(env.sender,
+                                                                     env.smtputf8):
             if kind != "failed":
-                return True  # success/delay reports to <> would go nowhere
+                return True  # success/delay reports to <> (or to no address) go nowhere
             if env.extra.get("double_bounce") == "1":
-                addrs = ", ".join(f"<{e.recipient.address}>" for e in entries)
+                addrs = ", ".join(f"<{deliverylog.printable(e.recipient.address)}>"
+                                  for e in entries)
                 log.error("%s: undeliverable postmaster notification to %s discarded", qid,
                           addrs)
                 return True
+            if env.sender and not env.is_bounce:
+                log.warning("%s: sender <%s> is not a valid address; notification to the "
+                            "postmaster", qid, deliverylog.printable(env.sender))
             to, double = self._postmaster, True
         try:
             rcpt = await self._resolve(to)
+        except (SMTPError, OSError) as e:   # a lookup source down: one line, not our bug
+            log.error("%s: cannot resolve DSN recipient <%s>: %s; will retry", qid,
+                      deliverylog.printable(to), fault_text(e))
+            return False
         except Exception:
-            log.exception("%s: cannot resolve DSN recipient <%s>; will retry", qid, to)
+            log.exception("%s: cannot resolve DSN recipient <%s>; will retry", qid,
+                          deliverylog.printable(to))
             return False
         if rcpt is None:
-            log.error("%s: DSN recipient <%s> is unknown; %s notification dropped", qid, to,
-                      kind)
+            log.error("%s: DSN recipient <%s> is unknown; %s notification dropped", qid,
+                      deliverylog.printable(to), kind)
             return True
         try:
-            data = build_dsn(reporting_mta=self._hostname, qid=qid, envelope=env,
-                             entries=entries, body_path=msg.body_path, now=now,
-                             action_kind=kind, to=to)
+            data = await asyncio.to_thread(
+                build_dsn, reporting_mta=self._hostname, qid=qid, envelope=env,
+                entries=entries, body_path=att.msg.body_path, now=now, action_kind=kind,
+                to=to)
             dsn_env = Envelope(
                 sender="", recipients=[rcpt], received_at=now, next_attempt=now,
                 body_type="7BIT" if data.isascii() else "8BITMIME",
@@ -508,6 +1005,10 @@ class QueueManager:
                 is_bounce=True, protocol="DSN",
                 extra={"double_bounce": "1"} if double else {})
             dsn_qid = await self._store.enqueue_bytes(dsn_env, data)
+        except (SMTPError, OSError) as e:   # disk full, read-only, unreadable original
+            log.error("%s: cannot queue %s notification: %s; will retry", qid, kind,
+                      fault_text(e))
+            return False
         except Exception:
             log.exception("%s: cannot queue %s notification; will retry", qid, kind)
             return False
@@ -519,3 +1020,25 @@ class QueueManager:
 def _final_status(reply: Reply) -> str:
     """The DSN Status for a permanent failure: the reply's own code when it is a 5.x.x."""
     return reply.enhanced if reply.enhanced.startswith("5.") else "5.0.0"
+
+
+def _owed_entry(rcpt: Recipient) -> DsnEntry:
+    """The failure report for a NOTICE_OWED recipient, from what its state records: a 5xx
+    last reply is a permanent failure, anything else an expiry (4.4.7)."""
+    reply = parse_reply_text(rcpt.last_reply)
+    status = _final_status(reply) if reply.is_permanent else EXPIRED_STATUS
+    return DsnEntry(rcpt, "failed", status, reply, _remote_mta(rcpt, rcpt.next_hop))
+
+
+async def _settle(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Wait until every task is done, through cancellations; log their exceptions."""
+    tasks = list(tasks)
+    while True:
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            break
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait(pending)
+    for t in tasks:
+        if not t.cancelled() and t.exception() is not None:
+            log.error("recording delivery outcomes failed", exc_info=t.exception())

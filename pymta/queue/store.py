@@ -13,7 +13,10 @@ Layout under the store root (all directories 0700, one filesystem):
     the envelope (``codec`` JSON). Its presence is THE commit point: a message exists iff its
     envelope is in ``env/``; everything else is scaffolding.
 ``corrupt/``
-    envelopes (and their bodies) the store could not use; kept for a human, never deleted.
+    envelopes (and their bodies) the store could not use, and files that do not belong in
+    ``env/`` or ``data/`` (bad names, directories); kept for a human, never deleted. Each
+    is logged once, when it is moved; nothing in ``corrupt/`` is ever read again, so a bad
+    file costs one log line, never a crash loop or a retry every scan.
 ``ready/<qid>``
     empty bodies made ahead of time (``prealloc``) by a spool thread, each locked by its
     process; ``new_spool`` hands one out and the commit links it into ``data/``.
@@ -30,6 +33,13 @@ takes the same body lock (``try_lock``) so that exactly one process works on a m
 time; ``flock`` locks die with their process, so a crashed worker never strands a message.
 Envelope updates (``save``) are write-temp, fsync, rename, fsync-directory: a reader sees the
 old or the new envelope, never a torn one.
+
+Faults. Every local fault while queueing is temporary for the client: ``452 4.3.1
+Insufficient system storage`` when the disk or a quota is full (``ENOSPC``/``EDQUOT``), ``451
+4.3.0`` otherwise (a read-only or failing file system), and the message's files are removed
+(best effort: a file that cannot even be unlinked is left to the next start's clean-up, never
+to a traceback). ``admission`` lets the session refuse ``MAIL FROM`` early, as Postfix does
+(``space``).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import functools
 import itertools
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +63,7 @@ from typing import BinaryIO
 from pymta.queue import codec
 from pymta.queue.committer import CommitItem, GroupCommitter, RemoveItem
 from pymta.queue.ids import is_valid, new_qid
+from pymta.queue.space import FreeSpace, is_no_space, shortage
 from pymta.types import Envelope, QueueId, TemporaryFailure
 
 log = logging.getLogger("pymta.queue")
@@ -61,11 +73,27 @@ _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 _tmp_serial = itertools.count()
 PREALLOC_MAX_AGE = 10.0     # seconds a prepared body may wait before its qid looks stale
+# Largest envelope ``load`` reads: a few hundred bytes per recipient, so this is far above
+# any real one, and a garbage file of gigabytes is refused without being read into memory.
+MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
 
 
-def queue_write_error() -> TemporaryFailure:
-    """The reply for any local fault while queueing: the client keeps the message and retries."""
-    return TemporaryFailure("Local error in processing: queue file write error", "4.3.0", 451)
+def insufficient_storage() -> TemporaryFailure:
+    """The reply when the queue's disk (or quota) is full: RFC 3463 4.3.1, as Postfix says."""
+    return TemporaryFailure("Insufficient system storage", "4.3.1", 452)
+
+
+def queue_write_error(err: BaseException | None = None) -> TemporaryFailure:
+    """The reply for a local fault while queueing: the client keeps the message and retries.
+    ``err`` the fault, if known: a full disk is ``452 4.3.1``, anything else Postfix's ``451
+    4.3.0 Error: queue file write error``."""
+    if is_no_space(err):
+        return insufficient_storage()
+    return TemporaryFailure("Error: queue file write error", "4.3.0", 451)
+
+
+class SpoolClosedError(ValueError):
+    """The spool writer was aborted (the client went away) or has been committed already."""
 
 
 class MessageLock:
@@ -107,6 +135,14 @@ class MessageLock:
             del owner[self.qid]
         return fd
 
+    def attach(self, fd: int, owner: dict[QueueId, MessageLock] | None) -> None:
+        """Take back a descriptor given up by ``detach`` that is still locked (a removal
+        that failed): the holder keeps the lock it never stopped having."""
+        self._fd = fd
+        self._owner = owner
+        if owner is not None:
+            owner[self.qid] = self
+
     def __enter__(self) -> MessageLock:
         return self
 
@@ -131,7 +167,9 @@ class SpoolWriter:
     answers 451 and calls ``abort``.
     """
 
-    _OPEN, _COMMITTING, _COMMITTED, _ABORTED = range(4)
+    # _REWRITING: ``QueueStore.rewrite_spool`` is replacing the file in a thread; an
+    # ``abort`` then only asks (``_abort_asked``), and the rewrite's end carries it out.
+    _OPEN, _COMMITTING, _COMMITTED, _ABORTED, _REWRITING = range(5)
 
     def __init__(self, store: QueueStore, qid: QueueId, fd: int | BinaryIO,
                  path: str | None = None) -> None:
@@ -145,6 +183,7 @@ class SpoolWriter:
         # can wait for the spool and commit threads, so the event loop should not do them.
         self._file = fd if not isinstance(fd, int) else _open_body(fd)
         self._state = self._OPEN
+        self._abort_asked = False
         # After a commit with ``QueueStore.hand_over_locks``: the message's lock, still held.
         self.lock: MessageLock | None = None
 
@@ -154,7 +193,7 @@ class SpoolWriter:
 
     def write(self, data: bytes) -> None:
         if self._state != self._OPEN:
-            raise ValueError(f"{self.qid}: spool file is not open for writing")
+            raise SpoolClosedError(f"{self.qid}: spool file is not open for writing")
         self._file.write(data)
         self.size += len(data)
 
@@ -165,15 +204,27 @@ class SpoolWriter:
             self._file.flush()
 
     def abort(self) -> None:
-        """Forget the message. Idempotent; a no-op once ``commit`` has taken the writer."""
+        """Forget the message. Idempotent; a no-op once ``commit`` has taken the writer.
+
+        During a ``rewrite_spool`` the thread still uses the files: the abort is carried out
+        when the rewrite ends (on the event loop), so neither a half-renamed file nor an
+        open descriptor is left behind."""
         if self._state == self._OPEN:
             self._discard()
+        elif self._state == self._REWRITING:
+            self._abort_asked = True
 
     def _discard(self) -> None:
         self._state = self._ABORTED
-        # Unlink before closing: the lock is held until the name is gone.
-        with contextlib.suppress(FileNotFoundError):
+        # Unlink before closing: the lock is held until the name is gone. A file system that
+        # refuses even the unlink (read-only, failing) leaves the file to the clean-up at the
+        # next start; the descriptor is closed either way.
+        try:
             os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("%s: cannot remove spool file: %s", self.qid, e)
         self._close()
 
     def _close(self) -> None:
@@ -194,18 +245,23 @@ class QueueStore:
     committer_class: type[GroupCommitter] = GroupCommitter
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True,
-                 hand_over_locks: bool = False, prealloc: int = 0) -> None:
+                 hand_over_locks: bool = False, prealloc: int = 0,
+                 space_ttl: float = 1.0) -> None:
         """``hand_over_locks``: a committed writer keeps its message locked in ``writer.lock``
         for the caller to pass to the delivery (the server does); else the lock is released.
         ``prealloc``: after ``start()``, keep up to this many empty bodies ready for
         ``new_spool`` (a server's hot path); each is locked, so clean-up leaves them alone,
-        and ``close()`` (or, after a crash, the next ``open()``) removes the unused ones."""
+        and ``close()`` (or, after a crash, the next ``open()``) removes the unused ones.
+        ``space_ttl``: how long ``admission`` trusts one ``statvfs`` of the queue."""
         self.root = os.path.abspath(os.fspath(root))
+        self.space = FreeSpace(self.root, space_ttl)
+        self._warned: object = None     # the space sample last warned about
         self.fsync = fsync
         self.hand_over_locks = hand_over_locks
         self.prealloc = prealloc
         self._ready: collections.deque[tuple[QueueId, BinaryIO, float]] = collections.deque()
         self._filling = False
+        self._fill_fault: int | None = None     # errno of the last failed _fill, if any
         self._spool_executor: ThreadPoolExecutor | None = None
         self._held: dict[QueueId, MessageLock] = {}   # locks this process holds, by qid
         self._tmpfile_ok = hasattr(os, "O_TMPFILE")   # False once the file system says no
@@ -264,24 +320,58 @@ class QueueStore:
 
     def _recover(self) -> None:
         removed = 0
-        for name in os.listdir(self.tmp_dir):
+        for name in self._listing(self.tmp_dir, qids=False):
             removed += self._unlink_if_unused(os.path.join(self.tmp_dir, name), None)
-        for name in os.listdir(self.ready_dir):
+        for name in self._listing(self.ready_dir, qids=False):
             removed += self._unlink_if_unused(os.path.join(self.ready_dir, name), None)
         # env/ is listed before data/: a commit creates the body before the envelope, so any
         # envelope seen here already has its body in the later data/ listing (unless removed).
-        envs = {n for n in os.listdir(self.env_dir) if is_valid(n)}
-        bodies = {n for n in os.listdir(self.data_dir) if is_valid(n)}
+        envs = set(self._listing(self.env_dir, qids=True))
+        bodies = set(self._listing(self.data_dir, qids=True))
         for qid in sorted(bodies - envs):
             removed += self._unlink_if_unused(self.body_path(qid), qid)
         for qid in sorted(envs - bodies):
             if os.path.exists(self.body_path(qid)):
                 continue
-            if self._quarantine(qid):
-                log.error("%s: envelope without message body; moved to %s", qid,
-                          self.corrupt_dir)
+            self._quarantine(qid, "envelope without message body")
         if removed:
             log.info("queue %s: removed %d unfinished file(s)", self.root, removed)
+
+    def _listing(self, directory: str, *, qids: bool) -> list[str]:
+        """The regular files of ``directory`` (with queue-id names if ``qids``); anything else
+        there is not ours to interpret: moved to ``corrupt/`` (one log line each)."""
+        names = []
+        with os.scandir(directory) as it:
+            for entry in it:
+                try:
+                    regular = entry.is_file(follow_symlinks=False)
+                except OSError:
+                    regular = False
+                if regular and (not qids or is_valid(entry.name)):
+                    names.append(entry.name)
+                    continue
+                why = "not a queue file name" if regular else "not a regular file"
+                # (the name shortened: the prefix must not push it past NAME_MAX)
+                self._set_aside(entry.path,
+                                f"stray-{os.path.basename(directory)}-{entry.name[:200]}", why)
+        return names
+
+    def _set_aside(self, path: str, name: str, why: str) -> bool:
+        """Move ``path`` into ``corrupt/`` as ``name`` (never replacing anything there) and log
+        one line; False if it is gone (another process moved or removed it first)."""
+        dst = os.path.join(self.corrupt_dir, name)
+        if os.path.lexists(dst):
+            dst = f"{dst}.{time.time_ns()}"
+        try:
+            os.rename(path, dst)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            log.error("queue: %s: %s, and it cannot be moved to %s: %s", _shown(path), why,
+                      self.corrupt_dir, e)
+            return False
+        log.error("queue: %s: %s; moved to %s", _shown(path), why, _shown(dst))
+        return True
 
     def _unlink_if_unused(self, path: str, qid: QueueId | None) -> int:
         """Delete ``path`` if no process holds its lock (and, for a body, it has no envelope)."""
@@ -306,8 +396,9 @@ class QueueStore:
         finally:
             os.close(fd)
 
-    def _quarantine(self, qid: QueueId) -> bool:
-        """Move an unusable envelope (and its body, if any) to ``corrupt/``; False if gone."""
+    def _quarantine(self, qid: QueueId, why: str) -> bool:
+        """Move an unusable envelope (and its body, if any) to ``corrupt/`` and log one line
+        saying why; False if it is gone (removed, or moved by another process)."""
         dst = os.path.join(self.corrupt_dir, qid)
         if os.path.lexists(dst):
             dst = f"{dst}.{time.time_ns()}"
@@ -315,8 +406,16 @@ class QueueStore:
             os.rename(os.path.join(self.env_dir, qid), dst)
         except FileNotFoundError:
             return False
-        with contextlib.suppress(FileNotFoundError):
+        except OSError as e:
+            log.error("%s: %s, and it cannot be moved to %s: %s", qid, why, self.corrupt_dir, e)
+            return False
+        try:
             os.rename(self.body_path(qid), dst + ".body")
+        except FileNotFoundError:
+            pass
+        except OSError as e:    # the body alone is a leftover: clean-up removes it
+            log.warning("%s: cannot move the message body to %s: %s", qid, self.corrupt_dir, e)
+        log.error("%s: %s; moved to %s", qid, why, self.corrupt_dir)
         return True
 
     # ------------------------------------------------------------------ receiving
@@ -363,7 +462,14 @@ class QueueStore:
                 if fd >= 0:
                     self._ready.append((qid, _open_body(fd), time.monotonic()))
         except OSError as e:
-            log.warning("queue: cannot prepare spool files: %s", e)
+            # Once per fault, not once per message while the disk stays full or read-only.
+            if self._fill_fault != e.errno:
+                log.warning("queue: cannot prepare spool files: %s", e)
+            self._fill_fault = e.errno
+        else:
+            if self._fill_fault is not None:
+                log.info("queue: spool files are prepared again")
+            self._fill_fault = None
         finally:
             self._filling = False
 
@@ -372,8 +478,7 @@ class QueueStore:
             self._discard_body(qid, f)
 
     def _discard_body(self, qid: QueueId, f: BinaryIO) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.ready_dir, _checked(qid)))
+        _unlink_quietly(os.path.join(self.ready_dir, _checked(qid)), qid)
         with contextlib.suppress(OSError):
             f.close()       # nothing written: closing flushes nothing
 
@@ -466,9 +571,64 @@ class QueueStore:
         point leaves an uncommitted body or a ``tmp/`` file, both removed by clean-up; the
         committer's flush of ``data/`` makes the rename durable with the commit. Raises
         OSError; the writer is unchanged (still the old body) if the rename did not happen.
+        Raises SpoolClosedError if the writer is not open (aborted, committed).
         """
-        if writer._store is not self or writer.closed:
-            raise ValueError(f"{writer.qid}: spool writer is not open")
+        self._begin_rewrite(writer)
+        try:
+            self._rewrite(writer, transform)
+        finally:
+            self._end_rewrite(writer)
+
+    async def rewrite_spool(self, writer: SpoolWriter,
+                            transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
+        """``rewrite_spool_sync`` in a thread, safe against the writer's abort meanwhile.
+
+        A client that disconnects while the thread copies makes its session call
+        ``writer.abort()``: the thread still uses both files, so the abort waits for the
+        thread and is then carried out here, on the event loop (the new and the old file
+        removed and closed), and this raises SpoolClosedError. A cancelled caller leaves the
+        thread to finish; the writer is then aborted the same way.
+        """
+        self._begin_rewrite(writer)
+        work = asyncio.get_running_loop().run_in_executor(None, self._rewrite, writer,
+                                                          transform)
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            writer._abort_asked = True
+            work.add_done_callback(functools.partial(self._rewrite_done, writer))
+            raise
+        except BaseException:
+            self._end_rewrite(writer)
+            raise
+        if self._end_rewrite(writer):
+            raise SpoolClosedError(f"{writer.qid}: spool writer aborted during the rewrite")
+
+    def _begin_rewrite(self, writer: SpoolWriter) -> None:
+        if writer._store is not self or writer._state != writer._OPEN:
+            raise SpoolClosedError(f"{writer.qid}: spool writer is not open")
+        writer._state = writer._REWRITING
+
+    def _end_rewrite(self, writer: SpoolWriter) -> bool:
+        """Back to open, or carry out an abort asked for meanwhile (True then)."""
+        if writer._state == writer._REWRITING:
+            writer._state = writer._OPEN
+        if not writer._abort_asked:
+            return False
+        writer._abort_asked = False
+        if writer._state == writer._OPEN:
+            writer._discard()
+        return True
+
+    def _rewrite_done(self, writer: SpoolWriter, work: asyncio.Future[None]) -> None:
+        if not work.cancelled():
+            work.exception()    # retrieved: the caller is gone, the abort says it all
+        self._end_rewrite(writer)
+
+    def _rewrite(self, writer: SpoolWriter,
+                 transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
+        """The copy itself (any thread); the writer is in ``_REWRITING``, so nobody else
+        touches its file until ``_end_rewrite``."""
         writer._file.flush()
         tmp = os.path.join(self.tmp_dir, f"{writer.qid}.{os.getpid()}-{next(_tmp_serial)}.edit")
         fd = self._create_locked(tmp)
@@ -480,8 +640,7 @@ class QueueStore:
             size = new.tell()
             os.rename(tmp, writer.path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _unlink_quietly(tmp, writer.qid)
             with contextlib.suppress(OSError):
                 new.close()
             raise
@@ -490,18 +649,15 @@ class QueueStore:
         with contextlib.suppress(OSError):
             old_file.close()    # the replaced inode: its lock goes with it
 
-    async def rewrite_spool(self, writer: SpoolWriter,
-                            transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
-        await asyncio.to_thread(self.rewrite_spool_sync, writer, transform)
-
     async def commit(self, writer: SpoolWriter, envelope: Envelope) -> QueueId:
         """Make the message durable; on return it may be acknowledged with 250.
 
         Sets ``envelope.size``. Any local fault removes the message's files and raises
-        TemporaryFailure (451 4.3.0), so a client never gets 250 for something not on disk.
+        TemporaryFailure (``452 4.3.1`` for a full disk, else ``451 4.3.0``), so a client
+        never gets 250 for something not on disk. SpoolClosedError if the writer was aborted.
         """
         if writer._store is not self or writer.closed:
-            raise ValueError(f"{writer.qid}: spool writer is not open")
+            raise SpoolClosedError(f"{writer.qid}: spool writer is not open")
         qid = writer.qid
         committer = self.committer
         if committer is None or not committer.running:
@@ -515,7 +671,7 @@ class QueueStore:
         except Exception as e:
             log.exception("%s: cannot write envelope", qid)
             writer._discard()
-            raise queue_write_error() from e
+            raise queue_write_error(e) from e
         writer._state = writer._COMMITTING
         # The body's last write and the envelope's creation run on the commit thread
         # (``_prepare_commit``): file creation waits for the journal while another batch is
@@ -531,8 +687,37 @@ class QueueStore:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            raise queue_write_error() from e
+            raise self.write_fault(e) from e
         return qid
+
+    def write_fault(self, err: BaseException) -> TemporaryFailure:
+        """The client's reply for a write fault (``queue_write_error``); a full disk is
+        re-measured at once, so the next ``MAIL FROM`` is refused early (``admission``)."""
+        if is_no_space(err):
+            self.space.invalidate()
+        return queue_write_error(err)
+
+    def admission(self, size: int = 0, reserve: int = 0) -> TemporaryFailure | None:
+        """Why no new message can be taken now, or None: checked at ``MAIL FROM``.
+
+        ``452 4.3.1`` when fewer than ``reserve`` bytes would stay free (plus ``size``, a
+        declared SIZE: Postfix's ``queue_minfree`` rule, see ``space``), ``451 4.3.0`` when
+        the queue's file system is read-only. Costs one ``statvfs`` per ``space_ttl``."""
+        sample = self.space.sample()
+        if sample is None:
+            return None
+        # One warning per measurement (at most one per ``space_ttl``), not one per command.
+        warn, self._warned = sample is not self._warned, sample
+        if sample.read_only:
+            if warn:
+                log.warning("queue %s: file system is read-only; refusing mail", self.root)
+            return queue_write_error()
+        if shortage(sample, size, reserve):
+            if warn:
+                log.warning("not enough free space in mail queue: %d bytes free, %d needed "
+                            "(+ %d declared)", sample.free, reserve, size)
+            return insufficient_storage()
+        return None
 
     def _prepare_commit(self, writer: SpoolWriter, data: bytes, item: CommitItem) -> None:
         """Commit thread: flush the body, give a prepared body its name in ``data/``, write the
@@ -569,8 +754,16 @@ class QueueStore:
             return
         log.error("%s: queue file write error: %s", item.qid, err)
         if item.renamed:
-            with contextlib.suppress(FileNotFoundError):
+            # Renamed but not durable (the env/ fsync failed): withdraw it. Should the file
+            # system refuse even that, the body's removal below makes it an envelope without
+            # a body, which the next start moves aside instead of delivering it.
+            try:
                 os.unlink(item.dst)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("%s: cannot withdraw the envelope of a failed commit: %s", item.qid,
+                          e)
         if env_fd >= 0:
             self._drop(item.src, env_fd)
         writer._discard()
@@ -584,13 +777,13 @@ class QueueStore:
             writer = self.new_spool()
         except OSError as e:
             log.error("queue file create error: %s", e)
-            raise queue_write_error() from e
+            raise self.write_fault(e) from e
         try:
             writer.write(data)
         except OSError as e:
             log.error("%s: queue file write error: %s", writer.qid, e)
             writer.abort()
-            raise queue_write_error() from e
+            raise self.write_fault(e) from e
         qid = await self.commit(writer, envelope)
         lock = getattr(writer, "lock", None)
         if lock is not None:        # nobody takes a hand-over here: the next attempt locks
@@ -608,24 +801,62 @@ class QueueStore:
         return os.path.join(self.data_dir, _checked(qid))
 
     def load(self, qid: QueueId) -> Envelope | None:
-        """The envelope, or None if the message is gone or unreadable (then it is quarantined).
+        """The envelope, or None if the message is gone or unusable (then it is quarantined).
 
-        An I/O error other than "not found" propagates: that is not a verdict on the message.
+        Unusable: not a regular file, larger than ``MAX_ENVELOPE_BYTES``, not an envelope
+        this code reads (corrupt, truncated, or a newer format version), or its body is
+        missing or not the size the envelope recorded at the commit (a truncated or emptied
+        body is not delivered as if it were the message). Each is moved to ``corrupt/`` with
+        one log line, so it is reported once and never retried. An I/O error other than "not
+        found" propagates: that is not a verdict on the message.
         """
+        path = os.path.join(self.env_dir, _checked(qid))
         try:
-            with open(os.path.join(self.env_dir, _checked(qid)), "rb") as f:
-                data = f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            self._quarantine(qid, "envelope is a symbolic link")
+            return None
         try:
-            return codec.decode(data)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._quarantine(qid, "envelope is not a regular file")
+                return None
+            data = _read_at_most(fd, MAX_ENVELOPE_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(data) > MAX_ENVELOPE_BYTES:
+            self._quarantine(qid, f"envelope larger than {MAX_ENVELOPE_BYTES} bytes")
+            return None
+        try:
+            env = codec.decode(data)
         except codec.UnsupportedVersion as e:
-            log.error("%s: %s; leaving it for a newer pymta", qid, e)
+            self._quarantine(qid, f"{e} (a newer pymta can deliver it from there)")
             return None
         except codec.CodecError as e:
-            if self._quarantine(qid):
-                log.error("%s: unreadable envelope (%s); moved to %s", qid, e, self.corrupt_dir)
+            self._quarantine(qid, f"unreadable envelope ({e})")
             return None
+        why = self._body_fault(qid, env)
+        if why:
+            self._quarantine(qid, why)
+            return None
+        return env
+
+    def _body_fault(self, qid: QueueId, env: Envelope) -> str:
+        """What is wrong with a committed message's body ("" if nothing)."""
+        try:
+            st = os.stat(self.body_path(qid), follow_symlinks=False)
+        except FileNotFoundError:
+            if not os.path.lexists(os.path.join(self.env_dir, qid)):
+                return ""           # removed meanwhile (envelope first, then body)
+            return "envelope without message body"
+        if not stat.S_ISREG(st.st_mode):
+            return "message body is not a regular file"
+        if env.size and st.st_size != env.size:
+            return f"message body is {st.st_size} bytes, the envelope says {env.size}"
+        return ""
 
     def save_sync(self, qid: QueueId, envelope: Envelope) -> None:
         """Replace the envelope atomically and durably. Call with the message's lock held.
@@ -646,8 +877,7 @@ class QueueStore:
             if self.fsync:
                 os.fsync(self._dir_fd())
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _unlink_quietly(tmp, qid)
             raise
         finally:
             os.close(fd)
@@ -667,7 +897,8 @@ class QueueStore:
     async def remove(self, qid: QueueId) -> None:
         """``remove_sync`` on the commit thread, sharing the batch's ``env/`` fsync. A lock on
         ``qid`` this process holds goes with it (closed after the unlinks; ``release`` is
-        then a no-op), so the inode's release never waits for the journal on the loop."""
+        then a no-op), so the inode's release never waits for the journal on the loop. If
+        the removal fails, the lock is given back to its holder, still held."""
         committer = self.committer
         if committer is None or not committer.running:
             await asyncio.to_thread(self.remove_sync, qid)
@@ -675,7 +906,23 @@ class QueueStore:
         env = os.path.join(self.env_dir, _checked(qid))
         lock = self._held.get(qid)
         item = RemoveItem(env, self.body_path(qid), lock.detach() if lock is not None else -1)
-        await asyncio.shield(committer.submit_removal(item))
+        done = committer.submit_removal(item)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # Nobody is left to take the lock back if the removal fails: close it then.
+            done.add_done_callback(lambda _f: _close_kept(item))
+            raise
+        except BaseException:
+            # Still queued and still locked: the lock goes back to its holder, so no other
+            # worker can take the message in between (and deliver it again).
+            if item.lock_fd >= 0:
+                if lock is not None:
+                    lock.attach(item.lock_fd, self._held)
+                else:
+                    os.close(item.lock_fd)
+                item.lock_fd = -1
+            raise
 
     # ------------------------------------------------------------------ locking
 
@@ -684,6 +931,9 @@ class QueueStore:
         try:
             fd = os.open(self.body_path(qid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            # Removal unlinks the envelope first: an envelope still here has lost its body.
+            if os.path.lexists(os.path.join(self.env_dir, qid)):
+                self._quarantine(qid, "envelope without message body")
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -734,10 +984,18 @@ class QueueStore:
 
     @staticmethod
     def _drop(path: str, fd: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        """Remove a file we created and close it; the descriptor is closed whatever happens."""
+        _unlink_quietly(path, "queue")
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _close_kept(item: RemoveItem) -> None:
+    """The lock a failed removal left open, when its caller is gone."""
+    if item.lock_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(item.lock_fd)
+        item.lock_fd = -1
 
 
 def _open_body(fd: int) -> BinaryIO:
@@ -747,6 +1005,34 @@ def _open_body(fd: int) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _unlink_quietly(path: str, who: str) -> None:
+    """Clean-up on an error path: a file already gone is fine, and one the file system will
+    not let us remove (read-only, failing) is logged and left to the next start's clean-up,
+    rather than replacing the error being handled."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("%s: cannot remove %s: %s", who, path, e)
+
+
+def _shown(text: str) -> str:
+    """A file name as it may appear in a log line: non-ASCII and control bytes escaped."""
+    return ascii(text)[1:-1]
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks = []
+    while limit > 0:
+        chunk = os.read(fd, min(limit, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes) -> None:

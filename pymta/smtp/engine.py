@@ -14,6 +14,12 @@ BDAT chunk framing, and the defences:
   in a command line, ends the session with ``521 5.5.2`` and the partial message is dropped
   (the SMTP smuggling class: CVE-2023-51764, CVE-2024-27305). Nothing after such a byte is
   ever read as a command.
+* NUL is not message content without BINARYMIME (RFC 5321 §4.5.2, RFC 3030), which we do
+  not offer. A message containing one is read to its end (DATA) or its LAST chunk (BDAT),
+  not passed on, and refused with ``554 5.6.0``; the session stays in step (Postfix's
+  ``message_reject_characters = \\0`` reads to the end too, then answers ``550 5.7.1``).
+* A command line that is not UTF-8 gets ``500 5.5.2 Error: bad UTF-8 syntax``, as from
+  Postfix: no undecodable byte reaches an address, a parameter or the HELO name.
 * Bytes that follow DATA in the same read arrived before the 354 and break RFC 2920's rule
   that DATA ends a pipelined group: ``554 5.5.0`` and disconnect (as Postfix's
   ``smtpd_forbid_unauth_pipelining``).
@@ -29,6 +35,16 @@ lines cannot reach a log from here.
 
 What is policy (which recipients exist, who may relay, when a message is durable) belongs to
 the driver, which sees it as decision events.
+
+Work per received byte is O(1) amortised whatever the input: DATA is scanned with C-level
+searches over each read, and the only bytes carried from one read to the next are a possible
+start of the end marker (at most four: ``<CR><LF>.<CR>``), counted in ``buffered``. Every
+other byte is passed on (or, past the size limit or after a NUL, dropped) as it arrives, so
+the size limit sees it at once. A partial command or SASL line is searched again on each
+read, which is bounded by the line limits.
+
+Once closed (QUIT, a fatal protocol error, or the driver's ``close()``) the engine is final:
+nothing more is written, ``respond()`` and ``close()`` do nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +67,8 @@ from pymta.types import Reply
 
 CR, LF = 13, 10
 _CRLF = b"\r\n"
+_END = b"\r\n.\r\n"
+MAX_HELO = 255        # octets: a domain name (RFC 5321 §4.5.3.1.2) or an address literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +84,10 @@ class EngineConfig:
     auth_requires_tls: bool = True
     sasl_line_limit: int = 12288      # RFC 4954 §4: a SASL response line may be this long
     banner: str = "ESMTP pymta"
+    # RCPTs refused with 452 for exceeding max_recipients that are not counted as errors, per
+    # transaction (Postfix's smtpd_recipient_overshoot_limit): a client that pipelines more
+    # recipients than we take must not lose its whole transaction to the error limit.
+    recipient_overshoot_limit: int = 1000
 
 
 # Replies that do not depend on the session (built once).
@@ -86,10 +108,14 @@ R_PIPELINING = Reply(554, "5.5.0", "Error: SMTP protocol synchronization: "
 R_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
 R_SIZE = Reply(552, "5.3.4", "Error: message file too big")
 R_BDAT_BARE = Reply(554, "5.6.0", "Error: message contains bare <CR> or <LF>")
+R_NUL = Reply(554, "5.6.0", "Error: message contains a NUL character")
+R_BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
 R_BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 R_BAD_RCPT = Reply(501, "5.1.3", "Bad recipient address syntax")
 R_UTF8_REQUIRED = Reply(553, "5.6.7", "Error: SMTPUTF8 required for non-ASCII address")
 R_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+R_HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+R_EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 R_VRFY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
 R_EXPN = Reply(502, "5.5.1", "Error: command not implemented")
 R_TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
@@ -110,10 +136,25 @@ R_NOOP = Reply(250, "2.0.0", "Ok")
 R_RSET = Reply(250, "2.0.0", "Ok")
 
 _IDLE, _COMMAND, _DATA, _BDAT, _WAIT, _TLS_PENDING, _CLOSED, _SKIP_LINE, _SASL = range(9)
+_REFUSED = b"\r\n"   # _take_line's "dealt with" marker (no line it returns contains CRLF)
 
 # LOGIN's prompts, already base64 ("Username:", "Password:"), as every server sends them.
 _LOGIN_USER = "VXNlcm5hbWU6"
 _LOGIN_PASS = "UGFzc3dvcmQ6"
+
+
+def _marker_prefix(work: bytes) -> int:
+    """Length of the longest suffix of ``work`` that is a proper prefix of ``<CR><LF>.<CR><LF>``
+    (0 to 4): the only bytes DATA mode must carry to the next read. A trailing CR is always
+    kept, so a CRLF pair is never split between two checks."""
+    last = work[-1:]
+    if last == b"\r":
+        return 4 if work[-4:] == b"\r\n.\r" else 1
+    if last == b"\n":
+        return 2 if work[-2:] == _CRLF else 0
+    if last == b".":
+        return 3 if work[-3:] == b"\r\n." else 0
+    return 0
 
 
 def _cram_challenge(hostname: str) -> str:
@@ -128,7 +169,8 @@ class Engine:
         "cfg", "_buf", "_out", "_events", "_state", "_waiting", "_helo", "_extended",
         "_tls", "_has_mail", "_mail_utf8", "_rcpts", "_errors", "_tail", "_first_chunk",
         "_size", "_over", "_bdat_left", "_bdat_last", "_bdat_discard", "_bdat_reply",
-        "_bdat_open", "_bdat_cr", "_bdat_bare", "closed", "auth_user", "_sasl",
+        "_bdat_open", "_bdat_cr", "_bdat_bare", "closed", "auth_user", "_sasl", "_nul",
+        "_overshoot", "_skip_cr",
     )
 
     def __init__(self, cfg: EngineConfig) -> None:
@@ -145,12 +187,14 @@ class Engine:
         self.closed = False
         self.auth_user: str | None = None
         self._sasl: list[str] | None = None   # [mechanism, step data...] during an exchange
+        self._skip_cr = False                  # skipping a long line that ended in CR so far
         self._reset_txn()
 
     # ------------------------------------------------------------------ driver interface
 
     def greeting(self) -> None:
-        self._out.append(f"220 {self.cfg.hostname} {self.cfg.banner}\r\n".encode())
+        if not self.closed:
+            self._out.append(f"220 {self.cfg.hostname} {self.cfg.banner}\r\n".encode())
 
     def feed(self, data: bytes) -> None:
         if self._state in (_TLS_PENDING, _CLOSED):
@@ -159,7 +203,10 @@ class Engine:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Received bytes the engine holds and has not passed on: the input not yet
+        processed plus the few bytes of a possible end-of-data marker carried between
+        reads. The driver pauses reading above a threshold of this."""
+        return len(self._buf) + len(self._tail)
 
     @property
     def tls(self) -> bool:
@@ -178,6 +225,8 @@ class Engine:
 
     def tls_established(self) -> None:
         """The transport is now TLS: forget everything said before (RFC 3207 §4.2)."""
+        if self.closed:
+            return
         self._buf.clear()
         self._tls = True
         self._helo = ""
@@ -186,13 +235,23 @@ class Engine:
         self._state = _COMMAND
 
     def close(self, reply: Reply | None, reason: str) -> None:
-        """Driver-initiated close (idle timeout, shutdown): send ``reply`` and stop."""
+        """Driver-initiated close (idle timeout, shutdown): send ``reply`` and stop.
+
+        Final: a pending decision is dropped (its later ``respond()`` writes nothing), and on
+        an engine that is already closed this does nothing, so no reply ever follows the
+        last one (a ``421`` then a ``250`` made clients send a message twice)."""
+        if self.closed:
+            return
         if reply is not None:
             self._out.append(reply.render())
         self._enter_closed(reason)
 
     def respond(self, reply: Reply) -> None:
-        """Answer the pending decision event."""
+        """Answer the pending decision event. After a close it does nothing: the decision
+        was dropped with the session, and nothing may follow the closing reply."""
+        if self.closed:
+            self._waiting = None
+            return
         pending = self._waiting
         if pending is None:
             raise RuntimeError("no decision is pending")
@@ -223,10 +282,11 @@ class Engine:
                     self._events.append(ev.Reset())
             elif ok:
                 self._state = _DATA
-                self._tail = _CRLF
+                self._tail = b""
                 self._first_chunk = True
                 self._size = 0
                 self._over = False
+                self._nul = False
                 self._reply(reply)
                 if self._buf:  # message text arrived before the 354
                     self._reply(R_PIPELINING)
@@ -283,7 +343,9 @@ class Engine:
         self._bdat_bare = False
         self._size = 0
         self._over = False
-        self._tail = _CRLF
+        self._nul = False
+        self._overshoot = 0
+        self._tail = b""
         self._first_chunk = True
 
     def _reset_txn_keep_bdat(self) -> None:
@@ -292,9 +354,11 @@ class Engine:
         self._bdat_left, self._bdat_last, self._bdat_reply = left, last, reply
         self._bdat_discard = True
 
-    def _reply(self, reply: Reply) -> None:
+    def _reply(self, reply: Reply, *, counted: bool = True) -> None:
+        if self.closed:
+            return
         self._out.append(reply.render())
-        if reply.code >= 400:
+        if counted and reply.code >= 400:
             self._errors += 1
 
     def _too_many_errors(self) -> None:
@@ -305,6 +369,8 @@ class Engine:
     def _enter_closed(self, reason: str) -> None:
         self._state = _CLOSED
         self._buf.clear()
+        self._tail = b""
+        self._waiting = None
         self.closed = True
         self._events.append(ev.Close(reason))
 
@@ -317,37 +383,82 @@ class Engine:
 
     def _command_step(self) -> bool:
         buf = self._buf
-        nl = buf.find(b"\n")
-        if nl < 0:
-            if len(buf) > self.cfg.max_line_length:
-                self._reply(R_LINE_TOO_LONG)
-                buf.clear()
-                self._state = _SKIP_LINE
-                self._check_errors()
-                return True
+        if not buf:
             return False
-        if nl == 0 or buf[nl - 1] != CR or buf.find(b"\r", 0, nl - 1) >= 0:
-            self._reply(R_BARE_LF)
-            self._enter_closed("bare CR or LF in command")
-            return True
-        if nl + 1 > self.cfg.max_line_length:
+        nl = buf.find(b"\n", 0, self.cfg.max_line_length)
+        if nl > 0 and buf[nl - 1] == CR and buf.find(b"\r", 0, nl - 1) < 0:
+            line = bytes(buf[: nl - 1])       # the common case, inline: a good line
             del buf[: nl + 1]
-            self._reply(R_LINE_TOO_LONG)
-            self._check_errors()
-            return True
-        line = bytes(buf[: nl - 1])
-        del buf[: nl + 1]
+        else:
+            taken = self._take_line(self.cfg.max_line_length, R_LINE_TOO_LONG)
+            if taken is None:
+                return False
+            if taken is _REFUSED:
+                return True
+            line = taken
         self._dispatch(line)
         if self._state == _COMMAND:
             self._check_errors()
         return True
 
-    def _skip_step(self) -> bool:
-        nl = self._buf.find(b"\n")
+    def _take_line(self, limit: int, too_long: Reply) -> bytes | None:
+        """Take one CRLF-terminated line of at most ``limit`` octets (CRLF included) from the
+        buffer and return it without its CRLF; None while it is incomplete.
+
+        ``_REFUSED`` when the line was dealt with here: a bare CR or LF (``521``, closed), or
+        ``limit`` octets without a line end (``too_long``; the rest of the line is skipped,
+        still checked for bare CR/LF). Only the first ``limit`` octets are ever searched,
+        and which of the two comes first depends on the bytes alone, never on how the
+        stream was cut into reads.
+        """
+        buf = self._buf
+        nl = buf.find(b"\n", 0, limit)
         if nl < 0:
-            self._buf.clear()
+            if len(buf) < limit:
+                return None
+            if buf.find(b"\r", 0, limit - 1) >= 0:     # a CR not followed by LF
+                self._bare_in_line()
+                return _REFUSED
+            self._skip_cr = buf[limit - 1] == CR
+            del buf[:limit]
+            self._sasl = None
+            self._state = _SKIP_LINE
+            self._reply(too_long)
+            self._check_errors()
+            return _REFUSED
+        if nl == 0 or buf[nl - 1] != CR or buf.find(b"\r", 0, nl - 1) >= 0:
+            self._bare_in_line()
+            return _REFUSED
+        line = bytes(buf[: nl - 1])
+        del buf[: nl + 1]
+        return line
+
+    def _bare_in_line(self) -> None:
+        where = "SASL response" if self._state == _SASL else "command"
+        self._sasl = None
+        self._reply(R_BARE_LF)
+        self._enter_closed(f"bare CR or LF in {where}")
+
+    def _skip_step(self) -> bool:
+        buf = self._buf
+        if not buf:
             return False
-        del self._buf[: nl + 1]
+        nl = buf.find(b"\n")
+        end = len(buf) if nl < 0 else nl + 1
+        seg = (b"\r" if self._skip_cr else b"") + bytes(buf[:end])
+        if nl >= 0:
+            bare = not seg.endswith(_CRLF) or seg.count(b"\r") != 1
+        else:
+            bare = b"\r" in (seg[:-1] if seg.endswith(b"\r") else seg)
+        if bare:
+            self._reply(R_BARE_LF)
+            self._enter_closed("bare CR or LF in command")
+            return True
+        del buf[:end]
+        if nl < 0:
+            self._skip_cr = seg.endswith(b"\r")
+            return False
+        self._skip_cr = False
         self._state = _COMMAND
         return True
 
@@ -361,7 +472,13 @@ class Engine:
             verb, arg = line.upper(), ""
         else:
             verb = line[:sp].upper()
-            arg = line[sp + 1:].decode("utf-8", "surrogateescape")
+            try:
+                arg = line[sp + 1:].decode("utf-8")
+            except UnicodeDecodeError:
+                # RFC 6531 wants UTF-8; Postfix answers exactly this to any command line
+                # that is not. Nothing undecodable reaches an address, parameter or name.
+                self._reply(R_BAD_UTF8)
+                return
         handler = _HANDLERS.get(verb)
         if handler is None:
             self._reply(R_UNKNOWN)
@@ -375,10 +492,13 @@ class Engine:
         self._helo_common(arg, False)
 
     def _helo_common(self, arg: str, extended: bool) -> None:
-        name = arg.strip()
-        if not name or " " in name or not name.isprintable():
-            self._reply(Reply(501, "5.5.4", "Syntax: EHLO hostname" if extended
-                              else "Syntax: HELO hostname"))
+        # Postfix takes any name by default (its header code quotes it), and so do we, but
+        # not controls, separators, format characters (isprintable() refuses all of them),
+        # spaces or more than a domain's 255 octets: the name goes into logs and headers.
+        name = arg.strip(" ")
+        if (not name or " " in name or not name.isprintable()
+                or len(name.encode("utf-8")) > MAX_HELO):
+            self._reply(R_EHLO_SYNTAX if extended else R_HELO_SYNTAX)
             return
         self._helo = name
         self._extended = extended
@@ -434,11 +554,15 @@ class Engine:
             self._reply(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
             return
         if self._rcpts >= self.cfg.max_recipients:
-            self._reply(R_TOO_MANY_RCPTS)
+            # Postfix's smtpd_recipient_overshoot_limit: the first so many of these are not
+            # errors, so a pipelined batch longer than our limit keeps its transaction.
+            self._overshoot += 1
+            self._reply(R_TOO_MANY_RCPTS,
+                        counted=self._overshoot > self.cfg.recipient_overshoot_limit)
             return
         path, ptext = parts
         try:
-            params = parse_rcpt_params(ptext)
+            params = parse_rcpt_params(ptext, utf8=self._mail_utf8)
         except ParamError as exc:
             self._reply(exc.reply)
             return
@@ -463,9 +587,9 @@ class Engine:
             self._decide(ev.DataStart(False))
 
     def _cmd_bdat(self, arg: str) -> None:
-        words = arg.split()
-        if not words or len(words) > 2 or not words[0].isdigit() or len(words[0]) > 18 or (
-                len(words) == 2 and words[1].upper() != "LAST"):
+        words = [w for w in arg.split(" ") if w]
+        if not words or len(words) > 2 or not words[0].isascii() or not words[0].isdigit() \
+                or len(words[0]) > 18 or (len(words) == 2 and words[1].upper() != "LAST"):
             # Without a valid size we cannot know where the chunk ends: stop here rather
             # than read message bytes as commands.
             self._reply(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]; closing connection"))
@@ -532,10 +656,10 @@ class Engine:
         elif self.auth_user is not None:
             self._reply(R_AUTH_DONE)
         else:
-            mech, _, initial = arg.strip().partition(" ")
+            mech, _, initial = arg.strip(" ").partition(" ")
             mech = mech.upper()
-            initial = initial.strip()
-            if not mech:
+            initial = initial.strip(" ")
+            if not mech or not mech.isascii():
                 self._reply(Reply(501, "5.5.4", "Syntax: AUTH mechanism"))
             elif mech not in self.cfg.auth_mechanisms:
                 self._reply(R_AUTH_MECH)
@@ -562,7 +686,8 @@ class Engine:
     def _sasl_ask(self, state: list[str], challenge: str) -> None:
         self._sasl = state
         self._state = _SASL
-        self._out.append(f"334 {challenge}\r\n".encode())
+        if not self.closed:
+            self._out.append(f"334 {challenge}\r\n".encode())
 
     def _sasl_end(self, reply: Reply | None = None) -> None:
         self._sasl = None
@@ -571,30 +696,13 @@ class Engine:
             self._reply(reply)
 
     def _sasl_step(self) -> bool:
-        buf = self._buf
-        nl = buf.find(b"\n")
-        limit = self.cfg.sasl_line_limit
-        if nl < 0:
-            if len(buf) > limit:
-                buf.clear()
-                self._sasl_end(R_AUTH_LINE)
-                self._state = _SKIP_LINE
-                self._check_errors()
-                return True
+        line = self._take_line(self.cfg.sasl_line_limit, R_AUTH_LINE)
+        if line is None:
             return False
-        if nl == 0 or buf[nl - 1] != CR or buf.find(b"\r", 0, nl - 1) >= 0:
-            self._sasl = None
-            self._reply(R_BARE_LF)
-            self._enter_closed("bare CR or LF in SASL response")
-            return True
-        line = bytes(buf[: nl - 1])
-        del buf[: nl + 1]
-        if nl + 1 > limit:
-            self._sasl_end(R_AUTH_LINE)
-        else:
+        if line is not _REFUSED:
             self._sasl_response(line)
-        if self._state == _COMMAND:
-            self._check_errors()
+            if self._state == _COMMAND:
+                self._check_errors()
         return True
 
     def _sasl_response(self, line: bytes) -> None:
@@ -639,44 +747,59 @@ class Engine:
     # ------------------------------------------------------------------ DATA mode
 
     def _data_step(self) -> bool:
+        """Consume everything buffered in DATA mode: O(1) work per byte.
+
+        ``work`` is the carried tail (at most the four bytes ``<CR><LF>.<CR>`` that may begin
+        the end marker) plus this read; before the first line a virtual ``<CR><LF>`` (the one
+        that ended the DATA command) stands in front, so a dot on the first line is a line
+        start too. Everything up to the end marker, or up to the longest suffix that could
+        still begin one, is checked for bare CR/LF and NUL with C-level counts, unstuffed
+        and passed on; the suffix is all that is kept.
+        """
         if not self._buf:
             return False
-        work = self._tail + self._buf
+        lead = _CRLF if self._first_chunk else b""
+        tail = self._tail
+        work = (lead + tail if tail else lead) + self._buf
         self._buf = bytearray()
-        end = work.find(b"\r\n.\r\n")
+        end = work.find(_END)
         if end >= 0:
-            body = bytes(work[: end + 2])
-            rest = work[end + 5:]
+            cut = end + 2
+            rest: bytes | None = work[end + 5:]
             self._tail = b""
         else:
-            cut = len(work) - 4
-            # never split a line ending from the dot that may follow it
-            while cut > 0 and work[cut - 1] in (CR, LF):
-                cut -= 1
-            if cut <= 0:
-                self._tail = bytes(work)
+            cut = len(work) - _marker_prefix(work)
+            if cut <= len(lead):      # nothing but a possible start of the marker so far
+                self._tail = work[len(lead):]
                 return False
-            body = bytes(work[:cut])
-            self._tail = bytes(work[cut:])
             rest = None
-        pairs = body.count(_CRLF)
-        if body.count(b"\r") != pairs or body.count(b"\n") != pairs:
+            self._tail = work[cut:]
+        pairs = work.count(_CRLF, 0, cut)
+        if work.count(b"\r", 0, cut) != pairs or work.count(b"\n", 0, cut) != pairs:
             self._reply(R_BARE_LF)
             self._enter_closed("bare CR or LF in message data")
             return True
-        body = body.replace(b"\r\n.", _CRLF)
         if self._first_chunk:
-            body = body[2:]
+            # the virtual CRLF goes, and a stuffed dot on the first line with it
             self._first_chunk = False
-        if body and not self._over:
+            start = 3 if work[2:3] == b"." else 2
+        else:
+            start = 0
+        if not self._nul and work.find(b"\0", start, cut) >= 0:
+            self._nul = True
+        body = work[start:cut].replace(b"\r\n.", _CRLF)
+        if body:
+            # Facts about the whole message, whatever the reads: its size, whether it has a
+            # NUL. Once either refuses it, nothing more is passed on.
             self._size += len(body)
             if self.cfg.size_limit and self._size > self.cfg.size_limit:
                 self._over = True
-            else:
+            if not self._over and not self._nul:
                 self._events.append(ev.DataChunk(body))
         if rest is not None:
             self._buf = bytearray(rest)
-            self._decide(ev.DataEnd(R_SIZE if self._over else None, self._size))
+            error = R_SIZE if self._over else (R_NUL if self._nul else None)
+            self._decide(ev.DataEnd(error, self._size))
         return True
 
     # ------------------------------------------------------------------ BDAT mode
@@ -690,13 +813,16 @@ class Engine:
             del self._buf[:n]
             self._bdat_left -= n
             if not self._bdat_discard:
+                # As in DATA: size, bare CR/LF and NUL are facts about the whole message,
+                # refused after the LAST chunk; nothing is passed on once one is known.
                 self._bdat_check(chunk)
-                if not self._over:
-                    self._size += n
-                    if self.cfg.size_limit and self._size > self.cfg.size_limit:
-                        self._over = True
-                    elif chunk:
-                        self._events.append(ev.DataChunk(chunk))
+                if not self._nul and b"\0" in chunk:
+                    self._nul = True
+                self._size += n
+                if self.cfg.size_limit and self._size > self.cfg.size_limit:
+                    self._over = True
+                if not (self._over or self._nul or self._bdat_bare):
+                    self._events.append(ev.DataChunk(chunk))
             if self._bdat_left:
                 return True
         # chunk complete
@@ -710,7 +836,8 @@ class Engine:
         if self._bdat_last:
             if self._bdat_cr:
                 self._bdat_bare = True
-            error = R_SIZE if self._over else (R_BDAT_BARE if self._bdat_bare else None)
+            error = (R_SIZE if self._over else R_BDAT_BARE if self._bdat_bare
+                     else R_NUL if self._nul else None)
             self._decide(ev.DataEnd(error, self._size))
         else:
             self._reply(Reply(250, "2.0.0", f"Ok: {self._size} octets received"))

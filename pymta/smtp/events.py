@@ -3,6 +3,12 @@
 Events marked *decision* pause the engine until the driver calls ``engine.respond(reply)``:
 the reply decides what happens (2xx/3xx go on, 4xx/5xx refuse). Other events are
 notifications the driver acts on without answering.
+
+The HELO name, the addresses and the ESMTP parameters are text the engine has checked (see
+``pymta.smtp.params``): valid Unicode from valid UTF-8, without control characters, line or
+paragraph separators, format characters, surrogates or unassigned code points, parameters in
+their RFC syntax. Consumers still quote them for the field they write them into. SASL
+credentials (``Auth``) are only base64-decoded UTF-8: the session checks them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ PAUSED = _Sentinel("PAUSED")         # a decision is pending; call respond() fir
 
 @dataclass(frozen=True, slots=True)
 class Helo:
-    """Notification: HELO/EHLO accepted (the transaction was reset)."""
+    """Notification: HELO/EHLO accepted (the transaction was reset). ``name`` is what the
+    client said, unverified: printable, no spaces, at most 255 octets; not necessarily a
+    domain or an address literal."""
 
     name: str
     extended: bool
@@ -37,7 +45,8 @@ class Helo:
 
 @dataclass(frozen=True, slots=True)
 class MailFrom:
-    """Decision: accept this sender? ``address`` is ``""`` for the null sender."""
+    """Decision: accept this sender? ``address`` is ``""`` for the null sender; non-ASCII
+    only when ``params.smtputf8``."""
 
     address: str
     params: MailParams
@@ -60,7 +69,9 @@ class DataStart:
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
-    """Notification: message bytes, unstuffed, CRLF line endings, in order."""
+    """Notification: message bytes, unstuffed, CRLF line endings, in order; never empty,
+    never a bare CR or LF, never a NUL (once one is seen no more chunks come, and the
+    ``DataEnd`` carries the refusal)."""
 
     data: bytes
 
@@ -68,8 +79,10 @@ class DataChunk:
 @dataclass(frozen=True, slots=True)
 class DataEnd:
     """Decision: the message is complete. ``error`` is set when the engine already knows it
-    must be refused (size exceeded, bare CR/LF in BDAT); the driver discards the spool and
-    answers with it. Otherwise the driver commits and answers 250 (or 4xx on local fault)."""
+    must be refused (size exceeded ``552 5.3.4``, a NUL or a bare CR/LF in BDAT ``554
+    5.6.0``); the driver discards the spool and answers with it. Otherwise the driver
+    commits and answers 250 (or 4xx on local fault). ``size`` is the message's size in
+    octets (unstuffed), however it was cut into reads and whether or not it is refused."""
 
     error: Reply | None
     size: int

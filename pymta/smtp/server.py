@@ -4,9 +4,29 @@ Implementation summary. ``data_received`` only feeds the engine and wakes the se
 one task per connection drives ``engine.next_event()``, awaits policy decisions (lookups,
 group commit), streams message chunks to the spool and writes the engine's output once per
 drained read, so a pipelined group gets one write. Reading pauses while the engine holds more
-than a small buffer (a client cannot grow our memory while a decision is pending). An idle
-timer closes sessions that say nothing for ``idle_timeout`` seconds. Connection limits (total
-and per client address) are checked before the greeting.
+than a small buffer (a client cannot grow our memory while a decision is pending), and while
+the client does not read our replies (``pause_writing``: a client that only sends cannot grow
+our output buffer either).
+
+Timeouts. ``idle_timeout`` is the client's clock, like Postfix's ``smtpd_timeout``, but per
+record (Postfix's ``smtpd_per_record_deadline``): a command line, or a line of message text,
+must be complete within ``idle_timeout`` of the previous one, so trickling one byte at a time
+cannot hold a session forever. The clock runs only while we wait for the client: while a
+decision of ours is pending (a slow DNS check at the end of data, an AUTH delay) it does not
+run, and it restarts when we hand the turn back. So a session is never closed for idleness
+while its answer is still being made, and once a ``421`` is written nothing follows it (a
+``421`` followed by a ``250`` made clients send the message again: issue 10, defect 5).
+
+Connection limits, checked before the greeting: in total, per client address at a time
+(Postfix's ``smtpd_client_connection_count_limit``) and per client address per minute
+(:class:`ConnectionRateLimit`, Postfix's ``smtpd_client_connection_rate_limit``); clients in
+``MYNETWORKS`` are exempt from the per-address limits, as Postfix exempts
+``smtpd_client_event_limit_exceptions``. A worker process counts its own connections (the
+kernel spreads a client's connections over the workers).
+
+Stopping (:func:`close_sessions`): a session waiting for its client gets ``421 4.3.2`` at once;
+one whose decision is pending (a message being committed) gets its answer first and then the
+``421``, within a grace period, so a message is not committed without its ``250`` being sent.
 
 AUTH: the engine runs the SASL exchange and hands over finished credentials; the session
 checks them. A ``535`` is delayed by :class:`AuthThrottle` (``auth_fail_delay`` × the
@@ -21,6 +41,7 @@ import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -33,6 +54,65 @@ from pymta.types import Reply
 log = logging.getLogger("pymta.smtpd")
 
 READ_PAUSE_BYTES = 256 * 1024
+# How long stopping waits for sessions whose answer is being made (a message being checked
+# and committed) before it drops them; the pipeline's own timeouts bound most decisions.
+SHUTDOWN_GRACE = 5.0
+# How long a closing connection may take to drain our last reply before it is dropped (a
+# client that stopped reading must not keep the socket forever).
+CLOSE_LINGER = 10.0
+
+R_SHUTDOWN = "Error: service shutting down, closing transmission channel"
+
+
+class ConnectionRateLimit:
+    """Connections per client address per ``window`` seconds (Postfix's anvil,
+    ``smtpd_client_connection_rate_limit`` over ``anvil_rate_time_unit``).
+
+    A client's window starts with its first connection and lasts ``window`` seconds; every
+    connection counts, refused ones too (as in anvil: a client that keeps hammering stays
+    refused until it slows down). The table is bounded: at most ``max_entries`` addresses,
+    the oldest windows dropped first (a dropped address starts again from zero, so an attack
+    from more addresses than that in one window is limited less, never wrongly refused).
+    Expired windows are dropped as new ones are made, a few per call: O(1) per connection.
+    """
+
+    __slots__ = ("limit", "window", "max_entries", "_clock", "_table")
+
+    def __init__(self, limit: int, window: float = 60.0, max_entries: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_entries = max_entries
+        self._clock = clock
+        # ip -> [window start, connections]; dict order is window-start order because an
+        # address is re-inserted whenever its window restarts
+        self._table: dict[str, list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def hit(self, ip: str) -> int:
+        """Count one connection of ``ip``; return its connections in the current window
+        (more than ``limit`` means: refuse it)."""
+        now = self._clock()
+        table = self._table
+        entry = table.get(ip)
+        if entry is not None and now - entry[0] < self.window:
+            entry[1] += 1
+            return int(entry[1])
+        if entry is not None:
+            del table[ip]
+        table[ip] = [now, 1]
+        # drop up to two expired windows from the front (one comes in per call, so the table
+        # holds the addresses of the last window and no more), and the oldest beyond the cap
+        for _ in range(2):
+            oldest = next(iter(table))
+            if now - table[oldest][0] < self.window:
+                break
+            del table[oldest]
+        while len(table) > self.max_entries:
+            del table[next(iter(table))]
+        return 1
 
 
 class AuthThrottle:
@@ -76,15 +156,33 @@ class ListenerContext:
     max_connections: int = 2000
     max_per_ip: int = 50
     tls_handshake_timeout: float = 30.0
+    rate_limit: ConnectionRateLimit | None = None   # None: no per-minute limit (the default)
     active: set[SMTPServerProtocol] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
     auth_throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    stopping: bool = False
+
+    def refusal(self, ip: str) -> Reply | None:
+        """The ``421`` for a new connection from ``ip`` that a limit refuses, else None.
+        Per-address limits spare ``MYNETWORKS`` (asked only when a limit would refuse)."""
+        if len(self.active) >= self.max_connections:
+            return Reply(421, "4.7.0", "Error: too many connections; try again later")
+        rate = self.rate_limit.hit(ip) if self.rate_limit is not None else 0
+        over_rate = self.rate_limit is not None and rate > self.rate_limit.limit
+        if (over_rate or self.per_ip[ip] >= self.max_per_ip) and \
+                not self.receive.relay_allowed(ip):
+            if over_rate and self.rate_limit is not None and rate == self.rate_limit.limit + 1:
+                # once per client and window, not once per refused connection
+                log.warning("connection rate limit exceeded: %d from [%s] in %gs", rate, ip,
+                            self.rate_limit.window)
+            return Reply(421, "4.7.0", f"Error: too many connections from {ip}")
+        return None
 
 
 class SMTPServerProtocol(asyncio.Protocol):
     __slots__ = ("ctx", "cfg", "transport", "engine", "session", "_task", "_waiter",
-                 "_timer", "_last", "_peer_ip", "_paused", "_lost", "_implicit_tls",
-                 "_tls_early")
+                 "_timer", "_last", "_peer_ip", "_paused", "_write_paused", "_lost",
+                 "_implicit_tls", "_tls_early")
 
     def __init__(self, ctx: ListenerContext, cfg: EngineConfig, implicit_tls: bool) -> None:
         self.ctx = ctx
@@ -92,9 +190,12 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._implicit_tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
+        # Set while the session task waits for the client (its bytes, or room to write);
+        # None while we are the ones working (a decision, an AUTH delay, a TLS handshake).
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._paused = False
+        self._paused = False          # we paused reading
+        self._write_paused = False    # the transport's write buffer is full
         self._lost = False
         self._peer_ip = ""
         # Decrypted bytes that arrive while loop.start_tls() is still finishing: with TLS 1.3
@@ -109,15 +210,9 @@ class SMTPServerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         self._peer_ip = ip = str(peer[0])
         ctx = self.ctx
-        if len(ctx.active) >= ctx.max_connections:
-            transport.write(Reply(421, "4.7.0", "Error: too many connections; "
-                                                "try again later").render())
-            transport.close()
-            self._lost = True
-            return
-        if ctx.per_ip[ip] >= ctx.max_per_ip:
-            transport.write(Reply(421, "4.7.0", f"Error: too many connections from {ip}")
-                            .render())
+        refusal = ctx.refusal(ip)
+        if refusal is not None:
+            transport.write(refusal.render())
             transport.close()
             self._lost = True
             return
@@ -137,21 +232,33 @@ class SMTPServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lost:
             return
-        self._last = asyncio.get_running_loop().time()
+        if data.rfind(b"\n") >= 0:
+            # a line is complete: the client's clock restarts (a deadline per record, not
+            # per read, so a byte now and then does not keep a session alive)
+            self._last = asyncio.get_running_loop().time()
         if self._tls_early is not None:
             self._tls_early += data
             return
         engine = self.engine
         engine.feed(data)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
         if engine.buffered > READ_PAUSE_BYTES and not self._paused and self.transport:
             self._paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         return False
+
+    def pause_writing(self) -> None:
+        # The client does not read our replies: read no more commands until it does.
+        self._write_paused = True
+        if not self._paused and self.transport is not None and not self._lost:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lost:
@@ -164,44 +271,93 @@ class SMTPServerProtocol(asyncio.Protocol):
             del ctx.per_ip[self._peer_ip]
         if self._timer is not None:
             self._timer.cancel()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
         self.session.abort()
 
     # ------------------------------------------------------------------ the session task
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _check_idle(self) -> None:
         if self._lost:
             return
         loop = asyncio.get_running_loop()
-        idle = loop.time() - self._last
-        if idle >= self.ctx.idle_timeout:
-            self.engine.close(Reply(421, "4.4.2", f"{self.cfg.hostname} Error: timeout "
-                                                  "exceeded"), "idle timeout")
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        timeout = self.ctx.idle_timeout
+        if self._waiter is None:
+            # We are the slow ones (the answer to a command is being made): the client's
+            # clock does not run; it restarts when the task waits for the client again.
+            self._timer = loop.call_later(timeout, self._check_idle)
             return
-        self._timer = loop.call_later(self.ctx.idle_timeout - idle, self._check_idle)
+        idle = loop.time() - self._last
+        if idle < timeout:
+            self._timer = loop.call_later(timeout - idle, self._check_idle)
+            return
+        if self._write_paused and self.transport is not None:
+            # it does not even read what we sent: a 421 could not reach it
+            log.info("timeout writing to %s; dropping the connection", self._peer_ip)
+            self.transport.abort()
+            return
+        self.engine.close(Reply(421, "4.4.2", f"{self.cfg.hostname} Error: timeout "
+                                              "exceeded"), "idle timeout")
+        self._wake()
+
+    def shutdown(self) -> None:
+        """The server is stopping: a session waiting for its client is told ``421 4.3.2``
+        now; one whose answer is being made is told after that answer (see ``_run``)."""
+        if self._lost or self.engine.closed:
+            return
+        if self._waiter is not None:
+            self.engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
+                              "shutdown")
+            self._wake()
 
     def _flush(self) -> None:
         out = self.engine.take_output()
         if out and self.transport is not None and not self._lost:
             self.transport.write(out)
 
+    def _close_transport(self) -> None:
+        """Close after our last reply is written; drop the connection if the client does not
+        take that reply within ``CLOSE_LINGER`` seconds."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(CLOSE_LINGER, transport.abort)
+
     async def _run(self) -> None:
         engine = self.engine
         session = self.session
         loop = asyncio.get_running_loop()
+        ctx = self.ctx
+        busy = False   # did we make the client wait since it last had the turn?
         try:
             while not self._lost:
+                if self._write_paused:
+                    self._flush()
+                    # wait for the client to read (resume_writing) or to go away; inline, not
+                    # a helper coroutine: an idle session's memory is mostly what it awaits
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    self._waiter = None
+                    continue
                 event = engine.next_event()
                 if event is ev.NEED_DATA:
                     self._flush()
-                    if self._paused and self.transport is not None:
+                    if ctx.stopping and not engine.closed:
+                        engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
+                                     "shutdown")
+                        continue
+                    if self._paused and not self._write_paused and self.transport is not None:
                         self._paused = False
                         self.transport.resume_reading()
+                    if busy:
+                        busy = False
+                        self._last = loop.time()   # the client's turn starts now
                     self._waiter = loop.create_future()
                     await self._waiter
                     self._waiter = None
@@ -210,12 +366,14 @@ class SMTPServerProtocol(asyncio.Protocol):
                 if cls is ev.DataChunk:
                     session.on_data_chunk(event.data)
                 elif cls is ev.RcptTo:
+                    busy = True
                     engine.respond(await session.on_rcpt(event))
                 elif cls is ev.MailFrom:
                     engine.respond(session.on_mail(event))
                 elif cls is ev.DataStart:
                     engine.respond(session.on_data_start(event))
                 elif cls is ev.DataEnd:
+                    busy = True
                     engine.respond(await session.on_data_end(event))
                 elif cls is ev.Helo:
                     session.on_helo(event)
@@ -223,22 +381,23 @@ class SMTPServerProtocol(asyncio.Protocol):
                     session.on_reset()
                 elif cls is ev.StartTLS:
                     self._flush()
+                    busy = True
                     if not await self._start_tls():
                         return
                 elif cls is ev.Auth:
+                    busy = True
                     reply = await session.on_auth(event)
                     if reply.code == 235:
                         engine.auth_user = session.auth_user
                     elif reply.code == 535:
-                        delay = self.ctx.auth_throttle.failed(self._peer_ip)
+                        delay = ctx.auth_throttle.failed(self._peer_ip)
                         if delay > 0:
                             await asyncio.sleep(delay)
                     engine.respond(reply)
                 elif cls is ev.Close:
                     self._flush()
                     session.abort()
-                    if self.transport is not None:
-                        self.transport.close()
+                    self._close_transport()
                     return
         except Exception:
             log.exception("session with %s failed", self._peer_ip)
@@ -246,7 +405,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             if self.transport is not None and not self._lost:
                 self.transport.write(Reply(421, "4.3.0", "Error: local error in processing; "
                                                          "closing connection").render())
-                self.transport.close()
+                self._close_transport()
 
     async def _start_tls(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -275,3 +434,27 @@ class SMTPServerProtocol(asyncio.Protocol):
         if early:
             self.engine.feed(bytes(early))
         return True
+
+
+async def close_sessions(ctx: ListenerContext, grace: float = SHUTDOWN_GRACE) -> None:
+    """Stop every session of ``ctx`` (the listeners are closed already): ``421 4.3.2`` to
+    those waiting for their client at once; those whose answer is being made get it first
+    (a message being committed is acknowledged, not left for the client to send again), for
+    up to ``grace`` seconds; whatever is left then is dropped."""
+    ctx.stopping = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    tasks = []
+    for proto in list(ctx.active):
+        proto.shutdown()
+        if proto._task is not None and not proto._task.done():
+            tasks.append(proto._task)
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace)
+    while ctx.active and loop.time() < deadline:   # the last replies on their way out
+        await asyncio.sleep(0.02)
+    for proto in list(ctx.active):
+        if proto.transport is not None:
+            proto.transport.abort()
+        if proto._task is not None and not proto._task.done():
+            proto._task.cancel()

@@ -357,3 +357,15 @@ async def test_limits_leave_queue_clean(tmp_path) -> None:
         await send_message(client)
         await queue_drained(srv.config)
         assert len(maildir_messages(srv.config.mail_dir, "alice")) == 1
+
+
+async def test_issue10_queue_minfree_refuses_mail_from_with_452(tmp_path) -> None:
+    """PYMTA_QUEUE_MINFREE (Postfix's queue_minfree) reaches the session: with more free
+    space asked for than any disk has, MAIL FROM is a temporary 452 4.3.1, nothing else."""
+    async with server(tmp_path, queue_minfree=1 << 60) as srv:
+        client = await srv.session()
+        code, text = await client.cmd("MAIL FROM:<sender@example.net>")
+        assert (code, text[4:9]) == (452, "4.3.1"), text
+    async with server(tmp_path, queue_minfree=0) as srv:
+        client = await srv.session()
+        assert (await client.cmd("MAIL FROM:<sender@example.net>"))[0] == 250

@@ -6,6 +6,9 @@
 * Mailbox write errors: a mailbox under a path component that is a regular file cannot be
   created; the message is accepted, deferred (4.x.x, no bounce), and delivered once the
   administrator has fixed the path and flushed the queue.
+* Issue 10, a client that disconnects while the end-of-data decision runs (slow pre-queue
+  checks, or the spool rewrite that drops a forged ``Authentication-Results``): nothing is
+  queued, nothing is left in the spool, and the log has one NOTICE line, no traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import serverproc
 from serverproc import ServerProc, SMTPClient, make_message, queued_id, smtp_send, wait_until
@@ -215,3 +221,114 @@ def test_sigterm_is_prompt_while_an_mbox_is_locked(server_factory) -> None:
     assert rc == 0, srv.stderr[-2000:]
     assert took < 15, f"SIGTERM took {took:.1f}s; stderr:\n{srv.stderr[-1500:]}"
     assert len(srv.queue_files("env")) == 12
+
+
+# ---------------------------------------------------------------------------- disconnects
+
+
+def _abandon(port: int, data: bytes, delay: float = 0.0, reset: bool = False) -> None:
+    """Send one message (``data`` without the final dot) and go away right after the dot,
+    after ``delay`` seconds, with a FIN or (``reset``) an RST: no reply is read."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    f = sock.makefile("rb")
+    try:
+        assert f.readline().startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        for cmd in (f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{ALICE}>", "DATA"):
+            sock.sendall(cmd.encode() + b"\r\n")
+            assert f.readline()[:1] in (b"2", b"3")
+        sock.sendall(data + b".\r\n")
+        if delay:
+            time.sleep(delay)
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        f.close()           # the socket closes only once its file object is closed too
+        sock.close()
+
+
+def _queue_fds(srv: ServerProc) -> list[str]:
+    """Files under the spool's data/ and tmp/ held open by the server or its workers."""
+    pids = {srv.pid}
+    for task in Path(f"/proc/{srv.pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        pids.update(int(c) for c in children)
+    held = []
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for fd in fd_dir.iterdir() if fd_dir.is_dir() else ():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if "/queue/data/" in target or "/queue/tmp/" in target:
+                held.append(target)
+    return held
+
+
+def test_issue10_disconnect_during_prequeue_checks_is_one_notice_line(server_factory) -> None:
+    """The SPF check waits for a DNS server that never answers; the client sends a message
+    and disconnects before the decision. Before the fix the session then committed a closed
+    spool writer: ``error: session with 127.0.0.1 failed`` and a traceback ending in
+    ``ValueError: ...: spool writer is not open``."""
+    black = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # swallows every query
+    black.bind(("127.0.0.1", 0))
+    try:
+        srv: ServerProc = server_factory(
+            "gone", PYMTA_DNS_RESOLVER=f"127.0.0.1:{black.getsockname()[1]}",
+            PYMTA_DNS_TIMEOUT="2", PYMTA_DKIM_VERIFY="no", PYMTA_ARC="no", PYMTA_DMARC="no",
+            SYSLOG_LEVEL="5")
+        srv.start()
+        _abandon(srv.port, make_message(SENDER, ALICE, "fault gone"), delay=0.2)
+        line = "lost connection after end of data from unknown[127.0.0.1]"
+        try:
+            wait_until(lambda: line in srv.stderr, 20, what="the lost-connection line")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; stderr:\n{srv.stderr[-3000:]}") from None
+        time.sleep(0.5)
+        log = srv.stderr
+        assert log.count(line) == 1, log[-3000:]
+        (logged,) = [ln for ln in log.splitlines() if line in ln]
+        assert "error:" not in logged and "warning:" not in logged, logged   # NOTICE
+        assert "Traceback" not in log and "error:" not in log, log[-3000:]
+        assert srv.queue_files("data") == [] and srv.queue_files("env") == []
+        assert srv.queue_files("tmp") == []
+        assert maildir_new(srv, "alice") == []          # never acknowledged, never queued
+        assert srv.stop() == 0
+    finally:
+        black.close()
+
+
+def test_issue10_rewrite_racing_disconnect_leaves_no_file_and_no_traceback(
+        server_factory) -> None:
+    """A forged ``Authentication-Results`` (claiming our authserv-id) makes the session
+    rewrite the spool file in a thread before the commit; clients reset the connection at
+    varying moments after the final dot. Before the fix about one in five ended in a
+    traceback (``spool writer is not open``) or ``queue file rewrite failed: [Errno 2]``,
+    and the rewrite could recreate a body nobody owned."""
+    srv: ServerProc = server_factory(
+        "race", PYMTA_SPF="no", PYMTA_DKIM_VERIFY="no", PYMTA_ARC="no", PYMTA_DMARC="no",
+        MESSAGE_SIZE_LIMIT="20000000", SYSLOG_LEVEL="6")
+    srv.start()
+    data = (f"Authentication-Results: mx.example.com; spf=pass smtp.mailfrom={SENDER}\r\n"
+            f"From: <{SENDER}>\r\nSubject: fault race\r\n\r\n").encode() + (
+        b"z" * 998 + b"\r\n") * 6000
+    for i in range(40):
+        _abandon(srv.port, data, delay=(i % 10) * 0.004, reset=True)
+    # the messages whose commit had begun are queued (not acknowledged: RFC 1047's window)
+    srv.wait_queue_empty(60)
+    time.sleep(0.5)
+    log = srv.stderr
+    assert "Traceback" not in log and "is not open" not in log, log[-4000:]
+    assert "rewrite failed" not in log and "error:" not in log, log[-4000:]
+    assert srv.queue_files("data") == [] and srv.queue_files("tmp") == []
+    assert _queue_fds(srv) == []
+    lost = log.count("lost connection after end of data")
+    assert lost + len(maildir_new(srv, "alice")) <= 40
+    for name in maildir_new(srv, "alice"):           # whatever was queued is whole
+        text = (srv.mail_dir / "alice" / "new" / name).read_bytes()
+        assert text.count(b"z" * 998) == 6000
+        assert f"spf=pass smtp.mailfrom={SENDER}".encode() not in text   # the forgery dropped
+    assert srv.stop() == 0

@@ -8,12 +8,17 @@ jumps on a flush.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 
 import serverproc
 from serverproc import ServerProc, dead_relay, make_message, queued_id, smtp_send, wait_until
+
+from pymta.cli.main import main
+from pymta.queue.store import QueueStore
+from pymta.types import Envelope, Recipient
 
 server_factory = serverproc.server_factory  # the fixture
 
@@ -211,3 +216,35 @@ def test_hold_incoming_keeps_mail_until_release_all(server_factory) -> None:
     proc = srv.cli("queue", "release")
     assert proc.returncode == 2 and "give message IDs or --all" in proc.stderr
     assert srv.stop() == 0
+
+
+def test_issue10_show_of_a_message_moved_to_corrupt_says_so(tmp_path, monkeypatch,
+                                                            capsys) -> None:
+    """``queue show ID`` whose envelope the store finds unusable (and moves aside to
+    ``corrupt/`` while reading it for this very command), then the same id again, and a
+    ``hold`` of it: each says where the message went instead of "no message"."""
+    monkeypatch.setenv("PYMTA_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("MAIL_DOMAIN", "example.com")
+    monkeypatch.delenv("PYMTA_CONFIG", raising=False)
+    body = b"Subject: corrupt\r\n\r\nhi\r\n"
+
+    async def enqueue() -> str:
+        store = QueueStore(tmp_path / "queue", fsync=False)
+        await store.start()
+        try:
+            now = time.time()
+            env = Envelope(SENDER, [Recipient(FWD, FWD)], now, now, size=len(body))
+            return await store.enqueue_bytes(env, body)
+        finally:
+            await store.close()
+
+    qid = asyncio.run(enqueue())
+    (tmp_path / "queue" / "env" / qid).write_bytes(b"\x00 not an envelope")
+    corrupt = f"{tmp_path / 'queue' / 'corrupt'}/"
+    for argv in (["queue", "show", qid], ["queue", "show", qid], ["queue", "hold", qid]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert f"pymta: queue: message {qid} was moved to {corrupt}" in err, (argv, err)
+        assert "no message" not in err
+    assert main(["queue", "show", "0000000000NONE0"]) == 1
+    assert "pymta: queue: no message 0000000000NONE0" in capsys.readouterr().err

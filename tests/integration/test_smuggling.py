@@ -3,8 +3,10 @@
 An attacker ends a message with a sequence that some server in the path reads as
 ``<CRLF>.<CRLF>`` and another does not, and follows it with a second transaction. pymta must
 accept only ``<CRLF>.<CRLF>`` as the end of data: a bare CR or LF anywhere in DATA ends the
-session with ``521 5.5.2`` and nothing is queued; NUL bytes are just content. The smuggled
-message (to postmaster, marked SMUGGLED-PAYLOAD) must never be delivered as a message.
+session with ``521 5.5.2`` and nothing is queued. A NUL next to the dot does not end the data
+either; without BINARYMIME a NUL is not message content at all (issue 10), so that message is
+refused with ``554 5.6.0`` at its real end, the session still in step. The smuggled message
+(to postmaster, marked SMUGGLED-PAYLOAD) must never be delivered as a message.
 """
 
 from __future__ import annotations
@@ -102,21 +104,30 @@ async def test_bare_lf_end_sent_byte_by_byte(client_factory, config) -> None:
 
 
 @pytest.mark.parametrize("ending", NUL_ENDINGS, ids=repr)
-async def test_nul_around_dot_stays_inside_one_message(client_factory, config,
-                                                       ending: bytes) -> None:
+async def test_issue10_nul_around_dot_stays_inside_one_message_which_is_refused(
+        client_factory, config, ending: bytes) -> None:
     client = await _open_data(client_factory)
     code, text = await client.cmd(OUTER + ending + SMUGGLED)
-    assert (code, text[4:9]) == (250, "2.0.0"), text
-    # the session is still in sync: the next command gets its own reply
+    # one message (the smuggled commands are its text), refused at its real end for the NUL
+    assert (code, text[4:9]) == (554, "5.6.0"), text
+    # the session is still in sync: the next command gets its own reply, and no
+    # transaction (neither the outer one nor a smuggled one) is open
     assert (await client.cmd("NOOP"))[0] == 250
-    msgs = await wait_delivered(config, "alice")
-    assert len(msgs) == 1
-    content = content_after_received(msgs[0])
-    assert b"SMUGGLED-PAYLOAD" in content
-    assert b"MAIL FROM:<attacker@evil.test>" in content
-    assert b"\x00" in content
-    await queue_drained(config)
+    code, text = await client.cmd("DATA")
+    assert (code, text[4:9]) == (503, "5.5.1"), text
+    await asyncio.sleep(0.3)
+    assert_nothing_accepted(config)
     assert maildir_messages(config.mail_dir, "postmaster") == []
+
+
+async def test_issue10_nul_anywhere_in_data_refused_and_session_goes_on(
+        client_factory, config) -> None:
+    client = await _open_data(client_factory)
+    code, text = await client.cmd(b"Subject: nul\r\n\r\nbinary \x00 inside\r\n.\r\n")
+    assert (code, text[4:9]) == (554, "5.6.0"), text
+    await send_message(client)                 # the next transaction is accepted
+    msgs = await wait_delivered(config, "alice")
+    assert len(msgs) == 1 and b"\x00" not in msgs[0]
 
 
 async def test_proper_message_byte_by_byte_keeps_smuggled_text_as_content(

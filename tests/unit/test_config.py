@@ -107,6 +107,12 @@ def test_pymta_variables() -> None:
     assert config.idle_timeout == 90.0
 
 
+def test_connection_rate_limit_is_off_by_default_as_in_postfix() -> None:
+    assert load_config(BASE).connection_rate_limit == 0
+    assert load_config(env(PYMTA_CONNECTION_RATE_LIMIT="30")).connection_rate_limit == 30
+    assert load_config(env(PYMTA_CONNECTION_RATE_LIMIT="0")).connection_rate_limit == 0
+
+
 def test_empty_variable_counts_as_unset() -> None:
     # docker-compose writes SYSLOG_LEVEL=${SYSLOG_LEVEL-}
     assert load_config(env(SYSLOG_LEVEL="", MESSAGE_SIZE_LIMIT=" ")).syslog_level == 5
@@ -182,6 +188,10 @@ def test_listen_from_environment() -> None:
     ("MAIL_DOMAIN", "user@example.com", "MAIL_DOMAIN: not a domain name: 'user@example.com'"),
     ("MAIL_DOMAIN", "exa..mple.com", "MAIL_DOMAIN: not a domain name: 'exa..mple.com'"),
     ("MYHOSTNAME", "mx 1", "MYHOSTNAME: not a host name: 'mx 1'"),
+    ("PYMTA_CONNECTION_RATE_LIMIT", "-1",
+     "PYMTA_CONNECTION_RATE_LIMIT: must be at least 0: '-1'"),
+    ("PYMTA_CONNECTION_RATE_LIMIT", "30/m",
+     "PYMTA_CONNECTION_RATE_LIMIT: not a whole number: '30/m'"),
 ])
 def test_errors_name_the_variable_and_value(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -271,3 +281,10 @@ def test_toml_invalid_or_missing(tmp_path: Path) -> None:
     assert path in str(info.value)
     with pytest.raises(ConfigError, match=r"^PYMTA_CONFIG: cannot read '/no/such\.toml'"):
         load_config({"PYMTA_CONFIG": "/no/such.toml"})
+
+
+def test_queue_minfree_is_a_byte_count() -> None:
+    assert load_config(BASE).queue_minfree == 0
+    assert load_config(env(PYMTA_QUEUE_MINFREE="100000000")).queue_minfree == 100000000
+    with pytest.raises(ConfigError, match="PYMTA_QUEUE_MINFREE"):
+        load_config(env(PYMTA_QUEUE_MINFREE="lots"))

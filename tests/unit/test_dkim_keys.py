@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pymta.config.errors import ConfigError
 from pymta.config.load import load_config
-from pymta.pipeline import Transaction
+from pymta.pipeline import CannotEvaluate, Transaction
 from pymta.pipeline.arc import forwarded, render_aar_input
 from pymta.pipeline.dkimkeys import (
     DkimKey,
@@ -33,6 +33,7 @@ from pymta.pipeline.dkimverify import (
     verify_all,
 )
 from pymta.pipeline.dmarc import DkimSignatureResult
+from pymta.pipeline.headers import strict_view
 from pymta.types import Recipient
 
 MSG = (b"Received: from x by y; Mon, 1 Jan 2024 10:00:00 +0000\r\nFrom: A <a@example.com>\r\n"
@@ -91,7 +92,9 @@ def test_every_signature_gets_its_own_result_top_first() -> None:
 def test_quote_value() -> None:
     assert quote_value("AbCd1234") == "AbCd1234"
     assert quote_value("Ab/d+12=") == '"Ab/d+12="'
-    assert quote_value('a"b') == '"a\\"b"'
+    # no quoted-pairs: dkimpy re-prints our A-R into the AAR and would double them
+    # (pymta.headervalue); a quote, backslash or "@" in a quoted value becomes "?"
+    assert quote_value('a"b\\c@d') == '"a?b?c?d"'
 
 
 def test_parse_private_key_forms_and_errors() -> None:
@@ -215,3 +218,108 @@ def test_arc_seal_of_a_signed_message_verifies_offline() -> None:
     cv, _, reason = dkim.arc_verify(sealed, dnsfunc=lambda name, timeout=5: records.get(
         name.decode() if isinstance(name, bytes) else name))
     assert cv == dkim.CV_Pass, reason
+
+
+# ------------------------------------------------------------ issue 10, defect 9: malformed
+
+def _dnsfunc(records: dict):
+    def dnsfunc(name, timeout=5):
+        key = name.decode() if isinstance(name, bytes) else name
+        return records.get(key.rstrip(".")) or records.get(key)
+    return dnsfunc
+
+
+def test_issue10_defect9_obsolete_field_above_a_signature_still_verifies() -> None:
+    key = DkimKey("example.com", "s1", RSA)
+    records = {key.record_name: key.txt_value().encode()}
+    signed = sign_message(MSG, key) + MSG
+    with pytest.raises(dkim.MessageFormatError):      # what made the stage raise before
+        dkim.DKIM(b"Received : from relay.example by mx.example; x\r\n" + signed)
+    relayed = b"Received : from relay.example by mx.example; x\r\n" + signed
+    assert [r.result for r in _verify(relayed, records)] == ["pass"]
+    # the blanks are removed only for dkimpy: a relaxed signature over "Subject :" verifies
+    obs = MSG.replace(b"Subject: hi", b"Subject :  hi")
+    relaxed = sign_message(strict_view(obs).data, key) + obs
+    assert [r.result for r in _verify(relaxed, records)] == ["pass"]
+
+
+def test_issue10_defect9_simple_canonicalization_over_an_obsolete_field_is_permerror() -> None:
+    key = DkimKey("example.com", "s1", RSA)
+    records = {key.record_name: key.txt_value().encode()}
+    sig = dkim.sign(MSG, b"s1", b"example.com", key.dkimpy_private,
+                    canonicalize=(b"simple", b"simple"), include_headers=[b"from", b"subject"])
+    obs = (sig + MSG).replace(b"Subject: hi", b"Subject : hi")
+    (res,) = _verify(obs, records)
+    assert res.result == "permerror" and "obsolete" in res.reason
+    # unsigned obsolete field, simple canonicalization: verifies
+    unsigned = sig + MSG.replace(b"To: b@example.net", b"To : b@example.net")
+    assert [r.result for r in _verify(unsigned, records)] == ["pass"]
+
+
+def test_issue10_defect9_no_empty_line_and_first_line_not_a_field_are_results() -> None:
+    key = DkimKey("example.com", "s1", RSA)
+    records = {key.record_name: key.txt_value().encode()}
+    signed = sign_message(MSG, key) + MSG
+    # the body begins where Postfix says it does: here that is what was signed
+    joined = signed.replace(b"Subject: hi\r\n\r\n", b"Subject: hi\r\n")
+    assert [r.result for r in _verify(joined, records)] == ["pass"]
+    not_a_field = signed.replace(b"Subject: hi\r\n", b"Subject: hi\r\nnot a field\r\n")
+    assert [r.result for r in _verify(not_a_field, records)] == ["fail"]
+
+
+def test_issue10_defect9_unparseable_even_as_postfix_reads_it_is_permerror(monkeypatch) -> None:
+    key = DkimKey("example.com", "s1", RSA)
+    signed = sign_message(MSG, key) + MSG
+
+    def refuse(*args, **kwargs):
+        raise dkim.MessageFormatError("nothing parses")
+
+    monkeypatch.setattr(dkim, "DKIM", refuse)
+    (res,) = _verify(signed, {key.record_name: key.txt_value().encode()})
+    assert (res.result, res.reason) == ("permerror", "message cannot be parsed")
+
+
+def test_issue10_defect9_signing_obsolete_syntax_and_refusing_a_guess(tmp_path: Path) -> None:
+    key = DkimKey("example.com", "s1", RSA)
+    records = {key.record_name: key.txt_value().encode()}
+    signer = DkimSign(KeyStore(str(tmp_path), "s1", private_key=private_pem(RSA).decode()),
+                      "example.com")
+    obs = MSG.replace(b"Subject: hi", b"Subject : hi")
+    field = signer._sign(obs, "example.com")
+    assert dkim.verify(field + strict_view(obs).data, dnsfunc=_dnsfunc(records))
+    with pytest.raises(CannotEvaluate):
+        signer._sign(MSG.replace(b"Subject: hi\r\n\r\n", b"Subject: hi\r\nbody line\r\n"),
+                     "example.com")
+
+
+def test_issue10_defect9_arc_seal_of_messages_it_cannot_seal() -> None:
+    from pymta.pipeline.arc import seal
+
+    key = DkimKey("example.com", "arc", RSA)
+    ar = render_aar_input("mx.example.com", ["spf=none smtp.helo=a.example", "arc=none"]).encode()
+
+    def sealing(message: bytes) -> list[bytes]:
+        return seal(ar + message, key.dkimpy_private, "arc", "example.com", "mx.example.com")
+
+    obs = MSG.replace(b"Subject: hi", b"Subject : hi")
+    fields = sealing(obs)
+    records = {"arc._domainkey.example.com": key.txt_value().encode()}
+    cv, _, reason = dkim.arc_verify(b"".join(fields) + strict_view(obs).data,
+                                    dnsfunc=_dnsfunc(records))
+    assert cv == dkim.CV_Pass, reason
+    no_from = MSG.replace(b"From: A <a@example.com>\r\n", b"")
+    forged_i50 = b"ARC-Seal: i=50; cv=none; a=rsa-sha256; d=evil.test; s=x; b=AAAA\r\n" + MSG
+    no_blank = MSG.replace(b"Subject: hi\r\n\r\n", b"Subject: hi\r\nbody line\r\n")
+    for message in (no_from, forged_i50, no_blank):
+        with pytest.raises(CannotEvaluate):
+            sealing(message)
+    with pytest.raises(dkim.KeyFormatError):           # our key: a fault, stays temporary
+        seal(ar + MSG, b"not a key", "arc", "example.com", "mx.example.com")
+
+
+def test_issue10_defect9_header_readers_accept_what_postfix_accepts() -> None:
+    assert from_domain(b"Received: x\r\nFrom :  A <a@example.org>\r\n") == "example.org"
+    assert from_domain(b"not a field\r\nFrom: A <a@example.org>\r\n") == ""
+    sigs = parse_signatures(b"Received : x\r\nDKIM-Signature : v=1; a=rsa-sha256; d=a.test;"
+                            b" s=s; h=from; bh=x; b=y\r\n")
+    assert len(sigs) == 1 and sigs[0].tags is not None and sigs[0].text(b"d") == "a.test"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+from email.policy import compat32
 
 import pytest
 
@@ -67,6 +68,48 @@ def test_multipart_converts_only_8bit_leaves() -> None:
     parts = list(msg.iter_parts())
     assert parts[0].get_content() == "h\u00e9llo"  # the CRLF before "--XX" is the delimiter's
     assert parts[1].get_payload(decode=True) == b"\x00\x01\x02"
+
+
+def _leaves(data: bytes) -> list[tuple[str, str, bytes]]:
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    return [(p.get_content_type(), str(p.get("content-transfer-encoding", "7bit")).lower(),
+             (p.get_payload(decode=True) or b"").replace(b"\r\n", b"\n").rstrip(b"\n"))
+            for p in msg.walk() if not p.is_multipart()]
+
+
+@pytest.mark.parametrize("data", [
+    b"\xef\r\n",                                   # no header at all: the text is the body
+    b"Subject: x\r\nGr\xc3\xbc\xc3\x9fe\r\nmore\r\n",   # no empty line before the body
+])
+def test_issue10_fuzz_body_without_separator_is_converted(data: bytes) -> None:
+    """Found by the mime fuzz target: without an empty line, the first line that cannot be a
+    header field starts the body (as MIME parsers read it); it used to go out 8-bit."""
+    out = to_7bit(data)
+    assert out.isascii(), out
+    [(ctype, cte, body)] = _leaves(out)
+    assert cte == "quoted-printable"
+    assert [body] == [leaf[2] for leaf in _leaves(data)]
+
+
+def test_issue10_fuzz_message_subtypes_are_containers() -> None:
+    """Every message/* part holds a message (not only rfc822): it is converted inside and
+    never given a Content-Transfer-Encoding of its own."""
+    data = (b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+            b"Content-Type: message/global\r\n\r\nSubject: inner\r\n\r\n\xc3\xa9t\xc3\xa9\r\n"
+            b"--XX--\r\n")
+    out = to_7bit(data)
+    assert out.isascii()
+    inner = out.split(b"Content-Type: message/global\r\n", 1)[1]
+    assert inner.startswith(b"\r\nSubject: inner\r\n")   # no CTE on the message/* part
+    assert [leaf[2] for leaf in _leaves(out)] == [leaf[2] for leaf in _leaves(data)]
+
+
+def test_issue10_fuzz_empty_part_and_odd_boundaries_keep_the_structure() -> None:
+    empty = b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n\xe9\r\n--XX\r\n--XX"
+    assert to_7bit(empty) == empty               # was: a line break added, one part more
+    odd = (b"Content-Type: multipart/mixed; boundary*=utf-8''%E2%82%AC\r\n\r\n"
+           b"--x\r\n\r\n\xe9\r\n")
+    assert to_7bit(odd) == odd                   # was: UnicodeEncodeError (a retry loop)
 
 
 def test_needs_smtputf8() -> None:
@@ -201,3 +244,25 @@ def test_outbound_settings_from_environment() -> None:
     assert c.destination_concurrency == 5 and c.dead_host_time == 60.0
     with pytest.raises(ConfigError):
         load_config({"MYHOSTNAME": "mx.example.com", "SMTP_TLS_SECURITY_LEVEL": "verify"})
+
+
+def test_issue10_fuzz_soft_break_never_starts_a_delimiter_line() -> None:
+    """A soft line break must not bring ``--XX`` (mid-line before) to the start of a line,
+    where it would end the part (found by the mime fuzz target)."""
+    text = b"\xe9" + b"a" * 72 + b"--XX and more text after it\r\n"   # breaks before --XX
+    message = (b"Content-Type: multipart/mixed; boundary=\"XX\"\r\n\r\n--XX\r\n"
+               b"Content-Type: text/plain\r\n\r\n" + text + b"--XX--\r\n")
+    out = to_7bit(message)
+    assert out.isascii()
+    parts = email.message_from_bytes(out, policy=compat32).get_payload()
+    assert len(parts) == 1
+    assert parts[0].get_payload(decode=True).rstrip(b"\r\n") == text.rstrip(b"\r\n")
+    assert not any(line.startswith(b"-") for line in out.split(b"\r\n")[5:-2])
+
+
+@pytest.mark.parametrize("cte", [b"", b"8bits"])
+def test_issue10_fuzz_empty_or_unknown_encoding_is_converted(cte: bytes) -> None:
+    out = to_7bit(b"Content-Transfer-Encoding: " + cte + b"\r\n\r\n\xc3\xa9t\xc3\xa9\r\n")
+    assert out.isascii(), out
+    assert email.message_from_bytes(out, policy=compat32).get_payload(decode=True) \
+        == "été\r\n".encode()

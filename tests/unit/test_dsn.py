@@ -3,6 +3,9 @@
 import email
 import email.policy
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from pymta.queue.dsn import DsnEntry, build_dsn
 from pymta.types import Envelope, Recipient, Reply
 
@@ -141,3 +144,105 @@ def test_missing_spool_file_still_reports(tmp_path):
                      body_path=str(tmp_path / "gone"), now=NOW, action_kind="failed")
     msg = email.message_from_bytes(data, policy=email.policy.default)
     assert len(msg.get_payload()) == 2
+
+
+# ------------------------------------------------ issue 10: no line over 998 octets
+
+LINE_MAX = 998
+WIDE = "\u65e5"          # 3 octets in UTF-8
+WIDER = "\U0001f600"     # 4 octets
+
+
+def _long_lines(data: bytes) -> list[int]:
+    return [len(line) for line in data.split(b"\r\n") if len(line) > LINE_MAX]
+
+
+def _report(tmp_path, *, address: str, original: str, diagnostic: str, smtputf8: bool,
+            sender: str = "alice@example.org", orcpt: str = "", envid: str = "",
+            remote: str | None = "mx.example.net", kind: str = "failed",
+            status: str = "5.1.1") -> bytes:
+    path = tmp_path / "body"
+    path.write_bytes(ORIGINAL)
+    rcpt = Recipient(address, original, local=False, orcpt=orcpt, last_attempt=NOW)
+    env = Envelope(sender, [rcpt], NOW - 60, NOW, smtputf8=smtputf8, envid=envid)
+    code = {"failed": 550, "delivered": 250, "delayed": 451}[kind]
+    entry = DsnEntry(rcpt, kind, status, Reply(code, status, diagnostic), remote)
+    return build_dsn(reporting_mta="mta.example.org", qid="ABC123", envelope=env,
+                     entries=[entry], body_path=str(path), now=NOW, action_kind=kind,
+                     to=sender)
+
+
+def test_issue10_utf8_diagnostic_code_is_folded_under_998_octets(tmp_path):
+    """900 characters of a non-ASCII reply (2,700 octets) used to be one Diagnostic-Code
+    line; now it is folded at its spaces and reads back whole."""
+    words = " ".join([WIDE * 8] * 100)           # 899 characters, 2,499 octets
+    data = _report(tmp_path, address="bob@example.net", original="bob@example.net",
+                   diagnostic=words, smtputf8=True)
+    assert _long_lines(data) == []
+    assert b"Content-Type: message/global-delivery-status" in data
+    # (the stdlib parses only message/delivery-status into its field blocks)
+    block = next(b for b in data.decode().split("\r\n\r\n")
+                 if b.startswith("Final-Recipient:"))
+    per_rcpt = email.message_from_string(block, policy=email.policy.default)
+    assert per_rcpt["Diagnostic-Code"] == f"smtp; {'550 5.1.1 ' + words}"[:6 + 900] + "..."
+    assert block.count("\r\n ") >= 2            # folded: 2,500 octets on three lines
+
+
+def test_issue10_unfoldable_diagnostic_is_cut_under_998_octets(tmp_path):
+    data = _report(tmp_path, address="bob@example.net", original="bob@example.net",
+                   diagnostic=WIDER * 2000, smtputf8=True)
+    assert _long_lines(data) == []
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 " + (WIDER * 100).encode() in data
+
+
+def test_issue10_human_line_with_expanded_address_under_998_octets(tmp_path):
+    """``<addr> (expanded from <orig>): why`` with two long addresses and a long reason
+    reached ~1,450 characters; the reason is cut to what the line has room for."""
+    address = WIDE * 300 + "@example.net"
+    data = _report(tmp_path, address=address, original="x" * 900 + "@example.org",
+                   diagnostic="no such user " * 100, smtputf8=True,
+                   sender=WIDER * 400 + "@example.org", orcpt="utf-8;" + WIDER * 400)
+    assert _long_lines(data) == []
+    human = email.message_from_bytes(data, policy=email.policy.default).get_payload()[0]
+    text = human.get_content()
+    assert "(expanded from <xxxx" in text and "no such user" in text
+
+
+def test_issue10_long_boundary_host_is_cut_to_70_characters(tmp_path):
+    path = tmp_path / "body"
+    path.write_bytes(ORIGINAL)
+    env, rcpt = _env()
+    host = "a" * 60 + ".example.org"
+    data = build_dsn(reporting_mta=host, qid="ABC123", envelope=env,
+                     entries=[DsnEntry(rcpt, "failed", "5.0.0", None, None)],
+                     body_path=str(path), now=NOW, action_kind="failed")
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert len(msg.get_boundary()) <= 70
+    assert len(msg.get_payload()) == 3
+
+
+WIDE_ALPHABET = st.sampled_from([WIDE, WIDER, "é", " ", "a", "\r", "\n", "\x00", "\u2028",
+                                 "\udcff", "\\", "+", ";"])
+ANY = st.text(max_size=1200)
+WIDE_TEXT = st.one_of(st.text(alphabet=WIDE_ALPHABET, max_size=1500),
+                      st.text(alphabet=WIDE_ALPHABET, min_size=400, max_size=1500))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(address=st.one_of(ANY, WIDE_TEXT), original=st.one_of(ANY, WIDE_TEXT),
+       diagnostic=st.one_of(ANY, WIDE_TEXT), sender=st.one_of(ANY, WIDE_TEXT),
+       orcpt=st.one_of(ANY, WIDE_TEXT, WIDE_TEXT.map(lambda t: "utf-8;" + t)),
+       envid=st.one_of(ANY, WIDE_TEXT), remote=st.one_of(st.none(), ANY),
+       smtputf8=st.booleans(), kind=st.sampled_from(["failed", "delivered", "delayed"]),
+       status=st.one_of(st.sampled_from(["5.1.1", "4.4.7", "2.0.0"]), ANY))
+def test_issue10_no_dsn_line_exceeds_998_octets(tmp_path_factory, address, original,
+                                                diagnostic, sender, orcpt, envid, remote,
+                                                smtputf8, kind, status):
+    data = _report(tmp_path_factory.mktemp("dsn"), address=address, original=original,
+                   diagnostic=diagnostic, smtputf8=smtputf8, sender=sender, orcpt=orcpt,
+                   envid=envid, remote=remote, kind=kind, status=status)
+    assert _long_lines(data) == []
+    assert b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b"")
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert len(msg.get_payload()) == 3

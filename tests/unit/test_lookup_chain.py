@@ -248,3 +248,66 @@ def test_incomplete_directory_settings_are_config_errors(overrides: dict[str, st
     config = Config(hostname="mx.example.com", mail_domain=DOMAINS, **overrides)
     with pytest.raises(ConfigError, match=f"^{variable}"):
         _default_lookups(config)
+
+
+class Counting(Memory):
+    """Memory that also records the most lookups it had in flight at once."""
+
+    def __init__(self, table: dict[str, Destination], delay: float = 0.001) -> None:
+        super().__init__(table, delay)
+        self.in_flight = 0
+        self.peak = 0
+
+    async def lookup(self, address: Address) -> Destination | None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await super().lookup(address)
+        finally:
+            self.in_flight -= 1
+
+
+def _wide_tree(width: int) -> dict[str, Destination]:
+    """root -> width aliases -> width members each, every member a mailbox of its own that
+    takes a lookup: width + width² lookups and width² targets when expanded in full."""
+    table = {"root@example.com": alias(*(f"l{i}@example.com" for i in range(width)))}
+    for i in range(width):
+        members = [f"m{i}-{j}@example.com" for j in range(width)]
+        table[f"l{i}@example.com"] = alias(*members)
+        table.update({m: box(m) for m in members})
+    return table
+
+
+async def test_issue10_alias_expansion_limit_applies_during_expansion() -> None:
+    """The target limit stops the expansion while it runs: a 50 × 50 tree with a limit of
+    100 targets costs about 100 member lookups, not all 2,551, and never more than a few
+    lookups at a time."""
+    src = Counting(_wide_tree(50))
+    chain = LookupChain([src], DOMAINS, max_targets=100)
+    dest = await chain.lookup(Address("root@example.com"))
+    assert dest is not None
+    assert len(dest.targets) == 100
+    assert len({t.address for t in dest.targets}) == 100
+    assert all(t.mailbox for t in dest.targets)
+    assert len(src.asked) <= 1 + 50 + 100 + 8, len(src.asked)
+    assert src.peak <= 8, src.peak
+
+
+async def test_issue10_alias_expansion_lookup_limit() -> None:
+    """A tree that needs more lookups than allowed is cut at the lookup limit (its targets
+    found so far are kept), whatever the target limit."""
+    src = Counting(_wide_tree(10))
+    chain = LookupChain([src], DOMAINS, max_targets=1000, max_lookups=20)
+    dest = await chain.lookup(Address("root@example.com"))
+    assert dest is not None
+    assert len(src.asked) == 1 + 20
+    assert 0 < len(dest.targets) <= 10
+
+
+async def test_full_expansion_within_the_limits_is_unchanged_and_ordered() -> None:
+    src = Counting(_wide_tree(6))
+    dest = await LookupChain([src], DOMAINS).lookup(Address("root@example.com"))
+    assert dest is not None
+    assert [t.address for t in dest.targets] == [
+        f"m{i}-{j}@example.com" for i in range(6) for j in range(6)]
+    assert len(src.asked) == 1 + 6 + 36

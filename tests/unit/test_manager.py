@@ -418,7 +418,7 @@ async def test_unknown_dsn_recipient_is_logged_and_dropped(tmp_path, caplog):
                for r in caplog.records)
 
 
-async def test_dsn_enqueue_failure_keeps_recipient_pending(tmp_path, caplog):
+async def test_dsn_enqueue_failure_keeps_the_notice_owed(tmp_path, caplog):
     remote = Agent(always(REJECT))
     mgr, store, clock = make(tmp_path, remote)
     qid = await put(store, clock)
@@ -429,7 +429,7 @@ async def test_dsn_enqueue_failure_keeps_recipient_pending(tmp_path, caplog):
     store.enqueue_bytes = broken
     await mgr.run_once_due()
     env = store.load(qid)
-    assert env.recipients[0].state is RcptState.PENDING  # the notice is still owed
+    assert env.recipients[0].state is RcptState.NOTICE_OWED  # the notice is still owed
     assert store.ids() == [qid]
 
 

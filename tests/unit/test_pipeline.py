@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pymta.pipeline import Action, Pipeline, SpooledBody, Transaction, Verdict
+from pymta.pipeline import Action, CannotEvaluate, Pipeline, SpooledBody, Transaction, Verdict
 from pymta.types import Reply
 
 
@@ -70,3 +70,29 @@ async def test_modifiers_stack_headers_newest_first_and_skip_on_reject():
                          [AddHeader("one", "X-One: 1")])
     t, _ = await run(rejecting)
     assert t.prepend == []
+
+
+class Unparseable:
+    """A stage whose library cannot parse the message (issue 10, defect 9)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
+        raise CannotEvaluate("header section does not parse")
+
+    async def modify(self, txn: Transaction, body: SpooledBody) -> None:
+        raise CannotEvaluate("header section does not parse")
+
+
+async def test_issue10_defect9_a_stage_that_cannot_parse_is_no_opinion_never_a_tempfail():
+    spf = Fixed("spf", Verdict(auth_result="spf=pass"))
+    t, out = await run(Pipeline([Unparseable("dkim"), spf],
+                                [Unparseable("arc-seal"), AddHeader("ar", "X-After: 1")]))
+    assert out.action is Action.PASS and out.reply is None
+    assert t.auth_results == ["spf=pass"]
+    assert t.prepend == ["X-After: 1\r\n"]        # the modifiers after it still ran
+    assert any("does not parse" in r for r in out.reasons)
+    # a fault of ours stays temporary
+    _, out = await run(Pipeline([Boom(), Unparseable("dkim")]))
+    assert out.action is Action.TEMPFAIL

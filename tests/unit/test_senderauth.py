@@ -235,6 +235,31 @@ def test_evaluate_without_a_domain_is_none():
     assert result == "none"
 
 
+class NoDNS:
+    """A resolver that fails the test if SPF asks it anything."""
+
+    lifetime = 1.0
+
+    def resolve(self, *args, **kwargs):
+        raise AssertionError(f"unexpected DNS query {args!r}")
+
+
+@pytest.mark.parametrize("helo", ["evil.test;dkim=pass;dmarc=pass", "[192.0.2.1]", "1.2.3.4",
+                                  "localhost", "a(b)c", "", "exa mple.com", "x" * 300])
+def test_issue10_defect1_a_helo_that_is_not_a_domain_is_none_without_dns(helo: str):
+    result, explanation, comment, _ = spf_stage.evaluate("192.0.2.1", "", helo, "mx", NoDNS())
+    assert result == "none" and "not a domain" in explanation and "(" not in comment
+
+
+async def test_issue10_defect1_spf_fragment_keeps_the_helo_inside_one_property():
+    t = txn(sender="", helo="evil.test;dkim=pass;dmarc=pass", peer_ip="192.0.2.1")
+    verdict = await spf_stage.SPFCheck(receiver="mx.example.com", timeout=5).check(
+        t, SpooledBody("/nonexistent", 0))
+    assert verdict.auth_result == "spf=none smtp.helo=evil.test%3Bdkim%3Dpass%3Bdmarc%3Dpass"
+    (header,) = verdict.headers
+    assert 'helo="evil.test;dkim=pass;dmarc=pass";' in header.replace("\r\n\t", " ")
+
+
 class FakeResolver:
     lifetime = 2.0
 
