@@ -16,6 +16,14 @@ undecided recipient: LMTP is a local transport, and a local fault never bounces 
 envelope that can never be sent (``_client.screen``: controls or undecodable bytes in an
 address) is refused before connecting; any other error closes the connection (no QUIT on a
 session in an unknown state) and leaves the undecided recipients deferred.
+
+Each recipient's reply is delivered to the mailbox the moment the server sends it, so the
+agent ``reports_progress``: every outcome goes to ``report`` as soon as it is read (a RCPT
+refusal, each reply after DATA), and the queue manager records those even when a stop
+cancels the call before it returns (else a restart would deliver them again). Once the
+message is sent, the server delivers whether or not we listen: a first cancellation then
+waits for the remaining replies (each within ``timeout``, as always) and reports them before
+it goes on; a second one closes the connection at once.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
@@ -111,6 +119,8 @@ class _Session:
 class LMTPDeliveryAgent:
     """A :class:`~pymta.types.DeliveryAgent` delivering over LMTP (see the module docstring)."""
 
+    reports_progress = True     # deliver() takes report=
+
     def __init__(self, spec: str, hostname: str, *, connect_timeout: float = 30.0,
                  timeout: float = 300.0) -> None:
         self.spec = spec
@@ -130,15 +140,21 @@ class LMTPDeliveryAgent:
         peer = writer.get_extra_info("peername") or (host, port)
         return _Session(reader, writer, self.timeout), f"{host}[{peer[0]}]:{port}"
 
-    async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
+    async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient],
+                      report: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+        """One outcome per recipient; each also goes to ``report`` as soon as it is read."""
         fallback_relay = self.spec.partition(":")[2]
         refused, rcpts = screen(msg, rcpts, fallback_relay)
+        if report is not None:
+            for outcome in refused:
+                report(outcome)
         if not rcpts:
             return refused
-        return refused + await self._deliver(msg, rcpts, fallback_relay)
+        return refused + await self._deliver(msg, rcpts, fallback_relay, report)
 
     async def _deliver(self, msg: QueuedMessage, rcpts: list[Recipient],
-                       fallback_relay: str) -> list[Outcome]:
+                       fallback_relay: str,
+                       report: Callable[[Outcome], None] | None = None) -> list[Outcome]:
         try:
             session, relay = await self._connect()
         except (OSError, TimeoutError) as exc:
@@ -148,8 +164,14 @@ class LMTPDeliveryAgent:
                                                        f"{reason}"),
                             fallback_relay, OutcomeKind.TEMPORARY)
         decided: dict[int, Outcome] = {}
+
+        def decide(i: int, outcome: Outcome) -> None:
+            decided[i] = outcome
+            if report is not None:
+                report(outcome)
+
         stage = "greeting"
-        clean = aborted = False
+        clean = aborted = cancelled = False
         try:
             code, text, _ = await session.reply()
             if code != 220:
@@ -191,21 +213,28 @@ class LMTPDeliveryAgent:
                     accepted.append(i)
                 else:
                     reply = parse_reply(code, text)
-                    decided[i] = Outcome(r.address, kind_of(reply), reply, relay)
+                    decide(i, Outcome(r.address, kind_of(reply), reply, relay))
             if accepted:
                 stage = "DATA"
                 code, text, _ = await session.command(b"DATA")
                 if code != 354:
                     reply = parse_reply(code, text)
                     for i in accepted:
-                        decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay)
+                        decide(i, Outcome(rcpts[i].address, kind_of(reply), reply, relay))
                 else:
                     stage = "end of DATA"
                     await session.send(dot_stuff(prepared.data))
                     for i in accepted:  # RFC 2033 §4.2: one reply per accepted RCPT, in order
-                        code, text, _ = await session.reply()
+                        try:
+                            code, text, _ = await session.reply()
+                        except asyncio.CancelledError:
+                            if cancelled:
+                                raise
+                            # the server delivers anyway: learn what it did, then stop
+                            cancelled = True
+                            code, text, _ = await session.reply()
                         reply = parse_reply(code, text)
-                        decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay)
+                        decide(i, Outcome(rcpts[i].address, kind_of(reply), reply, relay))
             clean = True
         except _Lost as exc:
             reply = Reply(451, "4.4.2", f"lost connection with {relay} while sending {stage}")
@@ -221,10 +250,12 @@ class LMTPDeliveryAgent:
             aborted = True      # cancelled: close at once, wait for nothing
             raise
         finally:
-            if aborted:
+            if aborted or cancelled:
                 session.writer.close()
             else:
                 await session.close(quit_=clean)
+        if cancelled:       # every reply read and reported: now the cancellation goes on
+            raise asyncio.CancelledError
         return [decided[i] for i in range(len(rcpts))]
 
 

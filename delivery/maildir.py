@@ -168,6 +168,12 @@ class MaildirCommitter:
         self.max_batch = 0
 
     async def commit(self, item: PendingMaildirFile) -> str:
+        return await asyncio.shield(self.submit(item))
+
+    def submit(self, item: PendingMaildirFile) -> asyncio.Future[str]:
+        """Put ``item`` in the next batch; the future is its name in ``new/`` once durable
+        there (or OSError). Cancelling the future does not take the item back: ``withdraw``
+        does, while the item is still waiting for its batch."""
         if self._task is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="pymta-maildir")
             self._wakeup = asyncio.Event()
@@ -177,7 +183,20 @@ class MaildirCommitter:
         self._pending.append(item)
         assert self._wakeup is not None
         self._wakeup.set()
-        return await asyncio.shield(item.future)
+        return item.future
+
+    def withdraw(self, item: PendingMaildirFile) -> bool:
+        """Take back an item that is still waiting for its batch (a delivery cancelled): its
+        ``tmp/`` file is removed and its future cancelled. False when its batch has begun:
+        the file may be in ``new/`` already, and only the future will tell."""
+        try:
+            self._pending.remove(item)
+        except ValueError:
+            return False
+        self.discard(item)
+        if item.future is not None and not item.future.done():
+            item.future.cancel()
+        return True
 
     async def close(self) -> None:
         if self._task is not None:
@@ -192,11 +211,16 @@ class MaildirCommitter:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
-    def _abandon(item: PendingMaildirFile) -> None:
+    def discard(item: PendingMaildirFile) -> None:
+        """A ``tmp/`` file that will never be delivered: closed and removed."""
         with contextlib.suppress(OSError):
             os.close(item.fd)
         with contextlib.suppress(OSError):
             os.unlink(item.tmp_path)
+
+    @classmethod
+    def _abandon(cls, item: PendingMaildirFile) -> None:
+        cls.discard(item)
         if item.future is not None and not item.future.done():
             item.future.set_exception(OSError("maildir delivery stopped"))
 

@@ -38,6 +38,9 @@ Implementation summary:
   it at once. A connection nobody holds must not stay ESTABLISHED at the next hop.
 - **Flush** (``flush()``, from ``pymta queue flush``) forgets every dead host, as Postfix's
   flush does: the operator says the destination is back.
+- **Progress** (``reports_progress``): the outcomes of each transaction go to ``report`` as
+  soon as it ends, so when a call of more than ``rcpt_limit`` recipients is cancelled by a
+  stop, the transactions already made are recorded and not repeated after a restart.
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ class Connection:
 class SMTPRelayAgent:
     """A :class:`~pymta.types.DeliveryAgent` for remote recipients (see the module docstring)."""
 
+    reports_progress = True     # deliver() takes report=
+
     def __init__(self, *, hostname: str, smart_host: RelayHost | None = None,
                  tls_level: str = "may", wrappermode: bool = False, mx_port: int = 25,
                  destination_concurrency: int = 20, connect_timeout: float = 30.0,
@@ -160,7 +165,9 @@ class SMTPRelayAgent:
         """Forget every dead host (``pymta queue flush``: the operator says they are back)."""
         self._dead.clear()
 
-    async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
+    async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient],
+                      report: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+        """One outcome per recipient; a transaction's also go to ``report`` when it ends."""
         results, sendable = screen(msg, rcpts, "none")
         if not sendable:
             return results
@@ -169,11 +176,13 @@ class SMTPRelayAgent:
             groups.setdefault(self.destination(r), []).append(r)
         data = await asyncio.to_thread(read_body, msg)
         for dest, group in groups.items():
-            results.extend(await self._deliver_destination(dest, msg, group, data))
+            results.extend(await self._deliver_destination(dest, msg, group, data, report))
         return results
 
     async def _deliver_destination(self, dest: str, msg: QueuedMessage,
-                                   rcpts: list[Recipient], data: bytes) -> list[Outcome]:
+                                   rcpts: list[Recipient], data: bytes,
+                                   report: Callable[[Outcome], None] | None = None,
+                                   ) -> list[Outcome]:
         sem = self._sems.setdefault(dest, asyncio.Semaphore(self.destination_concurrency))
         async with sem:
             try:
@@ -195,6 +204,9 @@ class SMTPRelayAgent:
                         continue
                     batch_out, reusable = await self._transaction(conn, msg, batch, data)
                     results.extend(batch_out)
+                    if report is not None:
+                        for outcome in batch_out:
+                            report(outcome)
             except BaseException:
                 _close_now(conn)    # cancelled (server stop) or a bug: never leave it open
                 raise

@@ -54,6 +54,15 @@ class StaticRouter:
             if flush is not None:
                 flush()
 
+    def begin_stop(self) -> None:
+        """The server is stopping: agents stop waiting (an mbox lock wait ends as a temporary
+        failure), so their calls return with every outcome before the queue manager's stop
+        grace runs out and it cancels what is left."""
+        for agent in (self.local, self.remote):
+            begin = getattr(agent, "begin_stop", None)
+            if begin is not None:
+                begin()
+
     async def close(self) -> None:
         """Close the agents' cached connections (the server is stopping)."""
         for agent in (self.local, self.remote):

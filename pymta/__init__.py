@@ -8,6 +8,11 @@ the whole server.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,3 +34,32 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+# The adapter packages live beside the core in the source tree (``backends/``, ``delivery/``)
+# and are installed as ``pymta.backends`` / ``pymta.delivery`` (package-dir in pyproject.toml).
+# Run from a checkout (``python -m pymta`` in the repository root, where ``pymta/`` shadows the
+# installed package), the core must map them in the same way, or the server cannot start.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ADAPTERS = {
+    f"{__name__}.{name}": os.path.join(os.path.dirname(_HERE), name)
+    for name in ("backends", "delivery")
+    if not os.path.isdir(os.path.join(_HERE, name))
+    and os.path.isfile(os.path.join(os.path.dirname(_HERE), name, "__init__.py"))
+}
+
+
+class _SourceTreeAdapters(importlib.abc.MetaPathFinder):
+    """Finds ``pymta.backends`` and ``pymta.delivery`` in a source checkout; nothing else."""
+
+    def find_spec(self, fullname: str, path: Any = None,
+                  target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        folder = _ADAPTERS.get(fullname)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+
+
+if _ADAPTERS and not any(isinstance(f, _SourceTreeAdapters) for f in sys.meta_path):
+    sys.meta_path.append(_SourceTreeAdapters())

@@ -338,6 +338,12 @@ class MTA:
         if self._listener is not None:
             # answers being made (a message being committed) are sent before the 421
             await close_sessions(self._listener)
+        begin_stop = getattr(self.router, "begin_stop", None)
+        if begin_stop is not None:
+            # before the manager's grace: deliveries waiting for a mailbox lock end now with
+            # a temporary failure and every outcome, instead of being cancelled unrecorded
+            with contextlib.suppress(Exception):
+                begin_stop()
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None

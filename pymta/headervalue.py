@@ -167,11 +167,14 @@ def trace_mailbox(address: str) -> str | None:
     """``address`` as the RFC 5321 ``Mailbox`` of a ``for <...>`` clause, or None when it is
     not one we can write safely (the clause is then left out, as for several recipients).
 
-    The local part must be a dot-atom or a well-formed quoted-string (printable UTF-8
-    allowed in a dot-atom: such an address only exists in an SMTPUTF8 transaction), the
-    domain a domain name (an IDN in its A-label form) or an address literal."""
+    The local part must be a dot-atom or a well-formed quoted-string without ``;``
+    (printable UTF-8 allowed in a dot-atom: such an address only exists in an SMTPUTF8
+    transaction), the domain a domain name (an IDN in its A-label form) or an address
+    literal. A ``;`` is legal inside quotes, but readers split a trace field at the first
+    one to find its date (RFC 5321 §4.4), so ``for <"a;b"@x>`` is left out (issue 10
+    review)."""
     local, at, domain = address.rpartition("@")
-    if not at or not local or len(address) > 256:
+    if not at or not local or len(address) > 256 or ";" in address:
         return None
     if not _domain_ok(domain.rstrip(".")):
         return None

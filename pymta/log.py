@@ -13,6 +13,16 @@ event (received, sent, deferred, bounced) at NOTICE so the default level shows i
 
 :class:`RedactFilter` is installed on every handler as a last line of defence: whatever a
 module logs by mistake, an ``AUTH PLAIN <base64>`` initial response never reaches a log.
+
+One record is one line, whatever it quotes. Both formatters write the message through
+:func:`escape`: CR, LF, every other C0 and C1 control, DEL and U+2028/U+2029 become
+``\\r``, ``\\n``, ``\\t``, ``\\xNN`` or ``\\uNNNN``, so a value from a client or a message (a
+DKIM ``d=`` with a folded CRLF, an address, a library's error text) can never start a line
+of its own that a log reader would take for pymta's (issue 10 review). A line of printable
+ASCII, nearly every line, is checked by two C-level scans and written as it is. A traceback
+(``log.exception``) keeps its lines, each escaped the same way and indented by a tab, so it
+never begins a line of the log either; in JSON every value is one JSON string, and the
+line separators JSON leaves raw (U+2028, U+2029, C1) are written as ``\\uNNNN``.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from typing import Any
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 
-__all__ = ["NOTICE", "RedactFilter", "notice", "python_level", "redact", "setup_logging"]
+__all__ = ["NOTICE", "RedactFilter", "escape", "notice", "python_level", "redact",
+           "setup_logging"]
 
 PROGRAM = "pymta"
 NOTICE = 25
@@ -80,6 +91,38 @@ class RedactFilter(logging.Filter):
         return True
 
 
+# ------------------------------------------------------------------------------ escaping
+
+# what could end or split a line for some reader: C0, DEL, C1, LINE/PARAGRAPH SEPARATOR
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def _escaped(m: re.Match[str]) -> str:
+    c = m.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with control characters and line separators written as escapes (see the
+    module docstring); printable ASCII is returned as it is."""
+    if text.isascii() and text.isprintable():
+        return text
+    return _CONTROL.sub(_escaped, text)
+
+
+# JSON strings may hold these raw (json.dumps escapes only C0), line readers may not
+_JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_escaped(m: re.Match[str]) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
 # ------------------------------------------------------------------------------ formatters
 
 _PREFIX = {logging.CRITICAL: "fatal: ", logging.ERROR: "error: ", logging.WARNING: "warning: "}
@@ -102,11 +145,13 @@ class PostfixFormatter(logging.Formatter):
         self.with_time_and_host = with_time_and_host
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"{PROGRAM}[{record.process}]: {_prefix(record.levelno)}{record.getMessage()}"
+        text = (f"{PROGRAM}[{record.process}]: {_prefix(record.levelno)}"
+                f"{escape(record.getMessage())}")
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            text = f"{text}\n{record.exc_text}"
+            trace = "".join(f"\n\t{escape(line)}" for line in record.exc_text.split("\n"))
+            text = f"{text}{trace}"
         if not self.with_time_and_host:
             return text
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
@@ -136,7 +181,7 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "level": _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and key not in entry:
@@ -144,7 +189,8 @@ class JsonFormatter(logging.Formatter):
                     else str(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        line = json.dumps(entry, ensure_ascii=False)
+        return line if line.isascii() else _JSON_RAW.sub(_json_escaped, line)
 
 
 class _MailSysLogHandler(logging.handlers.SysLogHandler):

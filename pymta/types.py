@@ -290,6 +290,13 @@ class DeliveryAgent(Protocol):
     Returns exactly one Outcome per recipient given, in any order. Must not raise for
     per-recipient problems; an unexpected exception is treated by the caller as a temporary
     failure of every recipient in the call (never a loss, never a bounce).
+
+    An agent that delivers recipients one after another (mailboxes, LMTP replies, several
+    SMTP transactions) should set ``reports_progress = True`` and accept ``report=``, a
+    callable it gives each final Outcome as soon as it is known: if the call is then cancelled
+    (a stop), what was reported is recorded and never delivered again. An optional
+    ``begin_stop()`` (reached through the router) asks it to stop waiting (lock waits end as
+    temporary failures) before the queue manager's stop grace runs out.
     """
 
     async def deliver(self, msg: QueuedMessage,

@@ -10,7 +10,8 @@ the queue manager rescans at once instead of at its next periodic scan.
 worker process can tell a flush from other queue changes: a worker that sees a new token
 forgets its dead hosts (Postfix's flush does the same), makes due every message nobody has
 tried since, and tries the messages it had in flight once more as soon as their attempt ends.
-Only when no server runs are the envelopes themselves made due (see ``cmd_flush``).
+Only when no server runs, or the token cannot be written, are the envelopes themselves made
+due (see ``cmd_flush``).
 
 Everything printed that came from a client or a remote server (addresses, replies, HELO) is
 shown with non-printable characters escaped: one queue entry, one set of lines.
@@ -314,13 +315,19 @@ def cmd_flush(store: Any, state_dir: str, out: TextIO, err: TextIO) -> int:
     time, and waiting up to a second for each message being delivered, is what made a flush
     seen under load take longer than 20 s to reach the server. Without a server, the
     envelopes are made due on disk, for the next start.
+
+    When the token cannot be written (a full or read-only queue file system, no permission)
+    a running server would only rescan and find nothing due: then the envelopes are made
+    due on disk as without a server and the server is signalled to rescan, but it cannot
+    be told to forget its dead hosts, so the command says so and exits with status 1.
     """
     try:
         write_flush_token(state_dir)
+        token_error = ""
     except OSError as exc:
-        print(f"pymta: queue: cannot write the flush request: {exc.strerror or exc}",
-              file=err)
-    if signal_server(state_dir, err):
+        token_error = str(exc.strerror or exc)
+        print(f"pymta: queue: cannot write the flush request: {token_error}", file=err)
+    if not token_error and signal_server(state_dir, err):
         count = 0
         for qid in store.ids():
             env = store.load(qid)
@@ -329,7 +336,7 @@ def cmd_flush(store: Any, state_dir: str, out: TextIO, err: TextIO) -> int:
         print(f"{count} message(s) due now", file=out)
         return 0
     now = time.time()
-    count = busy = 0
+    count = busy = failed = 0
     for qid in store.ids():
         try:
             with _locked(store, qid, FLUSH_LOCK_TIMEOUT) as env:
@@ -341,9 +348,21 @@ def cmd_flush(store: Any, state_dir: str, out: TextIO, err: TextIO) -> int:
         except QueueCommandError as exc:
             busy += "busy" in str(exc)
             continue  # delivered meanwhile, or locked by a process we could not signal
-    note = f", {busy} busy" if busy else ""
-    print(f"{count} message(s) due now{note} (no running server)", file=out)
-    return 0
+        except OSError as exc:
+            failed += 1
+            if failed == 1:
+                print(f"pymta: queue: cannot update {qid}: {exc.strerror or exc}", file=err)
+    note = (f", {busy} busy" if busy else "") + (f", {failed} not updated" if failed else "")
+    if not token_error:
+        print(f"{count} message(s) due now{note} (no running server)", file=out)
+        return 1 if failed else 0
+    running = signal_server(state_dir, err)
+    print(f"{count} message(s) due now{note}" + ("" if running else " (no running server)"),
+          file=out)
+    if running:
+        print("pymta: queue: the running server was not told to forget its dead hosts; "
+              "messages to a host it remembers as dead wait until it expires", file=err)
+    return 1 if running or failed else 0
 
 
 def _waiting(env: Envelope) -> bool:

@@ -22,6 +22,12 @@ the message as sent, so the signature verifies for any receiver that reads the o
 syntax. When the header section does not end with an empty line, where the body begins is
 a guess: the message goes out unsigned (:class:`~pymta.pipeline.CannotEvaluate`, logged),
 as it would with a milter signer that cannot parse it.
+
+Bounded work (issue 10 review): dkimpy's helpers are the linear ones of
+:func:`.dkimverify.harden_dkimpy`; a header section of more than :data:`MAX_SIGN_FIELDS`
+fields is not signed (dkimpy signs every instance of every field its default list names, so
+140,000 ``To:`` fields made a 735 KB signature); the ``From:`` value is read for its address
+only up to :data:`MAX_FROM_VALUE` characters.
 """
 
 from __future__ import annotations
@@ -34,9 +40,15 @@ import dkim
 
 from pymta.pipeline import CannotEvaluate, SpooledBody, Transaction, dkimrsa
 from pymta.pipeline.dkimkeys import DkimKey, KeyStore
+from pymta.pipeline.dkimverify import harden_dkimpy
 from pymta.pipeline.headers import field_name, field_value, split_fields, strict_view
 
 log = logging.getLogger("pymta.pipeline.dkim")
+
+#: A header section with more fields than this is not signed (see the module docstring)
+MAX_SIGN_FIELDS = 1000
+#: Longest ``From:`` value read for its address (see :func:`from_domain`)
+MAX_FROM_VALUE = 8192
 
 
 def _domain_of(address: str) -> str:
@@ -55,11 +67,17 @@ def header_value(header: bytes, name: str | bytes) -> str | None:
 
 
 def from_domain(header: bytes) -> str:
-    """The domain of the (first) ``From:`` address, or '' without one."""
+    """The domain of the (first) ``From:`` address, or '' without one, or when the value
+    is longer than :data:`MAX_FROM_VALUE` or the stdlib parser gives up on it
+    (``getaddresses`` costs ~2 µs a character on the event loop, and recurses once per
+    nested comment)."""
     value = header_value(header, "from")
-    if value is None:
+    if value is None or len(value) > MAX_FROM_VALUE:
         return ""
-    addresses = email.utils.getaddresses([value])
+    try:
+        addresses = email.utils.getaddresses([value])
+    except (RecursionError, ValueError, IndexError):
+        return ""
     for _, addr in addresses:
         if "@" in addr:
             return _domain_of(addr)
@@ -87,6 +105,7 @@ class DkimSign:
 
     def __init__(self, keys: KeyStore, first_domain: str) -> None:
         dkimrsa.install()   # RSA by OpenSSL: ~10× faster than dkimpy's, same signature
+        harden_dkimpy()     # linear parsing and hashing helpers, same signature
         self.keys = keys
         self.first_domain = first_domain.lower()
 
@@ -121,6 +140,8 @@ class DkimSign:
                  self.keys.get(domain).signature_algorithm.decode())
 
     def _sign(self, message: bytes, domain: str) -> bytes:
+        if len(split_fields(message)) > MAX_SIGN_FIELDS:
+            raise CannotEvaluate(f"more than {MAX_SIGN_FIELDS} header fields: not DKIM-signed")
         key = self.keys.get(domain)  # may read or generate the key file: in this thread
         try:
             return sign_message(message, key)

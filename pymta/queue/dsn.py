@@ -13,6 +13,17 @@ do: ``NOTIFY=SUCCESS`` is asked for by a sender nobody has verified, and a full 
 every local mailbox a reflector of arbitrary content to arbitrary addresses (RFC 3461 §4.3
 leaves the choice to the MTA).
 
+"Header section" is meant as Postfix's ``bounce`` means it when it returns headers only: the
+lines from the top that are header fields or their continuation lines, up to the first line
+that is neither (:data:`pymta.pipeline.headers.FIELD_START`, Postfix's ``is_header()``) --
+not up to the first empty line, since a message without one is accepted and its body would
+otherwise come back as "headers". The spool file starts with our own ``Received:`` field,
+then the client's header section. What is returned is bounded too, in whole fields (a field
+that would cross the bound ends the part): ``NOTICE_HEADER_LIMIT`` (16 KiB, room for a long
+``Received``/ARC chain) for success and delay reports, which anybody can ask for; for failure
+reports the bounce size limit (``bounce_size_limit``, 50,000), the most of the original any
+failure report returns in full, so no notice carries more of a message than that.
+
 Every value written into a header field or a DSN field is checked for that field's syntax
 here, whatever the receiving side let through (old queue files exist): addresses go in as
 ``rfc822`` when they are plain printable ASCII, else as RFC 6533 ``utf-8`` addresses with
@@ -43,9 +54,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..pipeline.headers import FIELD_START
 from ..types import Envelope, Recipient, Reply
 
 BOUNCE_SIZE_LIMIT = 50000
+NOTICE_HEADER_LIMIT = 16384   # octets of the original's header a success/delay report returns
 CRLF = b"\r\n"
 _READ_CHUNK = 65536
 _MAX_FIELD = 900  # octets of one value in a field: well under the 998-octet line limit
@@ -393,16 +406,27 @@ def _crlf(text: str) -> bytes:
     return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "surrogateescape")
 
 
-def _read_headers(body_path: str) -> bytes:
-    """The original's header block, read line by line up to (excluding) the empty line."""
+def _read_headers(body_path: str, limit: int) -> bytes:
+    """The original's header section (see the module docstring): its fields from the top up
+    to the first line that is neither a field nor a continuation line, in whole fields of at
+    most ``limit`` octets in all. Lines are read with a bound, so a huge line costs no more
+    than ``limit``."""
     out = bytearray()
+    field = bytearray()
     with open(body_path, "rb") as f:
-        for line in f:
-            if line in (b"\r\n", b"\n"):
+        while True:
+            line = f.readline(limit + 1)
+            if line[:1] in (b" ", b"\t") and field:
+                field += line                   # a continuation line
+            elif FIELD_START.match(line):
+                out += field
+                field[:] = line
+            else:                               # the empty line, the body, or the end
                 break
-            out += line
-            if len(out) > 4 * BOUNCE_SIZE_LIMIT:  # a pathological header: stop somewhere sane
+            if len(out) + len(field) > limit:   # this field would cross the bound: it ends
+                field.clear()
                 break
+    out += field
     if out and not out.endswith(b"\n"):
         out += CRLF
     return bytes(out)
@@ -439,12 +463,14 @@ def build_dsn(*, reporting_mta: str, qid: str, envelope: Envelope, entries: Sequ
     rcpt_to = envelope.sender if to is None else to
 
     headers_only = action_kind != "failed" or (envelope.ret or "").upper() == "HDRS"
+    header_limit = (max(size_limit, NOTICE_HEADER_LIMIT) if action_kind == "failed"
+                    else NOTICE_HEADER_LIMIT)
     try:
         size = os.path.getsize(body_path)
         original: bytes | None
         if headers_only or size > size_limit:
             headers_only = True
-            original = _read_headers(body_path)
+            original = _read_headers(body_path, header_limit)
         else:
             original = _read_all(body_path)
     except FileNotFoundError:

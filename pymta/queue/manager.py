@@ -34,9 +34,17 @@ Implementation summary:
 - **Outcomes are recorded as soon as they are known** (Postfix marks recipients done one by
   one): with several transport groups in flight, each group's outcomes are saved when that
   group returns (saves serialised under the attempt's lock); the last group's save is the
-  attempt's final one, so a message with one group costs one save as before. A stop
-  cancels agent calls only, never the recording of outcomes already known (it waits for
-  that), and the message lock is held until the recording is done.
+  attempt's final one, so a message with one group costs one save as before. Within one
+  agent call (a local agent writing several mailboxes, an LMTP transaction answering per
+  recipient), an agent that has ``reports_progress`` reports each recipient's outcome as
+  soon as it is final; those reports cost nothing while the call goes on, and are recorded
+  (one save) only when the call does not return normally -- cancelled by a stop, raising,
+  timing out -- so a mailbox already written is never written again after a restart. A
+  stop cancels agent calls only, never the recording of outcomes already known (it waits
+  for that, up to ``RECORD_GRACE``: then it gives up, against a disk that hangs, and the
+  stop still ends), and the message lock is held until the recording is done. The server
+  also tells the agents to stop waiting (``begin_stop()``: an mbox lock wait ends as a
+  temporary failure) before the stop's grace starts, so a call is rarely cancelled at all.
 - **Notices first, state second**: DSNs are queued *before* the envelope is saved or
   removed, so a crash in between can duplicate a notice but never lose one. A recipient that
   failed for good becomes ``NOTICE_OWED`` (never handed to an agent again) until its failure
@@ -111,6 +119,7 @@ log = logging.getLogger("pymta.queue")
 
 MAX_HANDED_OVER = 1024   # locks of just-committed messages kept for their first attempt
 RECORD_GRACE = 10.0      # a stop waits this long for outcomes being recorded (local work)
+CANCEL_GRACE = 1.0       # ... and this long for what it then cancelled to end
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 TIMEOUT_ERROR = Reply(451, "4.4.2", "Delivery attempt timed out")
 EXPIRED_STATUS = "4.4.7"
@@ -119,6 +128,9 @@ WRITE_RETRY_FIRST = 1.0  # a failed queue update is tried again after this, doub
 WRITE_RETRY_MAX = 60.0   # ... up to this (seconds)
 MAX_UNWRITTEN = 256      # messages whose outcomes wait in memory for the disk
 _WAITING = (RcptState.PENDING, RcptState.NOTICE_OWED)
+# Envelope.extra key: when owed failure notices were last tried and could not be queued
+# (the recipients' last_attempt is their last delivery attempt, for the DSN).
+NOTICES_TRIED = "notices_tried"
 
 
 def boottime() -> float:
@@ -184,7 +196,21 @@ def fault_text(exc: BaseException) -> str:
 
 
 def _last_tried(env: Envelope) -> float:
-    return max((r.last_attempt for r in env.recipients), default=0.0)
+    """When the message was last tried: a delivery attempt, or queueing owed notices."""
+    last = max((r.last_attempt for r in env.recipients), default=0.0)
+    notices = env.extra.get(NOTICES_TRIED)
+    if notices:
+        with contextlib.suppress(ValueError):
+            last = max(last, float(notices))
+    return last
+
+
+class _Interrupted(Exception):
+    """An agent call was cancelled (a stop) after it had reported ``results``."""
+
+    def __init__(self, results: Results) -> None:
+        super().__init__("delivery interrupted")
+        self.results = results
 
 
 @dataclass(eq=False)
@@ -200,6 +226,7 @@ class _Attempt:
     lock: asyncio.Lock | None = None
     # Tasks inside an agent call right now: the only thing a stop may cancel.
     calls: set[asyncio.Task[Any]] = field(default_factory=set)
+    groups: list[asyncio.Task[None]] = field(default_factory=list)   # with several groups
     # The message's lock: released when the attempt ends, unless ``kept`` (its outcomes
     # wait in memory for the disk: ``QueueManager._unwritten``).
     message_lock: MessageLock | None = None
@@ -297,9 +324,12 @@ class QueueManager:
         the agent calls still running.
 
         Only agent calls are cancelled: their recipients' outcomes are unknown and they are
-        tried again after a restart. Outcomes already known are being recorded, and that is
-        never interrupted (for up to ``RECORD_GRACE``, against a disk that hangs), so a
-        delivery that was made is never made again (see the module docstring).
+        tried again after a restart -- except those the agent reported before (an agent
+        that ``reports_progress``), which are recorded like any other. Outcomes already
+        known are being recorded, and that is not interrupted for up to ``RECORD_GRACE``,
+        so a delivery that was made is never made again (see the module docstring). A
+        recording that takes longer (a disk that hangs) is then cancelled too, and the stop
+        waits ``CANCEL_GRACE`` more at most: it always returns.
         """
         self._running = False
         for _, lock in self._fresh.values():
@@ -322,9 +352,16 @@ class QueueManager:
                 log.warning("queue manager stop: cancelled %d running delivery calls of %d "
                             "attempts", len(calls), len(pending))
                 _, pending = await asyncio.wait(pending, timeout=RECORD_GRACE)
-                for t in pending:   # recording hangs (a dead disk): give up on it
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                if pending:     # recording hangs (a dead disk): give up on it
+                    for att in self._active:
+                        for t in att.groups:
+                            t.cancel()
+                    for t in pending:
+                        t.cancel()
+                    _, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE)
+                    if pending:
+                        log.error("queue manager stop: %d delivery attempts did not end; "
+                                  "their outcomes may be lost", len(pending))
         await self._write_back_all()
 
     async def _write_back_all(self) -> None:
@@ -435,8 +472,7 @@ class QueueManager:
         wait = env.next_attempt - now
         if not wait > 0.0:          # also NaN: due now rather than never
             return 0.0
-        written = max((r.last_attempt for r in env.recipients), default=0.0)
-        written = max(written, env.received_at)
+        written = max(_last_tried(env), env.received_at)
         if written > now:
             wait = min(wait, max(env.next_attempt - written, 0.0))
         return min(wait, self._max_wait)
@@ -456,7 +492,9 @@ class QueueManager:
 
     def _flush_pending(self, env: Envelope) -> bool:
         """Was this message flushed, and has no attempt (here or in another worker) been
-        made since? Then it is due regardless of its ``next_attempt``."""
+        made since? Then it is due regardless of its ``next_attempt``. An attempt that only
+        tried to queue owed notices counts (``NOTICES_TRIED``), or a notice that cannot be
+        queued yet would be retried at every scan instead of by back-off."""
         return bool(self._flushed_at) and _last_tried(env) < self._flushed_at
 
     def _forget(self, qid: QueueId) -> None:
@@ -700,7 +738,11 @@ class QueueManager:
         if len(groups) <= 1:    # the usual case: no extra task, one save
             results: Results = []
             for key, (agent, rcpts) in groups.items():
-                results = await self._deliver_group(att, key, agent, rcpts)
+                try:
+                    results = await self._deliver_group(att, key, agent, rcpts)
+                except _Interrupted as stopped:
+                    await self._record_interrupted(att, stopped.results)
+                    raise asyncio.CancelledError from None
             await self._record(att, results)
             return
         att.groups_left = len(groups)
@@ -708,12 +750,20 @@ class QueueManager:
         tasks = [asyncio.create_task(self._run_group(att, key, agent, rcpts),
                                      name=f"pymta-group-{att.qid}-{key}")
                  for key, (agent, rcpts) in groups.items()]
+        att.groups = tasks
         try:
             await asyncio.wait(tasks)
-        except asyncio.CancelledError:   # not by stop(), which cancels agent calls only
+        except asyncio.CancelledError:
+            # Not by stop()'s first step, which cancels agent calls only: its last (the
+            # recording did not end within RECORD_GRACE), or the loop shutting down. Agents
+            # still working are cancelled; outcomes being recorded get RECORD_GRACE, then
+            # they are given up too, as in the single-group path: a stop always ends.
             for t in att.calls:
-                t.cancel()      # agents still working; outcomes being recorded are kept
-            await _settle(tasks)
+                t.cancel()
+            if not await _settle(tasks, RECORD_GRACE):
+                for t in tasks:
+                    t.cancel()
+                await _settle(tasks, CANCEL_GRACE)
             raise
         for t in tasks:
             if t.cancelled():   # a stop cancelled that agent call: its outcome is unknown
@@ -726,7 +776,11 @@ class QueueManager:
 
     async def _run_group(self, att: _Attempt, key: str, agent: DeliveryAgent,
                          rcpts: list[Recipient]) -> None:
-        results = await self._deliver_group(att, key, agent, rcpts)
+        try:
+            results = await self._deliver_group(att, key, agent, rcpts)
+        except _Interrupted as stopped:
+            await self._record_interrupted(att, stopped.results)
+            raise asyncio.CancelledError from None
         await self._record(att, results)
 
     async def _deliver_group(self, att: _Attempt, key: str, agent: DeliveryAgent,
@@ -738,6 +792,12 @@ class QueueManager:
         (no await in between), so a stop can never cancel the recording that follows: a
         cancellation requested while the result is on its way is raised at the agent's
         await, before the outcome was taken.
+
+        An agent with a true ``reports_progress`` attribute is given ``report=``, which it
+        calls with each recipient's outcome as soon as that is final (see "Outcomes are
+        recorded as soon as they are known"). What it reported counts even when the call
+        then raises, times out or is cancelled: those recipients keep their outcomes (only
+        the rest are deferred), and a cancelled call raises :class:`_Interrupted` with them.
         """
         qid, msg = att.qid, att.msg
         if self._cancelling:
@@ -745,25 +805,33 @@ class QueueManager:
         task = asyncio.current_task()
         assert task is not None
         att.calls.add(task)
+        reported: list[Outcome] = []
         try:
             async with asyncio.timeout(self._agent_timeout):    # None: no limit
-                outcomes = await agent.deliver(msg, rcpts)
+                if getattr(agent, "reports_progress", False):
+                    outcomes = await agent.deliver(msg, rcpts,  # type: ignore[call-arg]
+                                                   report=reported.append)
+                else:
+                    outcomes = await agent.deliver(msg, rcpts)
         except TimeoutError:
             log.error("%s: transport %s timed out after %ss", qid, key, self._agent_timeout)
-            return [(r, Outcome(r.address, OutcomeKind.TEMPORARY, TIMEOUT_ERROR, key))
-                    for r in rcpts]
+            return self._so_far(qid, key, rcpts, reported, TIMEOUT_ERROR)
+        except asyncio.CancelledError:
+            if reported:    # a stop: what the agent did before it is recorded all the same
+                raise _Interrupted(self._pair(qid, key, rcpts, reported)[0]) from None
+            raise
         except Exception:
             log.exception("%s: transport %s raised; recipients deferred", qid, key)
-            return [(r, Outcome(r.address, OutcomeKind.TEMPORARY, LOCAL_ERROR, key))
-                    for r in rcpts]
+            return self._so_far(qid, key, rcpts, reported, LOCAL_ERROR)
         finally:
             att.calls.discard(task)
         return self._match(qid, key, rcpts, outcomes)
 
     @staticmethod
-    def _match(qid: QueueId, key: str, rcpts: Sequence[Recipient],
-               outcomes: Sequence[Outcome]) -> Results:
-        """Pair outcomes with recipients by address (duplicates pair in order)."""
+    def _pair(qid: QueueId, key: str, rcpts: Sequence[Recipient],
+              outcomes: Sequence[Outcome]) -> tuple[Results, list[Recipient]]:
+        """Pair outcomes with recipients by address (duplicates pair in order); also the
+        recipients left without one."""
         waiting: dict[str, deque[Recipient]] = defaultdict(deque)
         for r in rcpts:
             waiting[r.address.lower()].append(r)
@@ -775,11 +843,25 @@ class QueueManager:
                           qid, key, deliverylog.printable(o.recipient))
                 continue
             out.append((queue.popleft(), o))
-        for queue in waiting.values():
-            for r in queue:
-                log.error("%s: transport %s returned no outcome for <%s>; deferred",
-                          qid, key, deliverylog.printable(r.address))
-                out.append((r, Outcome(r.address, OutcomeKind.TEMPORARY, LOCAL_ERROR, key)))
+        return out, [r for queue in waiting.values() for r in queue]
+
+    @classmethod
+    def _match(cls, qid: QueueId, key: str, rcpts: Sequence[Recipient],
+               outcomes: Sequence[Outcome]) -> Results:
+        """Pair outcomes with recipients; a recipient without one is deferred."""
+        out, missing = cls._pair(qid, key, rcpts, outcomes)
+        for r in missing:
+            log.error("%s: transport %s returned no outcome for <%s>; deferred",
+                      qid, key, deliverylog.printable(r.address))
+            out.append((r, Outcome(r.address, OutcomeKind.TEMPORARY, LOCAL_ERROR, key)))
+        return out
+
+    @classmethod
+    def _so_far(cls, qid: QueueId, key: str, rcpts: Sequence[Recipient],
+                reported: Sequence[Outcome], reply: Reply) -> Results:
+        """A call that failed: the outcomes it reported, ``reply`` (temporary) for the rest."""
+        out, rest = cls._pair(qid, key, rcpts, reported)
+        out += [(r, Outcome(r.address, OutcomeKind.TEMPORARY, reply, key)) for r in rest]
         return out
 
     # ------------------------------------------------------------------ recording
@@ -794,19 +876,36 @@ class QueueManager:
             if att.groups_left <= 0:
                 await self._conclude(att, results + att.extra)
                 return
-            delivered = self._apply(att, results)
-            if delivered:       # notices first, state second
-                await self._notify(att, delivered, "delivered", self._clock())
-            try:
-                await self._store.save(att.qid, att.env)
-            except OSError as e:
-                # Not retried on its own: the attempt's final write saves the same envelope
-                # (or keeps it in memory until it can).
-                log.error("%s: cannot save the outcomes so far: %s; kept for the end of "
-                          "the attempt", att.qid, fault_text(e))
-                att.dirty = True
-            else:
-                att.dirty = False
+            await self._save_so_far(att, results)
+
+    async def _save_so_far(self, att: _Attempt, results: Results) -> None:
+        """Outcomes known before the attempt ends: applied, success notices queued, and the
+        envelope saved as it is (``next_attempt`` is the attempt's final write's business)."""
+        delivered = self._apply(att, results)
+        if delivered:       # notices first, state second
+            await self._notify(att, delivered, "delivered", self._clock())
+        try:
+            await self._store.save(att.qid, att.env)
+        except OSError as e:
+            # Not retried on its own: the attempt's final write saves the same envelope
+            # (or keeps it in memory until it can).
+            log.error("%s: cannot save the outcomes so far: %s; kept for the end of "
+                      "the attempt", att.qid, fault_text(e))
+            att.dirty = True
+        else:
+            att.dirty = False
+
+    async def _record_interrupted(self, att: _Attempt, results: Results) -> None:
+        """A stop cancelled an agent call after it had reported some outcomes: record those
+        (the rest of its recipients are untouched, tried again after the restart). The
+        attempt ends here, so a failed save is kept in memory like a final write's."""
+        if att.lock is None:
+            await self._save_so_far(att, results)
+            if att.dirty:
+                await self._write_outcome(att)
+            return
+        async with att.lock:    # the attempt's end writes it when this save fails
+            await self._save_so_far(att, results)
 
     def _apply(self, att: _Attempt, results: Results) -> list[DsnEntry]:
         """Put outcomes into the recipients (in memory) and log them; the success-notice
@@ -851,6 +950,9 @@ class QueueManager:
         if owed and await self._notify(att, [_owed_entry(r) for r in owed], "failed", now):
             for r in owed:
                 r.state = RcptState.FAILED
+            env.extra.pop(NOTICES_TRIED, None)
+        elif owed:
+            env.extra[NOTICES_TRIED] = repr(now)    # tried: a flush is answered (_last_tried)
         waiting = [r for r in env.recipients if r.state in _WAITING]
         if waiting:
             env.next_attempt = now + self._policy.delay(max(r.attempts for r in waiting))
@@ -1030,15 +1132,19 @@ def _owed_entry(rcpt: Recipient) -> DsnEntry:
     return DsnEntry(rcpt, "failed", status, reply, _remote_mta(rcpt, rcpt.next_hop))
 
 
-async def _settle(tasks: Iterable[asyncio.Future[Any]]) -> None:
-    """Wait until every task is done, through cancellations; log their exceptions."""
+async def _settle(tasks: Iterable[asyncio.Future[Any]], timeout: float) -> bool:
+    """Wait until every task is done, through cancellations, for at most ``timeout``
+    seconds; log their exceptions. False when some are still running then."""
     tasks = list(tasks)
+    deadline = asyncio.get_running_loop().time() + timeout
     while True:
         pending = [t for t in tasks if not t.done()]
-        if not pending:
+        left = deadline - asyncio.get_running_loop().time()
+        if not pending or left <= 0:
             break
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait(pending)
+            await asyncio.wait(pending, timeout=left)
     for t in tasks:
-        if not t.cancelled() and t.exception() is not None:
+        if t.done() and not t.cancelled() and t.exception() is not None:
             log.error("recording delivery outcomes failed", exc_info=t.exception())
+    return not pending

@@ -57,6 +57,9 @@ READ_PAUSE_BYTES = 256 * 1024
 # How long stopping waits for sessions whose answer is being made (a message being checked
 # and committed) before it drops them; the pipeline's own timeouts bound most decisions.
 SHUTDOWN_GRACE = 5.0
+# How long sessions that are only sending their last replies (the 421) get after that grace,
+# when a slow one used it up: a short time of their own, not an abort in the same step.
+DRAIN_GRACE = 1.0
 # How long a closing connection may take to drain our last reply before it is dropped (a
 # client that stopped reading must not keep the socket forever).
 CLOSE_LINGER = 10.0
@@ -436,11 +439,14 @@ class SMTPServerProtocol(asyncio.Protocol):
         return True
 
 
-async def close_sessions(ctx: ListenerContext, grace: float = SHUTDOWN_GRACE) -> None:
+async def close_sessions(ctx: ListenerContext, grace: float = SHUTDOWN_GRACE,
+                         drain: float = DRAIN_GRACE) -> None:
     """Stop every session of ``ctx`` (the listeners are closed already): ``421 4.3.2`` to
     those waiting for their client at once; those whose answer is being made get it first
     (a message being committed is acknowledged, not left for the client to send again), for
-    up to ``grace`` seconds; whatever is left then is dropped."""
+    up to ``grace`` seconds; those still making it then are dropped. Sessions that are only
+    sending their last replies have until the grace ends, and at least ``drain`` seconds
+    after the wait for the others, before they are dropped too."""
     ctx.stopping = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
@@ -451,10 +457,18 @@ async def close_sessions(ctx: ListenerContext, grace: float = SHUTDOWN_GRACE) ->
             tasks.append(proto._task)
     if tasks:
         await asyncio.wait(tasks, timeout=grace)
+    for proto in list(ctx.active):       # still making an answer: out of time
+        if proto._task is not None and not proto._task.done():
+            _drop(proto)
+    deadline = max(deadline, loop.time() + drain)
     while ctx.active and loop.time() < deadline:   # the last replies on their way out
         await asyncio.sleep(0.02)
     for proto in list(ctx.active):
-        if proto.transport is not None:
-            proto.transport.abort()
-        if proto._task is not None and not proto._task.done():
-            proto._task.cancel()
+        _drop(proto)
+
+
+def _drop(proto: SMTPServerProtocol) -> None:
+    if proto.transport is not None:
+        proto.transport.abort()
+    if proto._task is not None and not proto._task.done():
+        proto._task.cancel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import socketserver
@@ -177,6 +178,46 @@ def test_issue10_defect3_success_dsn_to_unverified_sender_carries_headers_only(
         peer.stop()
 
 
+def test_issue10_review_success_dsn_stops_at_first_non_field_line(server_factory) -> None:
+    """``Subject: hello`` and 3,000 spam lines with no empty line between (accepted since
+    defect 9), ``NOTIFY=SUCCESS`` from ``victim@foreign.test``: the success notice at the
+    victim's next hop returns the header fields only (ours and ``Subject``), none of the
+    spam. Before the fix it returned everything up to the (missing) empty line: 176 KB."""
+    peer = Peer().start()
+    try:
+        srv: ServerProc = server_factory("rv1", SMTP_RELAY_HOSTAUTH=f"[127.0.0.1]:{peer.port}",
+                                         SRS_ENABLE="no", **NO_CHECKS)
+        srv.start()
+        spam = b"SPAM LINE %06d buy cheap pills at http://evil.example/\r\n"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO attacker.test\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            for cmd in (b"MAIL FROM:<victim@foreign.test>",
+                        b"RCPT TO:<alice@example.com> NOTIFY=SUCCESS", b"DATA"):
+                s.sendall(cmd + b"\r\n")
+                assert f.readline()[:1] in (b"2", b"3")
+            s.sendall(b"Subject: hello\r\n" + b"".join(spam % i for i in range(3000))
+                      + b".\r\n")
+            assert f.readline().startswith(b"250 2.0.0")
+        wait_until(lambda: peer.messages, 15, 0.05, "the success DSN at the next hop")
+        mail, rcpts, data = peer.messages[0]
+        assert rcpts[0].startswith("<victim@foreign.test>")
+        assert b"Action: delivered" in data
+        assert b"SPAM LINE" not in data
+        returned = data.split(b"Content-Type: text/rfc822-headers\r\n", 1)[1]
+        returned = returned.split(b"\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0]
+        assert returned.startswith(b"Received: from attacker.test")
+        assert returned.endswith(b"\r\nSubject: hello\r\n")
+        assert len(data) < 5000
+        [delivered] = maildir_files(srv, "alice")       # the message itself is delivered whole
+        assert delivered.count(b"SPAM LINE") == 3000
+    finally:
+        peer.stop()
+
+
 # ------------------------------------------------------------------------------ defect 4
 
 
@@ -209,6 +250,35 @@ def test_issue10_defect4_stop_during_slow_relay_leaves_one_local_copy(server_fac
         assert srv.stop() == 0
     finally:
         peer.stop()
+
+
+def test_issue10_review_stop_during_mbox_lock_wait_leaves_one_local_copy(server_factory) -> None:
+    """alice (maildir) and bob (an mbox dot-locked by a live process) in one message: alice's
+    copy is written, bob's delivery waits for the lock. SIGTERM, then a restart with the lock
+    gone: bob gets the message and alice still has exactly one copy. Before the fix the stop
+    cancelled the local agent's call after 3 s with alice written but not recorded, and the
+    restart wrote her a second copy."""
+    srv: ServerProc = server_factory("rv2", SRS_ENABLE="no", PYMTA_DNS_RESOLVER="127.0.0.1:9",
+                                     MAIL_BOXES="alice@example.com:alice/ bob@example.com:bob",
+                                     **NO_CHECKS)
+    srv.start()
+    lock = srv.mail_dir / "bob.lock"
+    lock.write_text(f"{os.getpid()}\n")            # a MUA holds bob's mbox
+    code, text = smtp_send(srv.port, SENDER, ["alice@example.com", "bob@example.com"],
+                           make_message(SENDER, "alice@example.com", "once"))
+    assert code == 250, text
+    qid = queued_id(text)
+    wait_until(lambda: maildir_count(srv, "alice") == 1, 10, 0.05, "alice's copy")
+    assert srv.stop(timeout=60) == 0
+    show = srv.cli("queue", "show", qid, check=True).stdout
+    assert re.search(r"<alice@example.com>\n  state:      delivered", show), show
+    assert re.search(r"<bob@example.com>\n  state:      pending", show), show
+    lock.unlink()
+    srv.start()
+    srv.wait_queue_empty(30)
+    assert (srv.mail_dir / "bob").read_bytes().count(b"\nSubject: once") == 1
+    assert maildir_count(srv, "alice") == 1, "alice got a duplicate after the restart"
+    assert srv.stop() == 0
 
 
 # ------------------------------------------------------------------------------ defect 6

@@ -5,11 +5,13 @@ the per-client connection rate limit, and a client that never reads our replies.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -318,3 +320,55 @@ def test_issue10_replies_the_client_does_not_read_do_not_grow_server_memory(
         client.close()
     finally:
         srv.cleanup()
+
+
+# ------------------------------------------------------------- stopping: the last replies
+
+
+class _Transport:
+    def __init__(self, lost) -> None:
+        self.aborted = False
+        self.lost = lost
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.lost()
+
+
+class _Session:
+    """What ``close_sessions`` sees of a session: its task and its transport (an abort
+    loses the connection at the next turn of the loop, as a real one does)."""
+
+    def __init__(self, ctx, task) -> None:
+        self._task = task
+        loop = asyncio.get_running_loop()
+        self.transport = _Transport(lambda: loop.call_soon(ctx.active.discard, self))
+
+    def shutdown(self) -> None:
+        pass
+
+
+async def test_issue10_review_stop_lets_sessions_drain_their_421_after_a_slow_one() -> None:
+    """One session's answer is still being made when the stop's grace ends (it is dropped);
+    another finished long before and is only draining its last reply (its ``421``) to a
+    slow reader. The slow one used up the grace, but the draining one still gets a short
+    time of its own instead of being aborted in the same step (before: aborted at once)."""
+    from pymta.smtp.server import close_sessions
+
+    ctx = types.SimpleNamespace(active=set(), stopping=False)
+    loop = asyncio.get_running_loop()
+    draining = _Session(ctx, None)
+
+    async def stuck() -> None:
+        try:
+            await asyncio.sleep(3600)           # a decision that does not come in time
+        except asyncio.CancelledError:
+            # the draining session's client takes its last bytes right after
+            loop.call_soon(ctx.active.discard, draining)
+            raise
+
+    slow = _Session(ctx, asyncio.create_task(stuck()))
+    ctx.active |= {slow, draining}
+    await asyncio.wait_for(close_sessions(ctx, grace=0.1), 10)   # type: ignore[arg-type]
+    assert slow.transport.aborted and slow._task.cancelled()
+    assert not draining.transport.aborted

@@ -135,3 +135,31 @@ def test_signal_ignores_stale_pid_file(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+async def test_issue10_review_flush_without_a_token_still_makes_messages_due(
+        state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush token cannot be written (a read-only or full queue file system) while a
+    server runs: the server, signalled, would only rescan and find nothing due. So the
+    envelopes are made due on disk instead, the server is signalled to rescan, and the exit
+    status says the flush was not complete (its dead hosts are not forgotten). Before: "1
+    message(s) due now", status 0, and the message still waited for its next_attempt."""
+    qid = await enqueue(state / "queue")
+    signals: list[str] = []
+
+    def no_token(state_dir: str) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(queue_cli, "write_flush_token", no_token)
+    monkeypatch.setattr(queue_cli, "signal_server",
+                        lambda state_dir, err: signals.append(state_dir) or True)
+    before = time.time()
+    assert main(["queue", "flush"]) == 1
+    captured = capsys.readouterr()
+    env = load(state / "queue", qid)
+    assert env is not None and env.next_attempt <= time.time()
+    assert env.next_attempt >= before
+    assert signals                                   # the server rescans and finds it due
+    assert captured.out == "1 message(s) due now\n"
+    assert "cannot write the flush request: Read-only file system" in captured.err
+    assert "dead hosts" in captured.err

@@ -246,3 +246,56 @@ def test_issue10_no_dsn_line_exceeds_998_octets(tmp_path_factory, address, origi
     msg = email.message_from_bytes(data, policy=email.policy.default)
     assert msg.get_content_type() == "multipart/report"
     assert len(msg.get_payload()) == 3
+
+
+# ------------------------- issue 10 review: what "the header section" of a notice is
+
+SPAM = b"SPAM LINE buy cheap pills at http://evil.example/\r\n"
+NO_BLANK = (b"Received: from client.example ([192.0.2.9])\r\n\tby mta.example.org\r\n"
+            b"Subject: hello\r\n" + SPAM * 3000)
+
+
+def _headers_part(data: bytes) -> bytes:
+    """The returned header section, as sent (between its part's header and the boundary)."""
+    part = data.split(b"Content-Type: text/rfc822-headers\r\n", 1)[1]
+    part = part.split(b"\r\n\r\n", 1)[1]
+    return part[:part.rindex(b"\r\n--")]
+
+
+def test_issue10_review_success_dsn_stops_at_first_non_field_line(tmp_path):
+    """A message with no empty line after its header (accepted since defect 9): the success
+    notice returns the fields up to the first line that is not one, not the spam after it."""
+    data, msg = _build(tmp_path, body=NO_BLANK, kind="delivered")
+    assert SPAM not in data
+    assert _headers_part(data) == (b"Received: from client.example ([192.0.2.9])\r\n"
+                                   b"\tby mta.example.org\r\nSubject: hello\r\n")
+    assert len(data) < 4000
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_issue10_review_failure_dsn_with_ret_hdrs_stops_at_first_non_field_line(tmp_path):
+    for ret, body in (("HDRS", NO_BLANK), ("FULL", NO_BLANK + b"x" * 60_000 + b"\r\n")):
+        data, _ = _build(tmp_path, body=body, kind="failed", ret=ret)
+        assert SPAM not in data, ret
+        assert _headers_part(data).endswith(b"Subject: hello\r\n"), ret
+
+
+def test_issue10_review_notice_headers_are_bounded_in_whole_fields(tmp_path):
+    """3,000 header *fields*: a success notice returns at most 16 KiB of them, a failure
+    notice at most the bounce size limit, each ending with a whole field."""
+    fields = b"".join(b"X-Spam-%04d: buy cheap pills at http://evil.example/\r\n"
+                      b"\tcontinued\r\n" % i for i in range(3000))
+    body = b"Received: from client.example\r\n" + fields + b"\r\nbody\r\n"
+    for kind, limit in (("delivered", 16384), ("delayed", 16384), ("failed", 50000)):
+        data, _ = _build(tmp_path, body=body, kind=kind, ret="HDRS")
+        part = _headers_part(data)
+        assert limit - 100 < len(part) <= limit, kind
+        assert part.startswith(b"Received: from client.example\r\nX-Spam-0000:")
+        assert part.endswith(b"\tcontinued\r\n"), kind       # whole fields only
+        assert len(data) < limit + 3000, kind
+
+
+def test_issue10_review_notice_header_with_a_huge_line_is_bounded(tmp_path):
+    body = b"Received: from client.example\r\nX-Long: " + b"a" * 2_000_000 + b"\r\n\r\nbody\r\n"
+    data, _ = _build(tmp_path, body=body, kind="delivered")
+    assert _headers_part(data) == b"Received: from client.example\r\n"

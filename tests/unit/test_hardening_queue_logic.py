@@ -14,6 +14,7 @@ import email.policy
 import io
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -772,3 +773,338 @@ async def test_issue10_flush_with_a_running_server_rewrites_nothing(tmp_path, mo
         assert held is not None
         held.release()
         await store.close()
+
+
+# ------------------------------------------- issue 10 review: a stop never loses an outcome
+
+
+class ReportsThenHangs:
+    """A local agent that has written the first recipient's mailbox, reports it, and is then
+    stuck (an mbox lock held by a MUA, a slow disk) until the stop cancels it."""
+
+    reports_progress = True
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.reported = asyncio.Event()
+
+    async def deliver(self, msg, rcpts, report=None):
+        self.calls.append([r.address for r in rcpts])
+        if report is not None:
+            report(Outcome(rcpts[0].address, OutcomeKind.DELIVERED, OK, "local"))
+        self.reported.set()
+        await asyncio.sleep(3600)
+
+
+CAROL = Recipient("carol@example.org", "carol@example.org", local=True, mailbox="carol")
+
+
+@pytest.mark.parametrize("groups", ["local only", "local and relay"])
+async def test_issue10_review_stop_records_local_recipients_already_written(tmp_path, groups):
+    """alice written, carol's delivery stuck, the stop cancels the call: alice is recorded as
+    delivered (her success notice queued), carol is untouched, and the next attempt hands
+    only carol (and the relay recipient) to an agent."""
+    store = CountingStore(tmp_path)
+    local = ReportsThenHangs()
+    mgr = QueueManager(store, Router(Hang(), local), policy=RetryPolicy(jitter=0),
+                       hostname="h", postmaster="postmaster@h", resolve=resolve)
+    now = mgr._clock()
+    rcpts = [Recipient(**{**_fields(LOCAL), "notify": "SUCCESS"}), Recipient(**_fields(CAROL))]
+    if groups != "local only":
+        rcpts.append(Recipient(**_fields(REMOTE)))
+    qid = await store.enqueue_bytes(Envelope("a@example.org", rcpts, now, now), BODY)
+    await mgr.start()
+    await asyncio.wait_for(local.reported.wait(), 2)
+    await mgr.stop(grace=0.05)
+    env = store.load(qid)
+    assert [(r.state, r.attempts) for r in env.recipients[:2]] == [
+        (RcptState.DELIVERED, 1), (RcptState.PENDING, 0)]
+    assert store.locked == set()
+    [dsn_qid] = [q for q in store.ids() if q != qid]
+    assert b"Action: delivered" in store.body(dsn_qid)
+    local2, remote2 = Agent(always(OK)), Agent(always(OK))
+    mgr2 = QueueManager(store, Router(remote2, local2), policy=RetryPolicy(jitter=0),
+                        hostname="h", postmaster="postmaster@h", resolve=resolve)
+    await mgr2.run_once_due()
+    assert [c[1] for c in local2.calls if c[0].qid == qid] == [["carol@example.org"]]
+    assert qid not in store.ids()
+
+
+async def test_issue10_review_cancelled_local_call_reports_mailboxes_written(tmp_path):
+    """The real local agent, stopped without ``begin_stop`` (a library user's manager): alice
+    (maildir) is written, bob's mbox is dot-locked by a live process. The stop cancels the
+    call; the cancellation ends bob's lock wait, alice is recorded, and after the lock is gone
+    the next attempt delivers bob only: alice has one copy."""
+    mail = tmp_path / "mail"
+    mail.mkdir()
+    (mail / "bob.lock").write_text(f"{os.getpid()}\n")
+    agent = LocalDeliveryAgent(str(mail), "h")
+    store = CountingStore(tmp_path)
+    mgr = QueueManager(store, StaticRouter(agent), policy=RetryPolicy(jitter=0),
+                       hostname="h", postmaster="postmaster@h", resolve=resolve)
+    now = mgr._clock()
+    bob = Recipient("bob@example.org", "bob@example.org", local=True, mailbox="bob")
+    qid = await store.enqueue_bytes(
+        Envelope("a@example.org", [Recipient(**_fields(LOCAL)), bob], now, now), BODY)
+    alice_new = mail / "alice" / "new"
+    try:
+        await mgr.start()
+        await wait_until_true(lambda: alice_new.is_dir() and any(alice_new.iterdir()))
+        await asyncio.wait_for(mgr.stop(grace=0.1), 8)
+        env = store.load(qid)
+        assert env.recipients[0].state is RcptState.DELIVERED
+        assert env.recipients[1].state is RcptState.PENDING
+    finally:
+        await agent.close()
+    (mail / "bob.lock").unlink()
+    agent2 = LocalDeliveryAgent(str(mail), "h")
+    try:
+        mgr2 = QueueManager(store, StaticRouter(agent2), policy=RetryPolicy(jitter=0),
+                            hostname="h", postmaster="postmaster@h", resolve=resolve)
+        await mgr2.run_once_due()
+    finally:
+        await agent2.close()
+    assert qid not in store.ids()
+    assert len(list(alice_new.iterdir())) == 1, "alice got a duplicate"
+    assert (mail / "bob").read_bytes().count(b"Subject: hi") == 1
+
+
+def _qmsg(body: Path) -> QueuedMessage:
+    return QueuedMessage("Q1", Envelope("a@example.org", [], 1.0, 1.0), str(body))
+
+
+async def test_issue10_review_cancel_waits_for_an_mbox_append_under_way(tmp_path, monkeypatch):
+    """Cancelled while bob's append runs in its thread: the append cannot be called back, so
+    the call waits for it, reports it, and only then raises the cancellation."""
+    from pymta.delivery import local as local_mod
+
+    started, go = threading.Event(), threading.Event()
+    stops: list[threading.Event] = []
+
+    def appending(mail_dir, mailbox, sender, prefix, body_path, now, timeout, stop):
+        stops.append(stop)
+        started.set()
+        go.wait(10)
+
+    monkeypatch.setattr(local_mod, "deliver_mbox", appending)
+    body = tmp_path / "body"
+    body.write_bytes(BODY)
+    agent = LocalDeliveryAgent(str(tmp_path), "h")
+    reported: list[Outcome] = []
+    bob = Recipient("bob@example.org", "bob@example.org", local=True, mailbox="bob")
+    try:
+        task = asyncio.create_task(agent.deliver(_qmsg(body), [bob], report=reported.append))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()              # waiting for the append ...
+        assert stops[0].is_set()            # ... whose lock waits, if any, end now
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [(o.recipient, o.kind) for o in reported] == [
+            ("bob@example.org", OutcomeKind.DELIVERED)]
+    finally:
+        go.set()
+        await agent.close()
+
+
+async def test_issue10_review_cancel_waits_for_a_maildir_batch_under_way(tmp_path, monkeypatch):
+    """Cancelled while alice's file is in a commit batch (it may be in new/ already): the call
+    waits for the batch and reports the delivery. Cancelled while a file is still being
+    written to tmp/: nothing is waited for, and the file is removed when the write ends."""
+    from pymta.delivery import local as local_mod
+    from pymta.delivery.maildir import MaildirCommitter
+
+    in_batch, go = threading.Event(), threading.Event()
+    flush = MaildirCommitter._flush
+
+    def slow_flush(self, batch):
+        in_batch.set()
+        go.wait(10)
+        return flush(self, batch)
+
+    monkeypatch.setattr(MaildirCommitter, "_flush", slow_flush)
+    body = tmp_path / "body"
+    body.write_bytes(BODY)
+    mail = tmp_path / "mail"
+    agent = LocalDeliveryAgent(str(mail), "h")
+    reported: list[Outcome] = []
+    try:
+        task = asyncio.create_task(agent.deliver(_qmsg(body), [Recipient(**_fields(LOCAL))],
+                                                 report=reported.append))
+        await asyncio.to_thread(in_batch.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [o.kind for o in reported] == [OutcomeKind.DELIVERED]
+        assert len(list((mail / "alice" / "new").iterdir())) == 1
+
+        writing, go2 = threading.Event(), threading.Event()
+        write = local_mod.write_maildir_tmp
+
+        def slow_write(*args):
+            writing.set()
+            go2.wait(10)
+            return write(*args)
+
+        monkeypatch.setattr(local_mod, "write_maildir_tmp", slow_write)
+        reported.clear()
+        task = asyncio.create_task(agent.deliver(_qmsg(body), [Recipient(**_fields(LOCAL))],
+                                                 report=reported.append))
+        await asyncio.to_thread(writing.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task                      # at once: nothing can be in new/ yet
+        go2.set()
+        await wait_until_true(lambda: not any((mail / "alice" / "tmp").iterdir()))
+        assert reported == []
+        assert len(list((mail / "alice" / "new").iterdir())) == 1
+    finally:
+        go.set()
+        await agent.close()
+
+
+async def test_issue10_review_lmtp_replies_read_before_a_stop_are_recorded(tmp_path):
+    """LMTP answers per recipient after DATA: alice's 250 is read, bob's is slow when the
+    stop cancels the call. alice's outcome was reported as it came; the call then waits for
+    bob's reply (the server delivers whether we listen or not) and reports it too."""
+    from pymta.delivery.lmtp import LMTPDeliveryAgent
+
+    second = asyncio.Event()
+
+    async def serve(reader, writer):
+        writer.write(b"220 lmtp.test LMTP\r\n")
+        rcpts = 0
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"LHLO":
+                writer.write(b"250-lmtp.test\r\n250 8BITMIME\r\n")
+            elif verb == b"RCPT":
+                rcpts += 1
+                writer.write(b"250 2.1.5 Ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                while await reader.readline() not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 alice delivered\r\n")
+                await writer.drain()
+                await second.wait()
+                writer.write(b"250 2.0.0 bob delivered\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 Ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = tmp_path / "body"
+    body.write_bytes(BODY)
+    agent = LMTPDeliveryAgent(f"lmtp:127.0.0.1:{port}", "h", timeout=10)
+    reported: list[Outcome] = []
+    rcpts = [Recipient(**_fields(LOCAL)),
+             Recipient("bob@example.org", "bob@example.org", local=True, mailbox="bob/")]
+    try:
+        task = asyncio.create_task(agent.deliver(_qmsg(body), rcpts, report=reported.append))
+        await wait_until_true(lambda: len(reported) == 1)
+        assert reported[0].recipient == "alice@example.org"
+        assert reported[0].kind is OutcomeKind.DELIVERED
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        second.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [(o.recipient, o.kind) for o in reported] == [
+            ("alice@example.org", OutcomeKind.DELIVERED),
+            ("bob@example.org", OutcomeKind.DELIVERED)]
+    finally:
+        second.set()
+        server.close()
+        await server.wait_closed()
+
+
+# ---------------------------------------------- issue 10 review: a stop always comes back
+
+
+class HungSaveStore(CountingStore):
+    """Saves never return once ``hang`` is set (a disk that stopped answering)."""
+
+    hang = False
+
+    async def save(self, qid: str, envelope: Envelope) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        await super().save(qid, envelope)
+
+
+async def test_issue10_review_stop_with_a_hung_recording_returns(tmp_path, monkeypatch):
+    """Two groups: the local one returns and its outcome is being saved on a disk that hangs,
+    the relay one is stuck. The stop cancels the relay call, waits RECORD_GRACE for the
+    recording, then gives up on it and returns (before: it waited forever in _settle)."""
+    from pymta.queue import manager as manager_mod
+
+    monkeypatch.setattr(manager_mod, "RECORD_GRACE", 0.2)
+    monkeypatch.setattr(manager_mod, "CANCEL_GRACE", 0.2, raising=False)
+    store = HungSaveStore(tmp_path)
+    store.hang = True
+    hang, local = Hang(), Agent(always(OK))
+    mgr = QueueManager(store, Router(hang, local), policy=RetryPolicy(jitter=0),
+                       hostname="h", postmaster="postmaster@h", resolve=resolve)
+    now = mgr._clock()
+    await store.enqueue_bytes(
+        Envelope("a@example.org", [Recipient(**_fields(LOCAL)), Recipient(**_fields(REMOTE))],
+                 now, now), BODY)
+    await mgr.start()
+    await asyncio.wait_for(hang.started.wait(), 2)
+    await wait_until_true(lambda: local.calls)
+    await asyncio.wait_for(mgr.stop(grace=0.05), 5)
+    assert store.locked == set()
+    assert mgr._tasks == set()
+
+
+# ------------------------------------- issue 10 review: a flush and a notice that must wait
+
+
+async def test_issue10_review_flush_then_owed_notice_retries_by_back_off(tmp_path):
+    """A flush makes a message whose failure notice cannot be queued (the disk is full) due
+    at once, and it is tried once; after that it waits for its back-off again. Before, the
+    attempt left the recipients' last_attempt alone, so every later scan saw the message as
+    "not tried since the flush" and tried it again: once per scan interval."""
+    store = FakeStore(tmp_path)
+    store.root = str(tmp_path)               # type: ignore[attr-defined]
+    clocks = TwoClocks()
+    tries = 0
+
+    async def full(envelope, data):
+        nonlocal tries
+        tries += 1
+        raise OSError(28, "No space left on device")
+
+    store.enqueue_bytes = full               # type: ignore[method-assign]
+    rcpt = Recipient(**_fields(REMOTE))
+    rcpt.state, rcpt.attempts = RcptState.NOTICE_OWED, 1
+    rcpt.last_reply, rcpt.last_attempt = str(REJECT), clocks.wall - 1000
+    env = Envelope("alice@example.org", [rcpt], clocks.wall - 1000, clocks.wall + 3000)
+    store.envs["Q0001"] = env
+    (tmp_path / "Q0001").write_bytes(BODY)
+    remote = Agent(always(OK))
+    mgr = manager(store, remote, clocks=clocks,
+                  policy=RetryPolicy(first=300, maximum=4000, jitter=0))
+    assert await mgr.run_once_due() == []    # backing off: not due
+    (tmp_path / "flush").write_text(f"{int(clocks.wall * 1e9)}.1\n")
+    assert await mgr.run_once_due() == ["Q0001"]   # the flush: tried at once
+    assert tries == 1
+    for _ in range(4):                       # four scan intervals later: still backing off
+        clocks.advance(60)
+        assert await mgr.run_once_due() == []
+    assert tries == 1
+    clocks.advance(300)
+    assert await mgr.run_once_due() == ["Q0001"]
+    assert tries == 2 and remote.calls == []

@@ -85,3 +85,40 @@ def test_credentials_never_reach_the_log(stream: io.StringIO) -> None:
     log.error(f"bad line AUTH PLAIN {SECRET}")
     assert SECRET not in stream.getvalue()
     assert stream.getvalue().count("AUTH PLAIN ***") == 2
+
+
+@pytest.mark.parametrize("log_json", [False, True])
+def test_issue10_review_a_logged_value_cannot_forge_a_line(stream: io.StringIO,
+                                                             log_json: bool) -> None:
+    """A DKIM ``d=`` with a folded CRLF put a line of the sender's choosing into the log.
+    Every message is written on one line, text and JSON alike, for any line splitter
+    (``str.splitlines`` also splits at U+2028, U+0085, VT, FF, FS...)."""
+    setup_logging(Config(hostname="mx1.example.com", log_json=log_json), stream=stream)
+    forged = "evil.test\r\n2026-12-06T09:00:00 mx1 pymta[1]: 1ABC: to=<ceo@x>, status=sent"
+    value = f"{forged}\u2028second\x85third\x0bfourth\x1c\x00\x7f"
+    notice(logging.getLogger("pymta.pipeline.dkim"), "Q1: dkim: neutral (d=%s)", value)
+    out = stream.getvalue()
+    assert out.endswith("\n") and len(out.splitlines()) == 1, out
+    assert "\r" not in out and "\u2028" not in out and "\x85" not in out
+    line = json.loads(out)["message"] if log_json else out
+    assert "d=evil.test\\r\\n2026-12-06T09:00:00 mx1 pymta[1]:" in line
+    assert "\\u2028second\\x85third\\x0bfourth\\x1c\\x00\\x7f)" in line
+
+
+def test_issue10_review_a_traceback_never_begins_a_line(stream: io.StringIO) -> None:
+    setup_logging(Config(hostname="mx1.example.com"), stream=stream)
+    try:
+        raise ValueError("bad\r\n2026-12-06T09:00:00 mx1 pymta[1]: forged\u2028x")
+    except ValueError:
+        logging.getLogger("pymta").exception("stage failed")
+    first, *rest = stream.getvalue().split("\n")[:-1]
+    assert first.endswith("]: error: stage failed") and rest
+    assert all(line.startswith("\t") for line in rest), rest
+    assert "\u2028" not in stream.getvalue() and "\r" not in stream.getvalue()
+
+
+def test_issue10_review_plain_lines_are_unchanged(stream: io.StringIO) -> None:
+    """The common line (printable ASCII, or printable UTF-8) is written as it is."""
+    setup_logging(Config(hostname="mx1.example.com"), stream=stream)
+    notice(logging.getLogger("pymta.queue"), "ABC: to=<j\u00f6rg@x>, status=sent (250 ok)")
+    assert stream.getvalue().endswith("]: ABC: to=<j\u00f6rg@x>, status=sent (250 ok)\n")

@@ -336,6 +336,27 @@ def test_author_domains():
     assert author_domains(b"From: undisclosed\r\n") is None
 
 
+@pytest.mark.parametrize("value", [b"a@x.test " + b"(" * 5000, b"a@x.test " + b"(" * 990,
+                                   b"a@x.test, " + b"@" * 1_000_000])
+async def test_issue10_review_hostile_from_is_no_usable_from_quickly(
+        tmp_path: Path, value: bytes) -> None:
+    """Nested comments in From made the stdlib parser raise RecursionError out of the DMARC
+    check (``451`` at every attempt); a megabyte of From cost ~2 s on the event loop."""
+    from pymta.pipeline.dkimsign import from_domain
+    from pymta.pipeline.dmarc import DMARCCheck
+
+    header = b"Subject: x\r\nFrom: " + value + b"\r\n"
+    start = time.process_time()
+    assert author_domains(header) is None
+    assert from_domain(header) == ""
+    took = time.process_time() - start
+    assert took < 0.3, f"{took:.2f}s"
+    path = tmp_path / "msg"
+    path.write_bytes(header + b"\r\nbody\r\n")
+    verdict = await DMARCCheck().check(txn(), SpooledBody(str(path), 0))
+    assert verdict.auth_result.startswith("dmarc=permerror")
+
+
 P_REJECT = DmarcRecord(p="reject")
 
 
