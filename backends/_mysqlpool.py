@@ -48,7 +48,7 @@ class MysqlPool:
                         pool_recycle=3600)
         return self._pool
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the pool (at MTA stop); a later query opens a new one."""
         pool, self._pool = self._pool, None
         if pool is not None:

@@ -1,9 +1,11 @@
 """The configured SASL methods, tried in order until one says yes (the seed: "all
 authentication methods are attempted one after another").
 
-:class:`AuthChain` is itself an :class:`~pymta.types.Authenticator`. It applies
-``DOVECOT_AUTH_USERNAME_FORMAT`` (``%Ln``: lower-case, domain dropped; Dovecot's default
-``%Lu``) once, before any method sees the name, then asks each method with a time limit.
+:class:`AuthChain` is itself an :class:`~pymta.contracts.Authenticator` (and a
+:class:`~pymta.contracts.CramMD5Authenticator`, supporting it when all its methods do). It
+applies ``DOVECOT_AUTH_USERNAME_FORMAT`` (``%Ln``: lower-case, domain dropped; Dovecot's
+default ``%Lu``) once, before any method sees the name, then asks each method with a time
+limit.
 The first Identity wins. When no method says yes and at least one could not answer
 (TemporaryFailure, a timeout, an unexpected error) the chain raises TemporaryFailure
 (``454 4.7.0``): a backend that is down must never turn a right password into ``535``.
@@ -21,7 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pymta.backends.passwd import format_username
-from pymta.types import Authenticator, ConnInfo, Identity, TemporaryFailure
+from pymta.contracts import Authenticator, Closeable, CramMD5Authenticator
+from pymta.types import ConnInfo, Identity, TemporaryFailure
 
 log = logging.getLogger("pymta.sasl")
 
@@ -46,7 +49,7 @@ class AuthChain:
     def supports_cram_md5(self) -> bool:
         """True only when every method can check a CRAM-MD5 digest (holds plaintext secrets)."""
         return bool(self.methods) and all(
-            getattr(m, "supports_cram_md5", False) for m in self.methods)
+            isinstance(m, CramMD5Authenticator) and m.supports_cram_md5 for m in self.methods)
 
     async def authenticate(self, username: str, password: str,
                            conn: ConnInfo) -> Identity | None:
@@ -56,6 +59,7 @@ class AuthChain:
     async def authenticate_cram_md5(self, username: str, challenge: str, digest: str,
                                     conn: ConnInfo) -> Identity | None:
         name = format_username(username, self.username_format)
+        # Offered only when every method is a CramMD5Authenticator (``supports_cram_md5``).
         return await self._run(
             lambda m: m.authenticate_cram_md5(name, challenge, digest, conn), name)
 
@@ -82,12 +86,11 @@ class AuthChain:
             raise _temporary()
         return None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for method in self.methods:
-            closer = getattr(method, "close", None)
-            if closer is not None:
+            if isinstance(method, Closeable):
                 try:
-                    await closer()
+                    await method.aclose()
                 except Exception as exc:  # noqa: BLE001
                     log.debug("closing %r: %s", method, exc)
 

@@ -37,7 +37,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from pymta.types import Address, Destination, RecipientLookup, Target
+from pymta.contracts import Closeable, RecipientLookup
+from pymta.types import Address, Destination, Target
 
 log = logging.getLogger("pymta.lookup")
 
@@ -75,7 +76,7 @@ class _Budget:
 
 
 class LookupChain:
-    """A caching :class:`~pymta.types.RecipientLookup` over ordered sources (see module doc)."""
+    """A caching :class:`~pymta.contracts.RecipientLookup` over ordered sources (see module doc)."""
 
     def __init__(self, sources: Sequence[RecipientLookup],
                  local_domains: Iterable[str] | None = None, *, ttl: float = 60.0,
@@ -233,14 +234,13 @@ class LookupChain:
             return [target] if budget.take(target) else []
         return await self._expand(sub, (*path, target.address.lower()), budget)
 
-    async def close(self) -> None:
-        """Close every source that has an ``async close()`` (pools, threads)."""
+    async def aclose(self) -> None:
+        """Close every source that holds resources (pools, threads)."""
         for task in list(self._inflight.values()):
             task.cancel()
         for source in self.sources:
-            close = getattr(source, "close", None)
-            if close is not None:
+            if isinstance(source, Closeable):
                 try:
-                    await close()
+                    await source.aclose()
                 except Exception:  # noqa: BLE001 - stopping must go on
                     log.exception("closing %r failed", source)

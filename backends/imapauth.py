@@ -79,10 +79,9 @@ class _Unavailable(Exception):
 
 
 class ImapAuthenticator:
-    """An :class:`~pymta.types.Authenticator` that logs in to a remote IMAP server."""
+    """An :class:`~pymta.contracts.Authenticator` that logs in to a remote IMAP server."""
 
     name = "imap"
-    supports_cram_md5 = False
 
     def __init__(self, host: str, port: int = 143, timeout: float = 10.0) -> None:
         self.host = host

@@ -140,7 +140,7 @@ class LdapSettings:
 
 
 class LdapLookup:
-    """A :class:`~pymta.types.RecipientLookup` against an LDAP directory (see module doc)."""
+    """A :class:`~pymta.contracts.RecipientLookup` against an LDAP directory (see module doc)."""
 
     def __init__(self, settings: LdapSettings) -> None:
         s = settings
@@ -261,7 +261,7 @@ class LdapLookup:
             log.exception("LDAP %s: lookup failed", self.address.url)
             raise TemporaryFailure("Temporary lookup failure (directory error)") from None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close pooled connections and stop the worker threads (at MTA stop)."""
         executor, self._executor = self._executor, None
         with self._lock:

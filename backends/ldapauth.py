@@ -92,10 +92,9 @@ class _Unavailable(Exception):
 
 
 class LdapBindAuthenticator:
-    """An :class:`~pymta.types.Authenticator` that binds to the directory as the user."""
+    """An :class:`~pymta.contracts.Authenticator` that binds to the directory as the user."""
 
     name = "ldap"
-    supports_cram_md5 = False
 
     def __init__(self, *, host: str, user_base: str, filter_template: str, bind_dn: str = "",
                  bind_pw: str = "", ca_file: str = "", timeout: float = 5.0,
@@ -220,7 +219,7 @@ class LdapBindAuthenticator:
             raise TemporaryFailure("Temporary authentication failure", "4.7.0", 454) from None
         return Identity(username) if ok else None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

@@ -20,7 +20,7 @@ Implementation summary: an aiomysql pool (created on first use, so a database th
 start-up does not stop the MTA) with a connect timeout and a per-query timeout. A failed query
 is retried once on a fresh connection (a restarted server leaves dead pooled connections);
 then TemporaryFailure (``451 4.3.0``). A connection interrupted mid-query is closed, never
-returned to the pool. ``close()`` closes the pool when the MTA stops.
+returned to the pool. ``aclose()`` closes the pool when the MTA stops.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class MysqlSettings:
 
 
 class MysqlLookup:
-    """A :class:`~pymta.types.RecipientLookup` over SQL queries (see module doc)."""
+    """A :class:`~pymta.contracts.RecipientLookup` over SQL queries (see module doc)."""
 
     def __init__(self, settings: MysqlSettings) -> None:
         s = settings
@@ -155,9 +155,9 @@ class MysqlLookup:
 
     # ------------------------------------------------------------------ pool
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the pool (at MTA stop); a later lookup would open a new one."""
-        await self.pool.close()
+        await self.pool.aclose()
 
     async def _query(self, query: CompiledQuery, address: str) -> list[Any]:
         """First-column values of every row; TemporaryFailure when the server can't answer."""

@@ -82,10 +82,9 @@ def compile_pass_query(template: str, var: str = VAR) -> PassQuery:
 
 
 class MysqlAuthenticator:
-    """An :class:`~pymta.types.Authenticator` over ``MYSQL_QUERY_PASS``."""
+    """An :class:`~pymta.contracts.Authenticator` over ``MYSQL_QUERY_PASS``."""
 
     name = "mysql"
-    supports_cram_md5 = False
 
     def __init__(self, *, host: str, database: str, query: str, user: str = "",
                  password: str = "", timeout: float = 5.0, pool_size: int = 4) -> None:
@@ -109,8 +108,8 @@ class MysqlAuthenticator:
     def __repr__(self) -> str:
         return f"MysqlAuthenticator({self.host}:{self.port}/{self.database})"
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def aclose(self) -> None:
+        await self.pool.aclose()
 
     async def _fetch(self, username: str) -> tuple[str | None, str | None]:
         """(stored password, user column) of the first row; (None, None) without a row."""

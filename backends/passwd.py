@@ -259,7 +259,7 @@ def parse_clientauth(text: str, var: str = VAR) -> dict[str, str]:
 
 
 class PasswordFile:
-    """An :class:`~pymta.types.Authenticator` over ``SMTPD_SASL_CLIENTAUTH`` entries.
+    """An :class:`~pymta.contracts.Authenticator` over ``SMTPD_SASL_CLIENTAUTH`` entries.
 
     ``username_format`` is applied to the name the client gives before the table is consulted
     (the table's own names are taken as they are written).

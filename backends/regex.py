@@ -45,7 +45,8 @@ from typing import Any
 import re2  # type: ignore[import-untyped]
 
 from pymta.config.errors import ConfigError
-from pymta.types import Address, Destination, RecipientLookup, Target
+from pymta.contracts import Closeable, RecipientLookup
+from pymta.types import Address, Destination, Target
 
 VAR = "REGEX_ALIAS"
 
@@ -247,7 +248,6 @@ class RegexRewrite:
             return Destination(tuple(targets))
         return await self.inner.lookup(address)
 
-    async def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            await close()
+    async def aclose(self) -> None:
+        if isinstance(self.inner, Closeable):
+            await self.inner.aclose()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
+from pymta.contracts import RecipientLookup
 from pymta.srs import SRS, SRSError, is_srs
-from pymta.types import Address, Destination, RecipientLookup, Reply, SMTPError, Target
+from pymta.types import Address, Destination, Reply, SMTPError, Target
 
 log = logging.getLogger("pymta.srs")
 
@@ -33,7 +34,7 @@ class SRSReverseRefused(SMTPError):
 
 
 class SRSLookup:
-    """A :class:`~pymta.types.RecipientLookup` that reverses SRS addresses (module doc)."""
+    """A :class:`~pymta.contracts.RecipientLookup` that reverses SRS addresses (module doc)."""
 
     def __init__(self, srs: SRS, local_domains: Iterable[str] = (),
                  inner: Sequence[RecipientLookup] = ()) -> None:

@@ -49,7 +49,7 @@ def check_mailbox_path(path: str) -> str | None:
 
 
 class TableLookup:
-    """A :class:`~pymta.types.RecipientLookup` over a precomputed address → Destination map."""
+    """A :class:`~pymta.contracts.RecipientLookup` over a precomputed address → Destination map."""
 
     def __init__(self, domains: Sequence[str], table: Mapping[str, Destination]) -> None:
         """``table`` keys must already be case-folded (``Address.key``); use ``from_config``."""

@@ -117,7 +117,7 @@ class _Session:
 
 
 class LMTPDeliveryAgent:
-    """A :class:`~pymta.types.DeliveryAgent` delivering over LMTP (see the module docstring)."""
+    """A :class:`~pymta.contracts.DeliveryAgent` delivering over LMTP (see the module docstring)."""
 
     reports_progress = True     # deliver() takes report=
 

@@ -108,7 +108,7 @@ MBOX_QUEUE_WAIT = 3.0
 
 
 class LocalDeliveryAgent:
-    """A :class:`~pymta.types.DeliveryAgent` writing to ``<mail_dir>/<rcpt.mailbox>``.
+    """A :class:`~pymta.contracts.DeliveryAgent` writing to ``<mail_dir>/<rcpt.mailbox>``.
 
     A mailbox ending in ``/`` is a maildir, anything else an mbox file.
     """
@@ -138,11 +138,11 @@ class LocalDeliveryAgent:
         for stop in self._lock_waits:
             stop.set()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop taking work; a delivery blocked on a lock is not waited for (it stays queued)."""
         self.begin_stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        await self._maildir.close()
+        await self._maildir.aclose()
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient],
                       report: Report | None = None) -> list[Outcome]:

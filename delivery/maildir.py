@@ -198,7 +198,7 @@ class MaildirCommitter:
             item.future.cancel()
         return True
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -113,7 +113,7 @@ class Connection:
 
 
 class SMTPRelayAgent:
-    """A :class:`~pymta.types.DeliveryAgent` for remote recipients (see the module docstring)."""
+    """A :class:`~pymta.contracts.DeliveryAgent` for remote recipients (module docstring)."""
 
     reports_progress = True     # deliver() takes report=
 
@@ -331,7 +331,7 @@ class SMTPRelayAgent:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close every cached connection (on server stop)."""
         for idle in self._idle.values():
             for conn in idle:

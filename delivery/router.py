@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 
-from pymta.types import DeliveryAgent, Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
+from pymta.contracts import Closeable, DeliveryAgent, FlushableAgent, StoppableAgent
+from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 NO_RELAY_REPLY = Reply(451, "4.4.0", "No relay transport configured for remote recipients")
 
@@ -29,7 +30,8 @@ class UnroutableAgent:
 
 
 class StaticRouter:
-    """A :class:`~pymta.types.Router` choosing by ``Recipient.local`` alone."""
+    """A :class:`~pymta.contracts.Router` choosing by ``Recipient.local`` alone; it passes
+    ``flush``, ``begin_stop`` and ``aclose`` on to the agents that have them."""
 
     def __init__(self, local: DeliveryAgent, remote: DeliveryAgent | None = None, *,
                  local_key: str = "local",
@@ -50,23 +52,20 @@ class StaticRouter:
     def flush(self) -> None:
         """``pymta queue flush``: the agents forget what they remember about dead hosts."""
         for agent in (self.local, self.remote):
-            flush = getattr(agent, "flush", None)
-            if flush is not None:
-                flush()
+            if isinstance(agent, FlushableAgent):
+                agent.flush()
 
     def begin_stop(self) -> None:
         """The server is stopping: agents stop waiting (an mbox lock wait ends as a temporary
         failure), so their calls return with every outcome before the queue manager's stop
         grace runs out and it cancels what is left."""
         for agent in (self.local, self.remote):
-            begin = getattr(agent, "begin_stop", None)
-            if begin is not None:
-                begin()
+            if isinstance(agent, StoppableAgent):
+                agent.begin_stop()
 
-    async def close(self) -> None:
-        """Close the agents' cached connections (the server is stopping)."""
+    async def aclose(self) -> None:
+        """Close the agents' cached connections and threads (the server is stopping)."""
         for agent in (self.local, self.remote):
-            close = getattr(agent, "close", None)
-            if close is not None:
+            if isinstance(agent, Closeable):
                 with contextlib.suppress(Exception):
-                    await close()
+                    await agent.aclose()

@@ -22,15 +22,24 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pymta.auth import AuthPolicy, AuthThrottle
 from pymta.config.model import Config, ListenAddress
+from pymta.contracts import (
+    Authenticator,
+    Closeable,
+    DeliveryAgent,
+    RecipientLookup,
+    Router,
+    StoppableAgent,
+)
 from pymta.pipeline import Check, Modifier, Pipeline
+from pymta.queue.intake import Intake
 from pymta.queue.manager import QueueManager
 from pymta.queue.retry import RetryPolicy
 from pymta.queue.store import QueueStore
 from pymta.session import ReceiveContext, network_matcher
 from pymta.smtp.engine import EngineConfig
 from pymta.smtp.server import (
-    AuthThrottle,
     ConnectionRateLimit,
     ListenerContext,
     SMTPServerProtocol,
@@ -39,15 +48,7 @@ from pymta.smtp.server import (
 from pymta.srs import SRS
 from pymta.srs import from_config as srs_from_config
 from pymta.tls import server_ssl_context
-from pymta.types import (
-    Address,
-    Authenticator,
-    Recipient,
-    RecipientLookup,
-    Router,
-    SMTPError,
-    TemporaryFailure,
-)
+from pymta.types import Address, Recipient, SMTPError, TemporaryFailure
 
 if TYPE_CHECKING:
     from pymta.pipeline.dkimkeys import KeyStore
@@ -101,7 +102,6 @@ def _default_router(config: Config) -> Router:
     from pymta.delivery.local import LocalDeliveryAgent
     from pymta.delivery.relay import SMTPRelayAgent
     from pymta.delivery.router import StaticRouter
-    from pymta.types import DeliveryAgent
 
     local: DeliveryAgent
     if config.virtual_transport:
@@ -214,6 +214,12 @@ class MTA:
         # AUTH on the submission ports; None (no SASL method configured): no ports 587/465
         self.authenticator = (authenticator if authenticator is not None
                               else _default_authenticator(config))
+        # The AUTH policy: one check under PYMTA_PIPELINE_TIMEOUT, 535s delayed per address
+        self.auth = (AuthPolicy(self.authenticator,
+                                throttle=AuthThrottle(config.auth_fail_delay,
+                                                      config.auth_fail_delay_max),
+                                timeout=config.pipeline_timeout)
+                     if self.authenticator is not None else None)
         self.dkim_keys = _dkim_keys(config)
         self.pipeline = (pipeline if pipeline is not None
                          else _default_pipeline(config, srs=self.srs,
@@ -254,17 +260,17 @@ class MTA:
             self.store, self.router, policy=policy, hostname=config.hostname,
             postmaster=config.postmaster, resolve=self.resolve,
             concurrency=config.delivery_concurrency, scan_interval=config.queue_scan_interval,
-            stop_grace=3.0)
+            stop_grace=3.0, delay_warning=config.delay_warning_time)
         await self.manager.start()
+        intake = Intake(self.store, self.manager.submit, hold_incoming=config.hold_incoming,
+                        size_limit=config.message_size_limit, minfree=config.queue_minfree)
         receive = ReceiveContext(
             hostname=config.hostname,
             local_domains=self.local_domains, first_domain=config.first_domain,
-            lookups=self.lookups, store=self.store,
-            submit=self.manager.submit, header_size_limit=config.header_size_limit,
+            lookups=self.lookups, intake=intake, header_size_limit=config.header_size_limit,
             max_received=config.max_received_headers,
-            relay_allowed=network_matcher(config.mynetworks), authenticator=self.authenticator,
-            pipeline=self.pipeline or None, hold_incoming=config.hold_incoming,
-            message_size_limit=config.message_size_limit, queue_minfree=config.queue_minfree)
+            relay_allowed=network_matcher(config.mynetworks), auth=self.auth,
+            pipeline=self.pipeline or None, lookup_timeout=lookup_deadline(config))
         engine_cfg = EngineConfig(
             hostname=config.hostname, size_limit=config.message_size_limit,
             max_line_length=config.max_line_length, max_recipients=config.max_recipients,
@@ -274,19 +280,15 @@ class MTA:
             idle_timeout=config.idle_timeout, max_connections=config.max_connections,
             max_per_ip=config.max_connections_per_ip,
             rate_limit=(ConnectionRateLimit(config.connection_rate_limit)
-                        if config.connection_rate_limit else None),
-            auth_throttle=AuthThrottle(config.auth_fail_delay, config.auth_fail_delay_max))
+                        if config.connection_rate_limit else None))
         try:
             await self._listen("smtp", config.smtp_listen, engine_cfg, implicit_tls=False)
-            if self.authenticator is not None:
+            if self.auth is not None:
                 if ssl_ctx is None:
                     log.warning("SASL is configured but TLS is not: submission ports disabled")
                 else:
-                    mechanisms = ("PLAIN", "LOGIN")
-                    if getattr(self.authenticator, "supports_cram_md5", False):
-                        mechanisms += ("CRAM-MD5",)
                     submission_cfg = EngineConfig(**{
-                        **_fields(engine_cfg), "auth_mechanisms": mechanisms})
+                        **_fields(engine_cfg), "auth_mechanisms": self.auth.mechanisms})
                     await self._listen("submission", config.submission_listen, submission_cfg,
                                        implicit_tls=False)
                     smtps_cfg = EngineConfig(**{**_fields(submission_cfg), "tls_active": True})
@@ -338,33 +340,19 @@ class MTA:
         if self._listener is not None:
             # answers being made (a message being committed) are sent before the 421
             await close_sessions(self._listener)
-        begin_stop = getattr(self.router, "begin_stop", None)
-        if begin_stop is not None:
+        if isinstance(self.router, StoppableAgent):
             # before the manager's grace: deliveries waiting for a mailbox lock end now with
             # a temporary failure and every outcome, instead of being cancelled unrecorded
             with contextlib.suppress(Exception):
-                begin_stop()
+                self.router.begin_stop()
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None
-        close_router = getattr(self.router, "close", None)
-        if close_router is not None:
-            with contextlib.suppress(Exception):
-                await close_router()  # cached outbound connections
-        await self.store.close()
-        close_auth = getattr(self.authenticator, "close", None)
-        if close_auth is not None:
-            try:
-                await close_auth()  # LDAP threads, MySQL pool
-            except Exception:
-                log.exception("closing the authenticator failed")
+        await _aclose(self.router, "the router")   # cached outbound connections
+        await self.store.aclose()
+        await _aclose(self.authenticator, "the authenticator")     # LDAP threads, MySQL pool
         for source in self.lookups:  # pools and threads of directory lookups
-            close = getattr(source, "close", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:
-                    log.exception("closing lookup %r failed", source)
+            await _aclose(source, f"lookup {source!r}")
 
     async def resolve(self, address: str) -> Recipient | None:
         """Route a notice (DSN) recipient: local addresses through the lookups, others remote."""
@@ -383,6 +371,23 @@ class MTA:
                                      local=target.local, mailbox=target.mailbox)
             return None
         return Recipient(address=address, original=address, local=False)
+
+
+async def _aclose(thing: object, what: str) -> None:
+    """Close ``thing`` if it holds resources (:class:`~pymta.contracts.Closeable`); stopping
+    goes on whatever it raises."""
+    if isinstance(thing, Closeable):
+        try:
+            await thing.aclose()
+        except Exception:
+            log.exception("closing %s failed", what)
+
+
+def lookup_deadline(config: Config) -> float:
+    """The framework's limit on one RCPT's whole lookup (every source, alias expansion):
+    three times ``PYMTA_LOOKUP_TIMEOUT``, the limit of each connect and query, which is how
+    long one directory lookup (connect, bind, search) may legitimately take."""
+    return 3 * config.lookup_timeout
 
 
 def _fields(cfg: EngineConfig) -> dict[str, object]:

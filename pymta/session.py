@@ -2,56 +2,67 @@
 of a complete message to the queue.
 
 The protocol engine decides what is well-formed; this module decides what is acceptable and
-makes it durable. Implementation summary: RCPT resolves each address through the recipient
-lookups (first source that knows it wins) and keeps the expanded, de-duplicated targets; DATA
-and BDAT open a spool file and write our ``Received:`` header before the first byte of the
-message; chunks stream straight to the spool; the end of data runs the content checks
-(hop count, header size), then commits envelope and body durably (group commit) and only
-then answers ``250``. Every local fault becomes a 4xx and the partial spool file is removed:
-``452 4.3.1`` when the queue's disk is full (already at ``MAIL FROM`` when less than
-Postfix's ``queue_minfree`` reserve is free, see ``pymta.queue.space``), ``451 4.3.0`` for
-any other fault (a read-only or failing file system, a bug).
+hands it to the queue. Implementation summary: RCPT resolves each address through the
+recipient lookups (first source that knows it wins) and keeps the expanded, de-duplicated
+targets; DATA and BDAT open a spool file and write our ``Received:`` header before the first
+byte of the message; chunks stream straight to the spool; the end of data runs the content
+checks (hop count, header size) and the pipeline, then hands envelope, spool and the
+pipeline's Decision to the queue's intake, which commits them durably (group commit); only
+then does the client get ``250``. Every local fault becomes a 4xx and the partial spool file
+is removed: ``452 4.3.1`` when the queue's disk is full (already at ``MAIL FROM`` when less
+than Postfix's ``queue_minfree`` reserve is free, see ``pymta.queue.space``), ``451 4.3.0``
+for any other fault (a read-only or failing file system, a bug).
 
 A client that disconnects while the end-of-data decision runs (slow pre-queue checks) gets
-nothing queued: the decision keeps the spool file until it ends (its stages may be reading
-the file, or a thread rewriting it), then removes it and logs one NOTICE line, ``lost
-connection after end of data from unknown[IP]``. Nothing was acknowledged, so the client
-sends the message again; only a disconnect after the commit has started leaves it queued
-(the unavoidable window of RFC 1047, as with Postfix).
+nothing queued: the pipeline keeps the spool file until it ends (its stages may be reading
+the file), then the session removes it and logs one NOTICE line, ``lost connection after end
+of data from unknown[IP]``. Once the pipeline is done, a disconnect aborts the spool at once
+(its own state machine waits for a header rewrite running in a thread, and does nothing once
+the commit has taken it). Nothing was acknowledged, so the client sends the message again;
+only a disconnect after the commit has started leaves it queued (the unavoidable window of
+RFC 1047, as with Postfix).
 
 Relay policy (Postfix's ``permit_mynetworks, permit_sasl_authenticated, reject``): a recipient
 outside the local domains is accepted only from an authenticated client (``auth_user``, set by
 a successful AUTH) or from an address in ``MYNETWORKS`` (``relay_allowed``); everyone else
-gets ``554 5.7.1 Relay access denied``. AUTH credentials go to the configured Authenticator;
-the password is never logged, the user name only in Postfix's ``sasl_username=`` form.
+gets ``554 5.7.1 Relay access denied``.
+
+What the session does not do: check AUTH credentials (``pymta.auth`` does, and says who the
+client is), judge or rewrite the message (``pymta.pipeline`` returns one Decision), or touch
+the store (``pymta.queue.intake`` applies the Decision, commits and hands the message to the
+scheduler). Every call out of the session runs under a framework time limit: a recipient
+lookup under ``lookup_timeout`` (``451 4.3.0`` beyond), AUTH and the pipeline's stages under
+their own.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from pymta.auth import R_AUTH_TEMP, AuthPolicy
+from pymta.bounded import bounded
+from pymta.contracts import RecipientLookup, Spool
 from pymta.headerscan import HeaderScanner
 from pymta.log import NOTICE
-from pymta.pipeline import Action, Pipeline, SpooledBody, Transaction
-from pymta.pipeline.headers import copy_without
-from pymta.queue.space import reserve_for
-from pymta.queue.store import QueueStore, SpoolClosedError, SpoolWriter, queue_write_error
+from pymta.pipeline import Pipeline, SpooledBody, Transaction
+from pymta.queue.intake import Intake
 from pymta.received import protocol_name, received_header
 from pymta.smtp import events as ev
 from pymta.types import (
+    Action,
     Address,
-    Authenticator,
     ConnInfo,
+    Decision,
+    Destination,
     Envelope,
     Recipient,
-    RecipientLookup,
     Reply,
     SMTPError,
+    SpoolClosedError,
     Target,
     TemporaryFailure,
 )
@@ -59,12 +70,11 @@ from pymta.types import (
 log = logging.getLogger("pymta.smtpd")
 
 R_RELAY_DENIED = "Relay access denied"
-R_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
-R_AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
-R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+R_LOOKUP_TEMP = TemporaryFailure().reply     # 451 4.3.0 Temporary lookup failure
 R_LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing")
 # Never sent (the client is gone); what the engine is told so that it forgets the message.
 R_LOST = Reply(451, "4.4.2", "Error: lost connection")
+R_QUEUE_WRITE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 
 # How much of a message's start a session keeps in memory for the pipeline's header reads
 # (``SpooledBody.head``); a header section longer than this is read back from the spool file.
@@ -90,34 +100,23 @@ def network_matcher(networks: Sequence[str]) -> Callable[[str], bool]:
     return allowed
 
 
-def _printable(text: str) -> str:
-    """A client-given name as it may appear in a log line: one line, no control bytes."""
-    return "".join(c if c.isprintable() else "?" for c in text)[:255]
-
-
 @dataclass
 class ReceiveContext:
-    """What every session of a server shares: configuration-derived policy and the queue."""
+    """What every session of a server shares: configuration-derived policy and the queue's
+    intake. ``lookup_timeout`` bounds one RCPT's whole lookup (every source, alias
+    expansion); ``auth`` is None when no SASL method is configured."""
 
     hostname: str
     local_domains: frozenset[str]
     first_domain: str
     lookups: Sequence[RecipientLookup]
-    store: QueueStore
-    submit: Callable[..., None]        # (qid, envelope[, lock]): see QueueManager.submit
+    intake: Intake
     header_size_limit: int = 1048576
     max_received: int = 50
     relay_allowed: Callable[[str], bool] = field(default=lambda ip: False)
-    authenticator: Authenticator | None = None
+    auth: AuthPolicy | None = None
     pipeline: Pipeline | None = None
-    # Every accepted message waits on hold until ``pymta queue release`` (Postfix's HOLD
-    # action for all mail): for maintenance of what is behind us, and for measuring
-    # the receiving side alone.
-    hold_incoming: bool = False
-    # Free space the queue keeps before a MAIL FROM is accepted (452 4.3.1 below it):
-    # Postfix's queue_minfree, and never less than 1.5 x the message size limit.
-    message_size_limit: int = 10240000
-    queue_minfree: int = 0
+    lookup_timeout: float = 15.0
 
 
 class Session:
@@ -125,7 +124,8 @@ class Session:
 
     __slots__ = ("ctx", "peer_ip", "peer_port", "helo", "extended", "tls_info", "auth_user",
                  "_sender", "_mail", "_targets", "_spool", "_scanner", "_write_error",
-                 "_started", "_head", "_head_room", "_ending", "_gone", "_at_start")
+                 "_started", "_head", "_head_room", "_ending", "_reading", "_gone",
+                 "_at_start")
 
     def __init__(self, ctx: ReceiveContext, peer_ip: str, peer_port: int) -> None:
         self.ctx = ctx
@@ -135,10 +135,12 @@ class Session:
         self.extended = False
         self.tls_info: str | None = None
         self.auth_user: str | None = None
-        self._spool: SpoolWriter | None = None
-        # True while on_data_end runs: it owns the spool then, and an abort (the client
-        # disconnected) only sets ``_gone`` for it to act on.
+        self._spool: Spool | None = None
+        # True while on_data_end runs: an abort (the client disconnected) then sets ``_gone``
+        # for it to report. ``_reading``: while the pipeline runs, whose stages may be
+        # reading the spool file, the abort leaves the file to on_data_end as well.
         self._ending = False
+        self._reading = False
         self._gone = False
         self._reset()
 
@@ -159,12 +161,14 @@ class Session:
     def abort(self) -> None:
         """Drop a partial message (failed DATA, disconnect): nothing was acknowledged.
 
-        While the end-of-data decision runs, its stages may be reading the spool file (or a
-        thread rewriting it): the decision is told instead, and drops the message when its
-        current step ends."""
+        While the pipeline runs, its stages may be reading the spool file: the end of data
+        is told instead, and drops the message when the pipeline returns. After that the
+        spool is aborted at once; its own state machine waits for a header rewrite running
+        in a thread, and ignores the abort once the commit has taken the spool."""
         if self._ending:
             self._gone = True
-            return
+            if self._reading:
+                return
         spool = self._spool
         if spool is not None:
             self._spool = None
@@ -185,10 +189,8 @@ class Session:
 
     def on_mail(self, event: ev.MailFrom) -> Reply:
         # Postfix's queue_minfree check: refuse before the client sends anything when the
-        # queue could not take the message (cached statvfs: no syscall per command).
-        refusal = self.ctx.store.admission(
-            event.params.size or 0,
-            reserve_for(self.ctx.message_size_limit, self.ctx.queue_minfree))
+        # queue could not take the message.
+        refusal = self.ctx.intake.admission(event.params.size or 0)
         if refusal is not None:
             return refusal.reply
         self._mail = event
@@ -205,14 +207,20 @@ class Session:
         domain = address.domain
         if domain in self.ctx.local_domains:
             try:
-                destination = None
-                for source in self.ctx.lookups:
-                    destination = await source.lookup(address)
-                    if destination is not None:
-                        break
+                lookups = self.ctx.lookups
+                destination = await bounded(
+                    lookups[0].lookup(address) if len(lookups) == 1 else self._lookup(address),
+                    self.ctx.lookup_timeout)
             except SMTPError as exc:
                 log.warning("lookup of <%s> failed: %s", text, exc.reply)
                 return exc.reply
+            except TimeoutError:
+                log.warning("lookup of <%s> failed: no answer within %gs", text,
+                            self.ctx.lookup_timeout)
+                return R_LOOKUP_TEMP
+            except Exception as exc:  # noqa: BLE001 - a broken lookup is a temporary failure
+                log.error("lookup of <%s> failed: %r", text, exc)
+                return R_LOOKUP_TEMP
             if destination is None:
                 return Reply(550, "5.1.1", f"<{text}>: Recipient address rejected: "
                                            "User unknown in virtual mailbox table")
@@ -230,12 +238,21 @@ class Session:
                     mailbox=target.mailbox, notify=params.notify, orcpt=params.orcpt)
         return Reply(250, "2.1.5", "Ok")
 
+    async def _lookup(self, address: Address) -> Destination | None:
+        """The first source that knows ``address`` wins (see ``pymta.contracts``)."""
+        for source in self.ctx.lookups:
+            destination = await source.lookup(address)
+            if destination is not None:
+                return destination
+        return None
+
     def on_data_start(self, event: ev.DataStart) -> Reply:
+        intake = self.ctx.intake
         try:
-            spool = self.ctx.store.new_spool()
+            spool = intake.new_spool()
         except OSError as exc:
             log.error("cannot create a spool file: %s", exc)
-            return self.ctx.store.write_fault(exc).reply
+            return intake.write_fault(exc).reply
         self._spool = spool
         self._scanner = HeaderScanner(self.ctx.header_size_limit)
         rcpts = list(self._targets.values())
@@ -254,43 +271,17 @@ class Session:
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
     async def on_auth(self, event: ev.Auth) -> Reply:
-        """Check SASL credentials: ``235`` (and ``auth_user`` set), ``535 5.7.8``, or
-        ``454 4.7.0`` when no method could answer."""
-        auth = self.ctx.authenticator
-        user = event.username
-        shown = _printable(user)
+        """The AUTH policy's answer (``pymta.auth``); ``235`` makes the client
+        ``auth_user``."""
+        auth = self.ctx.auth
         if auth is None:
             return R_AUTH_TEMP
-        if (any(c in user or c in event.password for c in "\r\n\0") or len(user) > 255
-                or (event.authzid and event.authzid != user)):
-            # a name no backend should ever see (IMAP/LDAP syntax), or a proxy login
-            log.warning("unknown[%s]: SASL %s authentication failed: bad user name or "
-                        "authorization id, sasl_username=%s", self.peer_ip, event.mechanism,
-                        shown)
-            return R_AUTH_FAILED
-        conn = ConnInfo(self.peer_ip, self.peer_port, self.helo, tls=True)
-        try:
-            if event.mechanism == "CRAM-MD5":
-                identity = await auth.authenticate_cram_md5(  # type: ignore[attr-defined]
-                    user, event.challenge, event.password, conn)
-            else:
-                identity = await auth.authenticate(user, event.password, conn)
-        except TemporaryFailure as exc:
-            log.warning("unknown[%s]: SASL %s authentication failed: %s, sasl_username=%s",
-                        self.peer_ip, event.mechanism, exc.reply.text, shown)
-            return R_AUTH_TEMP
-        except Exception as exc:  # a broken authenticator: temporary, and no traceback
-            log.error("unknown[%s]: SASL %s authenticator failed: %s, sasl_username=%s",
-                      self.peer_ip, event.mechanism, type(exc).__name__, shown)
-            return R_AUTH_TEMP
-        if identity is None:
-            log.warning("unknown[%s]: SASL %s authentication failed: authentication failure, "
-                        "sasl_username=%s", self.peer_ip, event.mechanism, shown)
-            return R_AUTH_FAILED
-        self.auth_user = identity.username
-        log.info("unknown[%s]: sasl_method=%s, sasl_username=%s", self.peer_ip,
-                 event.mechanism, _printable(identity.username))
-        return R_AUTH_OK
+        conn = ConnInfo(self.peer_ip, self.peer_port, self.helo,
+                        tls=self.tls_info is not None)
+        result = await auth.check(event, conn)
+        if result.identity is not None:
+            self.auth_user = result.identity.username
+        return result.reply
 
     @property
     def protocol(self) -> str:
@@ -333,39 +324,60 @@ class Session:
             log.exception("unknown[%s]: end of data failed", self.peer_ip)
             return R_LOCAL_ERROR
         finally:
-            self._ending = False
+            self._ending = self._reading = False
             if self._gone:
                 self._gone = False
                 log.log(NOTICE, "lost connection after end of data from unknown[%s]",
                         self.peer_ip)
             if self._spool is not None:
-                self._spool.abort()
+                self._spool.abort()     # a no-op once committed
             self._spool = None
             self._reset_after_message()
 
     async def _end_of_data(self, event: ev.DataEnd) -> Reply:
         spool = self._spool
         if spool is None:
-            return queue_write_error().reply
+            return R_QUEUE_WRITE_ERROR
         if event.error is not None:
             return event.error
         if self._write_error is not None:
             log.error("%s: queue file write error: %s", spool.qid, self._write_error)
-            return self.ctx.store.write_fault(self._write_error).reply
+            return self.ctx.intake.write_fault(self._write_error).reply
         scanner = self._scanner
         if scanner is not None and scanner.too_large:
             return Reply(552, "5.3.4", "Error: message header size exceeds limit")
         if scanner is not None and scanner.received > self.ctx.max_received:
             return Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
+        mail = self._mail
+        assert mail is not None
+        rcpts = list(self._targets.values())
+        decision: Decision | None = None
         pipeline = self.ctx.pipeline
-        txn = None
         if pipeline:
-            txn, early = await self._run_pipeline(pipeline, spool)
+            self._reading = True
+            try:
+                decision = await self._run_pipeline(pipeline, spool, mail, rcpts)
+            finally:
+                self._reading = False
             if self._gone:
                 return R_LOST
-            if early is not None:
-                return early
-        return await self._commit(spool, txn)
+            refused = self._refusal(decision, spool.qid, mail.address)
+            if refused is not None:
+                return refused
+        now = time.time()
+        envelope = Envelope(
+            sender=mail.address, recipients=rcpts, received_at=now, next_attempt=now,
+            client_ip=self.peer_ip, helo=self.helo, auth_user=self.auth_user,
+            body_type=mail.params.body, smtputf8=mail.params.smtputf8, ret=mail.params.ret,
+            envid=mail.params.envid, protocol=self.protocol)
+        try:
+            qid = await self.ctx.intake.accept(spool, envelope, decision)
+        except TemporaryFailure as exc:
+            return exc.reply
+        except SpoolClosedError:
+            self._gone = True       # the client went away before the commit took the spool
+            return R_LOST
+        return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
     def _reset_after_message(self) -> None:
         self._sender = None
@@ -375,14 +387,12 @@ class Session:
         self._write_error = None
         self._head = []
 
-    async def _run_pipeline(self, pipeline: Pipeline,
-                            spool) -> tuple[Transaction, Reply | None]:
-        """Run the checks and modifiers; a reply means the message ends here (not queued)."""
-        mail = self._mail
-        assert mail is not None
+    async def _run_pipeline(self, pipeline: Pipeline, spool: Spool, mail: ev.MailFrom,
+                            rcpts: list[Recipient]) -> Decision:
+        """Run the checks and modifiers over the spooled message."""
         ctx = self.ctx
         txn = Transaction(
-            qid=spool.qid, sender=mail.address, recipients=list(self._targets.values()),
+            qid=spool.qid, sender=mail.address, recipients=rcpts,
             peer_ip=self.peer_ip, helo=self.helo, hostname=ctx.hostname,
             local_domains=ctx.local_domains, auth_user=self.auth_user,
             trusted=self.auth_user is not None or ctx.relay_allowed(self.peer_ip),
@@ -390,71 +400,19 @@ class Session:
         # Written bytes stay in the spool's buffer unless a stage reads the file (then the body
         # flushes them first); the commit thread writes them out otherwise.
         body = SpooledBody(spool.path, spool.size, b"".join(self._head), spool.flush)
-        outcome = await pipeline.run(txn, body)
-        why = "; ".join(outcome.reasons)
-        if outcome.action in (Action.REJECT, Action.TEMPFAIL):
-            log.log(25, "%s: %s: from=<%s> %s (%s)", spool.qid,
-                    "reject" if outcome.action is Action.REJECT else "tempfail", mail.address,
-                    outcome.reply, why)
-            return txn, outcome.reply
-        if outcome.action is Action.DISCARD:
-            log.log(25, "%s: discard: from=<%s> (%s)", spool.qid, mail.address, why)
-            return txn, Reply(250, "2.0.0", f"Ok: queued as {spool.qid}")
-        if outcome.action is Action.QUARANTINE:
-            txn.results["quarantine"] = why or "quarantined"
-        return txn, None
+        return await pipeline.run(txn, body)
 
-    async def _commit(self, spool, txn: Transaction | None = None) -> Reply:
-        mail = self._mail
-        assert mail is not None
-        now = time.time()
-        envelope = Envelope(
-            sender=mail.address, recipients=list(self._targets.values()), received_at=now,
-            next_attempt=now, client_ip=self.peer_ip, helo=self.helo,
-            auth_user=self.auth_user, body_type=mail.params.body,
-            smtputf8=mail.params.smtputf8, ret=mail.params.ret, envid=mail.params.envid,
-            protocol=self.protocol, held=self.ctx.hold_incoming)
-        if txn is not None:
-            envelope.sender = txn.sender
-            envelope.recipients = txn.recipients
-            envelope.prepend = "".join(txn.prepend)
-            quarantine = txn.results.get("quarantine")
-            if isinstance(quarantine, str):
-                # Held in the queue: `pymta queue list` shows it, `queue release` delivers it.
-                envelope.held = True
-                envelope.extra["quarantine"] = quarantine
-            if txn.header_drops:
-                # A stage removes fields of the message as received (a forged
-                # Authentication-Results): rare, so the spool file is rewritten only then.
-                try:
-                    await self.ctx.store.rewrite_spool(
-                        spool, functools.partial(copy_without,
-                                                 predicates=tuple(txn.header_drops)))
-                except SpoolClosedError:
-                    self._gone = True
-                    return R_LOST
-                except OSError as exc:
-                    log.error("%s: queue file rewrite failed: %s", spool.qid, exc)
-                    return self.ctx.store.write_fault(exc).reply
-                if self._gone:
-                    return R_LOST
-        self._spool = None  # the store owns the file from here on: it commits or removes it
-        try:
-            qid = await self.ctx.store.commit(spool, envelope)
-        except TemporaryFailure as exc:
-            log.error("%s: queue commit failed: %s", spool.qid, exc.reply)
-            return exc.reply
-        except OSError as exc:
-            log.error("%s: queue commit failed: %s", spool.qid, exc)
-            spool.abort()
-            return self.ctx.store.write_fault(exc).reply
-        log.info("%s: client=unknown[%s], from=<%s>, size=%d, nrcpt=%d%s", qid, self.peer_ip,
-                 mail.address, envelope.size, len(envelope.recipients),
-                 f", sasl_username={self.auth_user}" if self.auth_user else "")
-        lock = getattr(spool, "lock", None)   # still held: see QueueStore.hand_over_locks
-        if lock is not None:
-            spool.lock = None
-            self.ctx.submit(qid, envelope, lock)
-        else:
-            self.ctx.submit(qid, envelope)
-        return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+    @staticmethod
+    def _refusal(decision: Decision, qid: str, sender: str) -> Reply | None:
+        """The reply for a message the pipeline refuses or discards (logged here, not
+        queued); None when it goes to the queue (PASS, QUARANTINE)."""
+        why = "; ".join(decision.reasons)
+        if decision.action in (Action.REJECT, Action.TEMPFAIL):
+            log.log(25, "%s: %s: from=<%s> %s (%s)", qid,
+                    "reject" if decision.action is Action.REJECT else "tempfail", sender,
+                    decision.reply, why)
+            return decision.reply or R_LOCAL_ERROR
+        if decision.action is Action.DISCARD:
+            log.log(25, "%s: discard: from=<%s> (%s)", qid, sender, why)
+            return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+        return None

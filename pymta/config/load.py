@@ -521,6 +521,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("queue_retry_first", "PYMTA_RETRY_FIRST", _duration(True)),
     _Setting("queue_retry_max", "PYMTA_RETRY_MAX", _duration(True)),
     _Setting("queue_lifetime", "PYMTA_QUEUE_LIFETIME", _duration(False)),
+    _Setting("delay_warning_time", "PYMTA_DELAY_WARNING_TIME", _duration(False)),
     _Setting("queue_scan_interval", "PYMTA_QUEUE_SCAN_INTERVAL", _duration(True)),
     _Setting("delivery_concurrency", "PYMTA_DELIVERY_CONCURRENCY", _size(1)),
     _Setting("hold_incoming", "PYMTA_HOLD_INCOMING", parse_bool),

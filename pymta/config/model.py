@@ -102,6 +102,7 @@ class Config:
     queue_retry_first: float = 300.0                 # PYMTA_RETRY_FIRST (minimal_backoff_time)
     queue_retry_max: float = 4000.0                  # PYMTA_RETRY_MAX (maximal_backoff_time)
     queue_lifetime: float = 5 * 86400.0              # PYMTA_QUEUE_LIFETIME (maximal_queue_lifetime)
+    delay_warning_time: float = 0.0                  # PYMTA_DELAY_WARNING_TIME (0: off; Postfix's)
     queue_scan_interval: float = 60.0                # PYMTA_QUEUE_SCAN_INTERVAL
     delivery_concurrency: int = 20                   # PYMTA_DELIVERY_CONCURRENCY
     hold_incoming: bool = False                      # PYMTA_HOLD_INCOMING (queue on hold)

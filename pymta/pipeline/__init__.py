@@ -14,8 +14,14 @@ Authentication-Results modifier renders what the checks recorded). What modifier
 those fields above the spooled message. A modifier that must *remove* a field of the
 message as received (an ``Authentication-Results`` forged with our authserv-id) calls
 :meth:`Transaction.drop_header`: later stages see the message without it at once (the
-:class:`SpooledBody` view filters), and the session rewrites the spool file's header section
-before the commit (``QueueStore.rewrite_spool``: a rare, crash-safe copy under the same id).
+:class:`SpooledBody` view filters), and the queue's intake rewrites the spool file's header
+section before the commit (``QueueStore.rewrite_spool``: a rare, crash-safe copy under the
+same id).
+
+The result is one :class:`~pymta.types.Decision` (action, reply, header fields to prepend and
+to drop, the new envelope sender, a quarantine reason, the reasons for the log line): the
+session answers the client with it and ``pymta.queue.intake`` applies it; nobody reads the
+Transaction's fields after the run to find out what the stages wanted.
 
 Checks are read-only on the message; modifiers must not change the body (maddy's reason:
 it would break DKIM signatures).
@@ -29,40 +35,18 @@ ours (a spool file we cannot read, a key we cannot load, a timeout) is a tempora
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
-from pymta.pipeline.headers import DropPredicate, filter_bytes
-from pymta.types import Recipient, Reply
+from pymta.contracts import Check, Modifier
+from pymta.pipeline.headers import filter_bytes
+from pymta.types import Action, Decision, DropPredicate, Recipient, Reply, Verdict
+
+__all__ = ["PASS", "TEMPFAIL_REPLY", "Action", "CannotEvaluate", "Check", "Decision",
+           "Modifier", "Pipeline", "SpooledBody", "Transaction", "Verdict"]
 
 log = logging.getLogger("pymta.pipeline")
-
-
-class Action(enum.IntEnum):
-    """Final destinies, ordered by strength: the strongest verdict of all checks wins."""
-
-    PASS = 0
-    QUARANTINE = 1
-    DISCARD = 2
-    TEMPFAIL = 3
-    REJECT = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What one check concluded. ``reply`` is sent for REJECT/TEMPFAIL; ``headers`` are added
-    (``"Name: value"`` without CRLF); ``auth_result`` is an RFC 8601 resinfo fragment such as
-    ``spf=pass smtp.mailfrom=example.com`` for the Authentication-Results header."""
-
-    action: Action = Action.PASS
-    reply: Reply | None = None
-    headers: tuple[str, ...] = ()
-    auth_result: str | None = None
-    reason: str = ""
-
 
 PASS = Verdict()
 
@@ -178,7 +162,7 @@ class Transaction:
     def drop_header(self, predicate: DropPredicate) -> None:
         """Remove every header field of the received message that ``predicate`` (called with
         the raw field: name, folded value, CRLF) matches. Only for fields that are there: each
-        call costs the session a rewrite of the spool file's header section before commit."""
+        call costs the intake a rewrite of the spool file's header section before commit."""
         self.header_drops.append(predicate)
 
     def add_header(self, line: str) -> None:
@@ -186,41 +170,13 @@ class Transaction:
         self.prepend.insert(0, line if line.endswith("\r\n") else line + "\r\n")
 
 
-@runtime_checkable
-class Check(Protocol):
-    """Read-only judgement of a message (SPF, DKIM verify, DMARC, spam, virus, banned files).
-
-    ``name`` keys its result in ``Transaction.results``. Return a Verdict; raising or taking
-    longer than the pipeline's timeout counts as a temporary failure (451 4.7.0)."""
-
-    name: str
-
-    async def check(self, txn: Transaction, body: SpooledBody) -> Verdict: ...
-
-
-@runtime_checkable
-class Modifier(Protocol):
-    """Rewrites envelope or header fields (SRS, DKIM sign, ARC seal, Authentication-Results).
-    Must not change the body. Raising or timing out is a temporary failure."""
-
-    name: str
-
-    async def modify(self, txn: Transaction, body: SpooledBody) -> None: ...
-
-
 TEMPFAIL_REPLY = Reply(451, "4.7.0", "Temporary failure in message checks; try again later")
 
 
-@dataclass
-class Outcome:
-    """The pipeline's decision for one message."""
-
-    action: Action
-    reply: Reply | None
-    reasons: list[str]
-
-
 class Pipeline:
+    """The configured checks and modifiers, run in order under the framework's timeout
+    (``timeout`` seconds per stage); see the module docstring."""
+
     def __init__(self, checks: Sequence[Check] = (), modifiers: Sequence[Modifier] = (),
                  timeout: float = 30.0) -> None:
         self.checks = list(checks)
@@ -230,7 +186,11 @@ class Pipeline:
     def __bool__(self) -> bool:
         return bool(self.checks or self.modifiers)
 
-    async def run(self, txn: Transaction, body: SpooledBody) -> Outcome:
+    async def run(self, txn: Transaction, body: SpooledBody) -> Decision:
+        """The decision for one message: what the client is told and, unless it is refused,
+        what the queue side applies (header fields to add and to drop, the new sender, a
+        quarantine). ``txn`` keeps every stage's results for the caller's log."""
+        original = txn.sender
         action = Action.PASS
         reply: Reply | None = None
         reasons: list[str] = []
@@ -246,7 +206,7 @@ class Pipeline:
             if verdict.reason:
                 reasons.append(f"{check.name}: {verdict.reason}")
         if action in (Action.REJECT, Action.TEMPFAIL):
-            return Outcome(action, reply or TEMPFAIL_REPLY, reasons)
+            return Decision(action, reply or TEMPFAIL_REPLY, reasons=tuple(reasons))
         for modifier in self.modifiers:
             try:
                 # asyncio.timeout, not wait_for: no task per stage and message
@@ -259,9 +219,9 @@ class Pipeline:
                 reasons.append(f"{modifier.name}: {exc}")
             except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
                 log.error("%s: %s failed: %r", txn.qid, modifier.name, exc)
-                return Outcome(Action.TEMPFAIL, TEMPFAIL_REPLY,
-                               reasons + [f"{modifier.name}: {exc!r}"])
-        return Outcome(action, reply, reasons)
+                return Decision(Action.TEMPFAIL, TEMPFAIL_REPLY,
+                                reasons=(*reasons, f"{modifier.name}: {exc!r}"))
+        return _decision(txn, original, action, reply, reasons)
 
     async def _run_check(self, check: Check, txn: Transaction, body: SpooledBody) -> Verdict:
         try:
@@ -276,3 +236,15 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
             log.error("%s: %s failed: %r", txn.qid, check.name, exc)
             return Verdict(Action.TEMPFAIL, TEMPFAIL_REPLY, reason=repr(exc))
+
+
+def _decision(txn: Transaction, original_sender: str, action: Action, reply: Reply | None,
+              reasons: Sequence[str]) -> Decision:
+    """The Decision for a message the checks let through (PASS, QUARANTINE, DISCARD): what
+    the stages left in ``txn``, as the queue side applies it."""
+    why = tuple(reasons)
+    return Decision(
+        action, reply, prepend=tuple(txn.prepend), drops=tuple(txn.header_drops),
+        sender=txn.sender if txn.sender != original_sender else None,
+        quarantine=("; ".join(why) or "quarantined") if action is Action.QUARANTINE else None,
+        reasons=why)

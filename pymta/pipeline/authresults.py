@@ -10,8 +10,8 @@ The authserv-id is ``PYMTA_AUTHSERV_ID``, by default the host name. Mail from tr
 
 Incoming fields that claim *our* authserv-id are forgeries (or our own from an earlier pass,
 now stale) and are removed first (RFC 8601 §5): ``txn.drop_header`` makes the stages after
-this one see the message without them and has the session rewrite the spool file's header
-section before the commit. Fields of other authserv-ids are kept. This must run before DKIM
+this one see the message without them and has the queue's intake rewrite the spool file's
+header section before the commit. Fields of other authserv-ids are kept. This must run before DKIM
 signing and ARC sealing (ARC copies our results into ``ARC-Authentication-Results``).
 
 The fragments are written by the checks, which put client-supplied values in only through

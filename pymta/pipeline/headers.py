@@ -6,8 +6,8 @@ header field nor a continuation line, the same rule as :mod:`pymta.headerscan` (
 cleanup, ``is_header()``): a field starts with a name of printable ASCII other than ``:``,
 then optional blanks (RFC 5322 §4.5's obsolete ``Subject :``), then ``:``. A *field* is its
 first line plus its continuation lines, CRLF included, exactly as spooled. Stages use
-:func:`split_fields` on ``SpooledBody.header_bytes()``; the session uses :func:`copy_without`
-through ``QueueStore.rewrite_spool`` to remove fields a stage asked to drop
+:func:`split_fields` on ``SpooledBody.header_bytes()``; the queue's intake uses
+:func:`copy_without` through ``QueueStore.rewrite_spool`` to remove fields a stage asked to drop
 (``Transaction.drop_header``), e.g. an incoming ``Authentication-Results`` that claims our
 authserv-id.
 
@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-DropPredicate = Callable[[bytes], bool]
-"""Called with one raw header field (name, value, continuation lines, CRLF); True drops it."""
-
+# DropPredicate: called with one raw header field (name, value, continuation lines, CRLF);
+# True drops it. A value of pymta.types, since the pipeline's Decision carries them.
+from pymta.types import DropPredicate
 
 #: A field's first line: a name of printable ASCII but ``:`` (RFC 5322 ``ftext``), blanks
 #: allowed before the colon (obsolete syntax, still sent); Postfix's ``is_header()``.

@@ -1,4 +1,4 @@
-"""Delivery Status Notifications (RFC 3464): the bounce and success reports pymta sends.
+"""Delivery Status Notifications (RFC 3464): the bounce, delay and success reports pymta sends.
 
 A DSN is a ``multipart/report; report-type=delivery-status`` with three parts: a human
 explanation (worded like Postfix's, because users and helpdesks recognise it), the machine
@@ -12,6 +12,12 @@ Success and delay reports carry its header section only, whatever ``RET`` says, 
 do: ``NOTIFY=SUCCESS`` is asked for by a sender nobody has verified, and a full copy would make
 every local mailbox a reflector of arbitrary content to arbitrary addresses (RFC 3461 §4.3
 leaves the choice to the MTA).
+
+A delay report ("Delayed Mail (still being retried)", ``Action: delayed``) is Postfix's
+delay warning: its status is a 4.x.x (``4.0.0`` when the last reply gave none), and each
+recipient's block ends with ``Will-Retry-Until:`` (RFC 3464 §2.3.9; only in delay reports),
+the time the queue gives up, which the explanation at the top repeats with the time the
+message has waited so far.
 
 "Header section" is meant as Postfix's ``bounce`` means it when it returns headers only: the
 lines from the top that are header fields or their continuation lines, up to the first line
@@ -66,18 +72,25 @@ _LINE_MAX = 998   # octets in a line, CRLF excluded (RFC 5322 §2.1.1)
 _HUMAN_ADDRESS = 320   # octets of an address in the human-readable part (RFC 5321: 256)
 _BOUNDARY_MAX = 70     # characters of a MIME boundary (RFC 2046 §5.1.1)
 
-Action = Literal["failed", "delivered", "delayed"]
+# A DSN's per-recipient ``Action:`` field (RFC 3464 §2.3.3); not the pipeline's
+# pymta.types.Action.
+DsnAction = Literal["failed", "delivered", "delayed"]
 
 
 @dataclass(frozen=True, slots=True)
 class DsnEntry:
-    """One recipient's line in a report: what happened, why, and where."""
+    """One recipient's line in a report: what happened, why, and where.
+
+    ``will_retry_until`` (a Unix time) is when the queue gives up on the recipient: written
+    as ``Will-Retry-Until`` in "delayed" reports only (RFC 3464 §2.3.9 forbids it in others).
+    """
 
     recipient: Recipient
-    action: Action
+    action: DsnAction
     status: str                    # enhanced status code, e.g. "5.1.1", "4.4.7", "2.0.0"
     diagnostic: Reply | None = None
     remote_mta: str | None = None  # host name of the next hop, for Remote-MTA
+    will_retry_until: float | None = None
 
 
 _SUBJECTS = {
@@ -111,6 +124,19 @@ _INTRO = {
         "trying; you will be notified if it finally gives up.\n"
     ),
 }
+
+# The delay report's explanation when its age and end are known (Postfix's delay template:
+# "could not be delivered for more than N hour(s). It will be retried until ...").
+_DELAYED_INTRO = (
+    "####################################################################\n"
+    "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #\n"
+    "####################################################################\n"
+    "\n"
+    "Your message could not be delivered for more than {age}.\n"
+    "It will be retried until {until};\n"
+    "you will be notified if the mail system finally gives up.\n"
+)
+_AGE_UNITS = ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
 
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -310,10 +336,30 @@ def _host(name: str | None) -> str | None:
 
 
 def _status(status: str, action: str) -> str:
-    """An RFC 3463 status code; a malformed one becomes its class default."""
-    if _STATUS.fullmatch(status):
+    """An RFC 3463 status code; a malformed one becomes its class default, and so does a
+    delay reported with anything but a 4.x.x (a delay is a persistent transient failure)."""
+    if _STATUS.fullmatch(status) and (action != "delayed" or status.startswith("4.")):
         return status
     return {"delivered": "2.0.0", "delayed": "4.0.0"}.get(action, "5.0.0")
+
+
+def _date(when: float | None) -> str | None:
+    """An RFC 5322 date-time, or None for a time that has none (0, not finite, too far)."""
+    if not when:
+        return None
+    try:
+        return email.utils.formatdate(when, localtime=True)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def _age(seconds: float) -> str:
+    """A queueing time in words, rounded down to its largest unit: ``4 hours``."""
+    for size, unit in _AGE_UNITS:
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return "0 seconds"
 
 
 def parse_reply_text(text: str) -> Reply:
@@ -329,9 +375,23 @@ def parse_reply_text(text: str) -> Reply:
     return Reply(code, enhanced, m.group(3))
 
 
-def _human_part(reporting_mta: str, entries: Sequence[DsnEntry], action_kind: str) -> str:
+def _intro(action_kind: str, entries: Sequence[DsnEntry], envelope: Envelope,
+           now: float) -> str:
+    """The explanation at the top; a delay report says how long the message has waited and
+    until when it will be retried, when it knows."""
+    if action_kind == "delayed":
+        ends = [e.will_retry_until for e in entries if e.will_retry_until]
+        until = _date(min(ends)) if ends else None
+        if until is not None and envelope.received_at:
+            return _DELAYED_INTRO.format(age=_age(max(now - envelope.received_at, 0.0)),
+                                         until=until)
+    return _INTRO.get(action_kind, _INTRO["failed"])
+
+
+def _human_part(reporting_mta: str, entries: Sequence[DsnEntry], action_kind: str,
+                intro: str | None = None) -> str:
     lines = [f"This is the mail system at host {reporting_mta}.", "",
-             _INTRO.get(action_kind, _INTRO["failed"]),
+             intro if intro is not None else _INTRO.get(action_kind, _INTRO["failed"]),
              "                   The mail system", ""]
     for e in entries:
         r = e.recipient
@@ -344,11 +404,12 @@ def _human_part(reporting_mta: str, entries: Sequence[DsnEntry], action_kind: st
             if e.diagnostic is not None:
                 why += f": {e.diagnostic.text}"
         elif e.diagnostic is None:
-            why = f"delivery failed (status {_status(e.status, e.action)})"
+            what = "delayed" if e.action == "delayed" else "failed"
+            why = f"delivery {what} (status {_status(e.status, e.action)})"
         else:
             where = f"host {remote} said: " if remote else ""
             why = f"{where}{e.diagnostic}"
-            if e.status == "4.4.7":
+            if e.status == "4.4.7" and e.action == "failed":
                 why = f"message expired, last error: {why}"
         # plain text, never unfolded: the reason is cut to what the line has room for
         why = _one_line(why, octets=_LINE_MAX - _octets(who) - 2)
@@ -387,6 +448,9 @@ def _status_part(*, reporting_mta: str, qid: str, envelope: Envelope,
         if r.last_attempt:
             block.append("Last-Attempt-Date: "
                          + email.utils.formatdate(r.last_attempt, localtime=True))
+        until = _date(e.will_retry_until) if e.action == "delayed" else None
+        if until is not None:
+            block.append(f"Will-Retry-Until: {until}")
         blocks.append("\n".join(block))
     return "\n\n".join(blocks) + "\n"
 
@@ -476,7 +540,8 @@ def build_dsn(*, reporting_mta: str, qid: str, envelope: Envelope, entries: Sequ
     except FileNotFoundError:
         original = None
 
-    human = _human_part(reporting_mta, entries, action_kind)
+    human = _human_part(reporting_mta, entries, action_kind,
+                        _intro(action_kind, entries, envelope, now))
     status = _status_part(reporting_mta=reporting_mta, qid=qid, envelope=envelope,
                           entries=entries)
     human_cs = "us-ascii" if human.isascii() else "utf-8"

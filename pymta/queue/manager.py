@@ -51,6 +51,18 @@ Implementation summary:
   DSN is queued, then ``FAILED``: Postfix keeps its bounce logs apart from the recipients'
   delivery state in the same way. Failure notices are sent once per attempt, when the last
   group has returned; success notices per group, before that group's save.
+- **Delay notices** (RFC 3461 NOTIFY=DELAY; Postfix's ``delay_warning_time``): when an
+  attempt ends with recipients still pending and the message has been queued for at least
+  the threshold, one "delayed" report about them goes to the sender, with the same notices
+  first, state second order. The threshold is ``delay_warning`` (``PYMTA_DELAY_WARNING_TIME``)
+  for recipients without NOTIFY and those with DELAY; while it is 0 (off, Postfix's
+  default), the default NOTIFY gets none and an explicit NOTIFY=DELAY gets one after
+  ``DSN_DELAY_DEFAULT``. NOTIFY=NEVER and a NOTIFY without DELAY never do, nor a null
+  sender or a bounce. Each recipient gets one at most: the indices of those reported are
+  kept in the envelope (``DELAY_NOTIFIED``), so neither a retry nor a restart repeats it; a
+  notice that cannot be queued is tried again after the next failed attempt. Judged after
+  an attempt only, like Postfix's: the warning can come up to one retry interval after the
+  threshold, and an attempt that expires the message sends the failure notice instead.
 - **A queue update that fails is retried alone, never the delivery.** When the envelope
   cannot be saved or removed after an attempt (a full, read-only or failing file system:
   ``OSError``), the attempt's outcomes stay in memory with the message's lock still held
@@ -95,10 +107,17 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from ..types import (
+from ..contracts import (
     DeliveryAgent,
+    FlushableAgent,
+    MessageLock,
+    ProgressReportingAgent,
+    QueueStore,
+    Router,
+)
+from ..types import (
     Envelope,
     Notify,
     Outcome,
@@ -108,7 +127,6 @@ from ..types import (
     RcptState,
     Recipient,
     Reply,
-    Router,
     SMTPError,
 )
 from . import deliverylog
@@ -131,27 +149,17 @@ _WAITING = (RcptState.PENDING, RcptState.NOTICE_OWED)
 # Envelope.extra key: when owed failure notices were last tried and could not be queued
 # (the recipients' last_attempt is their last delivery attempt, for the DSN).
 NOTICES_TRIED = "notices_tried"
+# Envelope.extra key: the recipients (their indices, space-separated) a delay notice was
+# queued for, so that each gets one at most, across attempts and restarts.
+DELAY_NOTIFIED = "delay_notified"
+# The delay threshold of a recipient that asked with NOTIFY=DELAY while
+# PYMTA_DELAY_WARNING_TIME is 0 (off): 4 hours, sendmail's Timeout.queuewarn.
+DSN_DELAY_DEFAULT = 4 * 3600.0
 
 
 def boottime() -> float:
     """Seconds on a clock that never jumps and keeps counting through a suspend."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-class MessageLock(Protocol):
-    def release(self) -> None: ...
-
-
-class QueueStoreLike(Protocol):
-    """The part of ``pymta.queue.store`` the manager uses (see that module for semantics)."""
-
-    def ids(self) -> list[QueueId]: ...
-    def load(self, qid: QueueId) -> Envelope | None: ...
-    async def save(self, qid: QueueId, envelope: Envelope) -> None: ...
-    async def remove(self, qid: QueueId) -> None: ...
-    def body_path(self, qid: QueueId) -> str: ...
-    async def enqueue_bytes(self, envelope: Envelope, data: bytes) -> QueueId: ...
-    def try_lock(self, qid: QueueId) -> MessageLock | None: ...
 
 
 Resolver = Callable[[str], Awaitable[Recipient | None]]
@@ -239,18 +247,22 @@ class _Attempt:
 class QueueManager:
     """Schedules delivery attempts for the messages in ``store`` and handles their outcomes."""
 
-    def __init__(self, store: QueueStoreLike, router: Router, *, policy: RetryPolicy,
+    def __init__(self, store: QueueStore, router: Router, *, policy: RetryPolicy,
                  hostname: str, postmaster: str, resolve: Resolver, concurrency: int = 20,
                  scan_interval: float = 60.0, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] | None = None,
                  agent_timeout: float | None = 3600.0, stop_grace: float = 10.0,
-                 flush_file: str | None = None) -> None:
+                 flush_file: str | None = None, delay_warning: float = 0.0) -> None:
         """``clock`` is wall-clock time (``next_attempt``, ``received_at``); ``monotonic``
         runs the schedule in memory (default: boot time; a test that injects only ``clock``
         gets it for both). ``flush_file`` is where ``pymta queue flush`` leaves its token
-        (default ``<store.root>/flush`` when the store has a root)."""
+        (default ``<store.root>/flush`` when the store has a root). ``delay_warning`` is
+        ``PYMTA_DELAY_WARNING_TIME`` in seconds (see "Delay notices" in the module
+        docstring); 0 is off."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if not 0.0 <= delay_warning < float("inf"):
+            raise ValueError("delay_warning must be a finite number of seconds, at least 0")
         self._store = store
         self._router = router
         self._policy = policy
@@ -265,6 +277,7 @@ class QueueManager:
         self._mono = monotonic
         self._agent_timeout = agent_timeout
         self._stop_grace = stop_grace
+        self._delay_warning = float(delay_warning)
         # No retry interval the policy makes is longer: a disk value further out than this
         # was written by a clock that has since gone back.
         self._max_wait = policy.maximum * (1.0 + policy.jitter)
@@ -516,7 +529,7 @@ class QueueManager:
     async def _scan(self) -> None:
         """Schedule every queued, non-held message by the ``next_attempt`` on disk."""
         try:
-            ids = self._store.ids()
+            ids = await self._store.list_queued()
         except OSError as e:
             text = fault_text(e)
             if text != self._ids_fault:     # once per fault, not once per scan
@@ -535,7 +548,7 @@ class QueueManager:
             if qid in self._inflight or qid in self._unwritten:
                 continue    # the disk is behind for the latter: its schedule is ours
             try:
-                env = self._store.load(qid)
+                env = await self._store.load_envelope(qid)
             except OSError as e:
                 text = fault_text(e)
                 if self._read_faults.get(qid) != text:
@@ -569,10 +582,9 @@ class QueueManager:
             return False
         self._flush_token = token
         self._flushed_at = min(flush_token_time(token, self._clock()), self._clock())
-        flush = getattr(self._router, "flush", None)
-        if flush is not None:
+        if isinstance(self._router, FlushableAgent):
             try:
-                flush()
+                self._router.flush()
             except Exception:
                 log.exception("router flush failed")
         self._not_before.clear()
@@ -669,14 +681,14 @@ class QueueManager:
         if fresh is not None:
             env, lock = fresh   # locked since its commit: the disk holds exactly this envelope
         else:
-            lock = self._store.try_lock(qid)
+            lock = await self._store.claim(qid)
             if lock is None:
                 return  # another worker is delivering it, or it is gone
             env = None
         att: _Attempt | None = None
         try:
             if env is None:
-                env = self._store.load(qid)
+                env = await self._store.load_envelope(qid)
             if env is None or env.held:
                 self._forget(qid)
                 return
@@ -695,7 +707,7 @@ class QueueManager:
                 self._forget(qid)
                 deliverylog.log_removed(qid)
                 return
-            att = _Attempt(qid, env, QueuedMessage(qid, env, self._store.body_path(qid)),
+            att = _Attempt(qid, env, QueuedMessage(qid, env, await self._store.open_body(qid)),
                            start, message_lock=lock)
             if pending:
                 deliverylog.log_active(qid, env)
@@ -793,7 +805,7 @@ class QueueManager:
         cancellation requested while the result is on its way is raised at the agent's
         await, before the outcome was taken.
 
-        An agent with a true ``reports_progress`` attribute is given ``report=``, which it
+        A :class:`~pymta.contracts.ProgressReportingAgent` is given ``report=``, which it
         calls with each recipient's outcome as soon as that is final (see "Outcomes are
         recorded as soon as they are known"). What it reported counts even when the call
         then raises, times out or is cancelled: those recipients keep their outcomes (only
@@ -808,9 +820,8 @@ class QueueManager:
         reported: list[Outcome] = []
         try:
             async with asyncio.timeout(self._agent_timeout):    # None: no limit
-                if getattr(agent, "reports_progress", False):
-                    outcomes = await agent.deliver(msg, rcpts,  # type: ignore[call-arg]
-                                                   report=reported.append)
+                if isinstance(agent, ProgressReportingAgent):
+                    outcomes = await agent.deliver(msg, rcpts, report=reported.append)
                 else:
                     outcomes = await agent.deliver(msg, rcpts)
         except TimeoutError:
@@ -953,6 +964,9 @@ class QueueManager:
             env.extra.pop(NOTICES_TRIED, None)
         elif owed:
             env.extra[NOTICES_TRIED] = repr(now)    # tried: a flush is answered (_last_tried)
+        delayed = self._delay_entries(env, now)
+        if delayed and await self._notify(att, [e for _, e in delayed], "delayed", now):
+            _mark_delay_notified(env, [i for i, _ in delayed])
         waiting = [r for r in env.recipients if r.state in _WAITING]
         if waiting:
             env.next_attempt = now + self._policy.delay(max(r.attempts for r in waiting))
@@ -972,8 +986,8 @@ class QueueManager:
             else:
                 await self._store.save(qid, att.env)
         except FileNotFoundError as e:
-            if att.remove or os.path.exists(self._store.body_path(qid)):
-                self._keep_unwritten(att, e)
+            if att.remove or await self._store.exists(qid):
+                await self._keep_unwritten(att, e)
                 return False
             # (nobody removes a message whose lock we hold; an admin deleting files might)
             log.error("%s: message files are gone; its state is not saved", qid)
@@ -982,7 +996,7 @@ class QueueManager:
             self._forget(qid)
             return True
         except OSError as e:
-            self._keep_unwritten(att, e)
+            await self._keep_unwritten(att, e)
             return False
         if att.remove:
             self._forget(qid)
@@ -993,16 +1007,16 @@ class QueueManager:
         att.dirty = False
         return True
 
-    def _keep_unwritten(self, att: _Attempt, err: OSError) -> None:
+    async def _keep_unwritten(self, att: _Attempt, err: OSError) -> None:
         """The write failed: keep the outcomes and the lock, try the write again later."""
         qid = att.qid
         att.write_failures += 1
         delay = min(WRITE_RETRY_FIRST * 2.0 ** min(att.write_failures - 1, 16), WRITE_RETRY_MAX)
         lock = att.message_lock
-        if lock is None or not getattr(lock, "held", True):
+        if lock is None or not lock.held:
             # A store may close the lock with a failed removal (ours gives it back; another
             # implementation may not): take it again before anyone else can.
-            lock = self._relock(att, err)
+            lock = await self._relock(att, err)
             if lock is None:
                 return
         att.message_lock = lock
@@ -1014,14 +1028,14 @@ class QueueManager:
                   "in %.0fs", qid, fault_text(err), what, delay)
         self._schedule(qid, self._mono() + delay, force=True)
 
-    def _relock(self, att: _Attempt, err: OSError) -> MessageLock | None:
+    async def _relock(self, att: _Attempt, err: OSError) -> MessageLock | None:
         """The message's lock again after a removal that failed and took it along; None
         (and the attempt no longer kept) when the message is gone after all -- the removal
         got as far as the envelope -- or another process was quicker."""
         qid = att.qid
         try:
-            lock = self._store.try_lock(qid)
-            gone = lock is None and self._store.load(qid) is None
+            lock = await self._store.claim(qid)
+            gone = lock is None and await self._store.load_envelope(qid) is None
         except OSError:
             lock, gone = None, False
         if lock is not None:
@@ -1056,6 +1070,43 @@ class QueueManager:
             self._poke()
 
     # ------------------------------------------------------------------ notices
+
+    def _delay_after(self, rcpt: Recipient) -> float | None:
+        """Seconds after arrival from which ``rcpt`` is owed a delay notice; None: never.
+
+        The default NOTIFY (none given) is warned only with ``PYMTA_DELAY_WARNING_TIME``
+        set, as Postfix's ``delay_warning_time``; an explicit NOTIFY is warned only when it
+        has DELAY, at that time too, or at ``DSN_DELAY_DEFAULT`` while the setting is off.
+        """
+        if rcpt.notify is None:
+            return self._delay_warning or None
+        if Notify.DELAY not in rcpt.notify_flags:
+            return None
+        return self._delay_warning or DSN_DELAY_DEFAULT
+
+    def _delay_entries(self, env: Envelope, now: float) -> list[tuple[int, DsnEntry]]:
+        """The delay-report entries an attempt that just ended owes, with the recipients'
+        indices: every recipient still pending after it (so it failed at this attempt) that
+        wants delay notices, has none yet, and whose message is older than its threshold.
+        Never for a null sender or a bounce (the notice would have nobody to go to)."""
+        if env.sender == "" or env.is_bounce:
+            return []
+        age = now - env.received_at
+        done = _delay_notified(env)
+        until = env.received_at + self._policy.lifetime
+        out: list[tuple[int, DsnEntry]] = []
+        for i, r in enumerate(env.recipients):
+            if r.state is not RcptState.PENDING or not r.attempts or i in done:
+                continue
+            after = self._delay_after(r)
+            if after is None or not age >= after:
+                continue
+            reply = parse_reply_text(r.last_reply)
+            diagnostic = reply if 400 <= reply.code < 500 else None
+            status = reply.enhanced if diagnostic is not None else "4.0.0"
+            out.append((i, DsnEntry(r, "delayed", status, diagnostic,
+                                    _remote_mta(r, r.next_hop), will_retry_until=until)))
+        return out
 
     async def _notify(self, att: _Attempt, entries: list[DsnEntry], kind: str,
                       now: float) -> bool:
@@ -1117,6 +1168,17 @@ class QueueManager:
         deliverylog.log_notice(qid, kind, dsn_qid)
         self.submit(dsn_qid, dsn_env)
         return True
+
+
+def _delay_notified(env: Envelope) -> set[int]:
+    """The indices of the recipients a delay notice was queued for (``DELAY_NOTIFIED``)."""
+    words = env.extra.get(DELAY_NOTIFIED, "").split()
+    return {int(w) for w in words if w.isascii() and w.isdigit()}
+
+
+def _mark_delay_notified(env: Envelope, indices: Iterable[int]) -> None:
+    done = _delay_notified(env) | set(indices)
+    env.extra[DELAY_NOTIFIED] = " ".join(str(i) for i in sorted(done))
 
 
 def _final_status(reply: Reply) -> str:

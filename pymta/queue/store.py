@@ -60,11 +60,12 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import BinaryIO
 
+from pymta import contracts
 from pymta.queue import codec
 from pymta.queue.committer import CommitItem, GroupCommitter, RemoveItem
 from pymta.queue.ids import is_valid, new_qid
 from pymta.queue.space import FreeSpace, is_no_space, shortage
-from pymta.types import Envelope, QueueId, TemporaryFailure
+from pymta.types import Envelope, QueueId, SpoolClosedError, TemporaryFailure
 
 log = logging.getLogger("pymta.queue")
 
@@ -90,10 +91,6 @@ def queue_write_error(err: BaseException | None = None) -> TemporaryFailure:
     if is_no_space(err):
         return insufficient_storage()
     return TemporaryFailure("Error: queue file write error", "4.3.0", 451)
-
-
-class SpoolClosedError(ValueError):
-    """The spool writer was aborted (the client went away) or has been committed already."""
 
 
 class MessageLock:
@@ -185,7 +182,7 @@ class SpoolWriter:
         self._state = self._OPEN
         self._abort_asked = False
         # After a commit with ``QueueStore.hand_over_locks``: the message's lock, still held.
-        self.lock: MessageLock | None = None
+        self.lock: contracts.MessageLock | None = None
 
     @property
     def closed(self) -> bool:
@@ -236,7 +233,12 @@ class SpoolWriter:
 
 
 class QueueStore:
-    """The queue directory. ``open()`` first; ``await start()`` before committing.
+    """The queue directory: the local :class:`pymta.contracts.QueueStore`. ``open()`` first;
+    ``await start()`` before committing; ``await aclose()`` at the end.
+
+    Besides the contract's coroutines it offers their synchronous forms (``ids``, ``load``,
+    ``try_lock``, ``body_path``, ``save_sync``, ``remove_sync``), for the CLI, which runs
+    without an event loop, and for callers that know they hold a local directory.
 
     ``fsync=False`` skips every flush (renames still happen): only for benchmarks that want to
     measure everything but the disk. ``committer_class`` exists so tests can inject faults.
@@ -303,7 +305,7 @@ class QueueStore:
             self._spool_executor = ThreadPoolExecutor(1, thread_name_prefix="pymta-spool")
             self._refill()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Finish queued commits, stop the committer thread, close the directories."""
         executor, self._spool_executor = self._spool_executor, None
         if executor is not None:
@@ -317,6 +319,10 @@ class QueueStore:
             if fd >= 0:
                 os.close(fd)
         self._root_fd = self._data_fd = self._env_fd = -1
+
+    # The name before issue 11 (``aclose`` is every resource holder's one lifecycle method);
+    # kept while work started before the rename still calls it.
+    close = aclose
 
     def _recover(self) -> None:
         removed = 0
@@ -561,7 +567,7 @@ class QueueStore:
             raise
         return fd
 
-    def rewrite_spool_sync(self, writer: SpoolWriter,
+    def rewrite_spool_sync(self, writer: contracts.Spool,
                            transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
         """Replace a not yet committed body by ``transform(old, new)``'s output, same qid.
 
@@ -573,13 +579,13 @@ class QueueStore:
         OSError; the writer is unchanged (still the old body) if the rename did not happen.
         Raises SpoolClosedError if the writer is not open (aborted, committed).
         """
-        self._begin_rewrite(writer)
+        writer = self._begin_rewrite(writer)
         try:
             self._rewrite(writer, transform)
         finally:
             self._end_rewrite(writer)
 
-    async def rewrite_spool(self, writer: SpoolWriter,
+    async def rewrite_spool(self, writer: contracts.Spool,
                             transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
         """``rewrite_spool_sync`` in a thread, safe against the writer's abort meanwhile.
 
@@ -589,7 +595,7 @@ class QueueStore:
         removed and closed), and this raises SpoolClosedError. A cancelled caller leaves the
         thread to finish; the writer is then aborted the same way.
         """
-        self._begin_rewrite(writer)
+        writer = self._begin_rewrite(writer)
         work = asyncio.get_running_loop().run_in_executor(None, self._rewrite, writer,
                                                           transform)
         try:
@@ -604,10 +610,19 @@ class QueueStore:
         if self._end_rewrite(writer):
             raise SpoolClosedError(f"{writer.qid}: spool writer aborted during the rewrite")
 
-    def _begin_rewrite(self, writer: SpoolWriter) -> None:
-        if writer._store is not self or writer._state != writer._OPEN:
+    def _begin_rewrite(self, spool: contracts.Spool) -> SpoolWriter:
+        writer = self._own(spool)
+        if writer._state != writer._OPEN:
             raise SpoolClosedError(f"{writer.qid}: spool writer is not open")
         writer._state = writer._REWRITING
+        return writer
+
+    def _own(self, spool: contracts.Spool) -> SpoolWriter:
+        """``spool`` as this store's writer; SpoolClosedError for anything else (it cannot
+        be committed here)."""
+        if not isinstance(spool, SpoolWriter) or spool._store is not self:
+            raise SpoolClosedError(f"{spool.qid}: not a spool of this queue store")
+        return spool
 
     def _end_rewrite(self, writer: SpoolWriter) -> bool:
         """Back to open, or carry out an abort asked for meanwhile (True then)."""
@@ -649,14 +664,15 @@ class QueueStore:
         with contextlib.suppress(OSError):
             old_file.close()    # the replaced inode: its lock goes with it
 
-    async def commit(self, writer: SpoolWriter, envelope: Envelope) -> QueueId:
+    async def commit(self, writer: contracts.Spool, envelope: Envelope) -> QueueId:
         """Make the message durable; on return it may be acknowledged with 250.
 
         Sets ``envelope.size``. Any local fault removes the message's files and raises
         TemporaryFailure (``452 4.3.1`` for a full disk, else ``451 4.3.0``), so a client
         never gets 250 for something not on disk. SpoolClosedError if the writer was aborted.
         """
-        if writer._store is not self or writer.closed:
+        writer = self._own(writer)
+        if writer.closed:
             raise SpoolClosedError(f"{writer.qid}: spool writer is not open")
         qid = writer.qid
         committer = self.committer
@@ -785,7 +801,7 @@ class QueueStore:
             writer.abort()
             raise self.write_fault(e) from e
         qid = await self.commit(writer, envelope)
-        lock = getattr(writer, "lock", None)
+        lock = writer.lock
         if lock is not None:        # nobody takes a hand-over here: the next attempt locks
             writer.lock = None
             lock.release()
@@ -923,6 +939,27 @@ class QueueStore:
                     os.close(item.lock_fd)
                 item.lock_fd = -1
             raise
+
+    # ------------------------------------------------------------------ the contract's
+    # delivery side (pymta.contracts.QueueStore). A local directory answers at once: these
+    # run the synchronous forms on the loop, as the queue manager has always done (one
+    # small read or lock per call; a thread hop would cost more than the work).
+
+    async def list_queued(self) -> list[QueueId]:
+        return self.ids()
+
+    async def claim(self, qid: QueueId) -> MessageLock | None:
+        return self.try_lock(qid)
+
+    async def load_envelope(self, qid: QueueId) -> Envelope | None:
+        return self.load(qid)
+
+    async def open_body(self, qid: QueueId) -> str:
+        """``data/<qid>`` itself: it is never renamed or replaced after the commit."""
+        return self.body_path(qid)
+
+    async def exists(self, qid: QueueId) -> bool:
+        return os.path.exists(self.body_path(qid))
 
     # ------------------------------------------------------------------ locking
 

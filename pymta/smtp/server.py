@@ -28,10 +28,15 @@ Stopping (:func:`close_sessions`): a session waiting for its client gets ``421 4
 one whose decision is pending (a message being committed) gets its answer first and then the
 ``421``, within a grace period, so a message is not committed without its ``250`` being sent.
 
-AUTH: the engine runs the SASL exchange and hands over finished credentials; the session
-checks them. A ``535`` is delayed by :class:`AuthThrottle` (``auth_fail_delay`` × the
-client address's recent failures, capped) with ``asyncio.sleep``, so password guessing slows
-down while every other session runs on. Neither this module nor the engine logs SASL lines.
+AUTH: the engine runs the SASL exchange and hands over finished credentials; the session asks
+``pymta.auth`` (credentials, the delay before a ``535``, the log lines) and this module only
+tells the engine who the client is after a ``235``. Neither this module nor the engine logs
+SASL lines.
+
+STARTTLS: the engine answers ``220`` and forgets what was pipelined after the command; the
+handshake runs here. A connection whose handshake fails, or for which the event loop gives
+back no TLS transport, is closed and forgotten (its connection counts released) at once:
+neither may stay open without a reader.
 """
 
 from __future__ import annotations
@@ -118,36 +123,6 @@ class ConnectionRateLimit:
         return 1
 
 
-class AuthThrottle:
-    """Per-client-address failed-AUTH counter: the delay before each ``535`` grows with the
-    failures of that address (``step`` × n, at most ``maximum``); an address that fails no
-    more for ``forget`` seconds starts again from zero. Bounded: at most ``max_entries``
-    addresses are remembered (the oldest are dropped first)."""
-
-    def __init__(self, step: float = 0.5, maximum: float = 5.0, forget: float = 900.0,
-                 max_entries: int = 10000) -> None:
-        self.step = step
-        self.maximum = maximum
-        self.forget = forget
-        self.max_entries = max_entries
-        self._failures: dict[str, tuple[int, float]] = {}
-
-    def failed(self, ip: str) -> float:
-        """Record one failure of ``ip``; return how long to wait before answering."""
-        now = time.monotonic()
-        count, last = self._failures.pop(ip, (0, now))
-        if now - last > self.forget:
-            count = 0
-        count += 1
-        self._failures[ip] = (count, now)  # re-inserted: dict order is recency order
-        while len(self._failures) > self.max_entries:
-            del self._failures[next(iter(self._failures))]
-        return min(self.step * count, self.maximum)
-
-    def failures(self, ip: str) -> int:
-        return self._failures.get(ip, (0, 0.0))[0]
-
-
 @dataclass
 class ListenerContext:
     """Shared by every connection of one server (all its listeners)."""
@@ -162,7 +137,6 @@ class ListenerContext:
     rate_limit: ConnectionRateLimit | None = None   # None: no per-minute limit (the default)
     active: set[SMTPServerProtocol] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
-    auth_throttle: AuthThrottle = field(default_factory=AuthThrottle)
     stopping: bool = False
 
     def refusal(self, ip: str) -> Reply | None:
@@ -388,14 +362,10 @@ class SMTPServerProtocol(asyncio.Protocol):
                     if not await self._start_tls():
                         return
                 elif cls is ev.Auth:
-                    busy = True
+                    busy = True     # the check, and the delay before a 535 (pymta.auth)
                     reply = await session.on_auth(event)
                     if reply.code == 235:
                         engine.auth_user = session.auth_user
-                    elif reply.code == 535:
-                        delay = ctx.auth_throttle.failed(self._peer_ip)
-                        if delay > 0:
-                            await asyncio.sleep(delay)
                     engine.respond(reply)
                 elif cls is ev.Close:
                     self._flush()
@@ -415,6 +385,8 @@ class SMTPServerProtocol(asyncio.Protocol):
         transport = self.transport
         ctx = self.ctx.ssl_context
         if transport is None or ctx is None:
+            if transport is not None:
+                self._drop_after_tls(transport)
             return False
         # From here on data_received only sees bytes from the TLS layer: start_tls pauses the
         # plaintext transport before its first await, and the engine dropped what came before.
@@ -425,11 +397,14 @@ class SMTPServerProtocol(asyncio.Protocol):
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             self._tls_early = None
             log.info("TLS handshake with %s failed: %s", self._peer_ip, exc)
-            if not transport.is_closing():
-                transport.close()
+            self._drop_after_tls(transport)
             return False
         early, self._tls_early = self._tls_early, None
         if new is None:
+            # No TLS transport came back (the connection was closed during the handshake):
+            # nothing will read from it again, so it must not stay open (issue 11).
+            log.info("TLS handshake with %s gave no connection", self._peer_ip)
+            self._drop_after_tls(transport)
             return False
         self.transport = new
         self.engine.tls_established()
@@ -437,6 +412,15 @@ class SMTPServerProtocol(asyncio.Protocol):
         if early:
             self.engine.feed(bytes(early))
         return True
+
+    def _drop_after_tls(self, transport: asyncio.Transport) -> None:
+        """Close a connection whose TLS upgrade failed, and forget it. Its plaintext
+        transport may belong to the TLS layer by now, which only passes the loss on to us
+        once a handshake completed: so the bookkeeping of ``connection_lost`` is done here
+        (it ignores a second call)."""
+        if not transport.is_closing():
+            transport.close()
+        self.connection_lost(None)
 
 
 async def close_sessions(ctx: ListenerContext, grace: float = SHUTDOWN_GRACE,

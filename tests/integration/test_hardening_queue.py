@@ -469,7 +469,7 @@ async def test_issue10_defect6_relay_closes_connection_when_a_transaction_raises
         assert out.kind is OutcomeKind.DELIVERED
         assert peer.connections == 2 and len(peer.messages) == 1
     finally:
-        await agent.close()
+        await agent.aclose()
         peer.stop()
 
 
@@ -490,5 +490,5 @@ async def test_issue10_defect6_relay_closes_connection_when_cancelled(tmp_path: 
             await task
         await wait_for(lambda: peer.open == 0, 5)
     finally:
-        await agent.close()
+        await agent.aclose()
         peer.stop()

@@ -81,7 +81,7 @@ async def test_users_aliases_and_groups(directory: SlapdServer) -> None:
         assert await chain.lookup(Address("list@example.com")) == both    # member DNs
         assert await chain.lookup(Address("nobody@example.com")) is None
     finally:
-        await chain.close()
+        await chain.aclose()
 
 
 async def test_bind_dn_and_attribute_for_the_mailbox(directory: SlapdServer) -> None:
@@ -91,13 +91,13 @@ async def test_bind_dn_and_attribute_for_the_mailbox(directory: SlapdServer) -> 
         assert await ldap.lookup(Address("bob@example.com")) == \
             Destination((Target("bob@example.com", True, "bob"),))
     finally:
-        await ldap.close()
+        await ldap.aclose()
     wrong = LdapLookup(settings(directory, bind_dn=directory.admin_dn, bind_pw="wrong"))
     try:
         with pytest.raises(TemporaryFailure):
             await wrong.lookup(Address("bob@example.com"))
     finally:
-        await wrong.close()
+        await wrong.aclose()
 
 
 @pytest.mark.parametrize("evil", [
@@ -114,7 +114,7 @@ async def test_injection_finds_nothing(directory: SlapdServer, evil: str) -> Non
     try:
         assert await LookupChain([ldap], DOMAINS).lookup(Address(evil)) is None
     finally:
-        await ldap.close()
+        await ldap.aclose()
 
 
 async def test_alias_in_the_table_resolves_in_the_directory(directory: SlapdServer) -> None:
@@ -128,7 +128,7 @@ async def test_alias_in_the_table_resolves_in_the_directory(directory: SlapdServ
         assert dest == Destination((mailbox("bob@example.com"),
                                     Target("local@example.com", True, "local/")))
     finally:
-        await ldap.close()
+        await ldap.aclose()
 
 
 async def test_cache_hit_sends_no_second_search(directory: SlapdServer) -> None:
@@ -149,7 +149,7 @@ async def test_cache_hit_sends_no_second_search(directory: SlapdServer) -> None:
         assert srch_count(directory) - before == first
         assert chain.hits == 20
     finally:
-        await chain.close()
+        await chain.aclose()
 
 
 async def test_hanging_directory_times_out_without_blocking_the_loop() -> None:
@@ -178,7 +178,7 @@ async def test_hanging_directory_times_out_without_blocking_the_loop() -> None:
         assert ticks > elapsed / 0.01 / 4   # the event loop kept running meanwhile
     finally:
         task.cancel()
-        await ldap.close()
+        await ldap.aclose()
         listener.close()
 
 

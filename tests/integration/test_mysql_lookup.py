@@ -70,7 +70,7 @@ async def test_users_and_aliases(database: MariaDBServer) -> None:
             Destination((mailbox("alice@example.com"), mailbox("bob@example.com")))
         assert await chain.lookup(Address("nobody@example.com")) is None
     finally:
-        await chain.close()
+        await chain.aclose()
 
 
 async def test_local_part_and_domain_placeholders(database: MariaDBServer) -> None:
@@ -80,7 +80,7 @@ async def test_local_part_and_domain_placeholders(database: MariaDBServer) -> No
         assert await sql.lookup(Address("bob@EXAMPLE.com")) == \
             Destination((Target("bob@EXAMPLE.com", True, "bob@example.com"),))
     finally:
-        await sql.close()
+        await sql.aclose()
 
 
 @pytest.mark.parametrize("evil", [
@@ -98,9 +98,9 @@ async def test_injection_finds_nothing(database: MariaDBServer, evil: str) -> No
         local_query = "select email from users where email = concat('%u', '@', '%d')"
         parts = MysqlLookup(settings(database, query_user=local_query, query_alias=""))
         assert await parts.lookup(Address(evil)) is None
-        await parts.close()
+        await parts.aclose()
     finally:
-        await sql.close()
+        await sql.aclose()
     assert database.execute("SELECT COUNT(*) FROM users", "mailtest") == [("2",)]
 
 
@@ -127,7 +127,7 @@ async def test_cache_hit_sends_no_second_query(database: MariaDBServer) -> None:
         assert com_select(database) - before == first
         assert chain.hits == 20
     finally:
-        await chain.close()
+        await chain.aclose()
 
 
 async def test_unreachable_database_is_temporary() -> None:
@@ -138,7 +138,7 @@ async def test_unreachable_database_is_temporary() -> None:
             await LookupChain([sql], DOMAINS).lookup(Address("alice@example.com"))
         assert info.value.reply.code == 451 and info.value.reply.enhanced == "4.3.0"
     finally:
-        await sql.close()
+        await sql.aclose()
 
 
 async def test_wrong_password_is_temporary(database: MariaDBServer) -> None:
@@ -147,7 +147,7 @@ async def test_wrong_password_is_temporary(database: MariaDBServer) -> None:
         with pytest.raises(TemporaryFailure):
             await sql.lookup(Address("alice@example.com"))
     finally:
-        await sql.close()
+        await sql.aclose()
 
 
 async def _session(mta: MTA) -> RawClient:

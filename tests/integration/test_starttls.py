@@ -16,7 +16,7 @@ import pytest
 from pymta.app import MTA
 from pymta.config.model import Config
 from pymta.tls import ensure_selfsigned, selfsigned_paths
-from tests.conftest import RawClient, maildir_messages, make_config
+from tests.conftest import RawClient, maildir_messages, make_config, wait_for
 from tests.integration._defences import (
     Collector,
     assert_nothing_accepted,
@@ -209,3 +209,27 @@ async def test_submission_ports_closed_without_sasl_even_with_tls(tls_mta) -> No
     assert "smtp" in tls_mta.addresses
     assert "submission" not in tls_mta.addresses
     assert "submissions" not in tls_mta.addresses
+
+
+async def test_issue11_start_tls_returning_none_closes_the_connection(
+        tls_mta: MTA, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: when the event loop's ``start_tls`` gives back no transport (the connection
+    went away during the handshake), the session task ended and left the socket open with
+    nobody reading it: the client waited forever, and the connection kept counting against
+    the connection limits. Now it is closed and forgotten at once."""
+    loop = asyncio.get_running_loop()
+
+    async def no_transport(*args: object, **kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr(loop, "start_tls", no_transport)
+    client = await RawClient.connect(*tls_mta.addresses["smtp"][0])
+    try:
+        await greet(client)
+        assert (await client.cmd("STARTTLS"))[0] == 220
+        assert await client.closed(5.0)
+        listener = tls_mta._listener
+        assert listener is not None
+        await wait_for(lambda: not listener.active and not listener.per_ip, 5)
+    finally:
+        await client.close()

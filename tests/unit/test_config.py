@@ -113,6 +113,31 @@ def test_connection_rate_limit_is_off_by_default_as_in_postfix() -> None:
     assert load_config(env(PYMTA_CONNECTION_RATE_LIMIT="0")).connection_rate_limit == 0
 
 
+def test_issue11_delay_warning_time_is_off_by_default_as_in_postfix() -> None:
+    """PYMTA_DELAY_WARNING_TIME: a duration like the others (bare number = seconds), 0 off."""
+    assert load_config(BASE).delay_warning_time == 0.0
+    assert load_config(env(PYMTA_DELAY_WARNING_TIME="4h")).delay_warning_time == 14400.0
+    assert load_config(env(PYMTA_DELAY_WARNING_TIME="90")).delay_warning_time == 90.0
+    assert load_config(env(PYMTA_DELAY_WARNING_TIME="0")).delay_warning_time == 0.0
+
+
+@pytest.mark.parametrize("value", ["soon", "-1h", "4 hours", "1e9999", "inf", "4h30m"])
+def test_issue11_delay_warning_time_bad_values_name_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env(PYMTA_DELAY_WARNING_TIME=value))
+    assert str(info.value).startswith("PYMTA_DELAY_WARNING_TIME: not a duration")
+    assert "\n" not in str(info.value)
+
+
+def test_issue11_delay_warning_time_from_toml(tmp_path: Path) -> None:
+    for key in ("delay_warning_time", "pymta_delay_warning_time"):
+        path = write(tmp_path, f'mail_domain = "example.com"\n{key} = "30m"\n')
+        assert load_config({}, path=path).delay_warning_time == 1800.0
+    path = write(tmp_path, 'mail_domain = "example.com"\ndelay_warning_time = true\n')
+    with pytest.raises(ConfigError, match="^PYMTA_DELAY_WARNING_TIME: not a duration"):
+        load_config({}, path=path)
+
+
 def test_empty_variable_counts_as_unset() -> None:
     # docker-compose writes SYSLOG_LEVEL=${SYSLOG_LEVEL-}
     assert load_config(env(SYSLOG_LEVEL="", MESSAGE_SIZE_LIMIT=" ")).syslog_level == 5

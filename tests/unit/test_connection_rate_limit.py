@@ -42,8 +42,8 @@ def test_table_is_bounded_and_expired_windows_are_dropped() -> None:
 def _listener(rate: int, mynetworks: tuple[str, ...] = (), per_ip: int = 50,
               total: int = 2000) -> ListenerContext:
     receive = ReceiveContext(hostname="mx.example.com", local_domains=frozenset({"x.test"}),
-                             first_domain="x.test", lookups=(), store=None,
-                             submit=lambda *a: None,
+                             first_domain="x.test", lookups=(),
+                             intake=None,  # type: ignore[arg-type]  # never reached
                              relay_allowed=network_matcher(mynetworks))
     return ListenerContext(receive=receive, engine_config=EngineConfig("mx.example.com"),
                            ssl_context=None, max_per_ip=per_ip, max_connections=total,

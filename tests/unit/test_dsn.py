@@ -2,6 +2,7 @@
 
 import email
 import email.policy
+import email.utils
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -299,3 +300,68 @@ def test_issue10_review_notice_header_with_a_huge_line_is_bounded(tmp_path):
     body = b"Received: from client.example\r\nX-Long: " + b"a" * 2_000_000 + b"\r\n\r\nbody\r\n"
     data, _ = _build(tmp_path, body=body, kind="delivered")
     assert _headers_part(data) == b"Received: from client.example\r\n"
+
+
+# ------------------------------------------------------------------ issue 11: delay reports
+
+DEFERRED = Reply(451, "4.4.7", "<bob@example.net>: queue file write error, try later")
+
+
+def _delayed(tmp_path, status="4.4.7", reply=DEFERRED, until=NOW + 86400.0, kind="delayed"):
+    path = tmp_path / "body"
+    path.write_bytes(ORIGINAL)
+    env, rcpt = _env(ret="FULL")
+    entry = DsnEntry(rcpt, kind, status, reply, "mx.example.net", will_retry_until=until)
+    data = build_dsn(reporting_mta="mta.example.org", qid="ABC123", envelope=env,
+                     entries=[entry], body_path=str(path), now=NOW, action_kind=kind)
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    return data, msg, msg.get_payload()[1].get_payload()[1]
+
+
+def test_issue11_delay_report_fields(tmp_path):
+    """RFC 3464: Action delayed, the 4.x.x status, Will-Retry-Until after Last-Attempt-Date;
+    the header section only (RET=FULL notwithstanding); Postfix's warning wording."""
+    data, msg, per_rcpt = _delayed(tmp_path)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    assert per_rcpt["Action"] == "delayed"
+    assert per_rcpt["Status"] == "4.4.7"
+    assert per_rcpt["Diagnostic-Code"] == f"smtp; {DEFERRED}"
+    assert email.utils.parsedate_to_datetime(per_rcpt["Will-Retry-Until"]).timestamp() == (
+        NOW + 86400.0)
+    keys = list(per_rcpt.keys())
+    assert keys.index("Will-Retry-Until") == len(keys) - 1
+    assert keys.index("Last-Attempt-Date") == len(keys) - 2
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert b"SECRET-BODY-MARKER" not in data
+    human = msg.get_payload()[0].get_content()
+    assert "THIS IS A WARNING ONLY" in human
+    assert "could not be delivered for more than 1 minute." in human   # arrived NOW - 60
+    assert "It will be retried until " + per_rcpt["Will-Retry-Until"] in human
+    # a 4.4.7 in a delay report is the peer's code, not our expiry
+    assert "message expired" not in human
+    assert f"<bob@example.net>: host mx.example.net said: {DEFERRED}" in human
+
+
+def test_issue11_will_retry_until_only_in_delay_reports(tmp_path):
+    for kind, status, reply in (("failed", "5.1.1", Reply(550, "5.1.1", "no")),
+                                ("delivered", "2.0.0", Reply(250, "2.0.0", "Ok"))):
+        data, _, per_rcpt = _delayed(tmp_path, status, reply, kind=kind)
+        assert per_rcpt["Will-Retry-Until"] is None, kind
+        assert b"Will-Retry-Until" not in data and b"retried until" not in data, kind
+
+
+def test_issue11_delay_report_status_is_always_4xx(tmp_path):
+    for status in ("5.1.1", "2.0.0", "junk", ""):
+        _, _, per_rcpt = _delayed(tmp_path, status)
+        assert per_rcpt["Status"] == "4.0.0", status
+    _, msg, per_rcpt = _delayed(tmp_path, "4.0.0", None)
+    assert per_rcpt["Diagnostic-Code"] is None
+    assert "delivery delayed (status 4.0.0)" in msg.get_payload()[0].get_content()
+
+
+def test_issue11_unrepresentable_retry_time_is_left_out(tmp_path):
+    for until in (None, 0.0, 1e300, float("inf")):
+        data, msg, per_rcpt = _delayed(tmp_path, until=until)
+        assert per_rcpt["Will-Retry-Until"] is None, until
+        assert per_rcpt["Action"] == "delayed"
+        assert "will keep\r\ntrying" in msg.get_payload()[0].get_content()

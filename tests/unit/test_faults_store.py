@@ -27,6 +27,7 @@ import pytest
 from pymta.pipeline import Action, Pipeline, SpooledBody, Transaction, Verdict
 from pymta.queue import store as store_module
 from pymta.queue.committer import CommitItem, GroupCommitter
+from pymta.queue.intake import Intake
 from pymta.queue.space import FreeSpace, Sample, reserve_for, shortage
 from pymta.queue.store import QueueStore, SpoolClosedError
 from pymta.session import ReceiveContext, Session
@@ -477,9 +478,9 @@ def make_session(store: QueueStore, pipeline: Pipeline | None = None
                  ) -> tuple[Session, list[str]]:
     submitted: list[str] = []
     ctx = ReceiveContext(hostname="mx.example.com", local_domains=frozenset({"example.com"}),
-                         first_domain="example.com", lookups=[], store=store,
-                         submit=lambda qid, env, lock=None: (
-                             submitted.append(qid), lock and lock.release()),
+                         first_domain="example.com", lookups=[],
+                         intake=Intake(store, lambda qid, env, lock=None: (
+                             submitted.append(qid), lock and lock.release())),
                          pipeline=pipeline)
     return Session(ctx, "192.0.2.7", 40000), submitted
 
@@ -512,6 +513,15 @@ async def test_issue10_disconnect_during_prequeue_checks_is_one_notice_line(
     lines = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert [(r.levelno, r.getMessage()) for r in lines] == [
         (25, "lost connection after end of data from unknown[192.0.2.7]")]
+
+
+async def test_issue11_disconnect_during_checks_is_one_notice_line(
+        store: QueueStore, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 11 lists the defect again (a disconnect while pre-queue checks run gave an ERROR
+    traceback, "spool writer is not open" / FileNotFoundError): issue 10's fix holds after
+    the end of data moved to the queue's intake. Same assertions: nothing queued, a clean
+    spool, no open files, one NOTICE line."""
+    await test_issue10_disconnect_during_prequeue_checks_is_one_notice_line(store, caplog)
 
 
 async def test_issue10_disconnect_during_spool_rewrite_is_clean(
@@ -653,7 +663,7 @@ async def test_mail_from_is_refused_when_the_queue_is_full(
     r = session.on_mail(ev.MailFrom("a@remote.test", MailParams()))
     assert (r.code, r.enhanced, r.text) == (452, "4.3.1", "Insufficient system storage")
     assert session._mail is None
-    session.ctx.message_size_limit = 1_000_000          # a smaller limit: 1.5 MB reserve
+    session.ctx.intake.size_limit = 1_000_000           # a smaller limit: 1.5 MB reserve
     r = session.on_mail(ev.MailFrom("a@remote.test", MailParams(size=100_000)))
     assert r.code == 250
     r = session.on_mail(ev.MailFrom("a@remote.test", MailParams(size=2_900_000)))

@@ -645,7 +645,7 @@ async def test_issue10_defect6_local_delivery_refuses_header_breaking_sender(tmp
         assert out[0].kind is OutcomeKind.PERMANENT and out[0].reply.enhanced == "5.1.7"
         assert not (tmp_path / "mail" / "alice").exists()
     finally:
-        await agent.close()
+        await agent.aclose()
 
 
 # ------------------------------------------------- durable new maildir/mbox directories
@@ -677,7 +677,7 @@ async def test_issue10_new_maildir_parents_are_fsynced(tmp_path, fsynced):
                                                 str(body)), [rcpt])
         assert out[0].kind is OutcomeKind.DELIVERED
     finally:
-        await agent.close()
+        await agent.aclose()
     root = mail / "example.org" / "alice"
     for directory in (mail, mail / "example.org", root, root / "new"):
         assert str(directory) in fsynced, (directory, fsynced)
@@ -737,7 +737,7 @@ async def test_issue10_flush_under_load_mbox_waiters_give_up_their_slot(tmp_path
         assert (await first).kind is OutcomeKind.TEMPORARY
         assert finished[-1] == 0
     finally:
-        await agent.close()
+        await agent.aclose()
 
 
 async def test_issue10_flush_with_a_running_server_rewrites_nothing(tmp_path, monkeypatch):
@@ -855,7 +855,7 @@ async def test_issue10_review_cancelled_local_call_reports_mailboxes_written(tmp
         assert env.recipients[0].state is RcptState.DELIVERED
         assert env.recipients[1].state is RcptState.PENDING
     finally:
-        await agent.close()
+        await agent.aclose()
     (mail / "bob.lock").unlink()
     agent2 = LocalDeliveryAgent(str(mail), "h")
     try:
@@ -863,7 +863,7 @@ async def test_issue10_review_cancelled_local_call_reports_mailboxes_written(tmp
                             hostname="h", postmaster="postmaster@h", resolve=resolve)
         await mgr2.run_once_due()
     finally:
-        await agent2.close()
+        await agent2.aclose()
     assert qid not in store.ids()
     assert len(list(alice_new.iterdir())) == 1, "alice got a duplicate"
     assert (mail / "bob").read_bytes().count(b"Subject: hi") == 1
@@ -906,7 +906,7 @@ async def test_issue10_review_cancel_waits_for_an_mbox_append_under_way(tmp_path
             ("bob@example.org", OutcomeKind.DELIVERED)]
     finally:
         go.set()
-        await agent.close()
+        await agent.aclose()
 
 
 async def test_issue10_review_cancel_waits_for_a_maildir_batch_under_way(tmp_path, monkeypatch):
@@ -965,7 +965,7 @@ async def test_issue10_review_cancel_waits_for_a_maildir_batch_under_way(tmp_pat
         assert len(list((mail / "alice" / "new").iterdir())) == 1
     finally:
         go.set()
-        await agent.close()
+        await agent.aclose()
 
 
 async def test_issue10_review_lmtp_replies_read_before_a_stop_are_recorded(tmp_path):

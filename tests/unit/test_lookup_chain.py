@@ -37,7 +37,7 @@ class Memory:
             raise TemporaryFailure()
         return self.table.get(address.key)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self.closed = True
 
 
@@ -199,7 +199,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_lookup() -> None:
 
 async def test_close_closes_every_source() -> None:
     a, b = Memory({}), Memory({})
-    await LookupChain([a, b], DOMAINS).close()
+    await LookupChain([a, b], DOMAINS).aclose()
     assert a.closed and b.closed
 
 

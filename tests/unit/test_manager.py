@@ -42,6 +42,10 @@ class FakeLock:
     def release(self) -> None:
         self.store.locked.discard(self.qid)
 
+    @property
+    def held(self) -> bool:
+        return self.qid in self.store.locked
+
 
 class FakeStore:
     def __init__(self, tmp_path) -> None:
@@ -81,6 +85,22 @@ class FakeStore:
 
     def body(self, qid: str) -> bytes:
         return (self.dir / qid).read_bytes()
+
+    # pymta.contracts.QueueStore's delivery side, over the synchronous fakes above
+    async def list_queued(self) -> list[str]:
+        return self.ids()
+
+    async def claim(self, qid: str) -> FakeLock | None:
+        return self.try_lock(qid)
+
+    async def load_envelope(self, qid: str) -> Envelope | None:
+        return self.load(qid)
+
+    async def open_body(self, qid: str) -> str:
+        return self.body_path(qid)
+
+    async def exists(self, qid: str) -> bool:
+        return (self.dir / qid).exists()
 
 
 Script = Callable[[Recipient, int], Reply | None]

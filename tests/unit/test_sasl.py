@@ -8,6 +8,7 @@ import hmac
 
 import pytest
 
+from pymta.auth import AuthThrottle
 from pymta.backends.authchain import AuthChain, build_authenticator
 from pymta.backends.ldapauth import expand_pass_filter, pass_filter, user_attribute
 from pymta.backends.mysqlauth import compile_pass_query
@@ -23,7 +24,6 @@ from pymta.config import load as load_mod
 from pymta.config.errors import ConfigError
 from pymta.config.load import load_config
 from pymta.session import network_matcher
-from pymta.smtp.server import AuthThrottle
 from pymta.types import ConnInfo, Identity, TemporaryFailure
 
 CONN = ConnInfo("192.0.2.1", 1234, "c.test", tls=True)
@@ -171,6 +171,9 @@ class Fake:
         if isinstance(self.answer, BaseException):
             raise self.answer
         return self.answer
+
+    async def authenticate_cram_md5(self, username, challenge, digest, conn):
+        return await self.authenticate(username, digest, conn)
 
 
 async def test_chain_first_yes_wins_and_normalises_once():
