@@ -10,9 +10,10 @@ The first Identity wins. When no method says yes and at least one could not answ
 (TemporaryFailure, a timeout, an unexpected error) the chain raises TemporaryFailure
 (``454 4.7.0``): a backend that is down must never turn a right password into ``535``.
 
-Which methods exist follows from the variables (:func:`build_authenticator`):
-``SMTPD_SASL_CLIENTAUTH`` → password file, ``LDAP_QUERY_ATTRS_PASS`` (+ ``LDAP_HOST``) → LDAP
-bind, ``MYSQL_QUERY_PASS`` (+ ``MYSQL_HOST``) → MySQL, ``SMTPD_SASL_IMAPHOST`` → remote IMAP.
+Which methods exist follows from the variables (``Config.sasl_methods``; the wiring,
+:func:`pymta.wiring.build_authenticator`, builds them by name): ``SMTPD_SASL_CLIENTAUTH`` →
+password file, ``LDAP_QUERY_ATTRS_PASS`` (+ ``LDAP_HOST``) → LDAP bind, ``MYSQL_QUERY_PASS``
+(+ ``MYSQL_HOST``) → MySQL, ``SMTPD_SASL_IMAPHOST`` → remote IMAP.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from pymta.backends.passwd import format_username
+from pymta.backends.passwd import check_username_format, format_username
 from pymta.contracts import Authenticator, Closeable, CramMD5Authenticator
 from pymta.types import ConnInfo, Identity, TemporaryFailure
 
@@ -44,6 +45,11 @@ class AuthChain:
 
     def __repr__(self) -> str:
         return f"AuthChain({', '.join(repr(m) for m in self.methods)})"
+
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check ``DOVECOT_AUTH_USERNAME_FORMAT`` (only ``%u``, ``%n``, ``%d`` …)."""
+        check_username_format(config.dovecot_auth_username_format)
 
     @property
     def supports_cram_md5(self) -> bool:
@@ -93,28 +99,3 @@ class AuthChain:
                     await method.aclose()
                 except Exception as exc:  # noqa: BLE001
                     log.debug("closing %r: %s", method, exc)
-
-
-def build_authenticator(config: Any) -> AuthChain | None:
-    """The chain the configuration asks for, or None when no SASL method is configured."""
-    methods: list[Authenticator] = []
-    for name in config.sasl_methods:
-        if name == "passwd":
-            from pymta.backends.passwd import PasswordFile
-
-            methods.append(PasswordFile.from_text(config.smtpd_sasl_clientauth))
-        elif name == "ldap":
-            from pymta.backends.ldapauth import LdapBindAuthenticator
-
-            methods.append(LdapBindAuthenticator.from_config(config))
-        elif name == "mysql":
-            from pymta.backends.mysqlauth import MysqlAuthenticator
-
-            methods.append(MysqlAuthenticator.from_config(config))
-        elif name == "imap":
-            from pymta.backends.imapauth import ImapAuthenticator
-
-            methods.append(ImapAuthenticator.from_config(config))
-    if not methods:
-        return None
-    return AuthChain(methods, config.dovecot_auth_username_format)

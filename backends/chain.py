@@ -27,16 +27,29 @@ Semantics:
   ``negative_ttl``; temporary failures are never cached. Concurrent lookups of the same
   address share one resolution, so a burst of RCPTs for one address costs one query. The
   cache is bounded (``max_entries``, oldest dropped first).
+* **A resolution that does not wait costs no task**: one answered at once (a table, a
+  library user's dict) runs in the caller, so the session's time limit costs nothing
+  (:mod:`pymta.bounded`). One that waits (a directory) becomes a task the callers share; a
+  caller that gives up (its RCPT's time limit, a client gone) leaves it to the others, and
+  the last one to give up cancels it, so a source that hangs never keeps a task for ever.
+
+This is the one composition of a server's recipient sources (``pymta.wiring``): whatever
+sources there are, configured (``MAIL_BOXES``/``MAIL_ALIASES``, LDAP, MySQL) or given by a
+library user (``MTA(config, lookups=[...])``), the session and the DSN resolver ask one
+chain; ``REGEX_ALIAS`` and the SRS reverse lookup wrap it. The "first source that knows the
+address wins" loop exists here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pymta.bounded import step
 from pymta.contracts import Closeable, RecipientLookup
 from pymta.types import Address, Destination, Target
 
@@ -96,6 +109,7 @@ class LookupChain:
         self._clock = clock
         self._cache: dict[str, tuple[float, Destination | None]] = {}
         self._inflight: dict[str, asyncio.Task[Destination | None]] = {}
+        self._waiting: dict[asyncio.Task[Destination | None], int] = {}
         self.hits = 0
         self.misses = 0
 
@@ -136,11 +150,34 @@ class LookupChain:
         task = self._inflight.get(key)
         if task is None:
             self.misses += 1
-            task = asyncio.ensure_future(self._resolve(address))
+            done, rest = step(self._resolve(address))
+            if done:            # answered without waiting: no task, nothing to share
+                self._store(key, rest)
+                return rest  # type: ignore[no-any-return]
+            task = asyncio.ensure_future(rest)
             self._inflight[key] = task
-            task.add_done_callback(lambda t, key=key: self._done(key, t))
-        # shield: a client that disconnects must not cancel the lookup others wait for
-        return await asyncio.shield(task)
+            task.add_done_callback(functools.partial(self._done, key))
+        return await self._wait(task)
+
+    async def _wait(self, task: asyncio.Task[Destination | None]) -> Destination | None:
+        """The shared resolution's result. Shielded: one caller giving up does not cancel
+        it for the others; the last caller to give up cancels it (and gives it a moment
+        to wind down, so the source's clean-up has run when the caller's time limit
+        reports)."""
+        self._waiting[task] = self._waiting.get(task, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._waiting.get(task) == 1 and not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+            raise
+        finally:
+            left = self._waiting.get(task, 1) - 1
+            if left > 0:
+                self._waiting[task] = left
+            else:
+                self._waiting.pop(task, None)
 
     def _done(self, key: str, task: asyncio.Task[Destination | None]) -> None:
         if self._inflight.get(key) is task:

@@ -88,8 +88,14 @@ class ImapAuthenticator:
         self.port = port
         self.timeout = timeout
 
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check ``SMTPD_SASL_IMAPHOST``; builds nothing."""
+        parse_imap_host(config.smtpd_sasl_imaphost)
+
     @classmethod
     def from_config(cls, config: Any) -> ImapAuthenticator:
+        """The SASL method ``SMTPD_SASL_IMAPHOST`` asks for (a connection per check)."""
         host, port = parse_imap_host(config.smtpd_sasl_imaphost)
         return cls(host, port, timeout=max(getattr(config, "lookup_timeout", 5.0), 5.0))
 

@@ -138,6 +138,39 @@ class LdapSettings:
     timeout: float = 5.0
     pool_size: int = 4
 
+    @classmethod
+    def from_config(cls, config: Any) -> LdapSettings:
+        """The ``LDAP_*`` settings of a Config, as they are (:meth:`check` checks them)."""
+        return cls(
+            host=config.ldap_host, user_base=config.ldap_user_base,
+            filter_user=config.ldap_query_filter_user,
+            attrs_user=config.ldap_query_attrs_user or "mail",
+            group_base=config.ldap_group_base, filter_alias=config.ldap_query_filter_alias,
+            filter_group=config.ldap_query_filter_group,
+            filter_expand=config.ldap_query_filter_expand, bind_dn=config.ldap_bind_dn,
+            bind_pw=config.ldap_bind_pw, ca_file=config.ldap_tls_ca_file,
+            timeout=config.lookup_timeout)
+
+    def check(self) -> LdapServerAddress:
+        """The server's address; ConfigError naming the variable for anything a lookup
+        could not work with (a missing base or filter, a filter that does not parse)."""
+        address = parse_ldap_host(self.host)
+        if not self.user_base:
+            raise ConfigError("LDAP_USER_BASE: must be set when LDAP_HOST is")
+        if not self.filter_user:
+            raise ConfigError("LDAP_QUERY_FILTER_USER: must be set when LDAP_HOST is")
+        if not self.attrs_user or len(self.attrs_user.split()) != 1:
+            raise ConfigError(f"LDAP_QUERY_ATTRS_USER: one attribute name: {self.attrs_user!r}")
+        for var, template in (("LDAP_QUERY_FILTER_USER", self.filter_user),
+                              ("LDAP_QUERY_FILTER_ALIAS", self.filter_alias),
+                              ("LDAP_QUERY_FILTER_GROUP", self.filter_group),
+                              ("LDAP_QUERY_FILTER_EXPAND", self.filter_expand)):
+            if template:
+                _check_filter(var, template)
+        if self.bind_pw and not self.bind_dn:
+            raise ConfigError("LDAP_BIND_DN: not set, but LDAP_BIND_PW is")
+        return address
+
 
 class LdapLookup:
     """A :class:`~pymta.contracts.RecipientLookup` against an LDAP directory (see module doc)."""
@@ -145,24 +178,10 @@ class LdapLookup:
     def __init__(self, settings: LdapSettings) -> None:
         s = settings
         self.settings = s
-        self.address = parse_ldap_host(s.host)
-        if not s.user_base:
-            raise ConfigError("LDAP_USER_BASE: must be set when LDAP_HOST is")
-        if not s.filter_user:
-            raise ConfigError("LDAP_QUERY_FILTER_USER: must be set when LDAP_HOST is")
-        if not s.attrs_user or len(s.attrs_user.split()) != 1:
-            raise ConfigError(f"LDAP_QUERY_ATTRS_USER: one attribute name: {s.attrs_user!r}")
+        self.address = s.check()
         if s.filter_group and not s.filter_expand:
             log.info("LDAP_QUERY_FILTER_EXPAND is empty: only member DNs of groups expand, "
                      "not memberUid values")
-        for var, template in (("LDAP_QUERY_FILTER_USER", s.filter_user),
-                              ("LDAP_QUERY_FILTER_ALIAS", s.filter_alias),
-                              ("LDAP_QUERY_FILTER_GROUP", s.filter_group),
-                              ("LDAP_QUERY_FILTER_EXPAND", s.filter_expand)):
-            if template:
-                _check_filter(var, template)
-        if s.bind_pw and not s.bind_dn:
-            raise ConfigError("LDAP_BIND_DN: not set, but LDAP_BIND_PW is")
         try:
             self._server = self._make_server()
         except ImportError:
@@ -175,15 +194,14 @@ class LdapLookup:
 
     @classmethod
     def from_config(cls, config: Any) -> LdapLookup:
-        return cls(LdapSettings(
-            host=config.ldap_host, user_base=config.ldap_user_base,
-            filter_user=config.ldap_query_filter_user,
-            attrs_user=config.ldap_query_attrs_user or "mail",
-            group_base=config.ldap_group_base, filter_alias=config.ldap_query_filter_alias,
-            filter_group=config.ldap_query_filter_group,
-            filter_expand=config.ldap_query_filter_expand, bind_dn=config.ldap_bind_dn,
-            bind_pw=config.ldap_bind_pw, ca_file=config.ldap_tls_ca_file,
-            timeout=config.lookup_timeout))
+        """The lookup ``LDAP_HOST`` and the ``LDAP_QUERY_*`` settings describe. Opens no
+        connection (that happens at the first lookup)."""
+        return cls(LdapSettings.from_config(config))
+
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check those settings, building nothing (``pymta check-config``)."""
+        LdapSettings.from_config(config).check()
 
     def __repr__(self) -> str:
         return f"LdapLookup({self.address.url})"

@@ -114,8 +114,23 @@ class LdapBindAuthenticator:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._server: Any = None
 
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check ``LDAP_QUERY_ATTRS_PASS``/``LDAP_QUERY_FILTER_PASS`` (the filter is derived
+        and compiled now, so a typo stops start-up rather than every login), ``LDAP_HOST``
+        and ``LDAP_USER_BASE``; builds nothing."""
+        pass_filter(config.ldap_query_attrs_pass, config.ldap_query_filter_pass,
+                    config.ldap_query_filter_user)
+        from pymta.backends.ldap import parse_ldap_host
+
+        parse_ldap_host(config.ldap_host)
+        if not config.ldap_user_base:
+            raise ConfigError("LDAP_USER_BASE: must be set for LDAP_QUERY_ATTRS_PASS")
+
     @classmethod
     def from_config(cls, config: Any) -> LdapBindAuthenticator:
+        """The SASL method ``LDAP_QUERY_ATTRS_PASS`` (with ``LDAP_HOST``) asks for; no
+        connection until the first check."""
         template = pass_filter(config.ldap_query_attrs_pass, config.ldap_query_filter_pass,
                                config.ldap_query_filter_user)
         return cls(host=config.ldap_host, user_base=config.ldap_user_base,

@@ -115,6 +115,26 @@ class MysqlSettings:
     timeout: float = 5.0
     pool_size: int = 10
 
+    @classmethod
+    def from_config(cls, config: Any) -> MysqlSettings:
+        """The ``MYSQL_*`` settings of a Config, as they are (:meth:`check` checks them)."""
+        return cls(host=config.mysql_host, database=config.mysql_database,
+                   query_user=config.mysql_query_user, query_alias=config.mysql_query_alias,
+                   user=config.mysql_user, password=config.mysql_password,
+                   timeout=config.lookup_timeout)
+
+    def check(self) -> tuple[str, int, CompiledQuery, CompiledQuery | None]:
+        """(host, port, user query, alias query); ConfigError naming the variable."""
+        host, port = parse_mysql_host(self.host)
+        if not self.database:
+            raise ConfigError("MYSQL_DATABASE: must be set when MYSQL_HOST is")
+        if not self.query_user:
+            raise ConfigError("MYSQL_QUERY_USER: must be set when MYSQL_HOST is")
+        user_query = compile_query(self.query_user, "MYSQL_QUERY_USER")
+        alias_query = (compile_query(self.query_alias, "MYSQL_QUERY_ALIAS")
+                       if self.query_alias else None)
+        return host, port, user_query, alias_query
+
 
 class MysqlLookup:
     """A :class:`~pymta.contracts.RecipientLookup` over SQL queries (see module doc)."""
@@ -122,14 +142,7 @@ class MysqlLookup:
     def __init__(self, settings: MysqlSettings) -> None:
         s = settings
         self.settings = s
-        self.host, self.port = parse_mysql_host(s.host)
-        if not s.database:
-            raise ConfigError("MYSQL_DATABASE: must be set when MYSQL_HOST is")
-        if not s.query_user:
-            raise ConfigError("MYSQL_QUERY_USER: must be set when MYSQL_HOST is")
-        self._user_query = compile_query(s.query_user, "MYSQL_QUERY_USER")
-        self._alias_query = (compile_query(s.query_alias, "MYSQL_QUERY_ALIAS")
-                             if s.query_alias else None)
+        self.host, self.port, self._user_query, self._alias_query = s.check()
         if importlib.util.find_spec("aiomysql") is None:
             raise ConfigError("MYSQL_HOST: needs the aiomysql package "
                               "(pip install 'pymta-server[mysql]')")
@@ -144,11 +157,21 @@ class MysqlLookup:
 
     @classmethod
     def from_config(cls, config: Any) -> MysqlLookup:
-        return cls(MysqlSettings(
-            host=config.mysql_host, database=config.mysql_database,
-            query_user=config.mysql_query_user, query_alias=config.mysql_query_alias,
-            user=config.mysql_user, password=config.mysql_password,
-            timeout=config.lookup_timeout))
+        """The lookup ``MYSQL_HOST`` and the ``MYSQL_*`` settings describe. Opens no
+        connection (the pool connects at the first lookup)."""
+        return cls(MysqlSettings.from_config(config))
+
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check those settings, building nothing (``pymta check-config``). Query templates
+        set without ``MYSQL_HOST`` are checked too: a typo stops start-up either way."""
+        if config.mysql_host:
+            MysqlSettings.from_config(config).check()
+            return
+        for var, template in (("MYSQL_QUERY_USER", config.mysql_query_user),
+                              ("MYSQL_QUERY_ALIAS", config.mysql_query_alias)):
+            if template:
+                compile_query(template, var)
 
     def __repr__(self) -> str:
         return f"MysqlLookup({self.host}:{self.port}/{self.settings.database})"

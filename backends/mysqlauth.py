@@ -98,8 +98,21 @@ class MysqlAuthenticator:
         self.pool = MysqlPool(host=self.host, port=self.port, database=database, user=user,
                               password=password, timeout=timeout, size=pool_size)
 
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check ``MYSQL_QUERY_PASS`` (compiled now, so a typo stops start-up rather than
+        every login), ``MYSQL_HOST`` and ``MYSQL_DATABASE``; builds nothing."""
+        compile_pass_query(config.mysql_query_pass)
+        from pymta.backends.mysql import parse_mysql_host
+
+        parse_mysql_host(config.mysql_host)
+        if not config.mysql_database:
+            raise ConfigError("MYSQL_DATABASE: must be set for MYSQL_QUERY_PASS")
+
     @classmethod
     def from_config(cls, config: Any) -> MysqlAuthenticator:
+        """The SASL method ``MYSQL_QUERY_PASS`` (with ``MYSQL_HOST``) asks for; the pool
+        connects at the first check."""
         return cls(host=config.mysql_host, database=config.mysql_database,
                    query=config.mysql_query_pass, user=config.mysql_user,
                    password=config.mysql_password,

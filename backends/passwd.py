@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from pymta.config.errors import ConfigError
 from pymta.types import ConnInfo, Identity
@@ -274,6 +275,18 @@ class PasswordFile:
     @classmethod
     def from_text(cls, text: str, username_format: str = "%u") -> PasswordFile:
         return cls(parse_clientauth(text), username_format)
+
+    @classmethod
+    def from_config(cls, config: Any) -> PasswordFile:
+        """The table of ``SMTPD_SASL_CLIENTAUTH`` (user names as the client gives them: the
+        chain applies ``DOVECOT_AUTH_USERNAME_FORMAT`` before)."""
+        return cls.from_text(config.smtpd_sasl_clientauth)
+
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check ``SMTPD_SASL_CLIENTAUTH`` (entry syntax, known ``{SCHEME}``s; errors name
+        the user, never a secret)."""
+        parse_clientauth(config.smtpd_sasl_clientauth.strip())
 
     def __repr__(self) -> str:
         return f"PasswordFile({len(self._entries)} users)"

@@ -221,9 +221,14 @@ class RegexRewrite:
                          if local_domains is not None else None)
 
     @classmethod
-    def from_config(cls, raw: str, inner: RecipientLookup,
-                    local_domains: Iterable[str] | None = None) -> RegexRewrite:
-        return cls(parse_regex_alias(raw), inner, local_domains)
+    def from_config(cls, config: Any, inner: RecipientLookup) -> RegexRewrite:
+        """``REGEX_ALIAS`` in front of ``inner`` (the lookup chain), for ``MAIL_DOMAIN``."""
+        return cls(parse_regex_alias(config.regex_alias), inner, config.mail_domain)
+
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Check ``REGEX_ALIAS`` (every pattern compiles on RE2); builds nothing."""
+        parse_regex_alias(config.regex_alias)
 
     def _is_local(self, address: str) -> bool:
         return self._domains is None or Address(address).domain.rstrip(".") in self._domains

@@ -23,6 +23,7 @@ Semantics, following Postfix where the seed relies on it:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from pymta.config.errors import ConfigError
 from pymta.types import Address, Destination, Target
@@ -60,8 +61,15 @@ class TableLookup:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, domains: Sequence[str], mail_boxes: str,
-                    mail_aliases: str, *, other_sources: bool = False) -> TableLookup:
+    def from_config(cls, config: Any, *, other_sources: bool = False) -> TableLookup:
+        """The table of ``MAIL_DOMAIN``, ``MAIL_BOXES`` and ``MAIL_ALIASES`` (see
+        :meth:`from_text`); this is also the check of those settings (a pure parse)."""
+        return cls.from_text(config.mail_domain, config.mail_boxes, config.mail_aliases,
+                             other_sources=other_sources)
+
+    @classmethod
+    def from_text(cls, domains: Sequence[str], mail_boxes: str,
+                  mail_aliases: str, *, other_sources: bool = False) -> TableLookup:
         """Parse and expand the two variables; raise ConfigError naming the bad variable.
 
         With ``other_sources`` (LDAP or MySQL configured too) a local-domain alias target that

@@ -12,6 +12,7 @@ belong to no leaf part: a multipart preamble or epilogue, or the body of a multi
 delimiter never occurs or whose boundary is empty (malformed messages, where a part
 begins only by a reader's guess); no Content-Transfer-Encoding applies there
 (RFC 2045 §6.4), and re-encoding would change the structure a signature covers.
+Parts nested deeper than 32 levels are sent as they are too (bounded work per message).
 
 The other checks (SMTPUTF8, SIZE) are small predicates used by the relay agent.
 """
@@ -58,21 +59,35 @@ def _split(part: bytes) -> tuple[bytes, bytes, bytes]:
 
     The body starts after the first empty line, or -- without one -- at the first line that
     cannot be part of a header section; then the empty line is ``b""`` and the body is not
-    (a message whose first line is text has no header fields at all). Work is linear in the
-    header section: each line is looked at once.
+    (a message whose first line is text has no header fields at all). A ``From `` line that
+    is the last of several header lines is read as the body's first line, with the empty
+    line after it dropped, as the stdlib's parser (and with it most Python readers) reads
+    it; the body returned is then a new string and the empty line ``b""``. Work is linear
+    in the header section: each line is looked at once.
     """
     pos = 0
+    last = -1       # where the previous header line starts
     size = len(part)
     while pos < size:
         nl = part.find(b"\n", pos)
         end = size if nl < 0 else nl + 1
         line = part[pos:end]
         if line in (b"\r\n", b"\n"):
+            if _from_line_last(part, last):
+                return part[:last], b"", part[last:pos] + part[end:]
             return part[:pos], line, part[end:]
         if not _HEADER_LINE.match(line):
-            return part[:pos], b"", part[pos:]
-        pos = end
-    return part, b"", b""
+            break
+        last, pos = pos, end
+    if _from_line_last(part, last):
+        return part[:last], b"", part[last:]
+    return part[:pos], b"", part[pos:]
+
+
+def _from_line_last(part: bytes, last: int) -> bool:
+    """The last header line is a ``From `` line that is not the first (which is an mbox
+    envelope line): a reader takes it for the first line of the body."""
+    return last > 0 and part.startswith(b"From ", last)
 
 
 def _qp(body: bytes) -> bytes:
@@ -87,12 +102,15 @@ def _qp(body: bytes) -> bytes:
     return out.replace(b"\n", b"\r\n")
 
 
-def _convert(part: bytes, depth: int) -> bytes:
+def _convert(part: bytes, depth: int, default_type: str = "text/plain") -> bytes:
+    """``part`` converted; ``default_type`` is its type when it declares none (RFC 2046
+    §5.1.5: message/rfc822 in a multipart/digest)."""
     headers, empty, body = _split(part)
     if not has_8bit(body) or depth > _MAX_DEPTH:
         return part
     empty = empty or b"\r\n"   # no empty line before the body: we write one
     msg = BytesHeaderParser(policy=compat32).parsebytes(headers)
+    msg.set_default_type(default_type)
     maintype = msg.get_content_maintype()
     cte = str(msg.get("content-transfer-encoding", "7bit")).strip().lower()
     if maintype == "multipart":
@@ -103,7 +121,9 @@ def _convert(part: bytes, depth: int) -> bytes:
             delimiter = b""     # e.g. RFC 2231-decoded text no delimiter line can carry
         if not delimiter:
             return part
-        return headers + empty + _convert_multipart(body, delimiter, depth)
+        child_type = ("message/rfc822" if msg.get_content_subtype() == "digest"
+                      else "text/plain")
+        return headers + empty + _convert_multipart(body, delimiter, depth, child_type)
     if maintype == "message":
         # Every message/* (not only rfc822) holds a message, as MIME parsers read it, and
         # must not be given a Content-Transfer-Encoding: convert inside, or leave it.
@@ -121,7 +141,7 @@ def _convert(part: bytes, depth: int) -> bytes:
     return new_headers + empty + _qp(body)
 
 
-def _convert_multipart(body: bytes, boundary: bytes, depth: int) -> bytes:
+def _convert_multipart(body: bytes, boundary: bytes, depth: int, child_type: str) -> bytes:
     delimiter = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$")
     out: list[bytes] = []
     pos = 0
@@ -138,14 +158,14 @@ def _convert_multipart(body: bytes, boundary: bytes, depth: int) -> bytes:
             crlf = 2 if body[max(seg_end - 2, 0):seg_end] == b"\r\n" else (
                 1 if body[max(seg_end - 1, 0):seg_end] == b"\n" else 0)
             brk = max(seg_end - crlf, start)
-            out.append(_convert(body[start:brk], depth + 1))
+            out.append(_convert(body[start:brk], depth + 1, child_type))
             out.append(body[brk:line_end])
         pos = start = line_end
         if m.group(1):  # close delimiter: the rest is epilogue
             start = None
             break
     if start is not None:  # no close delimiter: the last part runs to the end
-        out.append(_convert(body[start:], depth + 1))
+        out.append(_convert(body[start:], depth + 1, child_type))
     else:
         out.append(body[pos:])
     return b"".join(out)

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
@@ -128,6 +129,12 @@ class LMTPDeliveryAgent:
         self.hostname = hostname
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, config: Any) -> LMTPDeliveryAgent:
+        """Delivery to ``VIRTUAL_TRANSPORT`` (checked by ``load_config``)."""
+        return cls(config.virtual_transport, config.hostname,
+                   connect_timeout=config.smtp_connect_timeout, timeout=config.smtp_timeout)
 
     async def _connect(self) -> tuple[_Session, str]:
         host, port = self.where

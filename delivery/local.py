@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pymta.backends.table import check_mailbox_path
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
@@ -130,6 +130,11 @@ class LocalDeliveryAgent:
         # One waiting thread per mbox at most: other deliveries to it wait here, in the loop.
         self._mbox_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
+
+    @classmethod
+    def from_config(cls, config: Any) -> LocalDeliveryAgent:
+        """Maildir/mbox delivery under ``PYMTA_MAIL_DIR``."""
+        return cls(config.mail_dir, config.hostname)
 
     def begin_stop(self) -> None:
         """The server is stopping: every lock wait ends now, as a temporary failure (the

@@ -9,7 +9,8 @@ so one call of :meth:`deliver` carries every recipient of a message for one dest
 Implementation summary:
 
 - **Next hops.** ``[host]:port`` is that host; ``host:port`` (smart host without brackets)
-  and a recipient domain are looked up as MX (``pymta.dns``: preference order, equal
+  and a recipient domain are looked up as MX (through the server's
+  :class:`pymta.dns.DNSResolver`, ``PYMTA_DNS_RESOLVER``: preference order, equal
   preferences shuffled, implicit MX, null MX → permanent). Each exchange's A/AAAA addresses
   are tried in turn; a connection failure, a timeout, a non-220 greeting, a failed STARTTLS
   under ``encrypt``, or a failed AUTH moves on to the next address. Only when every address
@@ -52,6 +53,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosmtplib
 from aiosmtplib.errors import (
@@ -62,8 +64,8 @@ from aiosmtplib.errors import (
     SMTPResponseException,
 )
 
-from pymta import dns as pdns
 from pymta.config.model import RelayHost
+from pymta.dns import DNSFailure, DNSResolver
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body, screen
@@ -122,7 +124,10 @@ class SMTPRelayAgent:
                  destination_concurrency: int = 20, connect_timeout: float = 30.0,
                  timeout: float = 300.0, cache_time: float = 2.0, reuse_limit: int = 100,
                  dead_host_time: float = 60.0, rcpt_limit: int = RCPT_LIMIT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 resolver: DNSResolver | None = None) -> None:
+        """``resolver``: the server's DNS (the wiring passes it); None: a system resolver
+        of this agent's own."""
         if tls_level not in TLS_LEVELS:
             raise ValueError(f"unknown TLS security level {tls_level!r}")
         self.hostname = hostname
@@ -138,12 +143,26 @@ class SMTPRelayAgent:
         self.dead_host_time = dead_host_time
         self.rcpt_limit = max(1, rcpt_limit)
         self._clock = clock
+        self.resolver = resolver if resolver is not None else DNSResolver()
         self._tls = client_tls_context()
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[str, list[Connection]] = {}
         self._dead: dict[tuple[str, int], tuple[float, Reply]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.connections_opened = 0   # counters for tests and metrics
+
+    @classmethod
+    def from_config(cls, config: Any, *, resolver: DNSResolver | None = None
+                    ) -> SMTPRelayAgent:
+        """The relay of a server: ``SMTP_RELAY_HOSTAUTH`` (or MX), ``SMTP_TLS_*``,
+        ``PYMTA_MX_PORT`` and the connection settings (all checked by ``load_config``)."""
+        return cls(
+            hostname=config.hostname, smart_host=config.smtp_relay,
+            tls_level=config.smtp_tls_security_level, wrappermode=config.smtp_tls_wrappermode,
+            mx_port=config.mx_port, destination_concurrency=config.destination_concurrency,
+            connect_timeout=config.smtp_connect_timeout, timeout=config.smtp_timeout,
+            cache_time=config.connection_cache_time, reuse_limit=config.connection_reuse_limit,
+            dead_host_time=config.dead_host_time, resolver=resolver)
 
     # ------------------------------------------------------------------ routing
 
@@ -350,14 +369,14 @@ class SMTPRelayAgent:
     async def _connect_destination(self, dest: str, sample: Recipient) -> Connection:
         name, port, mx = self._hops(dest, sample)
         try:
-            hosts = list((await pdns.mx_hosts(name)).hosts) if mx else [name]
-        except pdns.DNSFailure as failure:
+            hosts = list((await self.resolver.mx_hosts(name)).hosts) if mx else [name]
+        except DNSFailure as failure:
             raise _dns_failure(failure, name) from None
         last: HostFailure | None = None
         for host in hosts:
             try:
-                ips = await pdns.addresses(host)
-            except pdns.DNSFailure as failure:
+                ips = await self.resolver.addresses(host)
+            except DNSFailure as failure:
                 last = HostFailure(Reply(451, "4.4.3", failure.text), relay=host)
                 continue
             for ip in ips:
@@ -508,7 +527,7 @@ def _close_now(conn: Connection) -> None:
         conn.smtp.close()
 
 
-def _dns_failure(failure: pdns.DNSFailure, name: str) -> HostFailure:
+def _dns_failure(failure: DNSFailure, name: str) -> HostFailure:
     if failure.permanent:
         code, enhanced = (556, "5.1.10") if "nullMX" in failure.text else (550, "5.4.4")
         return HostFailure(Reply(code, enhanced, failure.text), relay=name)

@@ -44,7 +44,8 @@ def _target_of(path: Path, given: str | None) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from fuzz.runner import run
 
-    return run(_names(args.targets), args.seconds, Path(args.log_dir), stop=args.stop)
+    return run(_names(args.targets), args.seconds, Path(args.log_dir), stop=args.stop,
+               seed=args.seed)
 
 
 def cmd_long(args: argparse.Namespace) -> int:
@@ -115,6 +116,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=int, default=10, help="per target")
     p.add_argument("--log-dir", default=str(DEFAULT_LOG_DIR))
     p.add_argument("--stop", action="store_true", help="stop each target at its first finding")
+    p.add_argument("--seed", type=int, default=0,
+                   help="libFuzzer's -seed: the same inputs in the same order on every run "
+                        "(the test command's 1); 0, the default, a new seed each run")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("long", help="hours of round-robin fuzzing that survives findings")
     p.add_argument("targets", nargs="*")

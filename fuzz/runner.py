@@ -141,11 +141,15 @@ def findings_text(r: Result) -> str:
     return "\n".join(lines)
 
 
-def run(names: list[str], seconds: int, log_dir: Path, *, stop: bool = False) -> int:
-    """Fuzz each target in turn; print a summary; 1 when anything was found."""
+def run(names: list[str], seconds: int, log_dir: Path, *, stop: bool = False,
+        seed: int = 0) -> int:
+    """Fuzz each target in turn; print a summary; 1 when anything was found. A non-zero
+    ``seed`` makes the run repeatable up to the time budget (the test command uses one, so
+    a short CI run finds what the same run finds here; hours-long runs use new seeds)."""
     results = []
+    extra = (f"-seed={seed}",) if seed else ()
     for name in names:
-        r = run_target(name, seconds, log_dir, stop=stop)
+        r = run_target(name, seconds, log_dir, stop=stop, extra=extra)
         print(report_line(r), flush=True)
         results.append(r)
     bad = [r for r in results if r.failed]

@@ -64,6 +64,10 @@ MIME = [
     b"--XX--\r\nepilogue\r\n",
     b"Subject: no mime\r\n\r\n" + b"\xe9" * 120 + b" \t\r\n",
     b"Content-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\n\r\n\xff\r\n--b",
+    # found in CI: a last "From " header line is the body's first line to a reader
+    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX: y\r\nFrom \xe9\r\n\r\nz\r\n--b--",
+    # a multipart/digest part without Content-Type is message/rfc822
+    b"Content-Type: multipart/digest; boundary=b\r\n\r\n--b\r\n\r\nSubject: i\r\n\r\n\xe9\r\n--b--",
 ]
 
 

@@ -8,6 +8,10 @@ cache without ever waiting, that was the largest cost issue 11 added per message
 suspending needs no timer (it cannot hang: it never gave the event loop a chance to make it
 wait). Only one that suspends is finished under ``asyncio.timeout``, exactly as if it had
 been awaited under it from the start (its first step took no time the limit could see).
+
+:func:`step` is that first step on its own, for a caller that wants to know whether a
+coroutine needs a task at all (the lookup chain shares a resolution between concurrent
+callers only when it has to wait).
 """
 
 from __future__ import annotations
@@ -35,6 +39,21 @@ async def bounded(coro: Awaitable[T], timeout: float) -> T:
         return done.value       # answered at once: nothing could hang
     async with asyncio.timeout(timeout):
         return await _resume(native, first)
+
+
+def step(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    """Run a native coroutine up to its first suspension: ``(True, result)`` when it finished
+    without suspending, else ``(False, rest)``, ``rest`` a coroutine that finishes it when
+    awaited (or run as a task). Exceptions of ``coro``'s first step propagate."""
+    try:
+        first = coro.send(None)
+    except StopIteration as done:
+        return True, done.value
+    return False, _finish(coro, first)
+
+
+async def _finish(coro: Coroutine[Any, Any, T], pending: Any) -> T:
+    return await _resume(coro, pending)
 
 
 @types.coroutine

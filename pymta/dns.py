@@ -1,17 +1,21 @@
-"""DNS for pymta: one configurable asynchronous resolver and the MX lookup of RFC 5321 §5.
+"""DNS for pymta: the resolver one MTA owns, and the MX lookup of RFC 5321 §5.
 
-Every lookup pymta makes (MX and address records for delivery now; SPF, DKIM and DMARC
-later) goes through the resolver returned by :func:`get_resolver`, so one setting
-(``PYMTA_DNS_RESOLVER=host:port``, default: the system's ``/etc/resolv.conf``) points all of
-them at another server -- the tests' own DNS server on a high port, for instance.
+Every lookup a server makes (MX and address records for delivery, SPF, DKIM, ARC and DMARC)
+goes through its :class:`DNSResolver`, built from its configuration
+(``PYMTA_DNS_RESOLVER=host:port``, default: the system's ``/etc/resolv.conf``;
+``PYMTA_DNS_TIMEOUT``) and handed by the wiring to every adapter that needs DNS. There is no
+process-wide resolver: two ``MTA`` objects in one program each resolve through their own
+servers (issue 11), and a component built without one (a test, a library user's own relay
+agent) gets its own system resolver.
 
 Implementation summary:
 
-- :func:`configure` builds a ``dns.asyncresolver.Resolver`` once (``app.py`` calls it from the
-  configuration); :func:`get_resolver` returns it, building the system default on first use.
-- :func:`mx_hosts` returns the exchanges of a domain in the order delivery tries them:
-  ascending preference, equal preferences shuffled (RFC 5321 §5.1). A domain without MX
-  records but with an address record is its own exchange (the "implicit MX"). A null MX
+- :class:`DNSResolver` wraps one ``dns.asyncresolver.Resolver`` (built on first use) with a
+  cache of its own; :meth:`DNSResolver.blocking` is a blocking twin sharing servers,
+  timeouts and cache, for libraries that do their own DNS in a worker thread (pyspf).
+- :meth:`DNSResolver.mx_hosts` returns the exchanges of a domain in the order delivery tries
+  them: ascending preference, equal preferences shuffled (RFC 5321 §5.1). A domain without
+  MX records but with an address record is its own exchange (the "implicit MX"). A null MX
   (RFC 7505: a single ``0 .`` record) means the domain accepts no mail: permanent.
 - Failures are classified once, here, as :class:`DNSFailure` with ``permanent`` set:
   NXDOMAIN and null MX are permanent (bounce); SERVFAIL, timeouts and unreachable servers
@@ -23,6 +27,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -32,8 +37,6 @@ import dns.rdatatype
 import dns.resolver
 
 DEFAULT_TIMEOUT = 5.0
-
-_resolver: dns.asyncresolver.Resolver | None = None
 
 
 class DNSFailure(Exception):
@@ -92,41 +95,6 @@ def make_resolver(nameservers: Sequence[str] = (), timeout: float = DEFAULT_TIME
     return resolver
 
 
-def configure(nameservers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Set the process-wide resolver (``app.py`` calls this from the configuration)."""
-    global _resolver
-    _resolver = make_resolver(nameservers, timeout)
-
-
-def set_resolver(resolver: dns.asyncresolver.Resolver | None) -> None:
-    """Replace the resolver (tests); None means "the system default on next use"."""
-    global _resolver
-    _resolver = resolver
-
-
-def get_resolver() -> dns.asyncresolver.Resolver:
-    global _resolver
-    if _resolver is None:
-        _resolver = make_resolver()
-    return _resolver
-
-
-def sync_resolver() -> dns.resolver.Resolver:
-    """A blocking ``dns.resolver.Resolver`` with the configured resolver's servers, port and
-    timeouts, sharing its cache: for libraries that do their own blocking DNS in a worker
-    thread (pyspf, dkimpy). Built anew from :func:`get_resolver` each call (cheap), so it
-    always follows the current configuration."""
-    source = get_resolver()
-    twin = dns.resolver.Resolver(configure=False)
-    twin.nameservers = list(source.nameservers)
-    twin.port = source.port
-    twin.lifetime = source.lifetime
-    twin.timeout = source.timeout
-    twin.search = []
-    twin.cache = source.cache
-    return twin
-
-
 # ------------------------------------------------------------------------------ lookups
 
 
@@ -142,14 +110,14 @@ def order_mx(records: Sequence[tuple[int, str]], rng: random.Random | None = Non
              ) -> list[str]:
     """Exchange names by ascending preference, equal preferences in random order
     (RFC 5321 §5.1), duplicates removed. Names are lower-case, without the final dot."""
-    rng = rng or random
+    shuffle = rng.shuffle if rng is not None else random.shuffle
     by_pref: dict[int, list[str]] = {}
     for pref, host in records:
         by_pref.setdefault(pref, []).append(host.rstrip(".").lower())
     out: list[str] = []
     for pref in sorted(by_pref):
         group = by_pref[pref]
-        rng.shuffle(group)
+        shuffle(group)
         for host in group:
             if host not in out:
                 out.append(host)
@@ -178,62 +146,122 @@ def _classify(exc: BaseException, name: str, rdtype: str) -> DNSFailure:
                       f"{type(exc).__name__}", permanent=False)
 
 
-async def _query(name: str, rdtype: str) -> list[object] | None:
-    """The answer's rdata, or None for NOERROR without records of this type (NODATA)."""
-    try:
-        answer = await get_resolver().resolve(name, rdtype, search=False)
-    except dns.resolver.NoAnswer:
-        return None
-    except Exception as exc:  # every dnspython failure is classified, none escapes
-        raise _classify(exc, name, rdtype) from exc
-    return list(answer)
+class AsyncResolverLike(Protocol):
+    """What :class:`DNSResolver` asks of the resolver it wraps (``dns.asyncresolver.Resolver``
+    or a test's fake): ``resolve`` raising dnspython's exceptions."""
+
+    async def resolve(self, qname: str, rdtype: str, *, search: bool = False) -> Any: ...
 
 
-async def addresses(host: str) -> list[str]:
-    """A and AAAA addresses of ``host`` (IPv4 first). An IP literal is returned as is.
+class DNSResolver:
+    """The DNS of one server (module docstring): servers and timeouts from its configuration,
+    a cache of its own, classified failures. Built without I/O; the underlying
+    ``dns.asyncresolver.Resolver`` is made on first use (the system's reads resolv.conf).
 
-    Raises DNSFailure (permanent for NXDOMAIN or no address at all, else temporary).
+    ``resolver`` wraps an existing resolver instead (tests pass a fake answering from a dict).
     """
-    if dns.inet.is_address(host):
-        return [host]
-    out: list[str] = []
-    temporary: DNSFailure | None = None
-    nxdomain: DNSFailure | None = None
-    for rdtype in ("A", "AAAA"):
+
+    def __init__(self, nameservers: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT, *,
+                 resolver: AsyncResolverLike | None = None) -> None:
+        if nameservers:   # ValueError now for a bad server, not at the first lookup
+            for spec in nameservers:
+                parse_nameserver(spec)
+        self.nameservers = tuple(nameservers)
+        self.timeout = timeout
+        self._resolver: AsyncResolverLike | None = resolver
+
+    @classmethod
+    def from_config(cls, config: Any) -> DNSResolver:
+        """``PYMTA_DNS_RESOLVER`` and ``PYMTA_DNS_TIMEOUT`` (checked by ``load_config``)."""
+        return cls(config.dns_resolver, config.dns_timeout)
+
+    def __repr__(self) -> str:
+        return f"DNSResolver({' '.join(self.nameservers) or 'system'})"
+
+    @property
+    def resolver(self) -> AsyncResolverLike:
+        """The asynchronous resolver every lookup goes through."""
+        if self._resolver is None:
+            self._resolver = make_resolver(self.nameservers, self.timeout)
+        return self._resolver
+
+    async def resolve(self, name: str, rdtype: str) -> Any:
+        """The raw dnspython answer (``search=False``); raises dnspython's exceptions, for
+        callers with a classification of their own (DKIM, DMARC)."""
+        return await self.resolver.resolve(name, rdtype, search=False)
+
+    def blocking(self) -> dns.resolver.Resolver:
+        """A blocking ``dns.resolver.Resolver`` with this resolver's servers, port and
+        timeouts, sharing its cache: for libraries that do their own blocking DNS in a worker
+        thread (pyspf). Cheap; made per use."""
+        source = self.resolver
+        if not isinstance(source, dns.resolver.BaseResolver):
+            raise TypeError(f"{source!r} has no blocking twin")
+        twin = dns.resolver.Resolver(configure=False)
+        twin.nameservers = list(source.nameservers)
+        twin.port = source.port
+        twin.lifetime = source.lifetime
+        twin.timeout = source.timeout
+        twin.search = []
+        twin.cache = source.cache
+        return twin
+
+    async def query(self, name: str, rdtype: str) -> list[Any] | None:
+        """The answer's rdata, or None for NOERROR without records of this type (NODATA).
+        Raises :class:`DNSFailure` for anything else."""
         try:
-            rdata = await _query(host, rdtype)
-        except DNSFailure as failure:
-            if failure.permanent:
-                nxdomain = failure
-                break
-            temporary = failure
-            continue
-        out.extend(r.address for r in rdata or ())  # type: ignore[attr-defined]
-    if out:
-        return out
-    if nxdomain is not None:
-        raise nxdomain
-    if temporary is not None:
-        raise temporary
-    raise DNSFailure(f"Host or domain name not found. Name service error for "
-                     f"name={host} type=A: Host found but no data record of requested type",
-                     permanent=True)
+            answer = await self.resolve(name, rdtype)
+        except dns.resolver.NoAnswer:
+            return None
+        except Exception as exc:  # every dnspython failure is classified, none escapes
+            raise _classify(exc, name, rdtype) from exc
+        return list(answer)
 
+    async def addresses(self, host: str) -> list[str]:
+        """A and AAAA addresses of ``host`` (IPv4 first). An IP literal is returned as is.
 
-async def mx_hosts(domain: str, rng: random.Random | None = None) -> MXResult:
-    """The exchanges for ``domain`` in delivery order (see the module docstring)."""
-    domain = domain.rstrip(".").lower()
-    if domain.startswith("[") and domain.endswith("]"):  # address literal
-        literal = domain[1:-1]
-        literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
-        return MXResult((literal,), implicit=True)
-    rdata = await _query(domain, "MX")
-    if not rdata:
-        await addresses(domain)  # raises permanent for NXDOMAIN / no address either
-        return MXResult((domain,), implicit=True)
-    records = [(int(r.preference), r.exchange.to_text()) for r in rdata]  # type: ignore[attr-defined]
-    if any(host.rstrip(".") == "" for _, host in records):
-        if is_null_mx(records):
-            raise DNSFailure(f"Domain {domain} does not accept mail (nullMX)", permanent=True)
-        records = [(p, h) for p, h in records if h.rstrip(".")]
-    return MXResult(tuple(order_mx(records, rng)))
+        Raises DNSFailure (permanent for NXDOMAIN or no address at all, else temporary).
+        """
+        if dns.inet.is_address(host):
+            return [host]
+        out: list[str] = []
+        temporary: DNSFailure | None = None
+        nxdomain: DNSFailure | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                rdata = await self.query(host, rdtype)
+            except DNSFailure as failure:
+                if failure.permanent:
+                    nxdomain = failure
+                    break
+                temporary = failure
+                continue
+            out.extend(r.address for r in rdata or ())
+        if out:
+            return out
+        if nxdomain is not None:
+            raise nxdomain
+        if temporary is not None:
+            raise temporary
+        raise DNSFailure(f"Host or domain name not found. Name service error for "
+                         f"name={host} type=A: Host found but no data record of requested "
+                         "type", permanent=True)
+
+    async def mx_hosts(self, domain: str, rng: random.Random | None = None) -> MXResult:
+        """The exchanges for ``domain`` in delivery order (see the module docstring)."""
+        domain = domain.rstrip(".").lower()
+        if domain.startswith("[") and domain.endswith("]"):  # address literal
+            literal = domain[1:-1]
+            literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
+            return MXResult((literal,), implicit=True)
+        rdata = await self.query(domain, "MX")
+        if not rdata:
+            await self.addresses(domain)  # raises permanent for NXDOMAIN / no address either
+            return MXResult((domain,), implicit=True)
+        records = [(int(r.preference), r.exchange.to_text()) for r in rdata]
+        if any(host.rstrip(".") == "" for _, host in records):
+            if is_null_mx(records):
+                raise DNSFailure(f"Domain {domain} does not accept mail (nullMX)",
+                                 permanent=True)
+            records = [(p, h) for p, h in records if h.rstrip(".")]
+        return MXResult(tuple(order_mx(records, rng)))

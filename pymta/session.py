@@ -2,16 +2,17 @@
 of a complete message to the queue.
 
 The protocol engine decides what is well-formed; this module decides what is acceptable and
-hands it to the queue. Implementation summary: RCPT resolves each address through the
-recipient lookups (first source that knows it wins) and keeps the expanded, de-duplicated
-targets; DATA and BDAT open a spool file and write our ``Received:`` header before the first
-byte of the message; chunks stream straight to the spool; the end of data runs the content
-checks (hop count, header size) and the pipeline, then hands envelope, spool and the
-pipeline's Decision to the queue's intake, which commits them durably (group commit); only
-then does the client get ``250``. Every local fault becomes a 4xx and the partial spool file
-is removed: ``452 4.3.1`` when the queue's disk is full (already at ``MAIL FROM`` when less
-than Postfix's ``queue_minfree`` reserve is free, see ``pymta.queue.space``), ``451 4.3.0``
-for any other fault (a read-only or failing file system, a bug).
+hands it to the queue. Implementation summary: RCPT resolves each address through the server's
+one recipient lookup (its sources composed by ``pymta.wiring``: the lookup chain,
+``REGEX_ALIAS``, SRS) and keeps the expanded, de-duplicated targets; DATA and BDAT open a spool
+file and write our ``Received:`` header before the first byte of the message; chunks stream
+straight to the spool; the end of data runs the content checks (hop count, header size) and the
+pipeline, then hands envelope, spool and the pipeline's Decision to the queue's intake, which
+commits them durably (group commit); only then does the client get ``250``. Every local fault
+becomes a 4xx and the partial spool file is removed: ``452 4.3.1`` when the queue's disk is
+full (already at ``MAIL FROM`` when less than Postfix's ``queue_minfree`` reserve is free, see
+``pymta.queue.space``), ``451 4.3.0`` for any other fault (a read-only or failing file system,
+a bug).
 
 A client that disconnects while the end-of-data decision runs (slow pre-queue checks) gets
 nothing queued: the pipeline keeps the spool file until it ends (its stages may be reading
@@ -57,7 +58,6 @@ from pymta.types import (
     Address,
     ConnInfo,
     Decision,
-    Destination,
     Envelope,
     Recipient,
     Reply,
@@ -103,13 +103,14 @@ def network_matcher(networks: Sequence[str]) -> Callable[[str], bool]:
 @dataclass
 class ReceiveContext:
     """What every session of a server shares: configuration-derived policy and the queue's
-    intake. ``lookup_timeout`` bounds one RCPT's whole lookup (every source, alias
+    intake. ``lookup`` is the server's one recipient lookup (the DSN resolver asks the same
+    object); ``lookup_timeout`` bounds one RCPT's whole lookup (every source, alias
     expansion); ``auth`` is None when no SASL method is configured."""
 
     hostname: str
     local_domains: frozenset[str]
     first_domain: str
-    lookups: Sequence[RecipientLookup]
+    lookup: RecipientLookup
     intake: Intake
     header_size_limit: int = 1048576
     max_received: int = 50
@@ -207,10 +208,8 @@ class Session:
         domain = address.domain
         if domain in self.ctx.local_domains:
             try:
-                lookups = self.ctx.lookups
-                destination = await bounded(
-                    lookups[0].lookup(address) if len(lookups) == 1 else self._lookup(address),
-                    self.ctx.lookup_timeout)
+                destination = await bounded(self.ctx.lookup.lookup(address),
+                                            self.ctx.lookup_timeout)
             except SMTPError as exc:
                 log.warning("lookup of <%s> failed: %s", text, exc.reply)
                 return exc.reply
@@ -237,14 +236,6 @@ class Session:
                     address=target.address, original=text, local=target.local,
                     mailbox=target.mailbox, notify=params.notify, orcpt=params.orcpt)
         return Reply(250, "2.1.5", "Ok")
-
-    async def _lookup(self, address: Address) -> Destination | None:
-        """The first source that knows ``address`` wins (see ``pymta.contracts``)."""
-        for source in self.ctx.lookups:
-            destination = await source.lookup(address)
-            if destination is not None:
-                return destination
-        return None
 
     def on_data_start(self, event: ev.DataStart) -> Reply:
         intake = self.ctx.intake

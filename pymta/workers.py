@@ -92,12 +92,12 @@ class Supervisor:
     def _prepare(self) -> None:
         """Everything that can fail on bad configuration happens here, before any fork, so
         the CLI reports it once (ConfigError → exit 2) and nothing listens."""
-        from pymta.app import MTA
+        from pymta import wiring
         from pymta.tls import server_ssl_context
 
         config = self.config
+        wiring.check(config)              # every adapter's settings, nothing built
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-        MTA(config)                       # builds lookups and router: config errors surface
         ssl_ctx = server_ssl_context(config)  # generates the self-signed pair once
         n = config.workers
         kinds = {"smtp": _bind(config.smtp_listen, n)}

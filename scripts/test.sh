@@ -11,7 +11,8 @@
 #   4. pytest; "no tests collected" (5) is a failure, not a pass.
 #   5. fuzzing: every fuzz/ target for N seconds (--fuzz-seconds N, else $PYMTA_FUZZ_SECONDS,
 #      else 5: under a minute for all targets); 0 skips it. A finding fails the command and
-#      its reproducer is printed. N is exported as PYMTA_FUZZ_SECONDS to pytest too, for
+#      its reproducer is printed; the seed is fixed (PYMTA_FUZZ_SEED, default 1) so a run is
+#      repeatable. N is exported as PYMTA_FUZZ_SECONDS to pytest too, for
 #      the property and torture tests that scale with it. Hours: see fuzz/README.md.
 # The exit status is pytest's, or 1 when pytest passed and fuzzing found something.
 set -euo pipefail
@@ -121,9 +122,13 @@ fi
 if ((FUZZ_SECONDS == 0)); then
     step "fuzz: skipped (--fuzz-seconds 0)"
 elif .venv/bin/python -c 'import atheris' >/dev/null 2>&1; then
-    step "fuzz: every target ${FUZZ_SECONDS}s (python -m fuzz all --seconds $FUZZ_SECONDS)"
+    # A fixed seed (PYMTA_FUZZ_SEED, default 1; 0 = a new one each run) makes the short run
+    # repeatable: what it finds on a CI machine it finds here too. Hours: fuzz/README.md.
+    FUZZ_SEED="${PYMTA_FUZZ_SEED:-1}"
+    step "fuzz: every target ${FUZZ_SECONDS}s (python -m fuzz all --seconds $FUZZ_SECONDS --seed $FUZZ_SEED)"
     frc=0
-    .venv/bin/python -m fuzz all --seconds "$FUZZ_SECONDS" --log-dir fuzz/logs/test || frc=$?
+    .venv/bin/python -m fuzz all --seconds "$FUZZ_SECONDS" --seed "$FUZZ_SEED" \
+        --log-dir fuzz/logs/test || frc=$?
     if ((frc != 0)); then
         echo "ERROR: fuzzing found something (reproducers above, logs in fuzz/logs/test)" >&2
         ((rc != 0)) || rc=1

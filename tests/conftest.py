@@ -52,6 +52,17 @@ def make_config(tmp_path: Path, **overrides: object) -> Config:
     return dataclasses.replace(base, **overrides)
 
 
+def load_checked(environ: dict[str, str]) -> Config:
+    """``load_config`` and then the adapters' own checks (``pymta.wiring.check``): what
+    ``pymta check-config`` and ``pymta serve`` do with the environment."""
+    from pymta import wiring
+    from pymta.config.load import load_config
+
+    config = load_config(environ)
+    wiring.check(config)
+    return config
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path)

@@ -90,7 +90,7 @@ def _passwd_hash(args: argparse.Namespace) -> int:
     an argument (it would show in ``ps`` and the shell history)."""
     import getpass
 
-    from pymta.backends.passwd import SchemeError, hash_password
+    from pymta.wiring import hash_password
 
     if sys.stdin.isatty():
         password = getpass.getpass("Enter new password: ")
@@ -102,7 +102,7 @@ def _passwd_hash(args: argparse.Namespace) -> int:
         raise _UsageError("passwd hash: empty password")
     try:
         print(hash_password(password, args.scheme))
-    except SchemeError as exc:
+    except ValueError as exc:      # the password file's SchemeError
         raise _UsageError(f"passwd hash: {exc}") from None
     return 0
 
@@ -113,8 +113,21 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(path=args.config)
 
 
+def _check(args: argparse.Namespace, config: Config) -> None:
+    """The adapters' checks of their settings and optional packages (``pymta.wiring``),
+    building nothing; an error says ``(in FILE)`` when the value is the TOML file's."""
+    from pymta import wiring
+    from pymta.config.load import in_file
+
+    try:
+        wiring.check(config)
+    except ConfigError as exc:
+        raise in_file(exc, path=args.config) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
+    _check(args, config)
     from pymta.log import setup_logging
 
     setup_logging(config)
@@ -150,9 +163,7 @@ def _tls_summary(config: Config) -> str:
 
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = _load(args)
-    from pymta.app import MTA
-
-    MTA(config)  # builds recipient lookups and delivery routes: their errors name the variable
+    _check(args, config)  # every adapter's settings and optional packages; builds nothing
     tls = _tls_summary(config)
     source = args.config or os.environ.get("PYMTA_CONFIG") or "none (environment only)"
     rows = [

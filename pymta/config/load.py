@@ -17,6 +17,7 @@ says what is wrong and quotes the value, so the CLI can print it as one line.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
@@ -280,6 +281,12 @@ def _parse_secret(name: str, value: Any) -> str:
     return str(value)
 
 
+def _stripped_secret(name: str, value: Any) -> str:
+    """A secret list or key (``SMTPD_SASL_CLIENTAUTH``, ``DKIM_PRIVATEKEY``): surrounding
+    blanks removed, never quoted in a message. What it means is its adapter's to check."""
+    return _parse_secret(name, value).strip()
+
+
 def _srs_domain(name: str, value: Any) -> str:
     """One domain name (or empty: the first MAIL_DOMAIN)."""
     domains = parse_domains(name, value)
@@ -334,51 +341,6 @@ def _dkim_algorithm(name: str, value: Any) -> str:
     return text
 
 
-def _dkim_private_key(name: str, value: Any) -> str:
-    """Checked now (a PEM key, or its base64 body without the armour lines); kept as given.
-    The message never quotes the key."""
-    from pymta.pipeline.dkimkeys import parse_private_key
-
-    text = _parse_secret(name, value).strip()
-    if text:
-        parse_private_key(text, name)
-    return text
-
-
-def _parse_regex_alias(name: str, value: Any) -> str:
-    """Kept raw (rules may be newline separated); checked now so a bad pattern stops start-up."""
-    from pymta.backends.regex import parse_regex_alias
-
-    text = _parse_string(name, value)
-    parse_regex_alias(text)
-    return text
-
-
-def _parse_ldap_host(name: str, value: Any) -> str:
-    from pymta.backends.ldap import parse_ldap_host
-
-    text = _parse_string(name, value)
-    parse_ldap_host(text, name)
-    return text
-
-
-def _parse_mysql_host(name: str, value: Any) -> str:
-    from pymta.backends.mysql import parse_mysql_host
-
-    text = _parse_string(name, value)
-    parse_mysql_host(text, name)
-    return text
-
-
-def _sql_query(name: str, value: Any) -> str:
-    """A Postfix-style query template; compiled now to refuse unknown ``%`` sequences."""
-    from pymta.backends.mysql import compile_query
-
-    text = _parse_string(name, value)
-    compile_query(text, name)
-    return text
-
-
 # ------------------------------------------------------------------------------ the settings
 
 
@@ -419,36 +381,13 @@ def parse_mynetworks(name: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _sasl_clientauth(name: str, value: Any) -> str:
-    """Checked now (entry syntax, known {SCHEME}s); errors name the user, never a secret."""
-    from pymta.backends.passwd import parse_clientauth
-
-    text = _parse_secret(name, value).strip()
-    parse_clientauth(text, name)
-    return text
-
-
-def _username_format(name: str, value: Any) -> str:
-    from pymta.backends.passwd import check_username_format
-
-    return check_username_format(_parse_string(name, value), name)
-
-
-def _imap_host(name: str, value: Any) -> str:
-    from pymta.backends.imapauth import parse_imap_host
-
-    text = _parse_string(name, value)
-    parse_imap_host(text, name)
-    return text
-
-
 _SETTINGS: tuple[_Setting, ...] = (
     _Setting("hostname", "MYHOSTNAME", parse_hostname),
     _Setting("mail_domain", "MAIL_DOMAIN", parse_domains),
     _Setting("mail_boxes", "MAIL_BOXES", _parse_string),
     _Setting("mail_aliases", "MAIL_ALIASES", _parse_string),
-    _Setting("regex_alias", "REGEX_ALIAS", _parse_regex_alias),
-    _Setting("ldap_host", "LDAP_HOST", _parse_ldap_host),
+    _Setting("regex_alias", "REGEX_ALIAS", _parse_string),
+    _Setting("ldap_host", "LDAP_HOST", _parse_string),
     _Setting("ldap_user_base", "LDAP_USER_BASE", _parse_string),
     _Setting("ldap_query_filter_user", "LDAP_QUERY_FILTER_USER", _parse_string),
     _Setting("ldap_query_attrs_user", "LDAP_QUERY_ATTRS_USER", _parse_string),
@@ -459,12 +398,12 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("ldap_bind_dn", "LDAP_BIND_DN", _parse_string),
     _Setting("ldap_bind_pw", "LDAP_BIND_PW", _parse_secret),
     _Setting("ldap_tls_ca_file", "PYMTA_LDAP_TLS_CA_FILE", _parse_string),
-    _Setting("mysql_host", "MYSQL_HOST", _parse_mysql_host),
+    _Setting("mysql_host", "MYSQL_HOST", _parse_string),
     _Setting("mysql_database", "MYSQL_DATABASE", _parse_string),
     _Setting("mysql_user", "MYSQL_USER", _parse_string),
     _Setting("mysql_password", "MYSQL_PASSWORD", _parse_secret),
-    _Setting("mysql_query_user", "MYSQL_QUERY_USER", _sql_query),
-    _Setting("mysql_query_alias", "MYSQL_QUERY_ALIAS", _sql_query),
+    _Setting("mysql_query_user", "MYSQL_QUERY_USER", _parse_string),
+    _Setting("mysql_query_alias", "MYSQL_QUERY_ALIAS", _parse_string),
     _Setting("lookup_cache_ttl", "PYMTA_LOOKUP_CACHE_TTL", _duration(False)),
     _Setting("lookup_negative_ttl", "PYMTA_LOOKUP_NEGATIVE_TTL", _duration(False)),
     _Setting("lookup_timeout", "PYMTA_LOOKUP_TIMEOUT", _duration(True)),
@@ -498,7 +437,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("dkim_selector", "DKIM_SELECTOR", _dkim_selector),
     _Setting("dkim_keybits", "DKIM_KEYBITS", _dkim_keybits),
     _Setting("dkim_algorithm", "DKIM_ALGORITHM", _dkim_algorithm),
-    _Setting("dkim_private_key", "DKIM_PRIVATEKEY", _dkim_private_key),
+    _Setting("dkim_private_key", "DKIM_PRIVATEKEY", _stripped_secret),
     _Setting("arc", "PYMTA_ARC", parse_bool),
     _Setting("srs_enable", "SRS_ENABLE", parse_bool),
     _Setting("srs_domain", "SRS_DOMAIN", _srs_domain),
@@ -507,12 +446,12 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("smtpd_use_tls", "SMTPD_USE_TLS", parse_bool),
     _Setting("smtpd_tls_cert_file", "SMTPD_TLS_CERT_FILE", _parse_string),
     _Setting("smtpd_tls_key_file", "SMTPD_TLS_KEY_FILE", _parse_string),
-    _Setting("smtpd_sasl_clientauth", "SMTPD_SASL_CLIENTAUTH", _sasl_clientauth),
-    _Setting("smtpd_sasl_imaphost", "SMTPD_SASL_IMAPHOST", _imap_host),
+    _Setting("smtpd_sasl_clientauth", "SMTPD_SASL_CLIENTAUTH", _stripped_secret),
+    _Setting("smtpd_sasl_imaphost", "SMTPD_SASL_IMAPHOST", _parse_string),
     _Setting("ldap_query_attrs_pass", "LDAP_QUERY_ATTRS_PASS", _parse_string),
     _Setting("ldap_query_filter_pass", "LDAP_QUERY_FILTER_PASS", _parse_string),
     _Setting("mysql_query_pass", "MYSQL_QUERY_PASS", _parse_string),
-    _Setting("dovecot_auth_username_format", "DOVECOT_AUTH_USERNAME_FORMAT", _username_format),
+    _Setting("dovecot_auth_username_format", "DOVECOT_AUTH_USERNAME_FORMAT", _parse_string),
     _Setting("auth_fail_delay", "PYMTA_AUTH_FAIL_DELAY", _duration(False)),
     _Setting("auth_fail_delay_max", "PYMTA_AUTH_FAIL_DELAY_MAX", _duration(False)),
     _Setting("mynetworks", "MYNETWORKS", parse_mynetworks),
@@ -629,9 +568,33 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ defaults
 
 
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "localhost6",
+                   "localhost6.localdomain6", "ip6-localhost", "ip6-loopback")
+
+
+def _is_loopback_name(name: str) -> bool:
+    name = name.lower().rstrip(".")
+    return name in _LOOPBACK_NAMES or name.startswith("localhost.")
+
+
 def _host_fqdn() -> str:
-    """The host's fully qualified name; a function so tests can replace it."""
-    return socket.getfqdn()
+    """``MYHOSTNAME`` when unset: Postfix's ``myhostname`` default, the machine's name
+    (``gethostname()``) made fully qualified when the resolver knows a qualified name for it
+    (``getfqdn``), else the machine's name as it is.
+
+    ``socket.getfqdn()`` alone is not that: it returns the first name of the address the host
+    name resolves to, which on the common ``/etc/hosts`` of containers and VMs (``127.0.0.1
+    localhost`` above ``127.0.0.1 vm``) is ``localhost``: the server greeted and wrote
+    ``Received: by localhost`` on a host named ``vm`` (issue 11). A qualified name that is a
+    loopback name (``localhost.localdomain``) is never the machine's."""
+    name = socket.gethostname().strip().rstrip(".")
+    if "." in name or not name:
+        return name or "localhost"
+    with contextlib.suppress(OSError, UnicodeError):
+        fqdn = socket.getfqdn(name).strip().rstrip(".")
+        if "." in fqdn and not _is_loopback_name(fqdn):
+            return fqdn
+    return name
 
 
 def _default_state_dir() -> str:
@@ -650,20 +613,6 @@ def _domain_of(hostname: str) -> str:
     return hostname.partition(".")[2]
 
 
-def _check_sasl(values: dict[str, Any]) -> None:
-    """The LDAP and MySQL SASL methods need their lookup variables; their query templates
-    are compiled now so a typo stops start-up rather than every login."""
-    if values.get("ldap_query_attrs_pass") and values.get("ldap_host"):
-        from pymta.backends.ldapauth import pass_filter
-
-        pass_filter(values["ldap_query_attrs_pass"], values.get("ldap_query_filter_pass", ""),
-                    values.get("ldap_query_filter_user", ""))
-    if values.get("mysql_query_pass") and values.get("mysql_host"):
-        from pymta.backends.mysqlauth import compile_pass_query
-
-        compile_pass_query(values["mysql_query_pass"])
-
-
 def _check_together(values: dict[str, Any]) -> None:
     """Rules that involve more than one setting."""
     cert, key = values.get("smtpd_tls_cert_file", ""), values.get("smtpd_tls_key_file", "")
@@ -671,7 +620,6 @@ def _check_together(values: dict[str, Any]) -> None:
         raise ConfigError(f"SMTPD_TLS_KEY_FILE: not set, but SMTPD_TLS_CERT_FILE is: {cert!r}")
     if key and not cert:
         raise ConfigError(f"SMTPD_TLS_CERT_FILE: not set, but SMTPD_TLS_KEY_FILE is: {key!r}")
-    _check_sasl(values)
     first = values.get("queue_retry_first", _DEFAULTS.queue_retry_first)
     most = values.get("queue_retry_max", _DEFAULTS.queue_retry_max)
     if first > most:
@@ -691,7 +639,10 @@ def load_config(environ: Mapping[str, str] | None = None, path: str | None = Non
     """Return the Config from defaults, the TOML file (``path`` or ``PYMTA_CONFIG``) and the
     environment (``os.environ`` when ``environ`` is None), the environment winning.
 
-    Raises ConfigError for any invalid value; the message names the variable.
+    Raises ConfigError for any invalid value; the message names the variable. Values are
+    parsed into their types here; what a value means to an adapter (an LDAP filter, a SQL
+    template, a ``REGEX_ALIAS`` pattern, a password scheme, a DKIM key) is checked by that
+    adapter (``pymta.wiring.check``, and when ``MTA`` builds it).
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -714,3 +665,26 @@ def load_config(environ: Mapping[str, str] | None = None, path: str | None = Non
     values.setdefault("workers", default_workers())
     _check_together(values)
     return Config(**values, extra=extra)
+
+
+def in_file(error: ConfigError, environ: Mapping[str, str] | None = None,
+            path: str | None = None) -> ConfigError:
+    """``error`` (raised after ``load_config``, by an adapter's check of its settings) with
+    `` (in FILE)`` added when the variable it names has its value from the TOML file (set
+    there, not in the environment): the same words ``load_config``'s own errors use."""
+    environ = os.environ if environ is None else environ
+    source = _config_path(environ, path)
+    if source is None:
+        return error
+    variable = str(error).partition(":")[0]
+    setting = next((s for s in _SETTINGS if s.env == variable), None)
+    if setting is None or (environ.get(setting.env) or "").strip():
+        return error
+    try:
+        data = _read_toml(*source)
+    except ConfigError:
+        return error
+    keys = {k for k, v in _TOML_KEYS.items() if v is setting}
+    if keys & set(data):
+        return ConfigError(f"{error} (in {source[0]})")
+    return error

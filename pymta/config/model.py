@@ -37,7 +37,7 @@ class RelayHost:
 @dataclass(frozen=True, slots=True)
 class Config:
     # identity and recipients
-    hostname: str = "localhost"                      # MYHOSTNAME / socket.getfqdn()
+    hostname: str = "localhost"                      # MYHOSTNAME / the host's name (load)
     mail_domain: tuple[str, ...] = ()                # MAIL_DOMAIN (space separated)
     mail_boxes: str = ""                             # MAIL_BOXES (raw; parsed by the table backend)
     mail_aliases: str = ""                           # MAIL_ALIASES (raw)

@@ -63,6 +63,7 @@ import logging
 import authres
 import dkim
 
+from pymta.dns import DNSResolver
 from pymta.headervalue import quote_value
 from pymta.pipeline import PASS, CannotEvaluate, SpooledBody, Transaction, Verdict, dkimrsa
 from pymta.pipeline.dkimkeys import KeyStore
@@ -154,6 +155,11 @@ class ArcVerify:
 
     name = "arc"
 
+    def __init__(self, *, resolver: DNSResolver | None = None) -> None:
+        """``resolver``: the server's (the wiring passes it); None: a system resolver of
+        this stage's own."""
+        self.resolver = resolver if resolver is not None else DNSResolver()
+
     async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
         header = body.header_bytes()
         fields = _arc_fields(header)
@@ -166,7 +172,7 @@ class ArcVerify:
         if reason:
             cv = "fail"
         else:
-            records = await prefetch(arc_key_names(header))
+            records = await prefetch(arc_key_names(header), self.resolver)
             message = await body.read_async()
             if len(message) > THREAD_THRESHOLD:
                 cv, reason = await asyncio.to_thread(self._verify, message, records)

@@ -215,6 +215,14 @@ class KeyStore:
                                               if private_key else None)
         self._keys: dict[str, DkimKey] = {}
 
+    @staticmethod
+    def check_config(config: object) -> None:
+        """Check ``DKIM_PRIVATEKEY`` when it is set (a PEM key, or its base64 body), even with
+        signing off; the message never quotes the key. Reads and writes nothing."""
+        text = config.dkim_private_key.strip()  # type: ignore[attr-defined]
+        if text:
+            parse_private_key(text, "DKIM_PRIVATEKEY")
+
     @classmethod
     def from_config(cls, config: object) -> KeyStore:
         return cls(config.state_dir, config.dkim_selector,  # type: ignore[attr-defined]

@@ -10,6 +10,12 @@ forwarded message's relay at ~90 msg/s. OpenSSL does the same RSASSA-PKCS1-v1_5 
 with ``sign``, which takes the same arguments (a hashlib object and dkimpy's private-key
 dict) and falls back to dkimpy's own function for anything OpenSSL refuses, so a key dkimpy
 can use still signs. Verification is left alone: it is one ``pow`` with a small exponent.
+
+The replacement is process-wide (dkimpy has no per-call hook), so it must not change anything
+for another user of dkimpy in the same process: RSASSA-PKCS1-v1_5 is deterministic, so
+OpenSSL's signature is byte for byte dkimpy's (``tests/unit/test_dkimrsa.py`` compares them),
+every case OpenSSL refuses goes to dkimpy's own function (same result, same exception), and
+the only state is a cache of loaded keys keyed by their numbers.
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@ ed25519-sha256): every ``DKIM-Signature`` of the message as spooled gets its own
 
 Implementation summary. The check reads the header section, parses each signature's tags and
 collects the key names (``<s>._domainkey.<d>``). Those TXT records are fetched concurrently
-through pymta's resolver (:func:`pymta.dns.get_resolver`, so ``PYMTA_DNS_RESOLVER`` and
-``PYMTA_DNS_TIMEOUT`` apply) *before* any hashing. dkimpy then verifies each signature with a
-``dnsfunc`` that only answers from those prefetched records, so the CPU work (body hash, RSA or
-ed25519 check) never waits on the network, and runs in a worker thread when the message is
-large (:data:`THREAD_THRESHOLD`) so the event loop stays free.
+through the server's resolver (a :class:`pymta.dns.DNSResolver` given by the wiring, so
+``PYMTA_DNS_RESOLVER`` and ``PYMTA_DNS_TIMEOUT`` apply) *before* any hashing. dkimpy then
+verifies each signature with a ``dnsfunc`` that only answers from those prefetched records,
+so the CPU work (body hash, RSA or ed25519 check) never waits on the network, and runs in a
+worker thread when the message is large (:data:`THREAD_THRESHOLD`) so the event loop stays free.
 
 Result per signature (RFC 8601 §2.7.1 names):
 
@@ -40,7 +40,14 @@ for 40,000 blanks in a body line). What we do, and why:
 
 - :func:`harden_dkimpy` (run at import) replaces those four module-level helpers with
   linear ones that compute the same results (tests compare them with dkimpy's on
-  generated input). Chosen over a header-size threshold because a threshold would change
+  generated input). The replacements are process-wide, so they are written to be
+  behaviour-preserving for every other user of dkimpy in the process, not only for us: same
+  return values, same exceptions (``MessageFormatError``, and ``IndexError`` where dkimpy's
+  parser raises it), no state of their own, thread-safe; only the time they take differs.
+  ``test_issue10_review_dkimpy_helpers_compute_what_dkimpy_computes`` compares them with
+  dkimpy's originals (kept in :data:`DKIMPY_ORIGINALS`) on generated input, including the
+  error cases; :mod:`.dkimrsa` does the same for RSA signing (byte-identical signatures).
+  Chosen over a header-size threshold because a threshold would change
   verdicts for large but ordinary header sections and would not cover the two
   per-signature cases at all (a 60 KB signature is far below any sensible threshold).
 - :func:`covered_message`: dkimpy is handed the message as Postfix splits it with only the
@@ -88,7 +95,7 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from pymta import dns as pymta_dns
+from pymta.dns import DNSResolver
 from pymta.headervalue import is_fqdn, pvalue, quote_value
 from pymta.pipeline import PASS, SpooledBody, Transaction, Verdict
 from pymta.pipeline.dmarc import DkimSignatureResult
@@ -142,12 +149,12 @@ def _key_name(selector: bytes, domain: bytes) -> str:
     return (selector + b"._domainkey." + domain).decode("ascii", "replace").lower().rstrip(".")
 
 
-async def fetch_txt(name: str) -> bytes | None | object:
-    """The DKIM key record at ``name`` through pymta's resolver: the strings of the first
+async def fetch_txt(name: str, resolver: DNSResolver) -> bytes | None | object:
+    """The DKIM key record at ``name`` through ``resolver``: the strings of the first
     TXT record (preferring one with ``p=``) joined, None when there is none (NXDOMAIN,
     NODATA), :data:`TEMPFAIL` when the lookup failed temporarily."""
     try:
-        answer = await pymta_dns.get_resolver().resolve(name, "TXT", search=False)
+        answer = await resolver.resolve(name, "TXT")
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return None
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
@@ -166,9 +173,11 @@ async def fetch_txt(name: str) -> bytes | None | object:
     return texts[0] if texts else None
 
 
-async def prefetch(names: Sequence[str]) -> dict[str, bytes | None | object]:
+async def prefetch(names: Sequence[str],
+                   resolver: DNSResolver) -> dict[str, bytes | None | object]:
+    """The key records at ``names``, looked up concurrently (see :func:`fetch_txt`)."""
     unique = list(dict.fromkeys(names))
-    found = await asyncio.gather(*(fetch_txt(n) for n in unique))
+    found = await asyncio.gather(*(fetch_txt(n, resolver) for n in unique))
     return dict(zip(unique, found, strict=True))
 
 
@@ -211,8 +220,10 @@ def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """dkimpy's ``rfc822_parse`` (header fields as ``[name, value]``, values unfolded to CRLF
     line ends; the body with CRLF line ends), with the same result in linear time: each
     value is joined once instead of growing by ``+=``, and the body is not split into lines
-    unless it has bare LFs to rewrite. One difference: a first line that starts with a blank
-    is a ``MessageFormatError`` (dkimpy's raises ``IndexError``)."""
+    unless it has bare LFs to rewrite. Errors are dkimpy's too: ``MessageFormatError`` for a
+    line that is neither a field nor a continuation, and ``IndexError`` for a continuation
+    line before the first field (dkimpy's ``headers[-1]`` on an empty list), so another user
+    of dkimpy in the process sees exactly what dkimpy's own function gives."""
     headers: list[list[bytes]] = []
     parts: list[bytes] = []
     pos = 0
@@ -230,8 +241,7 @@ def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
             break
         if line[0] in (9, 32):
             if not headers:
-                raise dkim.MessageFormatError(
-                    f"Unexpected characters in RFC822 header: {line[:100]!r}")
+                raise IndexError("list index out of range")   # as dkimpy's headers[-1]
             parts += (line, b"\r\n")
         else:
             m = _DKIMPY_NAME(line)
@@ -562,9 +572,13 @@ class DkimVerify:
     name = "dkim"
 
     def __init__(self, thread_threshold: int = THREAD_THRESHOLD,
-                 max_signatures: int = MAX_SIGNATURES) -> None:
+                 max_signatures: int = MAX_SIGNATURES, *,
+                 resolver: DNSResolver | None = None) -> None:
+        """``resolver``: the server's (the wiring passes it); None: a system resolver of
+        this stage's own."""
         self.thread_threshold = thread_threshold
         self.max_signatures = max_signatures
+        self.resolver = resolver if resolver is not None else DNSResolver()
 
     async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
         results = await self.verify(body)
@@ -588,7 +602,7 @@ class DkimVerify:
             return []
         names = [_key_name(s.tags[b"s"], s.tags[b"d"]) for s in sigs
                  if s.tags and not s.error and b"s" in s.tags and b"d" in s.tags]
-        records = await prefetch(names)
+        records = await prefetch(names, self.resolver)
         message = await body.read_async()
         if len(message) > self.thread_threshold:
             return await asyncio.to_thread(verify_all, message, sigs, records)

@@ -13,9 +13,10 @@ from their results:
 
 Implementation summary. The policy record is the single ``v=DMARC1`` TXT record at
 ``_dmarc.<author domain>``, else at ``_dmarc.<organizational domain>`` (§6.6.3), looked up
-with pymta's own asynchronous resolver (``PYMTA_DNS_RESOLVER``): no thread, no second DNS
-configuration. The organizational domain comes from the Public Suffix List shipped inside
-the ``publicsuffixlist`` package (offline; updated with the package), falling back to the last
+with the server's own asynchronous resolver (``PYMTA_DNS_RESOLVER``, a
+:class:`pymta.dns.DNSResolver` the wiring passes in): no thread, no second DNS configuration.
+The organizational domain comes from the Public Suffix List shipped inside the
+``publicsuffixlist`` package (offline; updated with the package), falling back to the last
 two labels if the package is missing. Identifier alignment is relaxed (same organizational
 domain) or strict (equal) per ``aspf``/``adkim``. DMARC passes when SPF or any DKIM signature
 passes *and* aligns; otherwise it fails, unless an aligned identifier failed temporarily
@@ -30,7 +31,7 @@ costs ~2 µs a character on the event loop and recurses once per nested comment.
 
 Why not the ``dmarc`` PyPI package: it would need its own DNS configuration and blocking
 lookups in a thread, while record parsing and alignment are a page of code; here the
-lookups share pymta's resolver and failure classification directly.
+lookups share the server's resolver and failure classification directly.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 import dns.exception
 import dns.resolver
 
-from pymta import dns as pymta_dns
+from pymta.dns import DNSResolver
 from pymta.headervalue import comment_text, pvalue
 from pymta.pipeline import PASS, Action, SpooledBody, Transaction, Verdict
 from pymta.pipeline.headers import field_name, field_value, split_fields
@@ -189,9 +190,9 @@ def parse_record(text: str) -> DmarcRecord | None:
                        pct=min(100, max(0, pct)))
 
 
-async def _txt(name: str) -> list[str]:
+async def _txt(name: str, resolver: DNSResolver) -> list[str]:
     try:
-        answer = await pymta_dns.get_resolver().resolve(name, "TXT", search=False)
+        answer = await resolver.resolve(name, "TXT")
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException as exc:
@@ -199,21 +200,21 @@ async def _txt(name: str) -> list[str]:
     return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]  # type: ignore[attr-defined]
 
 
-async def _record_at(domain: str) -> DmarcRecord | None:
-    records = [t for t in await _txt(f"_dmarc.{domain}") if _V_DMARC1.match(t)]
+async def _record_at(domain: str, resolver: DNSResolver) -> DmarcRecord | None:
+    records = [t for t in await _txt(f"_dmarc.{domain}", resolver) if _V_DMARC1.match(t)]
     if len(records) != 1:       # none, or ambiguous: no policy here (§6.6.3 step 3)
         return None
     return parse_record(records[0])
 
 
-async def fetch_policy(domain: str) -> tuple[DmarcRecord | None, bool]:
+async def fetch_policy(domain: str, resolver: DNSResolver) -> tuple[DmarcRecord | None, bool]:
     """(record, found at the organizational domain rather than the author domain)."""
-    record = await _record_at(domain)
+    record = await _record_at(domain, resolver)
     if record is not None:
         return record, False
     org = organizational_domain(domain)
     if org != domain:
-        record = await _record_at(org)
+        record = await _record_at(org, resolver)
         if record is not None:
             return record, True
     return None, False
@@ -247,9 +248,13 @@ class DMARCCheck:
 
     name = "dmarc"
 
-    def __init__(self, *, enforce: bool = True, rng: random.Random | None = None) -> None:
+    def __init__(self, *, enforce: bool = True, rng: random.Random | None = None,
+                 resolver: DNSResolver | None = None) -> None:
+        """``resolver``: the server's (the wiring passes it); None: a system resolver of
+        this stage's own."""
         self.enforce = enforce
         self.rng = rng
+        self.resolver = resolver if resolver is not None else DNSResolver()
 
     async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
         if txn.trusted:
@@ -270,7 +275,7 @@ class DMARCCheck:
             return Verdict(auth_result="dmarc=permerror (invalid From domain) "
                                        "header.from=unknown", reason="invalid From domain")
         try:
-            record, from_org = await fetch_policy(domain)
+            record, from_org = await fetch_policy(domain, self.resolver)
         except TempError as exc:
             txn.results.setdefault("dmarc_result", DmarcResult("temperror", domain))
             return Verdict(auth_result=f"dmarc=temperror header.from={pvalue(domain)}",

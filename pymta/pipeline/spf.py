@@ -6,12 +6,21 @@ identity is the MAIL FROM domain, or the HELO name when MAIL FROM is null (§2.4
 
 Implementation summary. The evaluation is pyspf's (``spf.query``), which does blocking DNS:
 it runs in a worker thread, bounded by its own deadline (below the pipeline's stage timeout,
-so a slow DNS gives ``temperror`` rather than a pipeline tempfail). pyspf's DNS goes through
-its ``spf.DNSLookup`` hook, replaced once (at import) by a dispatcher that uses the resolver
-of the calling context -- a blocking twin of pymta's configured resolver
-(:func:`pymta.dns.sync_resolver`, ``PYMTA_DNS_RESOLVER``) set in a ``ContextVar`` for the
-worker thread -- and pyspf's own dnspython lookup outside a pymta check. dnspython's global
-default resolver is never touched.
+so a slow DNS gives ``temperror`` rather than a pipeline tempfail). Its DNS goes through the
+resolver of the server the check belongs to (a blocking twin of its
+:class:`pymta.dns.DNSResolver`, ``PYMTA_DNS_RESOLVER``), so two servers in one process each
+ask their own DNS servers.
+
+How the resolver reaches pyspf, and why through a module-level hook: pyspf (2.0.14) has no
+per-query resolver. ``spf.query.dns`` (its cache, CNAME chasing, void-lookup and time
+limits) calls the module global ``spf.DNSLookup`` directly; overriding ``query.dns`` would
+mean copying that logic. So :func:`install_dns_hook` replaces ``spf.DNSLookup`` once, when
+the first :class:`SPFCheck` is built (never at import), by :func:`_dns_lookup`, a
+dispatcher: inside an evaluation of ours it uses the resolver set in a ``ContextVar`` for
+that evaluation's worker thread (:func:`evaluate` sets and resets it), so concurrent
+checks of different servers never see each other's resolver; everywhere else (another
+library in the process using pyspf) it calls the function it replaced, unchanged: a no-op
+for other pyspf users. dnspython's global default resolver is never touched.
 
 Only a name that is syntactically a multi-label domain is evaluated; anything else (a HELO
 that is an address literal, a bare word, ``evil.test;dkim=pass``) is ``none`` without a DNS
@@ -33,14 +42,17 @@ import asyncio
 import contextvars
 import ipaddress
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dns.exception
 import dns.name
 import dns.resolver
 import spf
 
-from pymta import dns as pymta_dns
+from pymta.dns import DNSResolver
 from pymta.headervalue import comment_text, is_fqdn, kv_value, pvalue
 from pymta.pipeline import PASS, Action, SpooledBody, Transaction, Verdict
 from pymta.pipeline.headers import fold
@@ -68,7 +80,8 @@ class SpfResult:
 
 _resolver_var: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar(
     "pymta_spf_resolver", default=None)
-_library_lookup = spf.DNSLookup
+_library_lookup: Callable[..., Any] | None = None     # what install_dns_hook replaced
+_install_lock = threading.Lock()
 
 
 def _dns_lookup(name: str, qtype: str, strict: bool = True, timeout: float | None = None,
@@ -77,7 +90,8 @@ def _dns_lookup(name: str, qtype: str, strict: bool = True, timeout: float | Non
     or no data; ``spf.TempError`` for a failure that retrying may cure."""
     resolver = _resolver_var.get()
     if resolver is None:   # pyspf used outside a pymta check: its own behaviour
-        return _library_lookup(name, qtype, strict, timeout)
+        library = _library_lookup or spf.DNSLookup
+        return library(name, qtype, strict, timeout)
     lifetime = resolver.lifetime if not timeout else min(float(timeout), resolver.lifetime)
     try:
         answer = resolver.resolve(name, qtype, lifetime=lifetime, search=False)
@@ -100,7 +114,17 @@ def _dns_lookup(name: str, qtype: str, strict: bool = True, timeout: float | Non
     return out
 
 
-spf.DNSLookup = _dns_lookup
+def install_dns_hook() -> None:
+    """Route pyspf's DNS through :func:`_dns_lookup` (module docstring: why a module-level
+    hook, and why it changes nothing for other users of pyspf). Idempotent and thread-safe;
+    called when an :class:`SPFCheck` is built and before each evaluation."""
+    global _library_lookup
+    if spf.DNSLookup is _dns_lookup:
+        return
+    with _install_lock:
+        if spf.DNSLookup is not _dns_lookup:
+            _library_lookup = spf.DNSLookup
+            spf.DNSLookup = _dns_lookup
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -128,6 +152,7 @@ def evaluate(ip: str, sender: str, helo: str, receiver: str,
     if not is_fqdn(domain):     # address literal, bare word, junk, nothing at all
         what = "HELO name" if identity == "helo" else "sender domain"
         return ("none", f"{what} is not a domain", f"{receiver}: {what} is not a domain", "")
+    install_dns_hook()
     token = _resolver_var.set(resolver)
     try:
         q = spf.query(i=ip, s=sender, h=helo or domain, receiver=receiver,
@@ -166,10 +191,14 @@ class SPFCheck:
     name = "spf"
 
     def __init__(self, *, receiver: str, reject_fail: bool = False,
-                 timeout: float = _MAX_QUERY_TIME) -> None:
+                 timeout: float = _MAX_QUERY_TIME, resolver: DNSResolver | None = None) -> None:
+        """``resolver``: the server's DNS (the wiring passes it); None: a system resolver of
+        this stage's own."""
         self.receiver = receiver
         self.reject_fail = reject_fail
         self.timeout = timeout
+        self.resolver = resolver if resolver is not None else DNSResolver()
+        install_dns_hook()
 
     async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
         if txn.trusted:
@@ -183,7 +212,7 @@ class SPFCheck:
         try:
             result, explanation, comment, mechanism = await asyncio.wait_for(
                 asyncio.to_thread(evaluate, ip, txn.sender, txn.helo, self.receiver,
-                                  pymta_dns.sync_resolver(), max(1.0, self.timeout - 1.0)),
+                                  self.resolver.blocking(), max(1.0, self.timeout - 1.0)),
                 self.timeout)
         except TimeoutError:
             result, explanation = "temperror", "SPF evaluation timed out"

@@ -83,3 +83,37 @@ def test_serve_with_bad_variable_does_not_start(tmp_path: Path) -> None:
     proc = run(["serve"], tmp_path, MAIL_DOMAIN="example.com", PYMTA_WORKERS="many")
     assert proc.returncode == 2
     assert proc.stderr == "pymta: PYMTA_WORKERS: not a whole number: 'many'\n"
+
+
+_LDAP = {"LDAP_HOST": "ldap://127.0.0.1:1", "LDAP_USER_BASE": "dc=example,dc=com",
+         "LDAP_QUERY_FILTER_USER": "(mail=%s)"}
+_MYSQL = {"MYSQL_HOST": "127.0.0.1:1", "MYSQL_DATABASE": "mail",
+          "MYSQL_QUERY_USER": "select mail from users where mail='%s'"}
+
+
+@pytest.mark.parametrize(("hidden", "env", "variable", "extra"), [
+    ("ldap3", _LDAP, "LDAP_HOST", "ldap"),
+    ("aiomysql", _MYSQL, "MYSQL_HOST", "mysql"),
+    ("aioimaplib", {"SMTPD_SASL_IMAPHOST": "127.0.0.1:1"}, "SMTPD_SASL_IMAPHOST", "imap"),
+    ("ldap3", {"LDAP_QUERY_ATTRS_PASS": "uid=user", **_LDAP}, "LDAP_HOST", "ldap"),
+])
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_issue11_missing_optional_dependency_is_a_config_error(
+        tmp_path: Path, command: str, hidden: str, env: dict[str, str], variable: str,
+        extra: str) -> None:
+    """Issue 11: ``LDAP_HOST`` set without ``ldap3`` installed gave ``pymta: internal error:
+    ModuleNotFoundError`` (exit 70) at start-up. A missing optional package is a
+    configuration error naming the variable and the extra to install, exit 2, from
+    ``check-config`` and ``serve`` alike, before anything listens. The package is hidden
+    from the child process by a ``sitecustomize`` that makes its import fail."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(f"import sys\nsys.modules[{hidden!r}] = None\n")
+    proc = run([command], tmp_path, MAIL_DOMAIN="example.com", PYTHONPATH=str(shim),
+               PYMTA_WORKERS="1", PYMTA_SMTP_LISTEN="127.0.0.1:0", SMTPD_USE_TLS="yes",
+               PYMTA_SUBMISSION_LISTEN="127.0.0.1:0", PYMTA_SUBMISSIONS_LISTEN="127.0.0.1:0",
+               **env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"pymta: {variable}: needs the {hidden} package "
+                           f"(pip install 'pymta-server[{extra}]')\n")
+    assert proc.stdout == ""

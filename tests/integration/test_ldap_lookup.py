@@ -120,7 +120,7 @@ async def test_injection_finds_nothing(directory: SlapdServer, evil: str) -> Non
 async def test_alias_in_the_table_resolves_in_the_directory(directory: SlapdServer) -> None:
     from pymta.backends.table import TableLookup
 
-    table = TableLookup.from_config(DOMAINS, "local@example.com:local/",
+    table = TableLookup.from_text(DOMAINS, "local@example.com:local/",
                                     "sales:robert,local", other_sources=True)
     ldap = LdapLookup(settings(directory))
     try:

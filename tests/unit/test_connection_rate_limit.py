@@ -3,6 +3,7 @@ the connection refusals of the listener (issue 10)."""
 
 from __future__ import annotations
 
+from pymta.backends.chain import LookupChain
 from pymta.session import ReceiveContext, network_matcher
 from pymta.smtp.engine import EngineConfig
 from pymta.smtp.server import ConnectionRateLimit, ListenerContext
@@ -42,7 +43,7 @@ def test_table_is_bounded_and_expired_windows_are_dropped() -> None:
 def _listener(rate: int, mynetworks: tuple[str, ...] = (), per_ip: int = 50,
               total: int = 2000) -> ListenerContext:
     receive = ReceiveContext(hostname="mx.example.com", local_domains=frozenset({"x.test"}),
-                             first_domain="x.test", lookups=(),
+                             first_domain="x.test", lookup=LookupChain([]),
                              intake=None,  # type: ignore[arg-type]  # never reached
                              relay_allowed=network_matcher(mynetworks))
     return ListenerContext(receive=receive, engine_config=EngineConfig("mx.example.com"),

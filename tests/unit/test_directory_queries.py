@@ -10,6 +10,7 @@ from pymta.backends.ldap import _check_filter, expand_filter, parse_ldap_host
 from pymta.backends.mysql import compile_query, parse_mysql_host
 from pymta.config.errors import ConfigError
 from pymta.config.load import load_config
+from tests.conftest import load_checked
 
 USER = "(&(objectClass=posixAccount)(mail=%s))"
 
@@ -151,6 +152,6 @@ def test_variables_load_from_the_environment() -> None:
     assert "secret" not in repr(c) and "'pw'" not in repr(c)
     assert load_config({"MAIL_DOMAIN": "example.com"}).ldap_query_attrs_user == "mail"
     with pytest.raises(ConfigError, match="^MYSQL_QUERY_USER: "):
-        load_config({**env, "MYSQL_QUERY_USER": "select mail where mail='%x'"})
+        load_checked({**env, "MYSQL_QUERY_USER": "select mail where mail='%x'"})
     with pytest.raises(ConfigError, match="^LDAP_HOST: "):
-        load_config({**env, "LDAP_HOST": "http://x"})
+        load_checked({**env, "LDAP_HOST": "http://x"})

@@ -38,6 +38,7 @@ from pymta.pipeline.dkimverify import (
 from pymta.pipeline.dmarc import DkimSignatureResult
 from pymta.pipeline.headers import split_fields, strict_view
 from pymta.types import Recipient
+from tests.conftest import load_checked
 
 MSG = (b"Received: from x by y; Mon, 1 Jan 2024 10:00:00 +0000\r\nFrom: A <a@example.com>\r\n"
        b"To: b@example.net\r\nSubject: hi\r\n\r\nbody\r\n")
@@ -128,7 +129,7 @@ def test_config_variables(tmp_path: Path) -> None:
                              ("DKIM_SELECTOR", "a b", "not a selector"),
                              ("DKIM_PRIVATEKEY", "xyz", "not a PEM")):
         with pytest.raises(ConfigError, match=f"^{name}: .*{msg}"):
-            load_config({"MAIL_DOMAIN": "example.com", name: value})
+            load_checked({"MAIL_DOMAIN": "example.com", name: value})
     secret = "".join(private_pem(RSA).decode().strip().splitlines()[1:-1])
     config = load_config({"MAIL_DOMAIN": "example.com", "DKIM_PRIVATEKEY": secret})
     assert secret not in repr(config)

@@ -73,60 +73,61 @@ class FakeResolver:
 
 
 @pytest.fixture
-def fake(monkeypatch):
+def fake():
+    """Issue 11: no process-wide resolver to replace; a DNSResolver over the fake."""
     def install(data):
-        monkeypatch.setattr(pdns, "_resolver", FakeResolver(data))
+        return pdns.DNSResolver(resolver=FakeResolver(data))
     yield install
 
 
 async def test_mx_lookup(fake) -> None:
-    fake({("example.com", "MX"): ["20 mx2.example.com.", "10 mx1.example.com."]})
-    result = await pdns.mx_hosts("Example.COM.")
+    r = fake({("example.com", "MX"): ["20 mx2.example.com.", "10 mx1.example.com."]})
+    result = await r.mx_hosts("Example.COM.")
     assert result.hosts == ("mx1.example.com", "mx2.example.com") and not result.implicit
 
 
 async def test_no_mx_falls_back_to_address(fake) -> None:
-    fake({("nomx.example.com", "A"): ["127.0.0.3"]})
-    result = await pdns.mx_hosts("nomx.example.com")
+    r = fake({("nomx.example.com", "A"): ["127.0.0.3"]})
+    result = await r.mx_hosts("nomx.example.com")
     assert result.hosts == ("nomx.example.com",) and result.implicit
-    assert await pdns.addresses("nomx.example.com") == ["127.0.0.3"]
+    assert await r.addresses("nomx.example.com") == ["127.0.0.3"]
 
 
 async def test_null_mx_is_permanent(fake) -> None:
-    fake({("nullmx.example", "MX"): ["0 ."]})
+    r = fake({("nullmx.example", "MX"): ["0 ."]})
     with pytest.raises(pdns.DNSFailure) as info:
-        await pdns.mx_hosts("nullmx.example")
+        await r.mx_hosts("nullmx.example")
     assert info.value.permanent and "nullMX" in info.value.text
 
 
 async def test_nxdomain_is_permanent(fake) -> None:
-    fake({})
+    r = fake({})
     with pytest.raises(pdns.DNSFailure) as info:
-        await pdns.mx_hosts("nowhere.example")
+        await r.mx_hosts("nowhere.example")
     assert info.value.permanent
 
 
 @pytest.mark.parametrize("exc", [dns.resolver.NoNameservers(), dns.resolver.LifetimeTimeout(
     timeout=1.0, errors=[])])
 async def test_servfail_and_timeout_are_temporary(fake, exc) -> None:
-    fake({("flaky.example", "MX"): exc})
+    r = fake({("flaky.example", "MX"): exc})
     with pytest.raises(pdns.DNSFailure) as info:
-        await pdns.mx_hosts("flaky.example")
+        await r.mx_hosts("flaky.example")
     assert not info.value.permanent
 
 
 async def test_address_literal_and_ip() -> None:
-    assert (await pdns.mx_hosts("[192.0.2.1]")).hosts == ("192.0.2.1",)
-    assert await pdns.addresses("192.0.2.1") == ["192.0.2.1"]
+    assert (await pdns.DNSResolver().mx_hosts("[192.0.2.1]")).hosts == ("192.0.2.1",)
+    assert await pdns.DNSResolver().addresses("192.0.2.1") == ["192.0.2.1"]
 
 
 async def test_a_and_aaaa(fake) -> None:
-    fake({("mx2.example.com", "A"): ["127.0.0.2"], ("mx2.example.com", "AAAA"): ["::1"]})
-    assert await pdns.addresses("mx2.example.com") == ["127.0.0.2", "::1"]
+    r = fake({("mx2.example.com", "A"): ["127.0.0.2"], ("mx2.example.com", "AAAA"): ["::1"]})
+    assert await r.addresses("mx2.example.com") == ["127.0.0.2", "::1"]
 
 
 async def test_host_without_addresses_is_permanent(fake) -> None:
-    fake({("noaddr.example", "TXT"): ['"x"']})
+    r = fake({("noaddr.example", "TXT"): ['"x"']})
     with pytest.raises(pdns.DNSFailure) as info:
-        await pdns.addresses("noaddr.example")
+        await r.addresses("noaddr.example")
     assert info.value.permanent

@@ -112,6 +112,35 @@ def test_issue10_fuzz_empty_part_and_odd_boundaries_keep_the_structure() -> None
     assert to_7bit(odd) == odd                   # was: UnicodeEncodeError (a retry loop)
 
 
+@pytest.mark.parametrize("data", [
+    b"Subject: x\r\nFrom \xe9\r\n\r\nbody\r\n",         # then the empty line
+    b"Subject: x\r\nFrom \xe9\r\nbody\r\n",               # then text
+    b"Subject: x\r\nFrom \xe9",                           # then the end
+    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX: y\r\nFrom \xe9\r\n\r\nz\r\n"
+    b"--b--\r\n",                                        # in a part
+])
+def test_issue11_ci_fuzz_from_line_ending_the_header_is_body(data: bytes) -> None:
+    """Found by the mime fuzz target in CI: a ``From `` line that is the last of several
+    header lines is the body's first line to a reader (the stdlib's parser pushes it back),
+    so its 8-bit octets went out unconverted to a peer without 8BITMIME."""
+    out = to_7bit(data)
+    assert out.isascii(), out
+    assert [leaf[2] for leaf in _leaves(out)] == [leaf[2] for leaf in _leaves(data)]
+    assert all(leaf[1] == "quoted-printable" for leaf in _leaves(out) if leaf[2])
+
+
+def test_issue11_ci_fuzz_digest_parts_are_messages() -> None:
+    """A part of a multipart/digest without a Content-Type is message/rfc822 (RFC 2046
+    §5.1.5): it is converted inside, not given a Content-Transfer-Encoding that turned its
+    whole text, header fields included, into one quoted-printable body."""
+    data = (b"Content-Type: multipart/digest; boundary=b\r\n\r\n--b\r\n\r\n"
+            b"Subject: inner\r\n\r\nh\xe9\r\n--b--\r\n")
+    out = to_7bit(data)
+    assert out.isascii()
+    assert b"\r\n--b\r\n\r\nSubject: inner\r\nContent-Transfer-Encoding: quoted-printable" in out
+    assert _leaves(out) == [("text/plain", "quoted-printable", b"h\xe9")]
+
+
 def test_needs_smtputf8() -> None:
     assert needs_smtputf8("j\u00f6rg@example.com", ["a@example.net"], b"Subject: x\r\n\r\n")
     assert needs_smtputf8("a@example.com", ["a@example.net"],

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from pymta.backends.chain import LookupChain
 from pymta.pipeline import Action, Pipeline, SpooledBody, Transaction, Verdict
 from pymta.queue import store as store_module
 from pymta.queue.committer import CommitItem, GroupCommitter
@@ -478,7 +479,7 @@ def make_session(store: QueueStore, pipeline: Pipeline | None = None
                  ) -> tuple[Session, list[str]]:
     submitted: list[str] = []
     ctx = ReceiveContext(hostname="mx.example.com", local_domains=frozenset({"example.com"}),
-                         first_domain="example.com", lookups=[],
+                         first_domain="example.com", lookup=LookupChain([]),
                          intake=Intake(store, lambda qid, env, lock=None: (
                              submitted.append(qid), lock and lock.release())),
                          pipeline=pipeline)

@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from pymta.app import _default_lookups
 from pymta.backends.chain import LookupChain
 from pymta.backends.ldap import LdapLookup
 from pymta.backends.mysql import MysqlLookup
@@ -15,6 +14,7 @@ from pymta.backends.table import TableLookup
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 from pymta.types import Address, Destination, Target, TemporaryFailure
+from pymta.wiring import recipient_lookup
 
 DOMAINS = ("example.com", "example.org")
 
@@ -205,8 +205,8 @@ async def test_close_closes_every_source() -> None:
 
 async def test_table_with_other_sources_leaves_unknown_local_targets_to_the_chain() -> None:
     with pytest.raises(ConfigError, match="MAIL_ALIASES"):
-        TableLookup.from_config(DOMAINS, "a@example.com", "sales:a,ldapuser")
-    table = TableLookup.from_config(DOMAINS, "a@example.com", "sales:a,ldapuser",
+        TableLookup.from_text(DOMAINS, "a@example.com", "sales:a,ldapuser")
+    table = TableLookup.from_text(DOMAINS, "a@example.com", "sales:a,ldapuser",
                                     other_sources=True)
     directory = Memory({"ldapuser@example.com": box("ldapuser@example.com")})
     dest = await LookupChain([table, directory], DOMAINS).lookup(Address("sales@example.com"))
@@ -217,8 +217,9 @@ async def test_table_with_other_sources_leaves_unknown_local_targets_to_the_chai
 
 def test_default_lookups_wiring() -> None:
     base = Config(hostname="mx.example.com", mail_domain=DOMAINS, mail_boxes="a@example.com")
-    only_table = _default_lookups(base)
-    assert len(only_table) == 1 and isinstance(only_table[0], TableLookup)
+    only_table = recipient_lookup(base)     # issue 11: always the chain, the table alone too
+    assert isinstance(only_table, LookupChain)
+    assert [type(s) for s in only_table.sources] == [TableLookup]
 
     full = Config(
         hostname="mx.example.com", mail_domain=DOMAINS, mail_boxes="a@example.com",
@@ -227,7 +228,7 @@ def test_default_lookups_wiring() -> None:
         ldap_query_filter_user="(mail=%s)", mysql_host="127.0.0.1:1", mysql_database="db",
         mysql_query_user="select mail from users where mail='%s'", lookup_cache_ttl=5,
         lookup_negative_ttl=2)
-    (lookup,) = _default_lookups(full)
+    lookup = recipient_lookup(full)
     assert isinstance(lookup, RegexRewrite)
     chain = lookup.inner
     assert isinstance(chain, LookupChain)
@@ -247,7 +248,7 @@ def test_incomplete_directory_settings_are_config_errors(overrides: dict[str, st
                                                          variable: str) -> None:
     config = Config(hostname="mx.example.com", mail_domain=DOMAINS, **overrides)
     with pytest.raises(ConfigError, match=f"^{variable}"):
-        _default_lookups(config)
+        recipient_lookup(config)
 
 
 class Counting(Memory):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from pymta.auth import AuthPolicy, AuthThrottle
+from pymta.backends.chain import LookupChain
 from pymta.backends.passwd import PasswordFile, hash_password
 from pymta.contracts import RecipientLookup
 from pymta.pipeline import Pipeline, SpooledBody, Transaction
@@ -66,7 +67,8 @@ def make_session(store: QueueStore, *, lookups: Sequence[RecipientLookup] = (),
                  tls_info: str | None = None) -> tuple[Session, Submitted]:
     submitted = Submitted()
     ctx = ReceiveContext(hostname="mx.example.com", local_domains=frozenset({"example.com"}),
-                         first_domain="example.com", lookups=lookups,
+                         first_domain="example.com",
+                         lookup=LookupChain(lookups, frozenset({"example.com"})),
                          intake=Intake(store, submitted, hold_incoming=hold), auth=auth,
                          pipeline=pipeline, lookup_timeout=lookup_timeout)
     session = Session(ctx, PEER, 40000)

@@ -9,7 +9,7 @@ import hmac
 import pytest
 
 from pymta.auth import AuthThrottle
-from pymta.backends.authchain import AuthChain, build_authenticator
+from pymta.backends.authchain import AuthChain
 from pymta.backends.ldapauth import expand_pass_filter, pass_filter, user_attribute
 from pymta.backends.mysqlauth import compile_pass_query
 from pymta.backends.passwd import (
@@ -25,6 +25,8 @@ from pymta.config.errors import ConfigError
 from pymta.config.load import load_config
 from pymta.session import network_matcher
 from pymta.types import ConnInfo, Identity, TemporaryFailure
+from pymta.wiring import build_authenticator
+from tests.conftest import load_checked
 
 CONN = ConnInfo("192.0.2.1", 1234, "c.test", tls=True)
 
@@ -257,7 +259,7 @@ def test_methods_follow_from_the_variables():
 ])
 def test_bad_sasl_variables_name_the_variable(env, var):
     with pytest.raises(ConfigError) as info:
-        load_config({**BASE, **env})
+        load_checked({**BASE, **env})
     assert str(info.value).startswith(var)
 
 

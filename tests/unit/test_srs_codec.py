@@ -344,7 +344,7 @@ async def test_lookup_refuses_expired() -> None:
 async def test_lookup_of_our_own_user_goes_through_the_other_lookups() -> None:
     srs = codec()
     box = Destination((Target("alice@example.com", True, "alice/"),))
-    lookup = SRSLookup(srs, LOCAL, [Table({"alice@example.com": box})])
+    lookup = SRSLookup(srs, LOCAL, Table({"alice@example.com": box}))
     # an SRS address (made by us) standing for a local address resolves to the mailbox
     made = f"SRS0={srs.make_hash(srs.timestamp(), 'example.com', 'alice')}=" \
            f"{srs.timestamp()}=example.com=alice@example.com"
@@ -356,8 +356,8 @@ async def test_lookup_of_our_own_user_goes_through_the_other_lookups() -> None:
 
 def test_no_file_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    from pymta.app import _default_pipeline
+    from pymta.wiring import build_pipeline
 
-    pipeline = _default_pipeline(Config(hostname="mx.example.com", mail_domain=("a.test",)))
+    pipeline = build_pipeline(Config(hostname="mx.example.com", mail_domain=("a.test",)))
     assert any(m.name == "srs" for m in pipeline.modifiers)
     assert os.listdir(tmp_path) == []  # building stages reads and writes nothing

@@ -12,7 +12,7 @@ DOMS = ("example.com", "example.org")
 
 
 def table(boxes: str = "", aliases: str = "", domains: tuple[str, ...] = DOMS) -> TableLookup:
-    return TableLookup.from_config(domains, boxes, aliases)
+    return TableLookup.from_text(domains, boxes, aliases)
 
 
 async def targets(t: TableLookup, address: str) -> list[Target] | None:
