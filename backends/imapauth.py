@@ -27,6 +27,7 @@ import ssl
 from typing import Any
 
 from pymta.config.errors import ConfigError
+from pymta.tls import client_ssl_context
 from pymta.types import ConnInfo, Identity, TemporaryFailure
 
 log = logging.getLogger("pymta.sasl")
@@ -65,13 +66,6 @@ def parse_imap_host(value: str, var: str = VAR) -> tuple[str, int]:
 
 def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _opportunistic_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 class _Unavailable(Exception):
@@ -123,7 +117,7 @@ class ImapAuthenticator:
 
         if self.port == 993:
             client: Any = aioimaplib.IMAP4_SSL(self.host, self.port, timeout=self.timeout,
-                                               ssl_context=_opportunistic_tls())
+                                               ssl_context=client_ssl_context())
         else:
             client = aioimaplib.IMAP4(self.host, self.port, timeout=self.timeout)
         proto = None
@@ -170,6 +164,6 @@ class ImapAuthenticator:
                                                           loop=loop))
         if response.result != "OK":
             raise _Unavailable("STARTTLS refused")
-        proto.transport = await loop.start_tls(proto.transport, proto, _opportunistic_tls(),
+        proto.transport = await loop.start_tls(proto.transport, proto, client_ssl_context(),
                                                server_hostname=self.host)
         await proto.capability()  # RFC 3501 §6.2.1: forget pre-TLS capabilities

@@ -14,7 +14,7 @@ into ``new/`` and fsyncs every distinct ``new/`` once. An error is charged to th
 may have affected; they are temporary failures and their ``tmp/`` files are removed.
 
 A new maildir (the first delivery to a mailbox) is made durable as it is created: each new
-directory's parent is fsynced (``_dirs.makedirs_durable``), and the maildir itself once its
+directory's parent is fsynced (``pymta.files.makedirs_durable``), and the maildir itself once its
 ``tmp/new/cur`` exist, so a delivery is never reported done while a crash could still take
 the mailbox, and the message in it, away.
 """
@@ -31,10 +31,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pymta.files import fsync_dir, makedirs_durable, write_all
 from pymta.queue.committer import SYNCFS
 
 from ._crlf import crlf_to_lf, with_prefix
-from ._dirs import fsync_dir, makedirs_durable
 
 _counter = itertools.count(1)  # next() on a count is atomic under the GIL: thread-safe
 
@@ -51,13 +51,6 @@ def unique_name(hostname: str) -> str:
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
     return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_safe_hostname(hostname)}"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
@@ -77,7 +70,7 @@ def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
         try:
             with open(body_path, "rb", buffering=0) as body:
                 for piece in crlf_to_lf(with_prefix(prefix, body)):
-                    _write_all(fd, piece)
+                    write_all(fd, piece)
                     size += len(piece)
             os.fsync(fd)
         finally:
@@ -123,7 +116,7 @@ def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str
         # Unbuffered: whole chunks are read anyway, and a buffered reader costs system calls
         with open(body_path, "rb", buffering=0) as body:
             for piece in crlf_to_lf(with_prefix(prefix, body)):
-                _write_all(fd, piece)
+                write_all(fd, piece)
                 size += len(piece)
     except BaseException:
         os.close(fd)

@@ -24,8 +24,9 @@ import zlib
 from collections.abc import Iterable, Iterator
 from itertools import chain
 
+from pymta.files import fsync_dir, makedirs_durable, write_all
+
 from ._crlf import CHUNK, crlf_to_lf, read_lines
-from ._dirs import fsync_dir, makedirs_durable
 
 LOCK_TIMEOUT = 20.0      # seconds; Postfix: deliver_lock_attempts(20) x deliver_lock_delay(1s)
 STALE_LOCK_AGE = 300.0   # a dotlock older than this is left over from a crash
@@ -142,13 +143,6 @@ def quote_from(pieces: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_path: str,
                  now: float, lock_timeout: float = LOCK_TIMEOUT,
                  stop: threading.Event | None = None) -> None:
@@ -202,12 +196,12 @@ def _append(fd: int, sender: str, prefix: bytes, body_path: str,
                 buf += piece
                 last = piece
                 if len(buf) >= CHUNK:
-                    _write_all(fd, buf)
+                    write_all(fd, buf)
                     buf.clear()
         if not last.endswith(b"\n"):
             buf += b"\n"
         buf += b"\n"
-        _write_all(fd, buf)
+        write_all(fd, buf)
         os.fsync(fd)
     except BaseException:
         try:

@@ -66,6 +66,7 @@ from aiosmtplib.errors import (
 
 from pymta.config.model import RelayHost
 from pymta.dns import DNSFailure, DNSResolver
+from pymta.tls import client_ssl_context
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body, screen
@@ -75,14 +76,6 @@ log = logging.getLogger(__name__)
 TLS_LEVELS = ("none", "may", "encrypt")
 RCPT_LIMIT = 50          # Postfix smtp_destination_recipient_limit
 REUSE_TIME_LIMIT = 300.0  # Postfix smtp_connection_reuse_time_limit
-
-
-def client_tls_context() -> ssl.SSLContext:
-    """Encrypt without verifying (Postfix ``may``/``encrypt``: no certificate checks)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 class HostFailure(Exception):
@@ -144,7 +137,7 @@ class SMTPRelayAgent:
         self.rcpt_limit = max(1, rcpt_limit)
         self._clock = clock
         self.resolver = resolver if resolver is not None else DNSResolver()
-        self._tls = client_tls_context()
+        self._tls = client_ssl_context()   # Postfix may/encrypt: no certificate checks
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[str, list[Connection]] = {}
         self._dead: dict[tuple[str, int], tuple[float, Reply]] = {}

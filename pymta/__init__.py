@@ -16,14 +16,15 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pymta.app import MTA, serve
+    from pymta.app import MTA
     from pymta.config.load import load_config
     from pymta.config.model import Config
+    from pymta.daemon import serve
 
 __all__ = ["MTA", "Config", "load_config", "serve"]
 __version__ = "0.1.0"
 
-_WHERE = {"MTA": "pymta.app", "serve": "pymta.app", "load_config": "pymta.config.load",
+_WHERE = {"MTA": "pymta.app", "serve": "pymta.daemon", "load_config": "pymta.config.load",
           "Config": "pymta.config.model"}
 
 
@@ -61,5 +62,7 @@ class _SourceTreeAdapters(importlib.abc.MetaPathFinder):
             fullname, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
 
 
+# First in line: a checkout's core must get the checkout's adapters, not those of another
+# tree that an editable install elsewhere maps (mixed trees would be code no one wrote).
 if _ADAPTERS and not any(isinstance(f, _SourceTreeAdapters) for f in sys.meta_path):
-    sys.meta_path.append(_SourceTreeAdapters())
+    sys.meta_path.insert(0, _SourceTreeAdapters())

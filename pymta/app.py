@@ -1,4 +1,5 @@
-"""``pymta.MTA``: one mail server, usable inside any asyncio program, and ``serve`` for the CLI.
+"""``pymta.MTA``: one mail server, usable inside any asyncio program, and ``serve_async``, one
+server process until a signal (``pymta serve`` is :mod:`pymta.daemon`).
 
 An ``MTA`` assembles a server from a ``Config``: the adapters the configuration names (built
 by ``pymta.wiring``, the one place that knows adapters by name), the queue store and manager,
@@ -30,7 +31,6 @@ import ssl
 from collections.abc import Sequence
 
 from pymta import wiring
-from pymta.auth import AuthPolicy, AuthThrottle
 from pymta.callbacks import AgentLike, LookupLike
 from pymta.config.model import Config, ListenAddress
 from pymta.contracts import (
@@ -45,14 +45,15 @@ from pymta.queue.intake import Intake
 from pymta.queue.manager import QueueManager
 from pymta.queue.retry import RetryPolicy
 from pymta.queue.store import QueueStore
-from pymta.session import ReceiveContext, network_matcher
-from pymta.smtp.engine import EngineConfig
-from pymta.smtp.server import (
+from pymta.receiving.auth import AuthPolicy, AuthThrottle
+from pymta.receiving.listener import (
     ConnectionRateLimit,
     ListenerContext,
     SMTPServerProtocol,
     close_sessions,
 )
+from pymta.receiving.session import ReceiveContext, network_matcher
+from pymta.smtp.engine import EngineConfig
 from pymta.tls import server_ssl_context
 from pymta.types import Address, Recipient, SMTPError, TemporaryFailure
 
@@ -313,19 +314,3 @@ async def serve_async(config: Config, *, sockets: dict[str, list[socket.socket]]
 def _wake(mta: MTA) -> None:
     if mta.manager is not None:
         mta.manager.wake()
-
-
-def serve(config: Config) -> int:
-    """Run a server until SIGTERM/SIGINT; the exit status for the CLI. The configuration is
-    checked first (``pymta.wiring.check``: ConfigError naming the variable, before anything
-    listens)."""
-    from pymta.log import setup_logging
-
-    setup_logging(config)
-    if config.workers > 1:
-        from pymta.workers import Supervisor
-
-        return Supervisor(config).run()     # checks the configuration before any fork
-    wiring.check(config)
-    install_uvloop()
-    return asyncio.run(serve_async(config))

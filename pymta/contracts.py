@@ -118,7 +118,8 @@ class Authenticator(Protocol):
     """Checks SASL credentials (AUTH PLAIN and LOGIN).
 
     Returns the :class:`~pymta.types.Identity` for right credentials, ``None`` for wrong ones
-    (the client gets ``535 5.7.8``, delayed per client address by ``pymta.auth``). Raises
+    (the client gets ``535 5.7.8``, delayed per client address by
+    ``pymta.receiving.auth``). Raises
     :class:`~pymta.types.TemporaryFailure` when it cannot check now (the client gets ``454
     4.7.0``): a backend that is down must never turn a right password into ``535``. Any other
     exception is a fault: ``454 4.7.0`` and one log line naming only the exception's type.
@@ -127,7 +128,8 @@ class Authenticator(Protocol):
     <pymta.backends.authchain.AuthChain>` applies ``DOVECOT_AUTH_USERNAME_FORMAT`` before its
     methods see it); the returned Identity's username is what ``Received:`` and the queue
     record show. ``conn`` tells whether the connection is under TLS. Implementations never
-    log the password. Time: ``pymta.auth`` cuts one check at its timeout (``454 4.7.0``).
+    log the password. Time: ``pymta.receiving.auth`` cuts one check at its timeout
+    (``454 4.7.0``).
     """
 
     async def authenticate(self, username: str, password: str,

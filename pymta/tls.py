@@ -1,4 +1,5 @@
-"""The server-side TLS context for STARTTLS (25, 587) and implicit TLS (465).
+"""The TLS contexts: the server's for STARTTLS (25, 587) and implicit TLS (465), and the one
+client context of every outbound connection (SMTP relay, IMAP for SASL).
 
 As in the seed image, TLS is on when ``SMTPD_TLS_CERT_FILE``/``SMTPD_TLS_KEY_FILE`` are given
 or ``SMTPD_USE_TLS=yes``. With ``SMTPD_USE_TLS=yes`` and no files a self-signed certificate is
@@ -8,6 +9,9 @@ and regenerating it at each start would break clients that pin it.
 
 Problems with the files become ConfigError naming the variable, so ``pymta check-config``
 and ``serve`` report them as one line.
+
+The client side encrypts opportunistically and verifies nothing (:func:`client_ssl_context`),
+the same for the relay and the IMAP check, in one place so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 
-__all__ = ["describe_tls", "selfsigned_paths", "server_ssl_context"]
+__all__ = ["client_ssl_context", "describe_tls", "selfsigned_paths", "server_ssl_context"]
 
 _VALIDITY = datetime.timedelta(days=3650)
 
@@ -52,6 +56,19 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
     cert_path, key_path = ensure_selfsigned(config)
     name = f"self-signed certificate {cert_path} (delete it and its key to regenerate)"
     return _context(str(cert_path), str(key_path), name, name)
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    """The context of pymta's outbound TLS: it encrypts, but checks neither the certificate
+    nor the host name. SMTP between MTAs is opportunistic (Postfix's ``may`` and ``encrypt``
+    levels verify nothing either: a check an MX cannot pass would only send the mail in the
+    clear), and Dovecot's remote-IMAP passdb, which ``SMTPD_SASL_IMAPHOST`` replaces, does
+    not verify by default. A new context per call: callers keep theirs for their lifetime.
+    Protocol floor and ciphers are Python's defaults (TLS 1.2 and up)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def _context(cert: str, key: str, cert_name: str, key_name: str) -> ssl.SSLContext:

@@ -4,7 +4,7 @@ and the pre-queue pipeline's verdicts and decision.
 Values only: the ``typing.Protocol`` interfaces that adapters implement (recipient lookups,
 authenticators, checks, delivery agents, the queue store) are in :mod:`pymta.contracts`, which
 imports this module and nothing else of pymta. The core imports these two modules, never an
-adapter by name; the wiring (``pymta.app``) connects adapters. Two modules with no pymta
+adapter by name; the wiring (``pymta.wiring``) connects adapters. Two modules with no pymta
 imports of their own are what keeps the core and its adapters free of import cycles (maddy's
 ``framework/module``). The protocols' old names here (``pymta.types.RecipientLookup`` ...)
 still resolve, lazily, for code written before they moved.

@@ -56,7 +56,7 @@ from pymta.config.model import Config
 from pymta.contracts import Authenticator, DeliveryAgent, RecipientLookup, Router
 from pymta.dns import DNSResolver
 from pymta.srs import SRS
-from pymta.srs import from_config as srs_from_config
+from pymta.srs import build as build_srs
 
 if TYPE_CHECKING:
     from pymta.pipeline import Pipeline
@@ -111,7 +111,7 @@ class Services:
 
     @classmethod
     def from_config(cls, config: Config) -> Services:
-        srs = srs_from_config(config)
+        srs = build_srs(config)
         keys = None
         if config.dkim_sign or config.arc:
             from pymta.pipeline.dkimkeys import KeyStore
@@ -212,7 +212,7 @@ def recipient_lookup(config: Config, sources: Sequence[LookupLike] | LookupLike 
 
         lookup = RegexRewrite.from_config(config, lookup)
     if services.srs is not None:
-        from pymta.backends.srs import SRSLookup
+        from pymta.srs.reverse import SRSLookup
 
         lookup = SRSLookup(services.srs, services.local_domains, lookup)
     return lookup
@@ -368,7 +368,7 @@ def _check_dkim_key(config: Config) -> None:
 
 
 def _srs_rewrite(config: Config, services: Services) -> Any:
-    from pymta.pipeline.srs import SRSRewrite
+    from pymta.srs.rewrite import SRSRewrite
 
     assert services.srs is not None
     return SRSRewrite(services.srs)

@@ -32,7 +32,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from pymta import app, wiring
 from pymta.config.model import Config, ListenAddress
+from pymta.tls import server_ssl_context
 
 log = logging.getLogger("pymta")
 
@@ -92,9 +94,6 @@ class Supervisor:
     def _prepare(self) -> None:
         """Everything that can fail on bad configuration happens here, before any fork, so
         the CLI reports it once (ConfigError → exit 2) and nothing listens."""
-        from pymta import wiring
-        from pymta.tls import server_ssl_context
-
         config = self.config
         wiring.check(config)              # every adapter's settings, nothing built
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
@@ -127,11 +126,9 @@ class Supervisor:
                 if i != index:
                     for sock in (s for group in socks.values() for s in group):
                         sock.close()
-            from pymta.app import install_uvloop, serve_async
-
-            install_uvloop()
+            app.install_uvloop()
             code = asyncio.run(early.replayed(
-                serve_async(self.config, sockets=self.sockets[index], pid_file=False)))
+                app.serve_async(self.config, sockets=self.sockets[index], pid_file=False)))
         except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
             log.exception("worker %d failed", index)
         finally:

@@ -7,7 +7,8 @@
 #      apt is not touched at all when they are installed already.
 #   2. .venv with the package in editable mode plus test extras (re-installed only when
 #      pyproject.toml changed since the last install).
-#   3. ruff check .
+#   3. ruff check ., then the import contracts of pyproject.toml (scripts/lint_imports.py:
+#      Import Linter over the installed layout, where pymta.backends/delivery exist).
 #   4. pytest; "no tests collected" (5) is a failure, not a pass.
 #   5. fuzzing: every fuzz/ target for N seconds (--fuzz-seconds N, else $PYMTA_FUZZ_SECONDS,
 #      else 5: under a minute for all targets); 0 skips it. A finding fails the command and
@@ -105,6 +106,8 @@ fi
 # --- 3. lint ----------------------------------------------------------------------------------
 step "ruff check ."
 .venv/bin/ruff check .
+step "import contracts (scripts/lint_imports.py)"
+.venv/bin/python scripts/lint_imports.py
 
 # --- 4. tests ---------------------------------------------------------------------------------
 step "pytest -q ${PYTEST_ARGS[*]}"

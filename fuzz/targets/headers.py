@@ -1,7 +1,8 @@
 """Fuzz target: the parsers and scanners of received header sections.
 
-``pymta.headerscan.HeaderScanner`` (fed in pieces), ``pymta.pipeline.headers`` (split, name,
-value, filter, streaming copy, fold), ``authresults.authserv_id`` / ``claims_ours``, and the
+``pymta.receiving.headerscan.HeaderScanner`` (fed in pieces), ``pymta.pipeline.headers``
+(split, name, value, filter, streaming copy, fold), ``authresults.authserv_id`` /
+``claims_ours``, and the
 helpers the pipeline stages use on a received header (``dmarc.author_domains``,
 ``dkimsign.header_value`` / ``from_domain``, ``dkimverify.parse_signatures``,
 ``arc.arc_key_names`` / ``has_arc``).
@@ -29,7 +30,6 @@ import io
 import random
 
 from fuzz.harness import Input, require, spool_form
-from pymta.headerscan import HeaderScanner
 from pymta.pipeline import arc, dkimsign, dkimverify, dmarc
 from pymta.pipeline.authresults import AuthResultsModifier, authserv_id
 from pymta.pipeline.headers import (
@@ -40,6 +40,7 @@ from pymta.pipeline.headers import (
     fold,
     split_fields,
 )
+from pymta.receiving.headerscan import HeaderScanner
 
 NAMES = ("received", "authentication-results", "subject", "from", "dkim-signature",
          "arc-seal", "x-a", "to")

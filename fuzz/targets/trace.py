@@ -1,5 +1,5 @@
 """Fuzz target: the header fields pymta writes from what a client said -- ``Received:``,
-``Received-SPF:`` and ``Authentication-Results:`` (``pymta.received``,
+``Received-SPF:`` and ``Authentication-Results:`` (``pymta.receiving.received``,
 ``pymta.pipeline.spf``, ``pymta.pipeline.authresults``).
 
 Input layout: a flag byte (TLS, AUTH, which SPF result), then the HELO argument, the MAIL
@@ -28,7 +28,7 @@ from pymta.pipeline import SpooledBody, Transaction, Verdict
 from pymta.pipeline import spf as spf_stage
 from pymta.pipeline.authresults import AuthResultsModifier
 from pymta.pipeline.headers import split_fields
-from pymta.received import protocol_name, received_header
+from pymta.receiving.received import protocol_name, received_header
 from pymta.smtp import events as ev
 from pymta.smtp.engine import Engine, EngineConfig
 from pymta.types import Reply

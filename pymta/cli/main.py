@@ -131,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pymta.log import setup_logging
 
     setup_logging(config)
-    from pymta.app import serve
+    from pymta.daemon import serve
 
     sys.exit(serve(config))
 

@@ -470,6 +470,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("virtual_transport", "VIRTUAL_TRANSPORT", parse_virtual_transport),
     _Setting("dns_resolver", "PYMTA_DNS_RESOLVER", parse_nameservers),
     _Setting("dns_timeout", "PYMTA_DNS_TIMEOUT", _duration(True)),
+    # Postfix's smtpd_peername_lookup: the client's forward-confirmed PTR name (pymta/peername.py)
+    _Setting("peername_lookup", "PYMTA_PEERNAME_LOOKUP", parse_bool),
     _Setting("mx_port", "PYMTA_MX_PORT", _port),
     _Setting("destination_concurrency", "PYMTA_DESTINATION_CONCURRENCY", _size(1)),
     _Setting("smtp_connect_timeout", "PYMTA_SMTP_CONNECT_TIMEOUT", _duration(True)),

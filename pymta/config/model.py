@@ -113,6 +113,7 @@ class Config:
     virtual_transport: str = ""                      # VIRTUAL_TRANSPORT lmtp:H:PORT, lmtp:unix:PATH
     dns_resolver: tuple[str, ...] = ()               # PYMTA_DNS_RESOLVER host:port (empty: system)
     dns_timeout: float = 5.0                         # PYMTA_DNS_TIMEOUT
+    peername_lookup: bool = True                     # PYMTA_PEERNAME_LOOKUP (client PTR, FCrDNS)
     mx_port: int = 25                                # PYMTA_MX_PORT (MX and address next hops)
     destination_concurrency: int = 20                # PYMTA_DESTINATION_CONCURRENCY
     smtp_connect_timeout: float = 30.0               # PYMTA_SMTP_CONNECT_TIMEOUT
@@ -136,7 +137,7 @@ class Config:
     dkim_algorithm: str = "rsa"                      # DKIM_ALGORITHM rsa|ed25519 (new keys)
     dkim_private_key: str = field(default="", repr=False)  # DKIM_PRIVATEKEY (PEM or base64)
     arc: bool = True                                 # PYMTA_ARC (verify chains, seal forwards)
-    # SRS (sender rewriting of forwarded mail, PostSRSd's job; pymta/srs.py)
+    # SRS (sender rewriting of forwarded mail, PostSRSd's job; pymta/srs/)
     srs_enable: bool = True                          # SRS_ENABLE
     srs_domain: str = ""                             # SRS_DOMAIN (empty: first MAIL_DOMAIN)
     srs_secret: str = field(default="", repr=False)  # SRS_SECRET (empty: state dir file)

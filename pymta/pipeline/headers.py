@@ -2,9 +2,9 @@
 without touching the body, shown to strict parsers, and folded.
 
 The header section ends at the first empty line, or at the first line that is neither a
-header field nor a continuation line, the same rule as :mod:`pymta.headerscan` (Postfix's
-cleanup, ``is_header()``): a field starts with a name of printable ASCII other than ``:``,
-then optional blanks (RFC 5322 §4.5's obsolete ``Subject :``), then ``:``. A *field* is its
+header field nor a continuation line, the same rule as :mod:`pymta.receiving.headerscan`
+(Postfix's cleanup, ``is_header()``): a field starts with a name of printable ASCII other than
+``:``, then optional blanks (RFC 5322 §4.5's obsolete ``Subject :``), then ``:``. A *field* is its
 first line plus its continuation lines, CRLF included, exactly as spooled. Stages use
 :func:`split_fields` on ``SpooledBody.header_bytes()``; the queue's intake uses
 :func:`copy_without` through ``QueueStore.rewrite_spool`` to remove fields a stage asked to drop
@@ -67,8 +67,8 @@ def split_fields(section: bytes) -> list[bytes]:
     """The header fields of ``section`` (a header section, or a whole message) in order.
 
     Lines end at LF (as :func:`copy_without`, :func:`strict_view` and
-    :mod:`pymta.headerscan` read them). One regular-expression match per field, each field
-    copied once: the cost is linear in the header section however it is folded (issue 10
+    :mod:`pymta.receiving.headerscan` read them). One regular-expression match per field, each
+    field copied once: the cost is linear in the header section however it is folded (issue 10
     review: ``fields[-1] += line`` made 250,000 continuation lines cost seconds on the
     event loop), and the body after it is never looked at."""
     fields: list[bytes] = []

@@ -23,10 +23,11 @@ Layout under the store root (all directories 0700, one filesystem):
 
 Implementation summary. ``new_spool`` creates the body without a name (``O_TMPFILE``; on file
 systems without it, in ``tmp/``), takes an exclusive ``flock`` on it, then hard-links it into
-``data/`` (or ``ready/``): every body is locked from the moment it has a name there until its
-commit has finished or failed. That lock is what makes start-up
-clean-up safe with several processes on one spool: ``open()`` deletes a ``tmp/`` file or a
-body without an envelope only if it can take the lock, i.e. no live process is writing it.
+``data/`` (or ``ready/``), and hands it out in a :class:`~pymta.queue.spool.SpoolWriter`:
+every body is locked from the moment it has a name there until its commit has finished or
+failed. That lock is what makes start-up clean-up safe with several processes on one spool:
+``open()`` deletes a ``tmp/`` file or a body without an envelope only if it can take the
+lock, i.e. no live process is writing it.
 ``commit`` flushes the body, writes the envelope to ``tmp/<qid>`` and hands both to the
 ``GroupCommitter``, which makes them durable and renames the envelope into ``env/``. Delivery
 takes the same body lock (``try_lock``) so that exactly one process works on a message at a
@@ -61,15 +62,16 @@ from types import TracebackType
 from typing import BinaryIO
 
 from pymta import contracts
+from pymta.files import open_dir, write_all
 from pymta.queue import codec
 from pymta.queue.committer import CommitItem, GroupCommitter, RemoveItem
 from pymta.queue.ids import is_valid, new_qid
 from pymta.queue.space import FreeSpace, is_no_space, shortage
+from pymta.queue.spool import BUFFER_SIZE, SpoolWriter, open_body
 from pymta.types import Envelope, QueueId, SpoolClosedError, TemporaryFailure
 
 log = logging.getLogger("pymta.queue")
 
-BUFFER_SIZE = 64 * 1024
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 _tmp_serial = itertools.count()
@@ -155,83 +157,6 @@ class MessageLock:
         return f"<MessageLock {self.qid} {'held' if self.held else 'released'}>"
 
 
-class SpoolWriter:
-    """A message body being received; pass it to ``QueueStore.commit`` or call ``abort``.
-
-    ``write`` goes through a 64 KiB buffer straight into ``data/<qid>`` on the caller's
-    thread: page-cache writes are fast, and the one slow step (the flush to disk) is shared
-    with other messages in the committer. ``write`` may raise OSError (disk full); the caller
-    answers 451 and calls ``abort``.
-    """
-
-    # _REWRITING: ``QueueStore.rewrite_spool`` is replacing the file in a thread; an
-    # ``abort`` then only asks (``_abort_asked``), and the rewrite's end carries it out.
-    _OPEN, _COMMITTING, _COMMITTED, _ABORTED, _REWRITING = range(5)
-
-    def __init__(self, store: QueueStore, qid: QueueId, fd: int | BinaryIO,
-                 path: str | None = None) -> None:
-        self.qid = qid
-        # data/<qid>, or ready/<qid> for a prepared body: the commit links it into data/
-        self.path = path or store.body_path(qid)
-        self.size = 0
-        self._store = store
-        # A prepared body comes with its buffered file already built by the spool thread
-        # (``_open_body``): its fstat and lseek each release the GIL, and getting it back
-        # can wait for the spool and commit threads, so the event loop should not do them.
-        self._file = fd if not isinstance(fd, int) else _open_body(fd)
-        self._state = self._OPEN
-        self._abort_asked = False
-        # After a commit with ``QueueStore.hand_over_locks``: the message's lock, still held.
-        self.lock: contracts.MessageLock | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self._state != self._OPEN
-
-    def write(self, data: bytes) -> None:
-        if self._state != self._OPEN:
-            raise SpoolClosedError(f"{self.qid}: spool file is not open for writing")
-        self._file.write(data)
-        self.size += len(data)
-
-    def flush(self) -> None:
-        """Hand buffered bytes to the kernel so readers of ``path`` (pipeline stages) see the
-        whole message; durability is still the committer's job."""
-        if self._state == self._OPEN:
-            self._file.flush()
-
-    def abort(self) -> None:
-        """Forget the message. Idempotent; a no-op once ``commit`` has taken the writer.
-
-        During a ``rewrite_spool`` the thread still uses the files: the abort is carried out
-        when the rewrite ends (on the event loop), so neither a half-renamed file nor an
-        open descriptor is left behind."""
-        if self._state == self._OPEN:
-            self._discard()
-        elif self._state == self._REWRITING:
-            self._abort_asked = True
-
-    def _discard(self) -> None:
-        self._state = self._ABORTED
-        # Unlink before closing: the lock is held until the name is gone. A file system that
-        # refuses even the unlink (read-only, failing) leaves the file to the clean-up at the
-        # next start; the descriptor is closed either way.
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("%s: cannot remove spool file: %s", self.qid, e)
-        self._close()
-
-    def _close(self) -> None:
-        try:
-            self._file.close()      # closes the descriptor even when the final flush fails
-        except OSError as e:
-            # Only an aborted writer can still have buffered bytes; they are garbage anyway.
-            log.warning("%s: closing spool file: %s", self.qid, e)
-
-
 class QueueStore:
     """The queue directory: the local :class:`pymta.contracts.QueueStore`. ``open()`` first;
     ``await start()`` before committing; ``await aclose()`` at the end.
@@ -288,10 +213,9 @@ class QueueStore:
             except FileExistsError:
                 continue
             os.chmod(path, _DIR_MODE)   # mkdir's mode is filtered by the umask
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        self._root_fd = os.open(self.root, flags)
-        self._data_fd = os.open(self.data_dir, flags)
-        self._env_fd = os.open(self.env_dir, flags)
+        self._root_fd = open_dir(self.root)
+        self._data_fd = open_dir(self.data_dir)
+        self._env_fd = open_dir(self.env_dir)
         self._recover()
 
     async def start(self) -> None:
@@ -450,7 +374,7 @@ class QueueStore:
                 self._discard_bodies(stale)
         self._refill()
         qid, fd = self._create_body()
-        return SpoolWriter(self, qid, fd)
+        return SpoolWriter(self, qid, open_body(fd), self.body_path(qid))
 
     def _refill(self) -> None:
         if (self.prealloc and not self._filling and self._spool_executor is not None
@@ -466,7 +390,7 @@ class QueueStore:
                 qid = new_qid()
                 fd = self._create_linked(qid, os.path.join(self.ready_dir, qid), ".ready")
                 if fd >= 0:
-                    self._ready.append((qid, _open_body(fd), time.monotonic()))
+                    self._ready.append((qid, open_body(fd), time.monotonic()))
         except OSError as e:
             # Once per fault, not once per message while the disk stays full or read-only.
             if self._fill_fault != e.errno:
@@ -749,7 +673,7 @@ class QueueStore:
                 log.warning("%s: %s", writer.qid, e)
         env_fd = self._create_locked(item.src)
         item.fds = (writer._file.fileno(), env_fd)
-        _write_all(env_fd, data)
+        write_all(env_fd, data)
 
     def _finish_commit(self, writer: SpoolWriter, item: CommitItem,
                        err: BaseException | None) -> None:
@@ -886,7 +810,7 @@ class QueueStore:
         tmp = os.path.join(self.tmp_dir, f"{qid}.{os.getpid()}-{next(_tmp_serial)}.save")
         fd = self._create_locked(tmp)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             if self.fsync:
                 os.fdatasync(fd)
             os.rename(tmp, os.path.join(self.env_dir, qid))
@@ -1035,15 +959,6 @@ def _close_kept(item: RemoveItem) -> None:
         item.lock_fd = -1
 
 
-def _open_body(fd: int) -> BinaryIO:
-    """The buffered file a ``SpoolWriter`` writes through; owns (and closes) ``fd``."""
-    try:
-        return open(fd, "wb", buffering=BUFFER_SIZE, closefd=True)  # noqa: SIM115
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _unlink_quietly(path: str, who: str) -> None:
     """Clean-up on an error path: a file already gone is fine, and one the file system will
     not let us remove (read-only, failing) is logged and left to the next start's clean-up,
@@ -1070,13 +985,6 @@ def _read_at_most(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         limit -= len(chunk)
     return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _checked(qid: QueueId) -> QueueId:

@@ -254,8 +254,9 @@ async def test_helo_name_with_comment_characters_is_cleaned(mta: MTA, config) ->
                             helo="evil(by.x)\\name")
     [stored] = await wait_maildir(config.mail_dir, "alice/")
     received = our_received(stored)
-    # The HELO name is cleaned (how is received.py's business: dropped or replaced), so the
-    # comment that follows it is the only one and nothing else opens or closes one.
+    # The HELO name is cleaned (how is pymta/receiving/received.py's business: dropped or
+    # replaced), so the comment that follows it is the only one and nothing else opens or
+    # closes one.
     m = re.match(r"Received: from (\S+) \(unknown \[127\.0\.0\.1\]\) by ", received)
     assert m is not None, received
     assert "evil" in m.group(1) and not set(m.group(1)) & set("()\\"), received

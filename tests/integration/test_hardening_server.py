@@ -353,7 +353,7 @@ async def test_issue10_review_stop_lets_sessions_drain_their_421_after_a_slow_on
     another finished long before and is only draining its last reply (its ``421``) to a
     slow reader. The slow one used up the grace, but the draining one still gets a short
     time of its own instead of being aborted in the same step (before: aborted at once)."""
-    from pymta.smtp.server import close_sessions
+    from pymta.receiving.listener import close_sessions
 
     ctx = types.SimpleNamespace(active=set(), stopping=False)
     loop = asyncio.get_running_loop()

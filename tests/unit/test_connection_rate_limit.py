@@ -4,9 +4,9 @@ the connection refusals of the listener (issue 10)."""
 from __future__ import annotations
 
 from pymta.backends.chain import LookupChain
-from pymta.session import ReceiveContext, network_matcher
+from pymta.receiving.listener import ConnectionRateLimit, ListenerContext
+from pymta.receiving.session import ReceiveContext, network_matcher
 from pymta.smtp.engine import EngineConfig
-from pymta.smtp.server import ConnectionRateLimit, ListenerContext
 
 
 class Clock:

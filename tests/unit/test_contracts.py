@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from pymta import contracts
-from pymta.auth import AuthPolicy
 from pymta.backends.authchain import AuthChain
 from pymta.backends.chain import LookupChain
 from pymta.backends.imapauth import ImapAuthenticator
@@ -22,7 +21,6 @@ from pymta.backends.mysql import MysqlLookup
 from pymta.backends.mysqlauth import MysqlAuthenticator
 from pymta.backends.passwd import PasswordFile
 from pymta.backends.regex import RegexRewrite, parse_regex_alias
-from pymta.backends.srs import SRSLookup
 from pymta.backends.table import TableLookup
 from pymta.delivery.lmtp import LMTPDeliveryAgent
 from pymta.delivery.local import LocalDeliveryAgent
@@ -33,7 +31,10 @@ from pymta.pipeline.authresults import AuthResultsModifier
 from pymta.pipeline.dkimverify import DkimVerify
 from pymta.pipeline.dmarc import DMARCCheck
 from pymta.pipeline.spf import SPFCheck
-from pymta.queue.store import MessageLock, QueueStore, SpoolWriter
+from pymta.queue.spool import SpoolWriter
+from pymta.queue.store import MessageLock, QueueStore
+from pymta.receiving.auth import AuthPolicy
+from pymta.srs.reverse import SRSLookup
 from pymta.types import Envelope, Recipient
 
 REPO = Path(__file__).resolve().parents[2]

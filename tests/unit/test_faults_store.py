@@ -31,7 +31,7 @@ from pymta.queue.committer import CommitItem, GroupCommitter
 from pymta.queue.intake import Intake
 from pymta.queue.space import FreeSpace, Sample, reserve_for, shortage
 from pymta.queue.store import QueueStore, SpoolClosedError
-from pymta.session import ReceiveContext, Session
+from pymta.receiving.session import ReceiveContext, Session
 from pymta.smtp import events as ev
 from pymta.smtp.params import MailParams
 from pymta.types import Envelope, Recipient, TemporaryFailure
@@ -179,7 +179,7 @@ async def test_enqueue_bytes_on_a_full_disk_is_452_and_leaves_nothing(
         store: QueueStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A DSN queued by the queue manager while the disk is full: a TemporaryFailure it can
     retry, no half message."""
-    real_open_body = store_module._open_body
+    real_open_body = store_module.open_body
 
     class FullFile:
         def __init__(self, f: Any) -> None:
@@ -191,7 +191,7 @@ async def test_enqueue_bytes_on_a_full_disk_is_452_and_leaves_nothing(
         def __getattr__(self, name: str) -> Any:
             return getattr(self._f, name)
 
-    monkeypatch.setattr(store_module, "_open_body", lambda fd: FullFile(real_open_body(fd)))
+    monkeypatch.setattr(store_module, "open_body", lambda fd: FullFile(real_open_body(fd)))
     with pytest.raises(TemporaryFailure) as exc:
         await store.enqueue_bytes(envelope(), b"Subject: DSN\r\n\r\n" + b"x" * 100_000)
     assert (exc.value.reply.code, exc.value.reply.enhanced) == (452, "4.3.1")
@@ -214,7 +214,7 @@ async def test_save_under_a_fault_keeps_the_old_envelope(store: QueueStore,
     def fail(*args: Any, **kw: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    target = {"write": (store_module, "_write_all"), "fdatasync": (os, "fdatasync"),
+    target = {"write": (store_module, "write_all"), "fdatasync": (os, "fdatasync"),
               "rename": (os, "rename")}[step]
     monkeypatch.setattr(*target, fail)
     with pytest.raises(OSError):

@@ -25,7 +25,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pymta.headerscan import HeaderScanner
 from pymta.headervalue import (
     MAX_ECHO,
     comment_text,
@@ -41,7 +40,8 @@ from pymta.headervalue import (
 from pymta.pipeline.dkimverify import DkimSignature
 from pymta.pipeline.headers import FIELD_START, field_name, fold, split_fields, strict_view
 from pymta.pipeline.spf import received_spf
-from pymta.received import received_header
+from pymta.receiving.headerscan import HeaderScanner
+from pymta.receiving.received import received_header
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "malformed"
 SETTINGS = settings(max_examples=300, deadline=None,

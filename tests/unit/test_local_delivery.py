@@ -204,7 +204,7 @@ def test_mbox_failure_truncates_to_original_size(tmp_path: Path, monkeypatch) ->
     (tmp_path / "box").write_bytes(original)
     src = tmp_path / "b"
     src.write_bytes(b"line\r\n" * 50_000)  # > 64 KiB: several writes
-    real_write = mbox_mod._write_all
+    real_write = mbox_mod.write_all
     calls = []
 
     def failing_write(fd: int, data: bytes) -> None:
@@ -213,7 +213,7 @@ def test_mbox_failure_truncates_to_original_size(tmp_path: Path, monkeypatch) ->
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(fd, data)
 
-    monkeypatch.setattr(mbox_mod, "_write_all", failing_write)
+    monkeypatch.setattr(mbox_mod, "write_all", failing_write)
     with pytest.raises(OSError) as info:
         deliver_mbox(str(tmp_path), "box", "a@b", b"", str(src), 0.0)
     assert info.value.errno == errno.ENOSPC

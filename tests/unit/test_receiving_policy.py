@@ -1,4 +1,4 @@
-"""Issue 11: the receiving side's seams. AUTH policy in one module (``pymta.auth``), the
+"""Issue 11: the receiving side's seams. AUTH policy in one module (``pymta.receiving.auth``), the
 framework's time limits on recipient lookups and AUTH, and the queue's intake applying the
 pipeline's typed Decision (the session never touches the store or a lock)."""
 
@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from pymta.auth import AuthPolicy, AuthThrottle
 from pymta.backends.chain import LookupChain
 from pymta.backends.passwd import PasswordFile, hash_password
 from pymta.contracts import RecipientLookup
 from pymta.pipeline import Pipeline, SpooledBody, Transaction
 from pymta.queue.intake import Intake
 from pymta.queue.store import QueueStore
-from pymta.session import ReceiveContext, Session
+from pymta.receiving.auth import AuthPolicy, AuthThrottle
+from pymta.receiving.session import ReceiveContext, Session
 from pymta.smtp import events as ev
 from pymta.smtp.params import MailParams, RcptParams
 from pymta.types import (

@@ -8,7 +8,6 @@ import hmac
 
 import pytest
 
-from pymta.auth import AuthThrottle
 from pymta.backends.authchain import AuthChain
 from pymta.backends.ldapauth import expand_pass_filter, pass_filter, user_attribute
 from pymta.backends.mysqlauth import compile_pass_query
@@ -23,7 +22,8 @@ from pymta.backends.passwd import (
 from pymta.config import load as load_mod
 from pymta.config.errors import ConfigError
 from pymta.config.load import load_config
-from pymta.session import network_matcher
+from pymta.receiving.auth import AuthThrottle
+from pymta.receiving.session import network_matcher
 from pymta.types import ConnInfo, Identity, TemporaryFailure
 from pymta.wiring import build_authenticator
 from tests.conftest import load_checked

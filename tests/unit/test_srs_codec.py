@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pymta.backends.srs import SRSLookup
 from pymta.config import load as load_mod
 from pymta.config.errors import ConfigError
 from pymta.config.load import load_config
 from pymta.config.model import Config
 from pymta.pipeline import Transaction
-from pymta.pipeline.srs import SRSRewrite
-from pymta.srs import SRS, SRSError, from_config, is_srs, load_secrets
+from pymta.srs import SRS, SRSError, build
+from pymta.srs.codec import is_srs, load_secrets
+from pymta.srs.reverse import SRSLookup
+from pymta.srs.rewrite import SRSRewrite
 from pymta.types import Address, Destination, Recipient, SMTPError, Target
 
 # PostSRSd's tests/unit/test_srs2.c and its socketmap tests: secret "tops3cr3t", faketime
@@ -195,21 +196,21 @@ def test_concurrent_generation_agrees(tmp_path: Path) -> None:
     assert len(results) == 8 and all(r == results[0] for r in results)
 
 
-def test_from_config(tmp_path: Path) -> None:
+def test_build(tmp_path: Path) -> None:
     base = Config(hostname="mx.example.com", mail_domain=("example.com", "example.org"),
                   state_dir=str(tmp_path / "state"))
-    srs = from_config(base)
+    srs = build(base)
     assert srs is not None and srs.domain == "example.com"
     assert not (tmp_path / "state").exists()  # nothing is read or written before use
     made = srs.forward("a@x.test")
     assert (tmp_path / "state" / "srs" / "secret").exists()
-    assert from_config(base).reverse(made) == "a@x.test"  # same secret from the file
+    assert build(base).reverse(made) == "a@x.test"  # same secret from the file
     given = Config(hostname="mx.example.com", mail_domain=("example.com",), srs_secret="s1 s0",
                    srs_domain="srs.example.com", srs_max_age=7, state_dir=str(tmp_path / "x"))
-    srs2 = from_config(given)
+    srs2 = build(given)
     assert srs2 is not None and srs2.domain == "srs.example.com" and srs2.max_age == 7
     assert SRS(["s1"], "srs.example.com").reverse(srs2.forward("a@x.test")) == "a@x.test"
-    assert from_config(Config(srs_enable=False)) is None
+    assert build(Config(srs_enable=False)) is None
     assert "s1" not in repr(given)
 
 

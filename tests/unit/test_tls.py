@@ -1,5 +1,6 @@
 """server_ssl_context: off by default, self-signed generated once and reused, given files
-loaded with errors that name the variable, and a real handshake over a socket pair."""
+loaded with errors that name the variable, and a real handshake over a socket pair; the one
+client context (relay, IMAP) encrypts to peers it cannot verify."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
-from pymta.tls import describe_tls, selfsigned_paths, server_ssl_context
+from pymta.tls import client_ssl_context, describe_tls, selfsigned_paths, server_ssl_context
 
 HOST = "mx.example.com"
 
@@ -23,9 +24,12 @@ def config(tmp_path: Path, **kw: object) -> Config:
     return Config(hostname=HOST, mail_domain=("example.com",), state_dir=str(tmp_path), **kw)
 
 
-def handshake(server_ctx: ssl.SSLContext, cafile: str) -> str:
-    """TLS over a socketpair with a verifying client; returns describe_tls of the server."""
-    client_ctx = ssl.create_default_context(cafile=cafile)
+def handshake(server_ctx: ssl.SSLContext, cafile: str | None = None, *,
+              client_ctx: ssl.SSLContext | None = None, server_hostname: str = HOST) -> str:
+    """TLS over a socketpair, by default with a client verifying against ``cafile``;
+    returns describe_tls of the server."""
+    if client_ctx is None:
+        client_ctx = ssl.create_default_context(cafile=cafile)
     a, b = socket.socketpair()
     a.settimeout(10)
     b.settimeout(10)
@@ -41,7 +45,7 @@ def handshake(server_ctx: ssl.SSLContext, cafile: str) -> str:
 
     thread = threading.Thread(target=serve)
     thread.start()
-    with client_ctx.wrap_socket(a, server_hostname=HOST) as tls:
+    with client_ctx.wrap_socket(a, server_hostname=server_hostname) as tls:
         tls.sendall(b"hello")
         assert tls.recv(5) == b"hello"
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
@@ -84,6 +88,21 @@ def test_selfsigned_names_the_host(tmp_path: Path) -> None:
     assert cn == HOST
     life = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert life.days >= 3650
+
+
+def test_client_context_encrypts_to_a_peer_it_cannot_verify(tmp_path: Path) -> None:
+    """Outbound TLS is opportunistic (Postfix's may/encrypt, Dovecot's remote-IMAP passdb):
+    a self-signed certificate for another name still gets an encrypted connection, where a
+    verifying client refuses it."""
+    cfg = config(tmp_path, smtpd_use_tls=True)
+    server = server_ssl_context(cfg)
+    assert server is not None
+    described = handshake(server, client_ctx=client_ssl_context(),
+                          server_hostname="other.example.net")
+    assert described.startswith("version=TLSv1.")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(server, client_ctx=ssl.create_default_context(),
+                  server_hostname="other.example.net")
 
 
 def test_minimum_tls_version(tmp_path: Path) -> None:

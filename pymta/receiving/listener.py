@@ -29,9 +29,9 @@ one whose decision is pending (a message being committed) gets its answer first 
 ``421``, within a grace period, so a message is not committed without its ``250`` being sent.
 
 AUTH: the engine runs the SASL exchange and hands over finished credentials; the session asks
-``pymta.auth`` (credentials, the delay before a ``535``, the log lines) and this module only
-tells the engine who the client is after a ``235``. Neither this module nor the engine logs
-SASL lines.
+``pymta.receiving.auth`` (credentials, the delay before a ``535``, the log lines) and this
+module only tells the engine who the client is after a ``235``. Neither this module nor the
+engine logs SASL lines.
 
 STARTTLS: the engine answers ``220`` and forgets what was pipelined after the command; the
 handshake runs here. A connection whose handshake fails, or for which the event loop gives
@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from pymta.session import ReceiveContext, Session
+from pymta.receiving.session import ReceiveContext, Session
 from pymta.smtp import events as ev
 from pymta.smtp.engine import Engine, EngineConfig
 from pymta.tls import describe_tls
@@ -362,7 +362,7 @@ class SMTPServerProtocol(asyncio.Protocol):
                     if not await self._start_tls():
                         return
                 elif cls is ev.Auth:
-                    busy = True     # the check, and the delay before a 535 (pymta.auth)
+                    busy = True     # the check, and the delay before a 535 (receiving.auth)
                     reply = await session.on_auth(event)
                     if reply.code == 235:
                         engine.auth_user = session.auth_user

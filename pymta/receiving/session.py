@@ -28,8 +28,8 @@ outside the local domains is accepted only from an authenticated client (``auth_
 a successful AUTH) or from an address in ``MYNETWORKS`` (``relay_allowed``); everyone else
 gets ``554 5.7.1 Relay access denied``.
 
-What the session does not do: check AUTH credentials (``pymta.auth`` does, and says who the
-client is), judge or rewrite the message (``pymta.pipeline`` returns one Decision), or touch
+What the session does not do: check AUTH credentials (``pymta.receiving.auth`` does, and says
+who the client is), judge or rewrite the message (``pymta.pipeline`` returns one Decision), or touch
 the store (``pymta.queue.intake`` applies the Decision, commits and hands the message to the
 scheduler). Every call out of the session runs under a framework time limit: a recipient
 lookup under ``lookup_timeout`` (``451 4.3.0`` beyond), AUTH and the pipeline's stages under
@@ -44,14 +44,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pymta.auth import R_AUTH_TEMP, AuthPolicy
 from pymta.bounded import bounded
 from pymta.contracts import RecipientLookup, Spool
-from pymta.headerscan import HeaderScanner
 from pymta.log import NOTICE
 from pymta.pipeline import Pipeline, SpooledBody, Transaction
 from pymta.queue.intake import Intake
-from pymta.received import protocol_name, received_header
+from pymta.receiving.auth import R_AUTH_TEMP, AuthPolicy
+from pymta.receiving.headerscan import HeaderScanner
+from pymta.receiving.received import protocol_name, received_header
 from pymta.smtp import events as ev
 from pymta.types import (
     Action,
@@ -262,7 +262,7 @@ class Session:
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
     async def on_auth(self, event: ev.Auth) -> Reply:
-        """The AUTH policy's answer (``pymta.auth``); ``235`` makes the client
+        """The AUTH policy's answer (``pymta.receiving.auth``); ``235`` makes the client
         ``auth_user``."""
         auth = self.ctx.auth
         if auth is None:

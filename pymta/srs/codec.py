@@ -48,10 +48,6 @@ import os
 import secrets as _secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pymta.config.model import Config
 
 log = logging.getLogger("pymta.srs")
 
@@ -289,22 +285,3 @@ def _read_secrets(path: str) -> list[bytes]:
     if not keys:
         raise ValueError(f"{path}: no SRS secret in the file")
     return keys
-
-
-def srs_domain(config: Config) -> str:
-    """``SRS_DOMAIN``, else the first ``MAIL_DOMAIN``."""
-    return (config.srs_domain or config.first_domain).lower().rstrip(".")
-
-
-def from_config(config: Config) -> SRS | None:
-    """The SRS codec a Config asks for, or None when ``SRS_ENABLE=no``. With ``SRS_SECRET``
-    (space-separated, first signs) the secrets are given; else they come from
-    ``<state dir>/srs/secret``, read (or generated) on first use."""
-    if not config.srs_enable:
-        return None
-    domain = srs_domain(config)
-    given = config.srs_secret.split()
-    if given:
-        return SRS(given, domain, max_age=config.srs_max_age)
-    path = os.path.join(config.state_dir, "srs", "secret")
-    return SRS(lambda: load_secrets(path), domain, max_age=config.srs_max_age)

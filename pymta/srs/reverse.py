@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable
 
 from pymta.contracts import Closeable, RecipientLookup
-from pymta.srs import SRS, SRSError, is_srs
+from pymta.srs.codec import SRS, SRSError, is_srs
 from pymta.types import Address, Destination, Reply, SMTPError, Target
 
 log = logging.getLogger("pymta.srs")

@@ -15,7 +15,7 @@ the SRS address in ``Return-Path:``; a bounce from their delivery goes to that a
 reversed to the original sender, so nothing is lost. Senders that are already SRS addresses
 become SRS1 addresses (the bounce goes straight back to the first forwarder).
 
-The stage runs after the other modifiers (see ``app._default_pipeline``), so DKIM signing,
+The stage runs after the other modifiers (``pymta.wiring.PIPELINE_STAGES``), so DKIM signing,
 ARC sealing and Authentication-Results see the sender the client gave; the checks (SPF,
 DMARC) always do. The original sender is kept in ``txn.results["srs"]`` and logged.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 
 from pymta.pipeline import SpooledBody, Transaction
-from pymta.srs import SRS
+from pymta.srs.codec import SRS
 from pymta.types import Address
 
 log = logging.getLogger("pymta.srs")
