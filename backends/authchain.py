@@ -1,4 +1,4 @@
-"""The configured SASL methods, tried in order until one says yes (the seed: "all
+"""The configured SASL methods, tried in order until one says yes (``mlan/postfix-amavis``: "all
 authentication methods are attempted one after another").
 
 :class:`AuthChain` is itself an :class:`~pymta.contracts.Authenticator` (and a
@@ -97,5 +97,5 @@ class AuthChain:
             if isinstance(method, Closeable):
                 try:
                     await method.aclose()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - the other methods must close too
                     log.debug("closing %r: %s", method, exc)

@@ -153,7 +153,7 @@ class LookupChain:
             done, rest = step(self._resolve(address))
             if done:            # answered without waiting: no task, nothing to share
                 self._store(key, rest)
-                return rest  # type: ignore[no-any-return]
+                return rest
             task = asyncio.ensure_future(rest)
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._done, key))
@@ -279,5 +279,5 @@ class LookupChain:
             if isinstance(source, Closeable):
                 try:
                     await source.aclose()
-                except Exception:  # noqa: BLE001 - stopping must go on
+                except Exception:  # stopping must go on (logged with its traceback)
                     log.exception("closing %r failed", source)

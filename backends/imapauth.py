@@ -1,5 +1,5 @@
-"""SASL against a remote IMAP server: the seed's ``SMTPD_SASL_IMAPHOST`` method (Dovecot's
-"remote IMAP" passdb).
+"""SASL against a remote IMAP server: ``mlan/postfix-amavis``'s ``SMTPD_SASL_IMAPHOST`` method
+(Dovecot's "remote IMAP" passdb).
 
 ``SMTPD_SASL_IMAPHOST=app`` or ``app:143`` names the server; the credentials are right when
 an IMAP ``LOGIN`` with them succeeds. Port 993 means implicit TLS; on any other port the

@@ -1,6 +1,6 @@
-"""Recipient lookup in an LDAP directory: the seed's "LDAP mailbox lookup".
+"""Recipient lookup in an LDAP directory: ``mlan/postfix-amavis``'s "LDAP mailbox lookup".
 
-The seed generates three Postfix ``ldap:`` tables from its variables; this module answers the
+The image generates three Postfix ``ldap:`` tables from its variables; this module answers the
 same questions directly:
 
 * ``LDAP_QUERY_FILTER_ALIAS`` (searched under ``LDAP_USER_BASE``): an entry that lists the
@@ -11,7 +11,7 @@ same questions directly:
   ``uniqueMember`` DNs are read directly; the members' ``mail`` values are the targets.
 * ``LDAP_QUERY_FILTER_USER`` (under ``LDAP_USER_BASE``): a mailbox. The first value of
   ``LDAP_QUERY_ATTRS_USER`` (default ``mail``) is the mailbox path relative to the mail
-  directory, exactly what Postfix's ``virtual_mailbox_maps`` with the seed's
+  directory, exactly what Postfix's ``virtual_mailbox_maps`` with the image's
   ``virtual_mailbox_base`` makes of it: with the default, the user ``alice@example.com`` gets
   the mbox file ``<mail dir>/alice@example.com``, the same mailbox a ``MAIL_BOXES`` entry
   without ``:mailbox`` gets; an attribute holding ``example.com/alice/`` gives a maildir. When

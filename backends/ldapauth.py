@@ -1,4 +1,4 @@
-"""SASL by LDAP authentication bind: the seed's ``LDAP_QUERY_ATTRS_PASS`` method.
+"""SASL by LDAP authentication bind: ``mlan/postfix-amavis``'s ``LDAP_QUERY_ATTRS_PASS`` method.
 
 As Dovecot's ``auth_bind`` with ``auth_bind_userdn`` unset: search the directory for the one
 entry that matches the user name (``LDAP_QUERY_FILTER_PASS`` under ``LDAP_USER_BASE``, as the
@@ -7,7 +7,7 @@ with the client's password. The directory decides; no password hash is ever read
 
 ``LDAP_QUERY_ATTRS_PASS=uid=user`` names the attribute that holds the user name. When
 ``LDAP_QUERY_FILTER_PASS`` is empty it is derived from ``LDAP_QUERY_FILTER_USER`` by replacing
-``(mail=%s)`` with ``(<attr>=%u)``, exactly as the seed describes. The filter takes Dovecot's
+``(mail=%s)`` with ``(<attr>=%u)``, exactly as the image describes. The filter takes Dovecot's
 variables ``%u`` (the user name after ``DOVECOT_AUTH_USERNAME_FORMAT``), ``%n`` (its part
 before ``@``), ``%d`` (the domain) and ``%%``; ``%s`` is accepted as ``%u``. Values are escaped
 per RFC 4515 (ldap3.utils.conv.escape_filter_chars), so ``*`` or ``)(`` in a user name match

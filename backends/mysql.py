@@ -1,16 +1,16 @@
-"""Recipient lookup in a MySQL/MariaDB database: the seed's "MySQL mailbox lookup".
+"""Recipient lookup in a MySQL/MariaDB database: ``mlan/postfix-amavis``'s "MySQL mailbox lookup".
 
 ``MYSQL_QUERY_ALIAS`` (optional) is asked first, as Postfix asks ``virtual_alias_maps``
 before ``virtual_mailbox_maps``: the first column of every row is an alias target (a value may
 hold several, comma separated). ``MYSQL_QUERY_USER`` is asked next: the first column of the
 first row is the mailbox path relative to the mail directory, the Postfix meaning of a
-``virtual_mailbox_maps`` result; the seed's example ``select mail from users where
+``virtual_mailbox_maps`` result; the image's example ``select mail from users where
 mail='%s'`` therefore gives the mbox file named after the address, the same mailbox a
 ``MAIL_BOXES`` entry without ``:mailbox`` gets. A NULL or empty value counts as no row.
 Alias targets come back unresolved (local Targets without a mailbox) for
 :class:`~pymta.backends.chain.LookupChain` to resolve across all sources.
 
-The seed's queries are Postfix templates with ``'%s'`` inside quotes. They are compiled once
+The image's queries are Postfix templates with ``'%s'`` inside quotes. They are compiled once
 into parameterised SQL: ``'%s'``, ``"%s"`` and bare ``%s`` (the address), ``%u`` (local part),
 ``%d`` (domain) become driver placeholders and the values travel as bound parameters, never
 spliced into the SQL text, so ``x' OR '1'='1@example.com`` is just an address nobody has.

@@ -1,14 +1,14 @@
-"""SASL against a MySQL/MariaDB table: the seed's ``MYSQL_QUERY_PASS`` method.
+"""SASL against a MySQL/MariaDB table: ``mlan/postfix-amavis``'s ``MYSQL_QUERY_PASS`` method.
 
-The seed hands ``MYSQL_QUERY_PASS`` to Dovecot's SQL passdb, e.g.
+The image hands ``MYSQL_QUERY_PASS`` to Dovecot's SQL passdb, e.g.
 ``select password, userid as user from users where userid = '%u'``. The query returns the
-stored password as a ``{SCHEME}hash`` (``{PLAIN-MD5}5ebe…`` in the seed's table), verified by
+stored password as a ``{SCHEME}hash`` (``{PLAIN-MD5}5ebe…`` in the image's table), verified by
 :func:`pymta.backends.passwd.averify_password`; a ``user`` column, when present, becomes the
 authenticated identity (Dovecot's ``user`` field), otherwise the name the client gave.
 
 The template takes Dovecot's variables: ``%u`` (the user name after
 ``DOVECOT_AUTH_USERNAME_FORMAT``), ``%n`` (before ``@``), ``%d`` (the domain), each optionally
-``%L…`` (lower-case), and ``%%``. The seed writes them inside quotes (``'%u'``): the template
+``%L…`` (lower-case), and ``%%``. The image writes them inside quotes (``'%u'``): the template
 is compiled once into parameterised SQL, quotes and all, so the values travel as bound
 parameters and are never spliced into the SQL text (``x' OR '1'='1`` is just a user nobody
 is).

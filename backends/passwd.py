@@ -1,7 +1,7 @@
 """SASL password file: ``SMTPD_SASL_CLIENTAUTH="user:{scheme}password …"`` and Dovecot schemes.
 
-The seed lets Dovecot check a passwd-file built from ``SMTPD_SASL_CLIENTAUTH``; an entry is
-``username:{SCHEME}secret`` and the scheme names are Dovecot's (``doveadm pw -l``), in any
+``mlan/postfix-amavis`` lets Dovecot check a passwd-file built from ``SMTPD_SASL_CLIENTAUTH``; an
+entry is ``username:{SCHEME}secret`` and the scheme names are Dovecot's (``doveadm pw -l``), in any
 case. This module verifies those strings, so hashes made by ``doveadm pw`` keep working and
 ``pymta passwd hash`` makes hashes Dovecot accepts. The same verifier serves the MySQL method
 (``MYSQL_QUERY_PASS`` returns a ``{SCHEME}`` hash).
@@ -33,10 +33,13 @@ import hashlib
 import hmac
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymta.config.errors import ConfigError
 from pymta.types import ConnInfo, Identity
+
+if TYPE_CHECKING:   # passlib itself is imported when a crypt scheme is first used
+    from passlib.ifc import PasswordHash
 
 VAR = "SMTPD_SASL_CLIENTAUTH"
 
@@ -88,7 +91,7 @@ def _b64_or_hex(text: str) -> bytes | None:
         return None
 
 
-def _crypt_handler(scheme: str, value: str):  # noqa: ANN202 (a passlib handler class)
+def _crypt_handler(scheme: str, value: str) -> type[PasswordHash]:
     from passlib import hash as ph
 
     if scheme == "CRYPT":
@@ -101,9 +104,11 @@ def _crypt_handler(scheme: str, value: str):  # noqa: ANN202 (a passlib handler 
         if value.startswith("$1$"):
             return ph.md5_crypt
         return ph.des_crypt
-    return {"MD5-CRYPT": ph.md5_crypt, "SHA256-CRYPT": ph.sha256_crypt,
-            "SHA512-CRYPT": ph.sha512_crypt, "BLF-CRYPT": ph.bcrypt,
-            "ARGON2I": ph.argon2, "ARGON2ID": ph.argon2}[scheme]
+    by_scheme: dict[str, type[PasswordHash]] = {
+        "MD5-CRYPT": ph.md5_crypt, "SHA256-CRYPT": ph.sha256_crypt,
+        "SHA512-CRYPT": ph.sha512_crypt, "BLF-CRYPT": ph.bcrypt,
+        "ARGON2I": ph.argon2, "ARGON2ID": ph.argon2}
+    return by_scheme[scheme]
 
 
 def verify_password(password: str, stored: str, default_scheme: str = "CRYPT") -> bool:
@@ -194,7 +199,7 @@ def format_username(username: str, template: str) -> str:
     """Apply Dovecot's ``auth_username_format`` (``DOVECOT_AUTH_USERNAME_FORMAT``).
 
     Supported: ``%u`` (whole name), ``%n`` (part before ``@``), ``%d`` (domain), ``%%``, each
-    with Dovecot's ``L`` (lower-case) or ``U`` (upper-case) modifier, e.g. ``%Ln`` (the seed's
+    with Dovecot's ``L`` (lower-case) or ``U`` (upper-case) modifier, e.g. ``%Ln`` (the image's
     value: lower-case, domain dropped) or ``%Lu`` (Dovecot's default).
     """
     local, _, domain = username.partition("@")

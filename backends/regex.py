@@ -1,7 +1,7 @@
 r"""``REGEX_ALIAS``: rewrite recipient addresses by regular expression before the lookup.
 
-The seed writes the variable into a Postfix ``regexp:`` table used as a virtual alias map;
-this module keeps that table's syntax and meaning:
+``mlan/postfix-amavis`` writes the variable into a Postfix ``regexp:`` table used as a virtual
+alias map; this module keeps that table's syntax and meaning:
 
 * rules are ``/pattern/flags replacement``, separated by newlines or spaces, e.g.
   ``REGEX_ALIAS='/([^+]+)[+-].*@(.+)/ $1@$2'`` sends ``user+info@example.com`` and
@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import re2  # type: ignore[import-untyped]
+import re2
 
 from pymta.config.errors import ConfigError
 from pymta.contracts import Closeable, RecipientLookup

@@ -1,12 +1,12 @@
 """Recipient lookup from the ``MAIL_BOXES`` / ``MAIL_ALIASES`` environment tables.
 
-This is the seed image's "Table mailbox lookup" (``virtual_mailbox_maps`` plus
+This is ``mlan/postfix-amavis``'s "Table mailbox lookup" (``virtual_mailbox_maps`` plus
 ``virtual_alias_maps`` generated from two variables). Everything is parsed, validated and fully
 expanded once, at construction, because ``lookup`` runs for every ``RCPT TO`` and must be a
 dict get; a broken table is a :class:`ConfigError` at start-up rather than a surprise bounce
 at 3 a.m.
 
-Semantics, following Postfix where the seed relies on it:
+Semantics, following Postfix where the image relies on it:
 
 * ``MAIL_BOXES="addr addr:mailbox"`` -- without a mailbox the address itself is the path (an
   mbox file named after the address); a path ending in ``/`` is a maildir. Paths are relative to

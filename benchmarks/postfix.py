@@ -1,7 +1,8 @@
 """A throwaway Postfix for side-by-side runs: same recipient, same maildir layout as pymta.
 
-Postfix is the comparison the project measures itself against
-(``shared/notes/performance-baseline.md``). Each instance lives in its own temporary
+Postfix is the comparison the project measures itself against (its baseline: Postfix 3.7 from
+Debian, virtual maildir delivery, about 1,000 messages/s accepted and delivered on a 2-core
+machine under 20 sessions of 4 KiB messages). Each instance lives in its own temporary
 directory with its own ``main.cf``/``master.cf`` (``postfix -c DIR``), listens on a loopback
 port of its own, and delivers ``box@example.com`` with the ``virtual`` agent into
 ``DIR/mail/box/`` (a maildir), so "delivered" means the same thing for both servers: a file in

@@ -1,7 +1,7 @@
 """The LMTP delivery agent: local recipients handed to an LMTP server (Dovecot, Cyrus, ...).
 
-``VIRTUAL_TRANSPORT=lmtp:HOST:PORT`` or ``lmtp:unix:PATH`` (the seed's syntax) sends every
-local recipient here instead of to maildir/mbox. aiosmtplib does not speak LMTP
+``VIRTUAL_TRANSPORT=lmtp:HOST:PORT`` or ``lmtp:unix:PATH`` (``mlan/postfix-amavis``'s syntax) sends
+every local recipient here instead of to maildir/mbox. aiosmtplib does not speak LMTP
 (cole/aiosmtplib#210), and the protocol is small, so this is a client of its own on asyncio
 streams.
 
@@ -33,6 +33,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
@@ -170,100 +171,146 @@ class LMTPDeliveryAgent:
             return outcomes(rcpts, Reply(451, "4.4.1", f"connect to {fallback_relay}: "
                                                        f"{reason}"),
                             fallback_relay, OutcomeKind.TEMPORARY)
-        decided: dict[int, Outcome] = {}
-
-        def decide(i: int, outcome: Outcome) -> None:
-            decided[i] = outcome
-            if report is not None:
-                report(outcome)
-
-        stage = "greeting"
-        clean = aborted = cancelled = False
+        progress = _Progress(rcpts, relay, report)
+        aborted = False
         try:
-            code, text, _ = await session.reply()
-            if code != 220:
-                reply = parse_reply(code, text)
-                return outcomes(rcpts, Reply(451, "4.4.2" if code < 500 else "4.3.0",
-                                             f"host {relay} refused to talk to me: {reply}"),
-                                relay, OutcomeKind.TEMPORARY)
-            stage = "LHLO"
-            code, text, lines = await session.command(b"LHLO " + self.hostname.encode())
-            if code != 250:
-                reply = parse_reply(code, text)
-                return outcomes(rcpts, Reply(451, "4.5.0", f"LHLO refused by {relay}: "
-                                                           f"{reply}"),
-                                relay, OutcomeKind.TEMPORARY)
-            extensions = _extensions(lines[1:])
-            data = await asyncio.to_thread(read_body, msg)
-            prepared = prepare(msg, rcpts, data, extensions, relay)
-            if prepared.refusal is not None:
-                clean = True
-                return outcomes(rcpts, prepared.refusal, relay)
-            enc = "utf-8" if prepared.smtputf8 else "ascii"
-            stage = "MAIL FROM"
-            mail = f"MAIL FROM:<{msg.envelope.sender}>"
-            if prepared.mail_options:
-                mail += " " + " ".join(prepared.mail_options)
-            code, text, _ = await session.command(mail.encode(enc))
-            if code != 250:
-                clean = True
-                return outcomes(rcpts, parse_reply(code, text), relay)
-            stage = "RCPT TO"
-            accepted: list[int] = []
-            for i, r in enumerate(rcpts):
-                line = f"RCPT TO:<{r.address}>"
-                options = rcpt_options(r, extensions, prepared.smtputf8)
-                if options:
-                    line += " " + " ".join(options)
-                code, text, _ = await session.command(line.encode(enc))
-                if 200 <= code < 300:
-                    accepted.append(i)
-                else:
-                    reply = parse_reply(code, text)
-                    decide(i, Outcome(r.address, kind_of(reply), reply, relay))
-            if accepted:
-                stage = "DATA"
-                code, text, _ = await session.command(b"DATA")
-                if code != 354:
-                    reply = parse_reply(code, text)
-                    for i in accepted:
-                        decide(i, Outcome(rcpts[i].address, kind_of(reply), reply, relay))
-                else:
-                    stage = "end of DATA"
-                    await session.send(dot_stuff(prepared.data))
-                    for i in accepted:  # RFC 2033 §4.2: one reply per accepted RCPT, in order
-                        try:
-                            code, text, _ = await session.reply()
-                        except asyncio.CancelledError:
-                            if cancelled:
-                                raise
-                            # the server delivers anyway: learn what it did, then stop
-                            cancelled = True
-                            code, text, _ = await session.reply()
-                        reply = parse_reply(code, text)
-                        decide(i, Outcome(rcpts[i].address, kind_of(reply), reply, relay))
-            clean = True
+            refused = await self._converse(session, msg, progress)
+            if refused is not None:
+                return refused
         except _Lost as exc:
-            reply = Reply(451, "4.4.2", f"lost connection with {relay} while sending {stage}")
+            reply = Reply(451, "4.4.2",
+                          f"lost connection with {relay} while sending {progress.stage}")
             log.warning("%s: %s (%s)", msg.qid, reply.text, exc)
-            for i, r in enumerate(rcpts):
-                decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
+            progress.defer_undecided(reply)
         except Exception:
-            log.exception("%s: error while sending %s to %s", msg.qid, stage, relay)
-            reply = Reply(451, "4.3.0", f"local error while sending {stage} to {relay}")
-            for i, r in enumerate(rcpts):
-                decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply, relay))
+            log.exception("%s: error while sending %s to %s", msg.qid, progress.stage, relay)
+            progress.defer_undecided(
+                Reply(451, "4.3.0", f"local error while sending {progress.stage} to {relay}"))
         except BaseException:
             aborted = True      # cancelled: close at once, wait for nothing
             raise
         finally:
-            if aborted or cancelled:
+            if aborted or progress.cancelled:
                 session.writer.close()
             else:
-                await session.close(quit_=clean)
-        if cancelled:       # every reply read and reported: now the cancellation goes on
+                await session.close(quit_=progress.clean)
+        if progress.cancelled:  # every reply read and reported: now the cancellation goes on
             raise asyncio.CancelledError
-        return [decided[i] for i in range(len(rcpts))]
+        return [progress.decided[i] for i in range(len(rcpts))]
+
+    async def _converse(self, session: _Session, msg: QueuedMessage,
+                        progress: _Progress) -> list[Outcome] | None:
+        """The LMTP dialogue, greeting to the last reply. What refuses the whole transaction
+        (greeting, LHLO, the message itself, MAIL FROM) is returned as every recipient's
+        outcome, unreported; else None, each recipient decided (and reported) in
+        ``progress``."""
+        rcpts, relay = progress.rcpts, progress.relay
+        code, text, _ = await session.reply()
+        if code != 220:
+            reply = parse_reply(code, text)
+            return outcomes(rcpts, Reply(451, "4.4.2" if code < 500 else "4.3.0",
+                                         f"host {relay} refused to talk to me: {reply}"),
+                            relay, OutcomeKind.TEMPORARY)
+        progress.stage = "LHLO"
+        code, text, lines = await session.command(b"LHLO " + self.hostname.encode())
+        if code != 250:
+            reply = parse_reply(code, text)
+            return outcomes(rcpts, Reply(451, "4.5.0", f"LHLO refused by {relay}: {reply}"),
+                            relay, OutcomeKind.TEMPORARY)
+        extensions = _extensions(lines[1:])
+        data = await asyncio.to_thread(read_body, msg)
+        prepared = prepare(msg, rcpts, data, extensions, relay)
+        if prepared.refusal is not None:
+            progress.clean = True
+            return outcomes(rcpts, prepared.refusal, relay)
+        enc = "utf-8" if prepared.smtputf8 else "ascii"
+        progress.stage = "MAIL FROM"
+        mail = f"MAIL FROM:<{msg.envelope.sender}>"
+        if prepared.mail_options:
+            mail += " " + " ".join(prepared.mail_options)
+        code, text, _ = await session.command(mail.encode(enc))
+        if code != 250:
+            progress.clean = True
+            return outcomes(rcpts, parse_reply(code, text), relay)
+        accepted = await _send_rcpts(session, progress, extensions, prepared.smtputf8)
+        if accepted:
+            await _send_data(session, progress, accepted, prepared.data)
+        progress.clean = True
+        return None
+
+
+@dataclass
+class _Progress:
+    """How far one delivery got, for the error paths and the cancellation: the protocol
+    stage (named in a deferral's text), each recipient's outcome once known (reported at
+    once), whether the session may end with QUIT, and whether a cancellation is waiting
+    for the replies of a message already sent."""
+
+    rcpts: list[Recipient]
+    relay: str
+    report: Callable[[Outcome], None] | None
+    stage: str = "greeting"
+    decided: dict[int, Outcome] = field(default_factory=dict)
+    clean: bool = False
+    cancelled: bool = False
+
+    def decide(self, i: int, reply: Reply) -> None:
+        """Recipient ``i`` has the server's ``reply``: record and report it."""
+        outcome = Outcome(self.rcpts[i].address, kind_of(reply), reply, self.relay)
+        self.decided[i] = outcome
+        if self.report is not None:
+            self.report(outcome)
+
+    def defer_undecided(self, reply: Reply) -> None:
+        """Every recipient without an outcome yet is deferred with ``reply``."""
+        for i, r in enumerate(self.rcpts):
+            self.decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply,
+                                               self.relay))
+
+
+async def _send_rcpts(session: _Session, progress: _Progress, extensions: dict[str, str],
+                      smtputf8: bool) -> list[int]:
+    """One RCPT TO per recipient; the indexes of those accepted (the others are decided)."""
+    progress.stage = "RCPT TO"
+    enc = "utf-8" if smtputf8 else "ascii"
+    accepted: list[int] = []
+    for i, r in enumerate(progress.rcpts):
+        line = f"RCPT TO:<{r.address}>"
+        options = rcpt_options(r, extensions, smtputf8)
+        if options:
+            line += " " + " ".join(options)
+        code, text, _ = await session.command(line.encode(enc))
+        if 200 <= code < 300:
+            accepted.append(i)
+        else:
+            progress.decide(i, parse_reply(code, text))
+    return accepted
+
+
+async def _send_data(session: _Session, progress: _Progress, accepted: list[int],
+                     data: bytes) -> None:
+    """DATA, the message, then one reply per accepted recipient, in RCPT order (RFC 2033
+    §4.2). The server delivers once it has the message, whether we listen or not: a first
+    cancellation while waiting for the replies is held (``progress.cancelled``) until all
+    are read and reported; a second one goes through."""
+    progress.stage = "DATA"
+    code, text, _ = await session.command(b"DATA")
+    if code != 354:
+        reply = parse_reply(code, text)
+        for i in accepted:
+            progress.decide(i, reply)
+        return
+    progress.stage = "end of DATA"
+    await session.send(dot_stuff(data))
+    for i in accepted:
+        try:
+            code, text, _ = await session.reply()
+        except asyncio.CancelledError:
+            if progress.cancelled:
+                raise
+            progress.cancelled = True
+            code, text, _ = await session.reply()
+        progress.decide(i, parse_reply(code, text))
 
 
 def _extensions(lines: Sequence[str]) -> dict[str, str]:

@@ -238,7 +238,7 @@ class LocalDeliveryAgent:
                 finally:
                     self._lock_waits.discard(stop)
                     lock.release()
-        except Exception as exc:  # any local fault must stay temporary
+        except Exception as exc:  # noqa: BLE001 - any local fault must stay temporary (logged)
             reply = _failure_reply(exc, kind, mailbox)
             log.warning("%s: to=<%s> %s: %s (%r)", msg.qid, rcpt.address, kind, reply, exc)
             return Outcome(rcpt.address, OutcomeKind.TEMPORARY, reply, "local"), deferred

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -230,14 +231,16 @@ class MaildirCommitter:
             try:
                 results = await asyncio.shield(work)
             except asyncio.CancelledError:
-                work.add_done_callback(lambda f, b=batch: self._resolve(b, f))
+                work.add_done_callback(functools.partial(self._resolve, batch))
                 raise
             except Exception as e:   # a bug in _flush: report every delivery as failed
                 log.exception("maildir group commit failed")
                 results = [e] * len(batch)
             self._resolve_results(batch, results)
 
-    def _resolve(self, batch: list[PendingMaildirFile], fut: asyncio.Future) -> None:
+    def _resolve(self, batch: list[PendingMaildirFile],
+                 fut: asyncio.Future[list[str | BaseException]]) -> None:
+        results: list[str | BaseException]
         if fut.cancelled() or fut.exception() is not None:
             results = [OSError("maildir group commit failed")] * len(batch)
         else:

@@ -95,6 +95,8 @@ class MTA:
         self.srs = self.services.srs
         self.dkim_keys = self.services.dkim_keys
         self.local_domains = self.services.local_domains
+        # Every client's name (PTR, forward-confirmed), looked up before its greeting
+        self.peer_names = self.services.peer_names
         # The one recipient lookup, asked by every session (RCPT) and for DSN recipients
         self.lookup: RecipientLookup = wiring.recipient_lookup(config, lookups,
                                                                services=self.services)
@@ -162,7 +164,7 @@ class MTA:
         self._listener = ListenerContext(
             receive=receive, engine_config=engine_cfg, ssl_context=ssl_ctx,
             idle_timeout=config.idle_timeout, max_connections=config.max_connections,
-            max_per_ip=config.max_connections_per_ip,
+            max_per_ip=config.max_connections_per_ip, peer_names=self.peer_names,
             rate_limit=(ConnectionRateLimit(config.connection_rate_limit)
                         if config.connection_rate_limit else None))
         try:
@@ -273,7 +275,7 @@ def lookup_deadline(config: Config) -> float:
 
 def install_uvloop() -> None:
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -63,7 +63,7 @@ def _resume(coro: Coroutine[Any, Any, T], pending: Any) -> Generator[Any, Any, T
     while True:
         try:
             received = yield pending
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - not caught: thrown into the coroutine
             try:
                 pending = coro.throw(exc)
             except StopIteration as done:

@@ -83,7 +83,8 @@ class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a broken format string: let the handler report it as usual
+        except Exception:  # noqa: BLE001 - a broken format string or an argument's __str__:
+            # a filter must not raise into the code that logs; the handler reports it as usual
             return True
         cleaned = redact(message)
         if cleaned != message:
@@ -196,7 +197,7 @@ class JsonFormatter(logging.Formatter):
 class _MailSysLogHandler(logging.handlers.SysLogHandler):
     """SysLogHandler that knows NOTICE (the stdlib would send it as warning)."""
 
-    def mapPriority(self, levelName: str) -> str:  # noqa: N802 (stdlib name)
+    def mapPriority(self, levelName: str) -> str:  # the stdlib's name
         return {"NOTICE": "notice", "CRITICAL": "crit"}.get(levelName,
                                                               super().mapPriority(levelName))
 

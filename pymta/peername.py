@@ -22,8 +22,10 @@ Two ways to look, as configured:
   neither ``asyncio.run``'s shutdown nor the interpreter's exit.
 
 Everything is bounded by the DNS timeout (``PYMTA_DNS_TIMEOUT``) and nothing raises.
-:class:`PeerNameResolver` (one per server) adds ``PYMTA_PEERNAME_LOOKUP`` and a small cache,
-since a client often reconnects at once.
+:class:`PeerNameResolver` (one per server) adds ``PYMTA_PEERNAME_LOOKUP``, a small cache,
+since a client often reconnects at once, and one lookup per address at a time: a burst of
+connections from one client (hundreds arrive in the same millisecond) waits for one lookup
+instead of sending the DNS server as many identical queries.
 """
 
 from __future__ import annotations
@@ -268,6 +270,9 @@ class PeerNameResolver:
 
     ``enabled=False`` (``PYMTA_PEERNAME_LOOKUP=no``) makes every client ``unknown`` without
     a lookup, as Postfix's ``smtpd_peername_lookup = no`` does.
+
+    Clients of one address that arrive while its lookup runs wait for that lookup (a task of
+    its own: a waiter that goes away, its client gone, stops neither it nor the others).
     """
 
     def __init__(self, resolver: _Querier | None = None, *, timeout: float = DEFAULT_TIMEOUT,
@@ -282,6 +287,7 @@ class PeerNameResolver:
         self._system = system or _SYSTEM
         self._clock = clock
         self._cache: OrderedDict[Address, tuple[float, str]] = OrderedDict()
+        self._running: dict[Address, asyncio.Task[str]] = {}
 
     @classmethod
     def from_config(cls, config: Any, resolver: DNSResolver | None = None,
@@ -308,6 +314,20 @@ class PeerNameResolver:
                 self._cache.move_to_end(addr)
                 return hit[1]
             del self._cache[addr]
+        task = self._running.get(addr)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._look_up(addr))
+            self._running[addr] = task
+            task.add_done_callback(lambda done: self._forget(addr, done))
+        return await asyncio.shield(task)
+
+    def _forget(self, addr: Address, task: asyncio.Task[str]) -> None:
+        if self._running.get(addr) is task:
+            del self._running[addr]
+
+    async def _look_up(self, addr: Address) -> str:
+        """One lookup of ``addr``, shared by every client of that address meanwhile; the
+        answer cached."""
         try:
             name = await _lookup(addr, self.resolver, self.timeout, self._system)
         except _Busy:

@@ -1,8 +1,8 @@
 """The TLS contexts: the server's for STARTTLS (25, 587) and implicit TLS (465), and the one
 client context of every outbound connection (SMTP relay, IMAP for SASL).
 
-As in the seed image, TLS is on when ``SMTPD_TLS_CERT_FILE``/``SMTPD_TLS_KEY_FILE`` are given
-or ``SMTPD_USE_TLS=yes``. With ``SMTPD_USE_TLS=yes`` and no files a self-signed certificate is
+As in ``mlan/postfix-amavis``, TLS is on when ``SMTPD_TLS_CERT_FILE``/``SMTPD_TLS_KEY_FILE`` are
+given or ``SMTPD_USE_TLS=yes``. With ``SMTPD_USE_TLS=yes`` and no files a self-signed certificate is
 generated once into ``<state_dir>/tls/`` and reused at every later start: SMTP clients
 encrypt opportunistically without verifying, so a stable self-signed certificate beats none,
 and regenerating it at each start would break clients that pin it.
@@ -97,6 +97,7 @@ def _check_pem(cert: str, key: str, cert_name: str, key_name: str) -> None:
     """Load both files with cryptography first, so the error says which file is wrong
     (OpenSSL's load_cert_chain reports one error for both)."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     cert_pem, key_pem = _read(cert, cert_name), _read(key, key_name)
@@ -110,7 +111,7 @@ def _check_pem(cert: str, key: str, cert_name: str, key_name: str) -> None:
         raise ConfigError(
             f"{key_name}: the key is encrypted; pymta needs it without a password: {key!r}"
         ) from None
-    except Exception as exc:  # ValueError, or UnsupportedAlgorithm for odd key types
+    except (ValueError, UnsupportedAlgorithm) as exc:  # not PEM, or an odd key type
         raise ConfigError(f"{key_name}: not a PEM private key ({exc}): {key!r}") from None
 
 

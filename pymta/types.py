@@ -131,13 +131,17 @@ class Destination:
 
 @dataclass(frozen=True, slots=True)
 class ConnInfo:
-    """Facts about the client connection that policy may use."""
+    """Facts about the client connection that policy may use. ``peer_name`` is the client's
+    forward-confirmed PTR name (``pymta.peername``), ``unknown`` when it has none or the
+    lookup is off: as trustworthy as DNS, so fit for logs and trace fields, not for granting
+    anything."""
 
     peer_ip: str
     peer_port: int
     helo: str = ""
     tls: bool = False
     authenticated_as: str | None = None
+    peer_name: str = "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +229,7 @@ class Envelope:
     protocol: str = "ESMTP"
     prepend: str = ""              # header lines (CRLF-terminated) added above the spooled body
     extra: dict[str, str] = field(default_factory=dict)
+    client_name: str = ""          # the client's verified name (pymta.peername); "": unknown
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state is RcptState.PENDING]

@@ -35,8 +35,9 @@ in the chain, the original when nobody knows the rewritten one), then the SRS re
 the queue manager (recipients of DSNs) ask that one object.
 
 Shared per server (:class:`Services`): the DNS resolver (``PYMTA_DNS_RESOLVER``: SPF, DKIM,
-ARC, DMARC and MX lookups all use it; no process-wide resolver), the SRS codec, the DKIM
-key store. Building them does no I/O.
+ARC, DMARC and MX lookups all use it; no process-wide resolver), the client-name lookup
+(:class:`~pymta.peername.PeerNameResolver`: its cache is the server's), the SRS codec, the
+DKIM key store. Building them does no I/O.
 
 Adding an adapter: write it against its contract, give it ``from_config`` (and
 ``check_config`` when checking its settings needs no object), add an entry to its table
@@ -55,6 +56,7 @@ from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 from pymta.contracts import Authenticator, DeliveryAgent, RecipientLookup, Router
 from pymta.dns import DNSResolver
+from pymta.peername import PeerNameResolver
 from pymta.srs import SRS
 from pymta.srs import build as build_srs
 
@@ -102,12 +104,15 @@ class Adapter:
 class Services:
     """What the adapters of one server share, made once per ``MTA`` from its Config, without
     I/O: its DNS resolver, its SRS codec (None with ``SRS_ENABLE=no``; the secret is read at
-    start) and its DKIM/ARC key store (None when neither signs; keys are made at start)."""
+    start), its DKIM/ARC key store (None when neither signs; keys are made at start) and
+    its client-name lookup (through that DNS resolver when ``PYMTA_DNS_RESOLVER`` is set;
+    None: every client is ``unknown``, for services made without a Config)."""
 
     dns: DNSResolver
     srs: SRS | None = None
     dkim_keys: KeyStore | None = None
     local_domains: frozenset[str] = field(default_factory=frozenset)
+    peer_names: PeerNameResolver | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Services:
@@ -120,7 +125,8 @@ class Services:
         domains = frozenset(d.lower() for d in config.mail_domain)
         if srs is not None:     # the SRS domain is one we accept mail for
             domains |= {srs.domain}
-        return cls(DNSResolver.from_config(config), srs, keys, domains)
+        dns = DNSResolver.from_config(config)
+        return cls(dns, srs, keys, domains, PeerNameResolver.from_config(config, dns))
 
 
 def _class(path: str) -> Any:
@@ -393,15 +399,19 @@ PIPELINE_STAGES: Mapping[str, Adapter] = {
 
 def build_pipeline(config: Config, services: Services | None = None) -> Pipeline:
     """The configured stages (:data:`PIPELINE_STAGES`) under ``PYMTA_PIPELINE_TIMEOUT``."""
-    from pymta.contracts import Check
+    from pymta.contracts import Check, Modifier
     from pymta.pipeline import Pipeline
 
     services = services if services is not None else Services.from_config(config)
-    checks, modifiers = [], []
+    checks: list[Check] = []
+    modifiers: list[Modifier] = []
     for adapter in PIPELINE_STAGES.values():
         if adapter.active(config):
             stage = adapter.build(config, services)
-            (checks if isinstance(stage, Check) else modifiers).append(stage)
+            if isinstance(stage, Check):
+                checks.append(stage)
+            else:
+                modifiers.append(stage)
     return Pipeline(checks, modifiers, timeout=config.pipeline_timeout)
 
 

@@ -129,7 +129,7 @@ class Supervisor:
             app.install_uvloop()
             code = asyncio.run(early.replayed(
                 app.serve_async(self.config, sockets=self.sockets[index], pid_file=False)))
-        except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+        except BaseException:  # a worker must never return into the parent's code
             log.exception("worker %d failed", index)
         finally:
             logging.shutdown()
@@ -153,8 +153,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGUSR1, self._on_usr1)
-        for index in range(self.config.workers):
-            self._spawn(index)
+        for first in range(self.config.workers):
+            self._spawn(first)
         with open(pid_path, "w") as f:
             f.write(f"{os.getpid()}\n")
         log.log(25, "pymta started: %d workers (supervisor pid %d)", self.config.workers,

@@ -8,7 +8,10 @@
 #   2. .venv with the package in editable mode plus test extras (re-installed only when
 #      pyproject.toml changed since the last install).
 #   3. ruff check ., then the import contracts of pyproject.toml (scripts/lint_imports.py:
-#      Import Linter over the installed layout, where pymta.backends/delivery exist).
+#      Import Linter over the installed layout, where pymta.backends/delivery exist), then
+#      mypy over the same layout (scripts/typecheck.py; its errors name the checkout's files).
+#      Each fails the command. The same three run as pre-commit hooks
+#      (.pre-commit-config.yaml; `pre-commit install` once to have them on every commit).
 #   4. pytest; "no tests collected" (5) is a failure, not a pass.
 #   5. fuzzing: every fuzz/ target for N seconds (--fuzz-seconds N, else $PYMTA_FUZZ_SECONDS,
 #      else 5: under a minute for all targets); 0 skips it. A finding fails the command and
@@ -108,6 +111,8 @@ step "ruff check ."
 .venv/bin/ruff check .
 step "import contracts (scripts/lint_imports.py)"
 .venv/bin/python scripts/lint_imports.py
+step "types (scripts/typecheck.py: mypy on pymta, pymta.backends, pymta.delivery)"
+.venv/bin/python scripts/typecheck.py
 
 # --- 4. tests ---------------------------------------------------------------------------------
 step "pytest -q ${PYTEST_ARGS[*]}"

@@ -220,13 +220,13 @@ def _dkim(args: argparse.Namespace, out: TextIO) -> int:
     domains = list(config.mail_domain)
     wanted = args.domain
     if wanted:
-        domain = _domains("DOMAIN", wanted)
-        if len(domain) != 1:
+        chosen = _domains("DOMAIN", wanted)
+        if len(chosen) != 1:
             raise _UsageError(f"dkim: one domain, please: {wanted!r}")
-        if domain[0] not in domains:
-            raise _UsageError(f"dkim: {domain[0]} is not one of MAIL_DOMAIN "
+        if chosen[0] not in domains:
+            raise _UsageError(f"dkim: {chosen[0]} is not one of MAIL_DOMAIN "
                               f"({' '.join(domains)})")
-        domains = [domain[0]]
+        domains = [chosen[0]]
     store = KeyStore.from_config(config)
     if args.dkim_command == "show":
         for domain in domains:

@@ -1,9 +1,10 @@
 """Build the typed :class:`Config` from a TOML file and the environment.
 
-Users come from a container image configured by environment variables, so the seed's names
-(``MAIL_DOMAIN``, ``MESSAGE_SIZE_LIMIT``, ``SMTPD_USE_TLS`` ...) keep working unchanged; pymta's
-own settings are ``PYMTA_*``. A TOML file (``--config`` or ``PYMTA_CONFIG``) may carry the same
-settings under their lower-case names (``mail_domain``, ``pymta_workers`` or ``workers``).
+Users come from a container image configured by environment variables, so the names of
+``mlan/postfix-amavis`` (``MAIL_DOMAIN``, ``MESSAGE_SIZE_LIMIT``, ``SMTPD_USE_TLS`` ...) keep
+working unchanged; pymta's own settings are ``PYMTA_*``. A TOML file (``--config`` or
+``PYMTA_CONFIG``) may carry the same settings under their lower-case names (``mail_domain``,
+``pymta_workers`` or ``workers``).
 
 Precedence: built-in defaults < TOML file < environment. An empty environment variable counts
 as unset, because docker-compose files write ``SYSLOG_LEVEL=${SYSLOG_LEVEL-}``. Unknown
@@ -54,7 +55,7 @@ def parse_bool(name: str, value: Any) -> bool:
 
 
 def parse_size(name: str, value: Any, minimum: int = 0) -> int:
-    """A whole number ≥ ``minimum``. No suffixes: sizes in the seed are plain byte counts."""
+    """A whole number ≥ ``minimum``. No suffixes: sizes in the image are plain byte counts."""
     if isinstance(value, bool | float):
         raise ConfigError(f"{name}: not a whole number: {value!r}")
     if isinstance(value, int):
@@ -600,8 +601,9 @@ def _host_fqdn() -> str:
 
 
 def _default_state_dir() -> str:
-    """Root runs the container image (state on the ``/srv`` volume, as in the seed); a
-    developer running as themselves gets a directory beside the checkout."""
+    """Root runs the container image (state on the ``/srv`` volume, as in
+    ``mlan/postfix-amavis``); a developer running as themselves gets a directory beside the
+    checkout."""
     return "/srv/pymta" if os.geteuid() == 0 else "./var"
 
 

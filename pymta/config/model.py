@@ -1,7 +1,8 @@
 """The typed configuration of a pymta server: one frozen dataclass, built by ``load``.
 
-Field names are the lower-case forms of the environment variables users know from the seed
-(``MAIL_DOMAIN`` → ``mail_domain``) or pymta's own ``PYMTA_*`` variables without the prefix.
+Field names are the lower-case forms of the environment variables users know from
+``mlan/postfix-amavis`` (``MAIL_DOMAIN`` → ``mail_domain``) or pymta's own ``PYMTA_*``
+variables without the prefix.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class Config:
 
     @property
     def sasl_methods(self) -> tuple[str, ...]:
-        """The SASL methods the variables activate, in the order they are tried (the seed:
+        """The SASL methods the variables activate, in the order they are tried (the image:
         a method is active when its required variables are set)."""
         methods = []
         if self.smtpd_sasl_clientauth.strip():

@@ -100,7 +100,7 @@ def _arc_fields(header: bytes) -> list[bytes]:
 def _tags(field: bytes) -> dict[bytes, bytes] | None:
     try:
         return dkim.util.parse_tag_value(field[field.find(b":") + 1:])
-    except Exception:  # noqa: BLE001 - InvalidTagValueList and friends
+    except dkim.util.InvalidTagValueList:      # what it raises for a malformed list
         return None
 
 

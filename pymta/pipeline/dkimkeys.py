@@ -5,7 +5,8 @@ directory and the DNS TXT records to publish. Used by the signer, the ARC sealer
 Files (``<state dir>/dkim/``, the directory mode 0700, keys 0600):
 
 - ``<domain>.<selector>.key``: the private key, PEM (RSA as PKCS#1 ``RSA PRIVATE KEY``, as
-  ``openssl genrsa`` and the seed's amavis write it; ed25519 as PKCS#8 ``PRIVATE KEY``);
+  ``openssl genrsa`` and ``mlan/postfix-amavis``'s amavis write it; ed25519 as PKCS#8
+  ``PRIVATE KEY``);
 - ``<domain>.<selector>._domainkey.txt``: the record to publish, in zone-file syntax, the
   ``p=`` value split into quoted strings of at most 255 characters.
 
@@ -28,11 +29,16 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from pymta.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pymta.config.model import Config
 
 log = logging.getLogger("pymta.dkim")
 
@@ -48,8 +54,9 @@ PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 @functools.lru_cache(maxsize=64)
 def parse_private_key(text: str | bytes, name: str = "DKIM_PRIVATEKEY") -> PrivateKey:
-    """A private key from PEM, or from the bare base64 body without the armour lines (the
-    seed's ``DKIM_PRIVATEKEY="MIIEpAIBAAKCAQEA...``), PKCS#1 or PKCS#8, RSA or ed25519.
+    """A private key from PEM, or from the bare base64 body without the armour lines (as in
+    ``mlan/postfix-amavis``: ``DKIM_PRIVATEKEY="MIIEpAIBAAKCAQEA...``), PKCS#1 or PKCS#8, RSA or
+    ed25519.
     Literal ``\\n`` sequences (a PEM squeezed into one environment line) count as newlines.
     Raises ConfigError naming ``name``; the key itself never appears in the message.
     Cached: loading checks an RSA key's consistency (~50 ms for 2048 bits), and the config
@@ -71,7 +78,7 @@ def parse_private_key(text: str | bytes, name: str = "DKIM_PRIVATEKEY") -> Priva
                           "passphrase)") from None
     except (ValueError, binascii.Error):
         raise ConfigError(f"{name}: not a PEM (or base64 DER) private key") from None
-    except Exception as exc:  # noqa: BLE001 - cryptography's UnsupportedAlgorithm and others
+    except UnsupportedAlgorithm as exc:    # a key type or curve cryptography cannot use
         raise ConfigError(f"{name}: cannot read the private key: "
                           f"{type(exc).__name__}") from None
     if isinstance(key, rsa.RSAPrivateKey):
@@ -216,19 +223,17 @@ class KeyStore:
         self._keys: dict[str, DkimKey] = {}
 
     @staticmethod
-    def check_config(config: object) -> None:
+    def check_config(config: Config) -> None:
         """Check ``DKIM_PRIVATEKEY`` when it is set (a PEM key, or its base64 body), even with
         signing off; the message never quotes the key. Reads and writes nothing."""
-        text = config.dkim_private_key.strip()  # type: ignore[attr-defined]
+        text = config.dkim_private_key.strip()
         if text:
             parse_private_key(text, "DKIM_PRIVATEKEY")
 
     @classmethod
-    def from_config(cls, config: object) -> KeyStore:
-        return cls(config.state_dir, config.dkim_selector,  # type: ignore[attr-defined]
-                   algorithm=config.dkim_algorithm,  # type: ignore[attr-defined]
-                   bits=config.dkim_keybits,  # type: ignore[attr-defined]
-                   private_key=config.dkim_private_key)  # type: ignore[attr-defined]
+    def from_config(cls, config: Config) -> KeyStore:
+        return cls(config.state_dir, config.dkim_selector, algorithm=config.dkim_algorithm,
+                   bits=config.dkim_keybits, private_key=config.dkim_private_key)
 
     def get(self, domain: str) -> DkimKey:
         """The key for ``domain``, loading (or generating) it on first use."""

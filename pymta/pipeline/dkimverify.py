@@ -85,7 +85,7 @@ import asyncio
 import bisect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dkim
@@ -166,7 +166,7 @@ async def fetch_txt(name: str, resolver: DNSResolver) -> bytes | None | object:
     except Exception as exc:  # noqa: BLE001 - any other resolver fault is temporary
         log.warning("DKIM key lookup %s failed: %r", name, exc)
         return TEMPFAIL
-    texts = [b"".join(r.strings) for r in answer]  # type: ignore[attr-defined]
+    texts = [b"".join(r.strings) for r in answer]
     for text in texts:
         if b"p=" in text:
             return text
@@ -181,7 +181,11 @@ async def prefetch(names: Sequence[str],
     return dict(zip(unique, found, strict=True))
 
 
-def prefetched_dnsfunc(records: dict[str, bytes | None | object]):
+# dkimpy's key lookup: dnsfunc(name, timeout=...) -> the TXT record or None
+DnsFunc = Callable[..., bytes | None]
+
+
+def prefetched_dnsfunc(records: dict[str, bytes | None | object]) -> DnsFunc:
     """A dkimpy ``dnsfunc`` answering only from ``records`` (it never touches the network)."""
 
     def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
@@ -203,7 +207,7 @@ class _LibLog:
 
     info = warning = error = exception = debug
 
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging.Logger's name
+    def isEnabledFor(self, level: int) -> bool:  # logging.Logger's name
         return log.isEnabledFor(logging.DEBUG)
 
 
@@ -466,7 +470,7 @@ def parse_signatures(header: bytes, limit: int | None = None) -> list[_Sig]:
         index = len(out)
         try:
             tags = dkim.util.parse_tag_value(value)
-        except Exception as exc:  # noqa: BLE001 - InvalidTagValueList and friends
+        except dkim.util.InvalidTagValueList as exc:   # InvalidTagSpec, DuplicateTag
             # the exception's name, not its text: that quotes the tag, of any length
             out.append(_Sig(index, None, f"signature syntax error: {type(exc).__name__}"))
             continue
@@ -518,10 +522,22 @@ def _simple_over_renamed(tags: dict[bytes, bytes], renamed: frozenset[str]) -> b
 
 
 def _verify_one(checker: dkim.DKIM, sig: _Sig, records: dict[str, bytes | None | object],
-                dnsfunc, renamed: frozenset[str] = frozenset()) -> DkimSignature:
+                dnsfunc: DnsFunc, renamed: frozenset[str] = frozenset()) -> DkimSignature:
+    """The signature's result: refused on its tags, then on its key, else what dkimpy's
+    cryptographic check says (in that order, so a bad signature costs no key work)."""
     if sig.tags is None or sig.error:
         return _result(sig, "neutral", sig.error)
-    tags = sig.tags
+    refused = _tags_refused(sig, sig.tags, renamed)
+    if refused is None:
+        refused = _key_refused(sig, sig.tags, records)
+    if refused is not None:
+        return refused
+    return _checked(checker, sig, dnsfunc)
+
+
+def _tags_refused(sig: _Sig, tags: dict[bytes, bytes],
+                  renamed: frozenset[str]) -> DkimSignature | None:
+    """The result of a signature whose tags alone rule it out; None when they do not."""
     try:
         dkim.validate_signature_fields(tags)
     except (dkim.ValidationError, ValueError) as exc:
@@ -530,6 +546,13 @@ def _verify_one(checker: dkim.DKIM, sig: _Sig, records: dict[str, bytes | None |
         return _result(sig, "permerror", "simple canonicalization of a field in obsolete syntax")
     if tags[b"a"].lower() == b"rsa-sha1":
         return _result(sig, "permerror", "rsa-sha1 is not accepted (RFC 8301)")
+    return None
+
+
+def _key_refused(sig: _Sig, tags: dict[bytes, bytes],
+                 records: dict[str, bytes | None | object]) -> DkimSignature | None:
+    """The result of a signature whose key (prefetched in ``records``) is missing, unusable
+    or unfit for it; None when the key may verify it."""
     name = _key_name(tags[b"s"], tags[b"d"])
     record = records.get(name)
     if record is TEMPFAIL:
@@ -547,6 +570,11 @@ def _verify_one(checker: dkim.DKIM, sig: _Sig, records: dict[str, bytes | None |
     algorithm = tags[b"a"].lower()
     if not algorithm.startswith(ktag + b"-"):
         return _result(sig, "permerror", "key type does not match a=")
+    return None
+
+
+def _checked(checker: dkim.DKIM, sig: _Sig, dnsfunc: DnsFunc) -> DkimSignature:
+    """dkimpy's verdict on a signature that passed the checks before it."""
     try:
         ok = checker.verify(idx=sig.index, dnsfunc=dnsfunc)
     except dkim.ValidationError as exc:

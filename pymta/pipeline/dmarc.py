@@ -197,7 +197,7 @@ async def _txt(name: str, resolver: DNSResolver) -> list[str]:
         return []
     except dns.exception.DNSException as exc:
         raise TempError(f"{name} TXT: {type(exc).__name__}") from exc
-    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]  # type: ignore[attr-defined]
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
 
 
 async def _record_at(domain: str, resolver: DNSResolver) -> DmarcRecord | None:
@@ -283,8 +283,9 @@ class DMARCCheck:
         if record is None:
             txn.results.setdefault("dmarc_result", DmarcResult("none", domain))
             return Verdict(auth_result=f"dmarc=none header.from={pvalue(domain)}")
+        signatures = txn.results.get("dkim_signatures")     # DKIM verify's list, if it ran
         res = evaluate(domain, record, from_org, txn.results.get("spf_result"),
-                       list(txn.results.get("dkim_signatures") or []), self.rng)
+                       list(signatures) if isinstance(signatures, list) else [], self.rng)
         # domain and policy are checked already (``_DOMAIN``, ``parse_record``); written
         # through pymta.headervalue all the same, as every value in a header field we write
         auth = (f"dmarc={res.result} ({comment_text('p=' + res.policy)}) "

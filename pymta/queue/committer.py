@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -199,13 +200,17 @@ class GroupCommitter:
                 errors = await asyncio.shield(work)
             except asyncio.CancelledError:
                 # The thread still owns these descriptors; finish the batch when it is done.
-                work.add_done_callback(
-                    lambda f, b=batch, r=removals: self._finish(b + r, _errors_of(f, b + r)))
+                work.add_done_callback(functools.partial(self._finish_late, batch + removals))
                 raise
             except Exception as e:   # a bug in _flush: every item is in doubt
                 log.exception("group commit failed")
                 errors = [e] * (len(batch) + len(removals))
             self._finish(batch + removals, errors)
+
+    def _finish_late(self, batch: list[CommitItem | RemoveItem],
+                     work: asyncio.Future[list[BaseException | None]]) -> None:
+        """Finish a batch whose waiter was cancelled, once its thread is done with it."""
+        self._finish(batch, _errors_of(work, batch))
 
     def _finish(self, batch: list[CommitItem | RemoveItem],
                 errors: list[BaseException | None]) -> None:
@@ -226,25 +231,33 @@ class GroupCommitter:
 
     def _flush(self, batch: list[CommitItem], removals: list[RemoveItem] | None = None,
                ) -> list[BaseException | None]:
-        errors: list[BaseException | None] = [None] * len(batch)
-        for i, item in enumerate(batch):
-            if item.prepare is not None:
-                try:
-                    item.prepare(item)
-                except OSError as e:
-                    errors[i] = e
+        """One group commit, the error (or None) of each item then each removal. The order
+        is what makes it crash-safe: the items' files durable before any of them is renamed
+        into ``env/``; ``env/`` synced once for those renames and the removals' unlinks; a
+        removed message's body and lock let go only after that."""
+        removals = removals or []
+        errors = _prepare_all(batch)
         if self.fsync and any(e is None for e in errors):
             self._make_durable(batch, errors)
-        removals = removals or []
-        rm_errors: list[BaseException | None] = [None] * len(removals)
-        for i, rm in enumerate(removals):
+        rm_errors = _unlink_envelopes(removals)
+        renamed = self._rename_all(batch, errors) or bool(removals)
+        if self.fsync and renamed:
             try:
-                os.unlink(rm.env)
-            except FileNotFoundError:
-                pass
+                self._sync_dir(self._env_dir_fd)
             except OSError as e:
-                rm_errors[i] = e
-        renamed = bool(removals)
+                _fail_remaining(errors, e)
+                _fail_remaining(rm_errors, e)
+        _release_removed(removals, rm_errors)
+        if batch:
+            self.batches += 1
+            self.commits += len(batch)
+            self.max_batch = max(self.max_batch, len(batch))
+        self.removals += len(removals)
+        return errors + rm_errors
+
+    def _rename_all(self, batch: list[CommitItem], errors: list[BaseException | None]) -> bool:
+        """Rename each item without an error yet into ``env/``; whether any was."""
+        renamed = False
         for i, item in enumerate(batch):
             if errors[i] is None:
                 try:
@@ -254,34 +267,7 @@ class GroupCommitter:
                 else:
                     item.renamed = True
                     renamed = True
-        if self.fsync and renamed:
-            try:
-                self._sync_dir(self._env_dir_fd)
-            except OSError as e:
-                _fail_remaining(errors, e)
-                _fail_remaining(rm_errors, e)
-        for i, rm in enumerate(removals):
-            if rm_errors[i] is None:
-                try:
-                    os.unlink(rm.body)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    log.warning("cannot remove %s: %s", rm.body, e)   # clean-up removes it
-            if rm.lock_fd >= 0 and rm_errors[i] is None:
-                # After a failed removal the message is still queued: its lock stays open
-                # for the caller to keep (QueueStore.remove gives it back to its holder).
-                try:
-                    os.close(rm.lock_fd)
-                except OSError as e:
-                    log.warning("closing %s: %s", rm.body, e)
-                rm.lock_fd = -1
-        if batch:
-            self.batches += 1
-            self.commits += len(batch)
-            self.max_batch = max(self.max_batch, len(batch))
-        self.removals += len(removals)
-        return errors + rm_errors
+        return renamed
 
     def _make_durable(self, batch: list[CommitItem], errors: list[BaseException | None]) -> None:
         if len(batch) > 1 and self._syncfs_fn is not None:
@@ -322,6 +308,52 @@ class GroupCommitter:
 
     def _rename(self, item: CommitItem) -> None:
         os.rename(item.src, item.dst)
+
+
+def _prepare_all(batch: list[CommitItem]) -> list[BaseException | None]:
+    """Run each item's ``prepare`` (its files written); the error of each, or None."""
+    errors: list[BaseException | None] = [None] * len(batch)
+    for i, item in enumerate(batch):
+        if item.prepare is not None:
+            try:
+                item.prepare(item)
+            except OSError as e:
+                errors[i] = e
+    return errors
+
+
+def _unlink_envelopes(removals: list[RemoveItem]) -> list[BaseException | None]:
+    """Unlink each removal's envelope (already gone is fine); the error of each, or None."""
+    errors: list[BaseException | None] = [None] * len(removals)
+    for i, rm in enumerate(removals):
+        try:
+            os.unlink(rm.env)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            errors[i] = e
+    return errors
+
+
+def _release_removed(removals: list[RemoveItem], errors: list[BaseException | None]) -> None:
+    """Let go of what the removed messages still hold: the body, then the lock. After a
+    failed removal the message is still queued: its lock stays open for the caller to keep
+    (QueueStore.remove gives it back to its holder)."""
+    for rm, err in zip(removals, errors, strict=True):
+        if err is not None:
+            continue
+        try:
+            os.unlink(rm.body)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove %s: %s", rm.body, e)   # clean-up removes it
+        if rm.lock_fd >= 0:
+            try:
+                os.close(rm.lock_fd)
+            except OSError as e:
+                log.warning("closing %s: %s", rm.body, e)
+            rm.lock_fd = -1
 
 
 def _fail_remaining(errors: list[BaseException | None], err: BaseException) -> None:

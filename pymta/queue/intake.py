@@ -110,8 +110,9 @@ class Intake:
             log.error("%s: queue commit failed: %s", spool.qid, exc)
             spool.abort()
             raise self.store.write_fault(exc) from exc
-        log.info("%s: client=unknown[%s], from=<%s>, size=%d, nrcpt=%d%s", qid,
-                 envelope.client_ip, sender, envelope.size, len(envelope.recipients),
+        log.info("%s: client=%s[%s], from=<%s>, size=%d, nrcpt=%d%s", qid,
+                 envelope.client_name or "unknown", envelope.client_ip, sender, envelope.size,
+                 len(envelope.recipients),
                  f", sasl_username={envelope.auth_user}" if envelope.auth_user else "")
         lock: MessageLock | None = spool.lock     # still held: see QueueStore.hand_over_locks
         if lock is not None:

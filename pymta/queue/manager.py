@@ -528,42 +528,60 @@ class QueueManager:
 
     async def _scan(self) -> None:
         """Schedule every queued, non-held message by the ``next_attempt`` on disk."""
-        try:
-            ids = await self._store.list_queued()
-        except OSError as e:
-            text = fault_text(e)
-            if text != self._ids_fault:     # once per fault, not once per scan
-                log.error("queue scan failed: %s", text)
-                self._ids_fault = text
+        ids = await self._queued_ids()
+        if ids is None:
             return
-        except Exception:
-            log.exception("queue scan failed")
-            return
-        if self._ids_fault:
-            log.info("queue scan works again")
-            self._ids_fault = ""
         for i, qid in enumerate(ids):
             if i % 256 == 255:
                 await asyncio.sleep(0)  # a large queue must not stall the event loop
             if qid in self._inflight or qid in self._unwritten:
                 continue    # the disk is behind for the latter: its schedule is ours
-            try:
-                env = await self._store.load_envelope(qid)
-            except OSError as e:
-                text = fault_text(e)
-                if self._read_faults.get(qid) != text:
-                    log.error("%s: cannot read queue file: %s; skipped", qid, text)
-                    self._read_faults[qid] = text
-                continue
-            except Exception:
-                log.exception("%s: cannot read queue file; skipped", qid)
-                continue
-            if self._read_faults.pop(qid, None) is not None:
-                log.info("%s: queue file readable again", qid)
-            if env is None or env.held:
-                self._forget(qid)
-                continue
-            self._schedule_env(qid, env, rescan=True)
+            await self._scan_one(qid)
+        self._forget_removed(ids)
+
+    async def _queued_ids(self) -> list[QueueId] | None:
+        """The store's queued messages; None when it cannot list them (logged once per
+        fault, not once per scan: the scan runs every few seconds)."""
+        try:
+            ids = await self._store.list_queued()
+        except OSError as e:
+            text = fault_text(e)
+            if text != self._ids_fault:
+                log.error("queue scan failed: %s", text)
+                self._ids_fault = text
+            return None
+        except Exception:
+            log.exception("queue scan failed")
+            return None
+        if self._ids_fault:
+            log.info("queue scan works again")
+            self._ids_fault = ""
+        return ids
+
+    async def _scan_one(self, qid: QueueId) -> None:
+        """Schedule ``qid`` by its envelope on disk, or forget it when it is gone or held;
+        a file that cannot be read is skipped until it can (logged once per fault)."""
+        try:
+            env = await self._store.load_envelope(qid)
+        except OSError as e:
+            text = fault_text(e)
+            if self._read_faults.get(qid) != text:
+                log.error("%s: cannot read queue file: %s; skipped", qid, text)
+                self._read_faults[qid] = text
+            return
+        except Exception:
+            log.exception("%s: cannot read queue file; skipped", qid)
+            return
+        if self._read_faults.pop(qid, None) is not None:
+            log.info("%s: queue file readable again", qid)
+        if env is None or env.held:
+            self._forget(qid)
+            return
+        self._schedule_env(qid, env, rescan=True)
+
+    def _forget_removed(self, ids: list[QueueId]) -> None:
+        """Drop what the scan keeps about messages no longer queued (other workers or the
+        CLI removed them), once that is worth a pass over ``ids``."""
         if len(self._basis) > 2 * len(ids) + 1024 or self._read_faults:
             known = set(ids)    # forget what other workers or the CLI removed
             if len(self._basis) > 2 * len(ids) + 1024:

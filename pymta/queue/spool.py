@@ -104,7 +104,7 @@ class SpoolWriter:
 def open_body(fd: int) -> BinaryIO:
     """The buffered file a ``SpoolWriter`` writes through; owns (and closes) ``fd``."""
     try:
-        return open(fd, "wb", buffering=BUFFER_SIZE, closefd=True)  # noqa: SIM115
+        return open(fd, "wb", buffering=BUFFER_SIZE, closefd=True)
     except BaseException:
         os.close(fd)
         raise

@@ -244,10 +244,6 @@ class QueueStore:
                 os.close(fd)
         self._root_fd = self._data_fd = self._env_fd = -1
 
-    # The name before issue 11 (``aclose`` is every resource holder's one lifecycle method);
-    # kept while work started before the rename still calls it.
-    close = aclose
-
     def _recover(self) -> None:
         removed = 0
         for name in self._listing(self.tmp_dir, qids=False):

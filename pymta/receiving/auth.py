@@ -104,35 +104,35 @@ class AuthPolicy:
     async def check(self, event: ev.Auth, conn: ConnInfo) -> AuthResult:
         """Check the credentials of ``event`` from the client ``conn`` describes; see the
         module docstring for the answers."""
-        ip = conn.peer_ip
+        ip, name = conn.peer_ip, conn.peer_name
         user = event.username
         shown = printable(user)
         if (any(c in user or c in event.password for c in "\r\n\0") or len(user) > 255
                 or (event.authzid and event.authzid != user)):
             # a name no backend should ever see (IMAP/LDAP syntax), or a proxy login
-            log.warning("unknown[%s]: SASL %s authentication failed: bad user name or "
-                        "authorization id, sasl_username=%s", ip, event.mechanism, shown)
+            log.warning("%s[%s]: SASL %s authentication failed: bad user name or "
+                        "authorization id, sasl_username=%s", name, ip, event.mechanism, shown)
             return await self._failed(ip)
         try:
             async with asyncio.timeout(self.timeout):
                 identity = await self._ask(event, conn)
         except TemporaryFailure as exc:
-            log.warning("unknown[%s]: SASL %s authentication failed: %s, sasl_username=%s",
-                        ip, event.mechanism, exc.reply.text, shown)
+            log.warning("%s[%s]: SASL %s authentication failed: %s, sasl_username=%s",
+                        name, ip, event.mechanism, exc.reply.text, shown)
             return AuthResult(R_AUTH_TEMP)
         except TimeoutError:
-            log.warning("unknown[%s]: SASL %s authentication failed: no answer within %gs, "
-                        "sasl_username=%s", ip, event.mechanism, self.timeout, shown)
+            log.warning("%s[%s]: SASL %s authentication failed: no answer within %gs, "
+                        "sasl_username=%s", name, ip, event.mechanism, self.timeout, shown)
             return AuthResult(R_AUTH_TEMP)
         except Exception as exc:  # noqa: BLE001 - a broken authenticator: temporary, no traceback
-            log.error("unknown[%s]: SASL %s authenticator failed: %s, sasl_username=%s",
-                      ip, event.mechanism, type(exc).__name__, shown)
+            log.error("%s[%s]: SASL %s authenticator failed: %s, sasl_username=%s",
+                      name, ip, event.mechanism, type(exc).__name__, shown)
             return AuthResult(R_AUTH_TEMP)
         if identity is None:
-            log.warning("unknown[%s]: SASL %s authentication failed: authentication failure, "
-                        "sasl_username=%s", ip, event.mechanism, shown)
+            log.warning("%s[%s]: SASL %s authentication failed: authentication failure, "
+                        "sasl_username=%s", name, ip, event.mechanism, shown)
             return await self._failed(ip)
-        log.info("unknown[%s]: sasl_method=%s, sasl_username=%s", ip, event.mechanism,
+        log.info("%s[%s]: sasl_method=%s, sasl_username=%s", name, ip, event.mechanism,
                  printable(identity.username))
         return AuthResult(R_AUTH_OK, identity)
 

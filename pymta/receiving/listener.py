@@ -17,6 +17,13 @@ run, and it restarts when we hand the turn back. So a session is never closed fo
 while its answer is still being made, and once a ``421`` is written nothing follows it (a
 ``421`` followed by a ``250`` made clients send the message again: issue 10, defect 5).
 
+The client's name (``pymta.peername``: its PTR, when that forward-confirms) is looked up
+after the connection limits and before the ``connect from NAME[IP]`` line and the greeting,
+as Postfix's smtpd does: a refused connection costs no lookup. The lookup is our turn, not
+the client's: its idle clock starts with the greeting; bytes it sends early wait in the
+engine until then. A client that goes away meanwhile is forgotten at once (the lookup is
+dropped with it); a stop meanwhile answers ``421`` without a greeting.
+
 Connection limits, checked before the greeting: in total, per client address at a time
 (Postfix's ``smtpd_client_connection_count_limit``) and per client address per minute
 (:class:`ConnectionRateLimit`, Postfix's ``smtpd_client_connection_rate_limit``); clients in
@@ -50,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from pymta.peername import PeerNameResolver
 from pymta.receiving.session import ReceiveContext, Session
 from pymta.smtp import events as ev
 from pymta.smtp.engine import Engine, EngineConfig
@@ -135,6 +143,7 @@ class ListenerContext:
     max_per_ip: int = 50
     tls_handshake_timeout: float = 30.0
     rate_limit: ConnectionRateLimit | None = None   # None: no per-minute limit (the default)
+    peer_names: PeerNameResolver | None = None      # None: every client unknown, no lookup
     active: set[SMTPServerProtocol] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
     stopping: bool = False
@@ -159,7 +168,7 @@ class ListenerContext:
 class SMTPServerProtocol(asyncio.Protocol):
     __slots__ = ("ctx", "cfg", "transport", "engine", "session", "_task", "_waiter",
                  "_timer", "_last", "_peer_ip", "_paused", "_write_paused", "_lost",
-                 "_implicit_tls", "_tls_early")
+                 "_implicit_tls", "_tls_early", "_greeted", "_busy")
 
     def __init__(self, ctx: ListenerContext, cfg: EngineConfig, implicit_tls: bool) -> None:
         self.ctx = ctx
@@ -174,10 +183,12 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._paused = False          # we paused reading
         self._write_paused = False    # the transport's write buffer is full
         self._lost = False
+        self._greeted = False         # "connect from" logged and the greeting written
         self._peer_ip = ""
         # Decrypted bytes that arrive while loop.start_tls() is still finishing: with TLS 1.3
         # the client's first command can come in the same read as its Finished message.
         self._tls_early: bytearray | None = None
+        self._busy = False    # did we make the client wait since it last had the turn?
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -199,11 +210,12 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.session = Session(ctx.receive, ip, int(peer[1]) if len(peer) > 1 else 0)
         if self._implicit_tls:
             self.session.tls_info = describe_tls(transport.get_extra_info("ssl_object"))
-        self.engine.greeting()
-        transport.write(self.engine.take_output())
         loop = asyncio.get_running_loop()
         self._last = loop.time()
         self._timer = loop.call_later(ctx.idle_timeout, self._check_idle)
+        names = ctx.peer_names
+        if names is None or not names.enabled:
+            self._greet()               # no name to look up: nothing to wait for
         self._task = loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
@@ -248,10 +260,37 @@ class SMTPServerProtocol(asyncio.Protocol):
             del ctx.per_ip[self._peer_ip]
         if self._timer is not None:
             self._timer.cancel()
+        task = self._task
+        if self._greeted:
+            log.info("disconnect from %s[%s]", self.session.peer_name, self._peer_ip)
+        elif task is not None and not task.done() and not task.cancelling():
+            # gone while its name was looked up: nobody waits for that name any more
+            task.cancel()
+            log.info("lost connection after CONNECT from %s[%s]", self.session.peer_name,
+                     self._peer_ip)
         self._wake()
         self.session.abort()
 
     # ------------------------------------------------------------------ the session task
+
+    def _greet(self) -> None:
+        """``connect from NAME[IP]`` and the greeting: the client's turn, and its idle
+        clock, start now."""
+        self._greeted = True
+        log.info("connect from %s[%s]", self.session.peer_name, self._peer_ip)
+        self.engine.greeting()
+        self._flush()
+        self._last = asyncio.get_running_loop().time()
+
+    async def _name_then_greet(self) -> None:
+        """Look up the client's name, then greet it (unless ``connection_made`` greeted it
+        already). Our turn, not the client's: ``_check_idle`` sees no waiter and waits on."""
+        if self._greeted:
+            return
+        names = self.ctx.peer_names
+        assert names is not None
+        self.session.peer_name = await names.name(self._peer_ip)
+        self._greet()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -283,8 +322,17 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """The server is stopping: a session waiting for its client is told ``421 4.3.2``
-        now; one whose answer is being made is told after that answer (see ``_run``)."""
+        now; one whose answer is being made is told after that answer (see ``_run``); one
+        whose name is being looked up gets the ``421`` instead of a greeting, at once."""
         if self._lost or self.engine.closed:
+            return
+        if not self._greeted:
+            if self._task is not None:
+                self._task.cancel()
+            self.engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
+                              "shutdown")
+            self._flush()
+            self._close_transport()
             return
         if self._waiter is not None:
             self.engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
@@ -308,11 +356,9 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     async def _run(self) -> None:
         engine = self.engine
-        session = self.session
         loop = asyncio.get_running_loop()
-        ctx = self.ctx
-        busy = False   # did we make the client wait since it last had the turn?
         try:
+            await self._name_then_greet()
             while not self._lost:
                 if self._write_paused:
                     self._flush()
@@ -324,61 +370,81 @@ class SMTPServerProtocol(asyncio.Protocol):
                     continue
                 event = engine.next_event()
                 if event is ev.NEED_DATA:
-                    self._flush()
-                    if ctx.stopping and not engine.closed:
-                        engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
-                                     "shutdown")
+                    if self._closing_for_shutdown():
                         continue
-                    if self._paused and not self._write_paused and self.transport is not None:
-                        self._paused = False
-                        self.transport.resume_reading()
-                    if busy:
-                        busy = False
-                        self._last = loop.time()   # the client's turn starts now
-                    self._waiter = loop.create_future()
+                    self._clients_turn()
+                    self._waiter = loop.create_future()     # inline too, as above
                     await self._waiter
                     self._waiter = None
                     continue
-                cls = type(event)
-                if cls is ev.DataChunk:
-                    session.on_data_chunk(event.data)
-                elif cls is ev.RcptTo:
-                    busy = True
-                    engine.respond(await session.on_rcpt(event))
-                elif cls is ev.MailFrom:
-                    engine.respond(session.on_mail(event))
-                elif cls is ev.DataStart:
-                    engine.respond(session.on_data_start(event))
-                elif cls is ev.DataEnd:
-                    busy = True
-                    engine.respond(await session.on_data_end(event))
-                elif cls is ev.Helo:
-                    session.on_helo(event)
-                elif cls is ev.Reset:
-                    session.on_reset()
-                elif cls is ev.StartTLS:
-                    self._flush()
-                    busy = True
-                    if not await self._start_tls():
-                        return
-                elif cls is ev.Auth:
-                    busy = True     # the check, and the delay before a 535 (receiving.auth)
-                    reply = await session.on_auth(event)
-                    if reply.code == 235:
-                        engine.auth_user = session.auth_user
-                    engine.respond(reply)
-                elif cls is ev.Close:
-                    self._flush()
-                    session.abort()
-                    self._close_transport()
+                if not await self._dispatch(event):
                     return
         except Exception:
             log.exception("session with %s failed", self._peer_ip)
-            session.abort()
+            self.session.abort()
             if self.transport is not None and not self._lost:
                 self.transport.write(Reply(421, "4.3.0", "Error: local error in processing; "
                                                          "closing connection").render())
                 self._close_transport()
+
+    def _closing_for_shutdown(self) -> bool:
+        """Our replies so far go out; when the server is stopping, the engine closes with a
+        ``421`` (True: it has that to say before the task waits)."""
+        self._flush()
+        if self.ctx.stopping and not self.engine.closed:
+            self.engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
+                              "shutdown")
+            return True
+        return False
+
+    def _clients_turn(self) -> None:
+        """The client has the turn: read from it again if we paused, and if we made it wait,
+        its idle clock starts now."""
+        if self._paused and not self._write_paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        if self._busy:
+            self._busy = False
+            self._last = asyncio.get_running_loop().time()
+
+    async def _dispatch(self, event: ev.Event | ev._Sentinel) -> bool:
+        """Hand one engine event to the session, and a decision's answer back to the engine;
+        False when the session is over. ``_busy`` marks the events that make the client wait
+        for us (a lookup, the queue, a handshake, an AUTH check)."""
+        engine, session = self.engine, self.session
+        match event:
+            case ev.DataChunk():
+                session.on_data_chunk(event.data)
+            case ev.RcptTo():
+                self._busy = True
+                engine.respond(await session.on_rcpt(event))
+            case ev.MailFrom():
+                engine.respond(session.on_mail(event))
+            case ev.DataStart():
+                engine.respond(session.on_data_start(event))
+            case ev.DataEnd():
+                self._busy = True
+                engine.respond(await session.on_data_end(event))
+            case ev.Helo():
+                session.on_helo(event)
+            case ev.Reset():
+                session.on_reset()
+            case ev.StartTLS():
+                self._flush()
+                self._busy = True
+                return await self._start_tls()
+            case ev.Auth():
+                self._busy = True     # the check, and the delay before a 535 (receiving.auth)
+                reply = await session.on_auth(event)
+                if reply.code == 235:
+                    engine.auth_user = session.auth_user
+                engine.respond(reply)
+            case ev.Close():
+                self._flush()
+                session.abort()
+                self._close_transport()
+                return False
+        return True
 
     async def _start_tls(self) -> bool:
         loop = asyncio.get_running_loop()

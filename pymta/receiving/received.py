@@ -2,7 +2,7 @@
 
 Postfix's layout, so log and header readers see what they expect::
 
-    Received: from HELO (unknown [IP])
+    Received: from HELO (NAME [IP])
             by HOST (pymta) with ESMTPS id QID
             (version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 bits=256)
             for <rcpt@example.com>; Wed, 25 Nov 2026 17:00:00 +0000
@@ -12,8 +12,11 @@ it is a domain or an address literal, else cleaned to one word of at most 255 ch
 (``EHLO evil.test;dkim=pass`` shows as ``from evil.test?dkim=pass``: no ``;`` that would end
 the clause early, no parenthesis, no control); the SASL user name as comment text; the
 recipient only when it is a well-formed mailbox (otherwise the ``for`` clause is left out,
-as for several recipients). Every line stays below 998 octets; the ``(unknown [IP])``
-comment moves to its own line when the first one would pass 78.
+as for several recipients). NAME is the client's forward-confirmed name from
+:mod:`pymta.peername`, which checks its syntax; here it is checked again, since a header field
+must never carry text a PTR record made up: anything but a valid host name is ``unknown``.
+Every line stays below 998 octets; the ``(NAME [IP])`` comment moves to its own line when the
+first one would pass 78.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from pymta.headervalue import comment_text, trace_helo, trace_mailbox
+from pymta.peername import UNKNOWN, valid_hostname
 
 _date_cache: tuple[int, str] = (-1, "")
 
@@ -46,10 +50,11 @@ def protocol_name(extended: bool, tls: bool, authenticated: bool) -> str:
 
 def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, qid: str,
                     tls_info: str | None, recipient: str | None, now: float,
-                    auth_user: str | None = None) -> bytes:
+                    auth_user: str | None = None, peer_name: str = UNKNOWN) -> bytes:
     ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
     first = f"Received: from {trace_helo(helo)}"
-    client = f"(unknown [{comment_text(ip)}])"
+    name = UNKNOWN if peer_name == UNKNOWN else valid_hostname(peer_name) or UNKNOWN
+    client = f"({name} [{comment_text(ip)}])"
     fits = len(first) + 1 + len(client) <= 78
     lines = [f"{first} {client}"] if fits else [first, "\t" + client]
     if auth_user:

@@ -17,7 +17,7 @@ a bug).
 A client that disconnects while the end-of-data decision runs (slow pre-queue checks) gets
 nothing queued: the pipeline keeps the spool file until it ends (its stages may be reading
 the file), then the session removes it and logs one NOTICE line, ``lost connection after end
-of data from unknown[IP]``. Once the pipeline is done, a disconnect aborts the spool at once
+of data from NAME[IP]``. Once the pipeline is done, a disconnect aborts the spool at once
 (its own state machine waits for a header rewrite running in a thread, and does nothing once
 the commit has taken it). Nothing was acknowledged, so the client sends the message again;
 only a disconnect after the commit has started leaves it queued (the unavoidable window of
@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pymta.bounded import bounded
 from pymta.contracts import RecipientLookup, Spool
 from pymta.log import NOTICE
+from pymta.peername import UNKNOWN
 from pymta.pipeline import Pipeline, SpooledBody, Transaction
 from pymta.queue.intake import Intake
 from pymta.receiving.auth import R_AUTH_TEMP, AuthPolicy
@@ -121,17 +122,21 @@ class ReceiveContext:
 
 
 class Session:
-    """Policy state of one connection; the protocol adapter calls it on decision events."""
+    """Policy state of one connection; the protocol adapter calls it on decision events.
+    ``peer_name`` is the client's verified name or ``unknown`` (the listener looks it up
+    before the greeting), for the ``Received:`` field and the log lines."""
 
-    __slots__ = ("ctx", "peer_ip", "peer_port", "helo", "extended", "tls_info", "auth_user",
-                 "_sender", "_mail", "_targets", "_spool", "_scanner", "_write_error",
-                 "_started", "_head", "_head_room", "_ending", "_reading", "_gone",
-                 "_at_start")
+    __slots__ = ("ctx", "peer_ip", "peer_port", "peer_name", "helo", "extended", "tls_info",
+                 "auth_user", "_sender", "_mail", "_targets", "_spool", "_scanner",
+                 "_write_error", "_started", "_head", "_head_room", "_ending", "_reading",
+                 "_gone", "_at_start")
 
-    def __init__(self, ctx: ReceiveContext, peer_ip: str, peer_port: int) -> None:
+    def __init__(self, ctx: ReceiveContext, peer_ip: str, peer_port: int,
+                 peer_name: str = UNKNOWN) -> None:
         self.ctx = ctx
         self.peer_ip = peer_ip
         self.peer_port = peer_port
+        self.peer_name = peer_name
         self.helo = ""
         self.extended = False
         self.tls_info: str | None = None
@@ -252,7 +257,7 @@ class Session:
             helo=self.helo, peer_ip=self.peer_ip, hostname=self.ctx.hostname,
             protocol=self.protocol, qid=spool.qid, tls_info=self.tls_info,
             recipient=next(iter(originals)) if len(originals) == 1 else None,
-            now=time.time(), auth_user=self.auth_user)
+            now=time.time(), auth_user=self.auth_user, peer_name=self.peer_name)
         self._write(header)
         self._head = [header]
         self._head_room = HEAD_KEEP
@@ -268,7 +273,7 @@ class Session:
         if auth is None:
             return R_AUTH_TEMP
         conn = ConnInfo(self.peer_ip, self.peer_port, self.helo,
-                        tls=self.tls_info is not None)
+                        tls=self.tls_info is not None, peer_name=self.peer_name)
         result = await auth.check(event, conn)
         if result.identity is not None:
             self.auth_user = result.identity.username
@@ -312,14 +317,14 @@ class Session:
         try:
             return await self._end_of_data(event)
         except Exception:   # a bug: the client retries, and the log says where
-            log.exception("unknown[%s]: end of data failed", self.peer_ip)
+            log.exception("%s[%s]: end of data failed", self.peer_name, self.peer_ip)
             return R_LOCAL_ERROR
         finally:
             self._ending = self._reading = False
             if self._gone:
                 self._gone = False
-                log.log(NOTICE, "lost connection after end of data from unknown[%s]",
-                        self.peer_ip)
+                log.log(NOTICE, "lost connection after end of data from %s[%s]",
+                        self.peer_name, self.peer_ip)
             if self._spool is not None:
                 self._spool.abort()     # a no-op once committed
             self._spool = None
@@ -358,7 +363,8 @@ class Session:
         now = time.time()
         envelope = Envelope(
             sender=mail.address, recipients=rcpts, received_at=now, next_attempt=now,
-            client_ip=self.peer_ip, helo=self.helo, auth_user=self.auth_user,
+            client_ip=self.peer_ip, client_name=self.peer_name, helo=self.helo,
+            auth_user=self.auth_user,
             body_type=mail.params.body, smtputf8=mail.params.smtputf8, ret=mail.params.ret,
             envid=mail.params.envid, protocol=self.protocol)
         try:

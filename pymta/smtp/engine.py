@@ -188,6 +188,7 @@ class Engine:
         self.auth_user: str | None = None
         self._sasl: list[str] | None = None   # [mechanism, step data...] during an exchange
         self._skip_cr = False                  # skipping a long line that ended in CR so far
+        self._bdat_reply: Reply | None = None  # the answer to each chunk of a refused BDAT
         self._reset_txn()
 
     # ------------------------------------------------------------------ driver interface
@@ -258,53 +259,64 @@ class Engine:
         self._waiting = None
         self._state = _COMMAND
         ok = reply.code < 400
-        if isinstance(pending, ev.MailFrom):
-            if ok:
-                self._has_mail = True
-                # A refused BDAT of an earlier transaction must not poison this one.
-                self._bdat_discard = False
-                self._bdat_reply = None
-                self._mail_utf8 = pending.params.smtputf8
-            self._reply(reply)
-        elif isinstance(pending, ev.RcptTo):
-            if ok:
-                self._rcpts += 1
-            self._reply(reply)
-        elif isinstance(pending, ev.DataStart):
-            if pending.bdat:
-                self._state = _BDAT
+        match pending:
+            case ev.MailFrom():
                 if ok:
-                    self._bdat_open = True
-                else:
-                    self._bdat_discard = True
-                    self._bdat_reply = reply
-                    self._reset_txn_keep_bdat()
-                    self._events.append(ev.Reset())
-            elif ok:
-                self._state = _DATA
-                self._tail = b""
-                self._first_chunk = True
-                self._size = 0
-                self._over = False
-                self._nul = False
+                    self._has_mail = True
+                    # A refused BDAT of an earlier transaction must not poison this one.
+                    self._bdat_discard = False
+                    self._bdat_reply = None
+                    self._mail_utf8 = pending.params.smtputf8
                 self._reply(reply)
-                if self._buf:  # message text arrived before the 354
-                    self._reply(R_PIPELINING)
-                    self._events.append(ev.Reset())
-                    self._enter_closed("pipelining violation")
-            else:
+            case ev.RcptTo():
+                if ok:
+                    self._rcpts += 1
+                self._reply(reply)
+            case ev.DataStart(bdat=True):
+                self._answer_bdat(reply, ok)
+            case ev.DataStart():
+                self._answer_data(reply, ok)
+            case ev.DataEnd():
                 self._reply(reply)
                 self._reset_txn()
-                self._events.append(ev.Reset())
-        elif isinstance(pending, ev.DataEnd):
-            self._reply(reply)
-            self._reset_txn()
-        elif isinstance(pending, ev.Auth):
-            if ok and self.auth_user is None:
-                self.auth_user = pending.username
-            self._reply(reply)
+            case ev.Auth():
+                if ok and self.auth_user is None:
+                    self.auth_user = pending.username
+                self._reply(reply)
         if self._state == _COMMAND and self._errors >= self.cfg.max_errors:
             self._too_many_errors()
+
+    def _answer_bdat(self, reply: Reply, ok: bool) -> None:
+        """The first BDAT's decision: chunks are taken either way (RFC 3030 has no go-ahead
+        reply); refused, they are read and discarded, each answered with ``reply``."""
+        self._state = _BDAT
+        if ok:
+            self._bdat_open = True
+        else:
+            self._bdat_discard = True
+            self._bdat_reply = reply
+            self._reset_txn_keep_bdat()
+            self._events.append(ev.Reset())
+
+    def _answer_data(self, reply: Reply, ok: bool) -> None:
+        """DATA's decision: the 354 and the message text, or the refusal ending the
+        transaction."""
+        if not ok:
+            self._reply(reply)
+            self._reset_txn()
+            self._events.append(ev.Reset())
+            return
+        self._state = _DATA
+        self._tail = b""
+        self._first_chunk = True
+        self._size = 0
+        self._over = False
+        self._nul = False
+        self._reply(reply)
+        if self._buf:  # message text arrived before the 354
+            self._reply(R_PIPELINING)
+            self._events.append(ev.Reset())
+            self._enter_closed("pipelining violation")
 
     def next_event(self) -> ev.Event | ev._Sentinel:
         while True:

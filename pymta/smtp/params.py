@@ -285,6 +285,17 @@ def _params(text: str, utf8_ok: frozenset[str] = frozenset()) -> list[tuple[str,
     return out
 
 
+def _size_param(value: str | None, size_limit: int) -> int:
+    """SIZE's declared message size (RFC 1870), refused at once when over ``size_limit``
+    (0: no limit) so the client sends no body."""
+    if value is None or _DIGITS_RE.fullmatch(value) is None:
+        raise ParamError(Reply(501, "5.5.4", "Bad SIZE parameter"))
+    size = int(value)
+    if size_limit and size > size_limit:
+        raise ParamError(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
+    return size
+
+
 def parse_mail_params(text: str, *, size_limit: int) -> MailParams:
     size: int | None = None
     body = "7BIT"
@@ -296,11 +307,7 @@ def parse_mail_params(text: str, *, size_limit: int) -> MailParams:
             raise ParamError(Reply(501, "5.5.4", f"Duplicate {key} parameter"))
         seen.add(key)
         if key == "SIZE":
-            if value is None or _DIGITS_RE.fullmatch(value) is None:
-                raise ParamError(Reply(501, "5.5.4", "Bad SIZE parameter"))
-            size = int(value)
-            if size_limit and size > size_limit:
-                raise ParamError(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
+            size = _size_param(value, size_limit)
         elif key == "BODY":
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 raise ParamError(Reply(501, "5.5.4", "Unsupported BODY parameter"))

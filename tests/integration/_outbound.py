@@ -77,9 +77,7 @@ class ScriptedPeer:
                 self.lines.append(line)
                 verb = line[:4].upper()
                 if verb in ("EHLO", "HELO"):
-                    caps = ["peer.test", *self.ehlo]
-                    say("\r\n".join(f"250{'-' if i < len(caps) - 1 else ' '}{c}"
-                                    for i, c in enumerate(caps)))
+                    say(self._ehlo_reply())
                 elif verb == "MAIL":
                     txn = Transaction(mail=line)
                     say("250 2.1.0 Ok")
@@ -92,14 +90,9 @@ class ScriptedPeer:
                 elif verb == "DATA":
                     say("354 End data with <CR><LF>.<CR><LF>")
                     await writer.drain()
-                    chunks = []
-                    while True:
-                        data_line = await reader.readline()
-                        if not data_line or data_line == b".\r\n":
-                            break
-                        chunks.append(data_line)
+                    data = await _read_data(reader)
                     if txn is not None:
-                        txn.data = b"".join(chunks)
+                        txn.data = data
                         self.transactions.append(txn)
                     txn = None
                     say(self.data_reply)
@@ -117,6 +110,21 @@ class ScriptedPeer:
             pass
         finally:
             writer.close()
+
+    def _ehlo_reply(self) -> str:
+        caps = ["peer.test", *self.ehlo]
+        return "\r\n".join(f"250{'-' if i < len(caps) - 1 else ' '}{c}"
+                            for i, c in enumerate(caps))
+
+
+async def _read_data(reader: asyncio.StreamReader) -> bytes:
+    """The DATA lines up to the final dot (or the connection's end), still dot-stuffed."""
+    chunks = []
+    while True:
+        line = await reader.readline()
+        if not line or line == b".\r\n":
+            return b"".join(chunks)
+        chunks.append(line)
 
 
 def unstuff(data: bytes) -> bytes:

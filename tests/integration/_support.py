@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import mailbox
 import os
 import re
 import smtplib
+import socket
 import ssl
 from collections.abc import Sequence
 
@@ -23,6 +25,21 @@ def client_tls_context() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+@functools.cache
+def client_name(ip: str = "127.0.0.1") -> str:
+    """What ``Received:`` and the log lines call a client at ``ip`` (IPv4) by default
+    (``PYMTA_PEERNAME_LOOKUP=yes``, no ``PYMTA_DNS_RESOLVER``): the host resolver's name for
+    it (``localhost`` for 127.0.0.1 from /etc/hosts on most machines) when that name
+    resolves back to ``ip``, else ``unknown``. Asked of the host here, not of pymta."""
+    try:
+        name = socket.getnameinfo((ip, 0), socket.NI_NAMEREQD)[0]
+        infos = socket.getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    except OSError:
+        return "unknown"
+    confirmed = any(info[4][0] == ip for info in infos)
+    return name.lower().rstrip(".") if confirmed else "unknown"
 
 
 def smtp_address(mta: MTA) -> tuple[str, int]:

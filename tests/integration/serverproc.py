@@ -272,8 +272,12 @@ class SMTPReplyError(AssertionError):
 class SMTPClient:
     """A blocking SMTP client that returns every reply instead of raising on 4xx/5xx."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0,
+                 source: str | None = None) -> None:
+        """``source``: the local address to connect from (any 127.0.0.0/8 address works on
+        Linux loopback), for tests about what the server makes of the client's address."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.file = self.sock.makefile("rb")
         self.greeting = self.reply()
 

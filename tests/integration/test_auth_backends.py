@@ -3,8 +3,8 @@
 Each method accepts the right password and refuses a wrong one over 587 (STARTTLS) and 465;
 injection attempts in the user name find nobody; a backend stopped mid-test gives
 ``454 4.7.0`` (and a method earlier in the chain still answers); the methods chain in the
-seed's order; nothing the client sent as a password reaches a log, also with aioimaplib and
-ldap3 loggers at DEBUG.
+order of ``mlan/postfix-amavis``; nothing the client sent as a password reaches a log, also with
+aioimaplib and ldap3 loggers at DEBUG.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ async def check_method(mta: MTA, user: str, password: str) -> None:
 
 
 async def test_ldap_bind(tmp_path, tls_pair, slapd) -> None:
-    # the seed's set-up: filter derived from LDAP_QUERY_FILTER_USER, %Ln drops the domain
+    # mlan/postfix-amavis's set-up: filter derived from LDAP_QUERY_FILTER_USER, %Ln drops the domain
     config = auth_config(tmp_path, tls_pair, dovecot_auth_username_format="%Ln",
                          **ldap_vars(slapd))
     assert config.sasl_methods == ("ldap",)

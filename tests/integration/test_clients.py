@@ -15,6 +15,7 @@ import pytest
 from pymta.app import MTA
 from tests.conftest import make_config
 from tests.integration._support import (
+    client_name,
     client_tls_context,
     lf,
     our_received,
@@ -143,7 +144,8 @@ async def test_aiosmtplib(tmp_path: Path, starttls: bool) -> None:
         [stored] = await wait_maildir(config.mail_dir, "alice/")
         assert split_delivered(stored)[1] == lf(data)
         received = our_received(stored)
-        assert received.startswith("Received: from aio.example.net (unknown [127.0.0.1])")
+        assert received.startswith(
+            f"Received: from aio.example.net ({client_name()} [127.0.0.1])"), received
         if starttls:
             assert isinstance(tls_obj, ssl.SSLObject)
             cipher = tls_obj.cipher()
@@ -212,7 +214,8 @@ async def test_swaks_plain(mta: MTA, config) -> None:
     qid = queued_id(out)
     [stored] = await wait_maildir(config.mail_dir, "alice/")
     received = our_received(stored)
-    assert received.startswith("Received: from swaks.example.net (unknown [127.0.0.1])")
+    assert received.startswith(
+        f"Received: from swaks.example.net ({client_name()} [127.0.0.1])"), received
     assert f"with ESMTP id {qid}" in received
     _, rest = split_delivered(stored)
     assert b"Subject: from swaks\n" in rest

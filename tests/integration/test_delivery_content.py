@@ -17,6 +17,7 @@ import pytest
 from pymta.app import MTA
 from tests.conftest import make_config
 from tests.integration._support import (
+    client_name,
     lf,
     mbox_from_lines,
     our_received,
@@ -148,8 +149,10 @@ async def test_latin1_body_without_8bitmime_is_kept(mta: MTA, config) -> None:
 # ---------------------------------------------------------------------- trace headers
 
 
+# the client's name: the loopback address's forward-confirmed name (or unknown)
 RECEIVED_RE = re.compile(
-    rb"Received: from (?P<helo>\S+) \(unknown \[127\.0\.0\.1\]\)\n"
+    rb"Received: from (?P<helo>\S+) \(" + re.escape(client_name().encode())
+    + rb" \[127\.0\.0\.1\]\)\n"
     rb"\tby mx\.example\.com \(pymta\) with (?P<proto>E?SMTPS?) id (?P<qid>[0-9A-Z]+)"
     rb"(?:\n\t\((?P<tls>version=\S+ cipher=\S+ bits=\d+)\))?"
     rb"(?:\n\tfor <(?P<rcpt>[^>]+)>)?"
@@ -257,6 +260,7 @@ async def test_helo_name_with_comment_characters_is_cleaned(mta: MTA, config) ->
     # The HELO name is cleaned (how is pymta/receiving/received.py's business: dropped or
     # replaced), so the comment that follows it is the only one and nothing else opens or
     # closes one.
-    m = re.match(r"Received: from (\S+) \(unknown \[127\.0\.0\.1\]\) by ", received)
+    m = re.match(rf"Received: from (\S+) \({re.escape(client_name())} \[127\.0\.0\.1\]\) by ",
+                 received)
     assert m is not None, received
     assert "evil" in m.group(1) and not set(m.group(1)) & set("()\\"), received

@@ -331,7 +331,7 @@ def test_cli_keygen_show_and_bad_private_key(tmp_path: Path, dns_server: DNSTest
         assert dkim.verify(sign_message(plain, key) + plain, dnsfunc=dnsfunc_for(dns_server))
     finally:
         dns_server.remove("default._domainkey.example.org")
-    # DKIM_PRIVATEKEY without armour (as in the seed) signs for every domain
+    # DKIM_PRIVATEKEY without armour (as in mlan/postfix-amavis) signs for every domain
     pem = (tmp_path / "state" / "dkim" / "example.com.default.key").read_text()
     bare = "".join(pem.strip().splitlines()[1:-1])
     given = run_cli("dkim", "show", env={**env, "DKIM_PRIVATEKEY": bare,

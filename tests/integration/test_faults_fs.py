@@ -18,8 +18,8 @@ under a real ``pymta serve``, and clients and the queue see only temporary failu
   moved to ``corrupt/`` with one log line, the server starts and delivers the rest, and
   ``pymta queue list`` works.
 
-Every wait is bounded generously (a loaded 2-core machine); the figures measured for the
-report come from ``shared/notes/session-issue10/store_faults_repro.py``.
+Every wait is bounded generously (a loaded 2-core machine); the figures in the issue 10
+report were measured by a separate reproduction script, not by these assertions.
 """
 
 from __future__ import annotations

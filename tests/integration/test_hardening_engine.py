@@ -13,7 +13,7 @@ as the defects were reproduced:
   counting as errors, so the transaction survives;
 * NUL in DATA or BDAT: refused (``554 5.6.0``) after the end of the message, in step.
 
-Precise timings are measured separately (``shared/notes/session-issue10``); the bounds here
+Precise timings are measured separately, outside the test suite; the bounds here
 are generous so that a loaded two-core machine does not make them flaky.
 """
 

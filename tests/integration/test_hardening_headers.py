@@ -56,7 +56,7 @@ class Recorder:
     def __init__(self) -> None:
         self.received: list[bytes] = []
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+    async def handle_DATA(self, server, session, envelope):  # aiosmtpd's name
         self.received.append(envelope.original_content)
         return "250 2.0.0 Ok: queued as PEER"
 

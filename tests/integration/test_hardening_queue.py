@@ -290,7 +290,7 @@ async def _inject(queue_dir: Path, envelopes: Sequence[Envelope], body: bytes) -
     try:
         return [await store.enqueue_bytes(env, body) for env in envelopes]
     finally:
-        await store.close()
+        await store.aclose()
 
 
 def test_issue10_defect6_unencodable_envelope_bounces_and_leaks_no_connection(

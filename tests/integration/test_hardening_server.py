@@ -21,7 +21,7 @@ from tests.integration._defences import parse_replies
 from tests.integration.serverproc import ServerProc, wait_until
 
 # Server-side figures are generous: the machine is shared and loaded; precise figures are
-# measured separately (shared/notes/session-issue10/).
+# measured separately, outside the test suite.
 QUICK = 2.0
 
 FAST_STAGES = {"PYMTA_DKIM_VERIFY": "no", "PYMTA_ARC": "no", "PYMTA_DMARC": "no"}

@@ -147,7 +147,7 @@ async def test_deferred_message_is_delivered_after_restart(tmp_path: Path) -> No
         env = store.load(qid)
         assert env is not None and [r.address for r in env.recipients] == ["alice@example.com"]
     finally:
-        await store.close()
+        await store.aclose()
 
     async with MTA(config) as mta:  # the standard local router this time
         [stored] = await wait_maildir(config.mail_dir, "alice/")

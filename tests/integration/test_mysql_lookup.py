@@ -1,9 +1,10 @@
 """MySQL recipient lookup against a real MariaDB (issue 5).
 
-The seed's quoted ``'%s'`` queries run as bound parameters: SQL injection finds nothing; users
-and aliases (including comma lists) resolve; a database stopped mid-test gives ``451 4.3.0``
-over SMTP while mail accepted before is delivered; the cache saves real queries (counted by
-the server's own ``Com_select`` status counter); the pool closes when the MTA stops.
+``mlan/postfix-amavis``'s quoted ``'%s'`` queries run as bound parameters: SQL injection finds
+nothing; users and aliases (including comma lists) resolve; a database stopped mid-test gives
+``451 4.3.0`` over SMTP while mail accepted before is delivered; the cache saves real queries
+(counted by the server's own ``Com_select`` status counter); the pool closes when the MTA
+stops.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ never answers for the server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -193,3 +194,17 @@ async def test_from_config_looks_up_through_the_configured_dns(tmp_path: Path,
     assert await PeerNameResolver.from_config(config).name(CLIENT) == "client.example.com"
     off = make_config(tmp_path, dns_resolver=(dns_zone.resolver_spec,), peername_lookup=False)
     assert await PeerNameResolver.from_config(off).name(CLIENT) == UNKNOWN
+
+
+async def test_issue11_client_name_burst_from_one_address_is_one_query_each(
+        dns_zone: DNSTestServer) -> None:
+    """A hundred connections of one client in the same moment: one PTR query and one
+    forward query, not a hundred of each (the DNS server is the whole MTA's)."""
+    dns_zone.add(ptr(CLIENT, "client.example.com."))
+    dns_zone.add(f"client.example.com. 0 IN A {CLIENT}")
+    peers = PeerNameResolver(uncached(dns_zone), timeout=3.0)
+    names = await asyncio.gather(*(peers.name(CLIENT) for _ in range(100)))
+    assert names == ["client.example.com"] * 100
+    owner = dns.reversename.from_address(CLIENT).to_text().lower()
+    asked = [q for q in dns_zone.queries if q[0] in (owner, "client.example.com.")]
+    assert asked == [(owner, "PTR"), ("client.example.com.", "A")], asked

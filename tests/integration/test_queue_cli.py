@@ -236,7 +236,7 @@ def test_issue10_show_of_a_message_moved_to_corrupt_says_so(tmp_path, monkeypatc
             env = Envelope(SENDER, [Recipient(FWD, FWD)], now, now, size=len(body))
             return await store.enqueue_bytes(env, body)
         finally:
-            await store.close()
+            await store.aclose()
 
     qid = asyncio.run(enqueue())
     (tmp_path / "queue" / "env" / qid).write_bytes(b"\x00 not an envelope")

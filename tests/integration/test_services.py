@@ -39,7 +39,7 @@ class _Sink:
     def __init__(self) -> None:
         self.envelopes: list = []
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd hook)
+    async def handle_DATA(self, server, session, envelope):  # aiosmtpd's hook name
         self.envelopes.append(envelope)
         return "250 2.0.0 Ok: sunk"
 

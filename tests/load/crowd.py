@@ -425,7 +425,7 @@ class Tricklers:
             conn.step += 1
 
 
-def _fleet_member(conn, port: int, sources: list[str], count: int,  # noqa: ANN001
+def _fleet_member(conn, port: int, sources: list[str], count: int,
                   nofile: int, timeout: float) -> None:
     """A child process of :class:`CrowdFleet`: hold ``count`` idle connections until told."""
     raise_nofile(nofile)

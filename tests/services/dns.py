@@ -4,7 +4,8 @@ Not dnslib's ``ZoneResolver``: that answers NXDOMAIN for a name that exists with
 Here NXDOMAIN is only for a name with no record of any type (NOERROR/NODATA otherwise), answers
 are authoritative, CNAMEs inside the zone are followed, and tests can change records at any time
 (``set_zone`` / ``add`` / ``remove`` / ``clear`` / ``reset``) or make a name fail
-(``fail(name, "SERVFAIL")``, ``drop(name)`` = never answer, for timeouts).
+(``fail(name, "SERVFAIL")``, ``drop(name)`` = never answer, for timeouts). ``queries`` lists
+the questions asked since the last ``clear``/``reset``, so a test can see a lookup was not made.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections import deque
 
 from dnslib import QTYPE, RCODE, RR, DNSLabel, DNSRecord
 from dnslib.dns import DNSError
@@ -21,6 +23,7 @@ from .base import ServiceError
 
 PORT_ENV = "PYMTA_TEST_DNS_PORT"
 DEFAULT_PORT = 5353
+QUERIES_KEPT = 10_000    # a session-long server (benchmarks) must not grow without bound
 
 DEFAULT_ZONE = """\
 $TTL 300
@@ -68,6 +71,7 @@ class _Resolver(BaseResolver):
         qtype = QTYPE[request.q.qtype]
         records, failures, drops = self.owner._snapshot()
         key = _norm(qname)
+        self.owner._asked(key, qtype)
         if key in drops:
             raise DNSError("dropped by test")  # dnslib then sends nothing: the client times out
         if key in failures:
@@ -123,6 +127,7 @@ class DNSTestServer:
         self._records: list[RR] = []
         self._failures: dict[str, str] = {}
         self._drops: set[str] = set()
+        self._queries: deque[tuple[str, str]] = deque(maxlen=QUERIES_KEPT)
         self._servers: list[DNSServer] = []
         self.set_zone(zone)
 
@@ -164,6 +169,7 @@ class DNSTestServer:
             self._records = []
             self._failures = {}
             self._drops = set()
+            self._queries = deque(maxlen=QUERIES_KEPT)
 
     def reset(self) -> None:
         """Back to the default zone, no failures."""
@@ -185,6 +191,18 @@ class DNSTestServer:
     def records(self) -> list[str]:
         with self._lock:
             return [rr.toZone() for rr in self._records]
+
+    @property
+    def queries(self) -> list[tuple[str, str]]:
+        """The questions asked since the last ``clear``/``reset`` (the last
+        :data:`QUERIES_KEPT`): (name, type), in order, names lower-case and absolute
+        (``"7.0.0.127.in-addr.arpa."``, ``"PTR"``)."""
+        with self._lock:
+            return list(self._queries)
+
+    def _asked(self, name: str, qtype: str) -> None:
+        with self._lock:
+            self._queries.append((name, qtype))
 
     def _snapshot(self) -> tuple[list[RR], dict[str, str], set[str]]:
         with self._lock:

@@ -30,7 +30,7 @@ async def enqueue(root: Path, **kw: object) -> str:
                        next_attempt=now + 600, size=len(BODY), **kw)  # type: ignore[arg-type]
         return await store.enqueue_bytes(env, BODY)
     finally:
-        await store.close()
+        await store.aclose()
 
 
 def load(root: Path, qid: str) -> Envelope | None:

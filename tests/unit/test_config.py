@@ -74,7 +74,7 @@ def test_every_config_field_has_a_variable() -> None:
 # ------------------------------------------------------------------------------ values
 
 
-def test_seed_variables() -> None:
+def test_image_variables() -> None:
     config = load_config({
         "MAIL_DOMAIN": "Example.com, secondary.com. example.com",
         "MAIL_BOXES": "info@example.com abuse@example.com:abuse/",

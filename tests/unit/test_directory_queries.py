@@ -87,7 +87,7 @@ def test_bad_ldap_host(value: str) -> None:
 # ---------------------------------------------------------------------- SQL
 
 
-def test_seed_query_becomes_a_bound_parameter() -> None:
+def test_image_query_becomes_a_bound_parameter() -> None:
     q = compile_query("select mail from users where mail='%s' limit 1;", "MYSQL_QUERY_USER")
     assert q.sql == "select mail from users where mail=%s limit 1"
     assert q.args("x' OR '1'='1@example.com") == ("x' OR '1'='1@example.com",)

@@ -72,7 +72,7 @@ async def store(tmp_path: Path) -> AsyncIterator[QueueStore]:
     s.open()
     await s.start()
     yield s
-    await s.close()
+    await s.aclose()
 
 
 async def committed(store: QueueStore, data: bytes = b"Subject: x\r\n\r\nbody\r\n") -> str:
@@ -144,7 +144,7 @@ async def test_admission_refuses_full_and_read_only(tmp_path: Path) -> None:
     refusal = s.admission(0, reserve_for(10_240_000))
     assert refusal is not None
     assert (refusal.reply.code, refusal.reply.enhanced) == (451, "4.3.0")
-    await s.close()
+    await s.aclose()
 
 
 # ------------------------------------------------------------------ write faults
@@ -172,7 +172,7 @@ async def test_fsync_fault_at_commit_is_temporary_and_leaves_nothing(
     assert (exc.value.reply.code, exc.value.reply.enhanced) == reply
     assert listing(s) == {"tmp": [], "data": [], "env": [], "corrupt": []}
     assert open_queue_fds(s) == []
-    await s.close()
+    await s.aclose()
 
 
 async def test_enqueue_bytes_on_a_full_disk_is_452_and_leaves_nothing(
@@ -258,12 +258,12 @@ async def test_read_only_file_system_during_commit_cleanup_is_no_traceback(
     assert (exc.value.reply.code, exc.value.reply.enhanced) == (451, "4.3.0")
     assert open_queue_fds(s) == []
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
-    await s.close()
+    await s.aclose()
     # the files the read-only file system kept are removed by the next start's clean-up
     s2 = QueueStore(tmp_path / "queue")
     s2.open()
     assert listing(s2) == {"tmp": [], "data": [], "env": [], "corrupt": []}
-    await s2.close()
+    await s2.aclose()
 
 
 # ------------------------------------------------------------------ rewrite racing an abort
@@ -425,7 +425,7 @@ async def test_start_sets_aside_stray_files_and_keeps_the_rest(
     s = QueueStore(tmp_path / "queue")
     await s.start()
     good = await committed(s)
-    await s.close()
+    await s.aclose()
     root = Path(s.root)
     (root / "env" / "bad.name").write_bytes(b"{}")
     (root / "env" / "line\nbreak").write_bytes(b"{}")
@@ -453,8 +453,8 @@ async def test_start_sets_aside_stray_files_and_keeps_the_rest(
     caplog.clear()
     s3.open()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    await s2.close()
-    await s3.close()
+    await s2.aclose()
+    await s3.aclose()
 
 
 # ------------------------------------------------------------------ the session's hand-off
@@ -672,7 +672,7 @@ async def test_mail_from_is_refused_when_the_queue_is_full(
     assert fake.calls == 1                              # one statvfs for all three
     warnings = [r.getMessage() for r in caplog.records if "free space" in r.getMessage()]
     assert len(warnings) == 1, warnings                 # one per measurement, not per MAIL
-    await s.close()
+    await s.aclose()
 
 
 async def test_issue10_failed_removal_gives_the_lock_back(
@@ -707,5 +707,5 @@ async def test_issue10_failed_removal_gives_the_lock_back(
         assert taken is not None
         taken.release()
     finally:
-        await s.close()
-        await other.close()
+        await s.aclose()
+        await other.aclose()

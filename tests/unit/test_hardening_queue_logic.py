@@ -772,7 +772,7 @@ async def test_issue10_flush_with_a_running_server_rewrites_nothing(tmp_path, mo
     finally:
         assert held is not None
         held.release()
-        await store.close()
+        await store.aclose()
 
 
 # ------------------------------------------- issue 10 review: a stop never loses an outcome

@@ -205,6 +205,48 @@ def test_received_is_one_well_formed_trace_field_for_any_client_text(
     assert msg.keys() == ["Received", "Subject"]
 
 
+HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+@SETTINGS
+@given(name=st.one_of(ANY_TEXT, st.from_regex(HOST_NAME, fullmatch=True)),
+       helo=st.sampled_from(["c.example", "x" * 60]))
+@example(name="evil.example;dkim=pass", helo="c.example")
+@example(name="a.example) by trusted.example (", helo="c.example")
+@example(name="Client.Example.COM.", helo="c.example")
+def test_issue11_client_name_in_received_is_a_host_name_or_unknown(name: str,
+                                                                    helo: str) -> None:
+    """Whatever name the receiving side hands over, the comment is ``(NAME [IP])`` with a
+    syntactically valid host name or ``unknown``: a PTR's text never shapes the field."""
+    raw = received_header(helo=helo, peer_ip="192.0.2.1", hostname="mx.example.com",
+                          protocol="ESMTP", qid="QID", tls_info=None, recipient=None,
+                          now=1_700_000_000, peer_name=name).decode("utf-8", "surrogateescape")
+    m = re.search(r"\(([^ ()]+) \[192\.0\.2\.1\]\)", raw)
+    assert m is not None, raw
+    shown = m.group(1)
+    assert shown == "unknown" or (HOST_NAME.fullmatch(shown) and not shown.split(".")[-1]
+                                  .isdigit() and len(shown) <= 253), raw
+    assert raw.count("(") == 2 and raw.count(";") == 1, raw   # ours: the client, (pymta)
+    first = raw.split("\r\n")[0]
+    assert len(first) <= 78 or first == f"Received: from {helo}", raw   # the comment moves
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("Client.Example.COM.", "client.example.com"),
+    ("mail-1.example.net", "mail-1.example.net"),
+    ("unknown", "unknown"),
+    ("evil.example;dkim=pass", "unknown"),
+    ("a b.example", "unknown"),
+    ("192.0.2.1", "unknown"),          # an address, not a name
+    ("", "unknown"),
+])
+def test_issue11_client_name_in_received(name: str, shown: str) -> None:
+    raw = received_header(helo="c.example", peer_ip="192.0.2.1", hostname="mx.example.com",
+                          protocol="ESMTP", qid="QID", tls_info=None, recipient=None,
+                          now=1_700_000_000, peer_name=name).decode()
+    assert raw.startswith(f"Received: from c.example ({shown} [192.0.2.1])\r\n\tby "), raw
+
+
 @SETTINGS
 @given(helo=ANY_TEXT, sender=ANY_TEXT, comment=ANY_TEXT)
 def test_received_spf_stays_one_field_of_key_value_pairs(helo: str, sender: str,

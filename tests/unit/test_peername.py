@@ -120,3 +120,29 @@ async def test_without_dns_resolver_setting_the_host_resolver_is_used() -> None:
     peers = PeerNameResolver.from_config(load_config(ENV))
     assert peers.resolver is None
     assert await peers.name("127.0.0.1") == host_name_of("127.0.0.1")
+
+
+async def test_issue11_client_name_burst_from_one_address_shares_one_lookup() -> None:
+    """Twenty clients of one address at once, one host-resolver slot: they wait for the one
+    lookup and all get the name (each looking up on its own, nineteen found no free slot
+    and were ``unknown``)."""
+    system = SystemLookups(limit=1)
+    peers = PeerNameResolver(system=system, timeout=5.0)
+    names = await asyncio.gather(*(peers.name("127.0.0.1") for _ in range(20)))
+    assert names == [host_name_of("127.0.0.1")] * 20
+    assert system.in_flight == 0
+
+
+async def test_issue11_client_name_lookup_outlives_a_client_that_left() -> None:
+    """The first client of an address goes away (its wait is cancelled) while its name is
+    looked up: the lookup goes on for the others, and its answer is cached."""
+    system = SystemLookups(limit=1)
+    peers = PeerNameResolver(system=system, timeout=5.0)
+    first = asyncio.ensure_future(peers.name("127.0.0.1"))
+    second = asyncio.ensure_future(peers.name("127.0.0.1"))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second == host_name_of("127.0.0.1")
+    assert first.cancelled()
+    system.limit = 0          # no slot left: only the cache can answer now
+    assert await peers.name("127.0.0.1") == host_name_of("127.0.0.1")

@@ -20,7 +20,7 @@ from pymta.queue import manager as manager_mod
 from pymta.queue.committer import GroupCommitter
 from pymta.queue.retry import RetryPolicy
 from pymta.queue.store import QueueStore, queue_write_error
-from pymta.types import Envelope, RcptState, Recipient
+from pymta.types import Envelope, RcptState, Recipient, TemporaryFailure
 from tests.unit.test_hardening_queue_logic import TwoClocks, manager
 from tests.unit.test_manager import (
     BODY,
@@ -243,8 +243,8 @@ async def test_issue10_real_store_failed_removal_keeps_the_message_locked(tmp_pa
         assert store.ids() == [] and not os.path.exists(store.body_path(qid))
         assert delivered_to(remote) == [BOB]
     finally:
-        await store.close()
-        await other_store.close()
+        await store.aclose()
+        await other_store.aclose()
 
 
 async def test_issue10_failed_group_save_is_carried_by_the_final_write(tmp_path, caplog):
@@ -319,7 +319,7 @@ async def test_issue10_dsn_on_full_disk_is_one_log_line(tmp_path, caplog):
     except OSError as e:
         try:
             raise queue_write_error(e) from e
-        except Exception as full:
+        except TemporaryFailure as full:
             store.enqueue_fault = full
     await mgr.run_once_due()
     [line] = errors(caplog, f"{qid}: cannot queue failed notification")

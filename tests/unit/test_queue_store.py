@@ -57,7 +57,7 @@ async def store(tmp_path: Path) -> AsyncIterator[QueueStore]:
     s.open()
     await s.start()
     yield s
-    await s.close()
+    await s.aclose()
 
 
 async def commit_bytes(store: QueueStore, data: bytes, env: Envelope | None = None) -> str:
@@ -132,7 +132,7 @@ async def test_commit_after_close_is_temporary(tmp_path: Path) -> None:
     s = QueueStore(tmp_path / "q")
     await s.start()
     w = s.new_spool()
-    await s.close()
+    await s.aclose()
     with pytest.raises(TemporaryFailure):
         await s.commit(w, envelope())
     assert not os.listdir(tmp_path / "q" / "data")
@@ -147,7 +147,7 @@ async def test_cancelled_commit_still_completes_cleanly(store: QueueStore) -> No
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await store.close()                                  # drains the committer
+    await store.aclose()                                  # drains the committer
     assert store.ids() == [w.qid]
     assert body_of(store, w.qid) == b"body"
     assert w.closed
@@ -188,7 +188,7 @@ async def test_orphans_cleaned_on_open(tmp_path: Path) -> None:
     receiving.write(b" and done")
     assert await s.commit(receiving, envelope()) == receiving.qid
     assert body_of(s, receiving.qid) == b"in progress and done"
-    await s.close()
+    await s.aclose()
 
     # Once nobody holds it, a body without an envelope is garbage.
     (root / "data" / "1K13ORPHAN00005").write_bytes(b"x")
@@ -196,7 +196,7 @@ async def test_orphans_cleaned_on_open(tmp_path: Path) -> None:
     s2.open()
     assert sorted(os.listdir(root / "data")) == sorted([kept, receiving.qid])
     assert s2.ids() == sorted([kept, receiving.qid])
-    await s2.close()
+    await s2.aclose()
 
 
 @pytest.mark.parametrize("nameless", [True, False], ids=["O_TMPFILE", "tmp-link"])
@@ -241,8 +241,8 @@ async def test_startup_cleanup_never_takes_a_prepared_body(tmp_path: Path,
     assert sorted(s.ids()) == sorted(qids)
     assert all(body_of(s, q) == b"Subject: t\r\n\r\nbody\r\n" for q in qids)
     assert s._tmpfile_ok is nameless
-    await s.close()
-    await other.close()
+    await s.aclose()
+    await other.aclose()
     assert os.listdir(root / "tmp") == [] and os.listdir(root / "ready") == []
 
 
@@ -447,7 +447,7 @@ async def test_commit_fault_fails_only_affected_items(tmp_path: Path, fault: str
     ok = sorted({w.qid for w in writers} - failed)
     assert listing(s) == {"tmp": [], "data": ok, "env": ok, "corrupt": []}
     assert s.committer is not None and s.committer.batches >= 1
-    await s.close()
+    await s.aclose()
 
 
 # ------------------------------------------------------------------ updates

@@ -10,7 +10,7 @@ from pymta.config.load import load_config
 from pymta.types import Address, Destination, Target
 from tests.conftest import load_checked
 
-SEED = "/([^+]+)[+-].*@(.+)/ $1@$2"
+IMAGE_EXAMPLE = "/([^+]+)[+-].*@(.+)/ $1@$2"
 
 
 class Memory:
@@ -35,8 +35,8 @@ def box(address: str, mailbox: str | None = None) -> Destination:
     ("User+X@Domain.COM", ["User@Domain.COM"]),
     ("user@domain.com", None),
 ])
-def test_seed_example(given: str, expected: list[str] | None) -> None:
-    assert rewrite(parse_regex_alias(SEED), given) == expected
+def test_image_example(given: str, expected: list[str] | None) -> None:
+    assert rewrite(parse_regex_alias(IMAGE_EXAMPLE), given) == expected
 
 
 def test_rules_separated_by_spaces_or_newlines_first_match_wins() -> None:
@@ -87,13 +87,13 @@ def test_bad_rules_are_config_errors_naming_the_variable(raw: str) -> None:
 def test_load_config_refuses_a_bad_pattern() -> None:
     with pytest.raises(ConfigError, match="REGEX_ALIAS"):
         load_checked({"MAIL_DOMAIN": "example.com", "REGEX_ALIAS": "/(/ x@y"})
-    config = load_config({"MAIL_DOMAIN": "example.com", "REGEX_ALIAS": SEED})
-    assert config.regex_alias == SEED
+    config = load_config({"MAIL_DOMAIN": "example.com", "REGEX_ALIAS": IMAGE_EXAMPLE})
+    assert config.regex_alias == IMAGE_EXAMPLE
 
 
 async def test_rewritten_address_is_looked_up_instead() -> None:
     inner = Memory({"user@example.com": box("user@example.com")})
-    lookup = RegexRewrite(parse_regex_alias(SEED), inner, ["example.com"])
+    lookup = RegexRewrite(parse_regex_alias(IMAGE_EXAMPLE), inner, ["example.com"])
     dest = await lookup.lookup(Address("user+news@example.com"))
     assert dest == box("user@example.com")
     assert inner.asked == ["user@example.com"]
@@ -101,7 +101,7 @@ async def test_rewritten_address_is_looked_up_instead() -> None:
 
 async def test_unknown_rewrite_falls_back_to_the_original_mailbox() -> None:
     inner = Memory({"mary-ann@example.com": box("mary-ann@example.com")})
-    lookup = RegexRewrite(parse_regex_alias(SEED), inner, ["example.com"])
+    lookup = RegexRewrite(parse_regex_alias(IMAGE_EXAMPLE), inner, ["example.com"])
     assert await lookup.lookup(Address("mary-ann@example.com")) == box("mary-ann@example.com")
     assert inner.asked == ["mary@example.com", "mary-ann@example.com"]
     assert await lookup.lookup(Address("nobody+x@example.com")) is None
@@ -119,7 +119,7 @@ async def test_foreign_rewrite_becomes_a_forward_and_lists_fan_out() -> None:
 
 async def test_address_without_matching_rule_goes_straight_to_inner() -> None:
     inner = Memory({"bob@example.com": box("bob@example.com")})
-    lookup = RegexRewrite(parse_regex_alias(SEED), inner, ["example.com"])
+    lookup = RegexRewrite(parse_regex_alias(IMAGE_EXAMPLE), inner, ["example.com"])
     assert await lookup.lookup(Address("bob@example.com")) == box("bob@example.com")
     assert inner.asked == ["bob@example.com"]
 
@@ -168,7 +168,7 @@ def test_posix_classes_end_anchor_and_flags_keep_working() -> None:
 
 
 def test_non_ascii_and_undecodable_addresses() -> None:
-    rules = parse_regex_alias(SEED)
+    rules = parse_regex_alias(IMAGE_EXAMPLE)
     assert rewrite(rules, "Jürgen+news@Exämple.com") == ["Jürgen@Exämple.com"]
     assert rewrite(parse_regex_alias("/^jürgen@/ j@x"), "JÜRGEN@x") == ["j@x"]
     # an undecodable byte, kept as a surrogate by the engine: no rule applies (RE2 would

@@ -61,7 +61,7 @@ def test_hash_round_trip(scheme):
 
 
 def test_scheme_names_fold_case_and_default_to_crypt():
-    assert verify_password("passwd1", "{plain}passwd1")   # the seed's own example
+    assert verify_password("passwd1", "{plain}passwd1")   # mlan/postfix-amavis's example
     assert verify_password("x", "{cleartext}x")
     md5crypt = hash_password("x", "MD5-CRYPT").removeprefix("{MD5-CRYPT}")
     assert verify_password("x", md5crypt)                  # no {…}: CRYPT
@@ -239,7 +239,7 @@ def test_methods_follow_from_the_variables():
     assert cfg.dovecot_auth_username_format == "%Ln"
     chain = build_authenticator(cfg)
     assert [m.name for m in chain.methods] == ["passwd", "ldap", "mysql", "imap"]
-    # LDAP_QUERY_ATTRS_PASS alone (no LDAP_HOST) activates nothing, as in the seed
+    # LDAP_QUERY_ATTRS_PASS alone (no LDAP_HOST) activates nothing, as in mlan/postfix-amavis
     assert load_config({**BASE, "LDAP_QUERY_ATTRS_PASS": "uid=user"}).sasl_methods == ()
     assert "topsecret" not in repr(load_config({**BASE,
                                                 "SMTPD_SASL_CLIENTAUTH": "a:{plain}topsecret"}))

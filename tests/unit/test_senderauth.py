@@ -182,7 +182,7 @@ async def test_rewrite_spool_then_commit(tmp_path: Path):
         assert os.listdir(store.tmp_dir) == []
         assert store.try_lock(qid) is not None      # the commit released the new lock
     finally:
-        await store.close()
+        await store.aclose()
 
 
 async def test_rewrite_spool_failure_keeps_the_old_body(tmp_path: Path):
@@ -206,7 +206,7 @@ async def test_rewrite_spool_failure_keeps_the_old_body(tmp_path: Path):
         writer.abort()
         assert os.listdir(store.data_dir) == []
     finally:
-        await store.close()
+        await store.aclose()
 
 
 # ------------------------------------------------------------------------- SPF

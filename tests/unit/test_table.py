@@ -1,4 +1,5 @@
-"""The MAIL_BOXES / MAIL_ALIASES table lookup (seed README, "Table mailbox lookup")."""
+"""The MAIL_BOXES / MAIL_ALIASES table lookup (mlan/postfix-amavis README,
+"Table mailbox lookup")."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def test_identical_duplicate_box_is_tolerated() -> None:
 # ------------------------------------------------------------------ MAIL_ALIASES
 
 
-async def test_seed_example() -> None:
+async def test_image_example() -> None:
     t = table("info@example.com", "root:info,info@example.com postmaster:root")
     info = local("info@example.com", "info@example.com")
     # root → info (unqualified = first domain) and info@example.com: one delivery

@@ -436,3 +436,15 @@ def test_two_servers_have_their_own_resolvers(tmp_path: Path) -> None:
                                                       "DMARCCheck", "SMTPRelayAgent"]
         assert all(u.resolver is mta.dns for u in users)
     assert one_.dns.resolver.port == 5301 and two.dns.resolver.port == 5302
+
+
+def test_issue11_client_name_lookup_is_one_per_server_on_its_resolver(tmp_path: Path) -> None:
+    """Each server looks client names up through its own DNS resolver (with
+    PYMTA_DNS_RESOLVER; the host's resolver without it), with its own cache."""
+    one_ = MTA(config(tmp_path / "1", dns_resolver=("127.0.0.1:5301",), dns_timeout=2.0))
+    two = MTA(config(tmp_path / "2", peername_lookup=False))
+    assert one_.peer_names is not None and two.peer_names is not None
+    assert one_.peer_names is not two.peer_names
+    assert one_.peer_names.resolver is one_.dns and one_.peer_names.timeout == 2.0
+    assert one_.peer_names.enabled and not two.peer_names.enabled
+    assert two.peer_names.resolver is None      # the host's resolver (were it on)
