@@ -90,6 +90,20 @@ def _from_line_last(part: bytes, last: int) -> bool:
     return last > 0 and part.startswith(b"From ", last)
 
 
+def _without_trailing_from_lines(headers: bytes) -> bytes:
+    """``headers`` without the ``From `` lines at its end (never the first line). A reader
+    ignores a ``From `` line inside a header section but takes the last line for the body's
+    first: once we write an empty line after the header section, such a line would become
+    the last one and turn into body text. Dropping it keeps what every reader sees."""
+    end = len(headers)
+    while end > 0:
+        start = headers.rfind(b"\n", 0, end - 1) + 1     # where the line before ``end`` starts
+        if start == 0 or not headers.startswith(b"From ", start):
+            break
+        end = start
+    return headers[:end]
+
+
 def _qp(body: bytes) -> bytes:
     """Quoted-printable with CRLF line breaks and soft breaks at 76 columns.
 
@@ -108,7 +122,8 @@ def _convert(part: bytes, depth: int, default_type: str = "text/plain") -> bytes
     headers, empty, body = _split(part)
     if not has_8bit(body) or depth > _MAX_DEPTH:
         return part
-    empty = empty or b"\r\n"   # no empty line before the body: we write one
+    if not empty:   # no empty line before the body: we write one
+        headers, empty = _without_trailing_from_lines(headers), b"\r\n"
     msg = BytesHeaderParser(policy=compat32).parsebytes(headers)
     msg.set_default_type(default_type)
     maintype = msg.get_content_maintype()
@@ -123,7 +138,10 @@ def _convert(part: bytes, depth: int, default_type: str = "text/plain") -> bytes
             return part
         child_type = ("message/rfc822" if msg.get_content_subtype() == "digest"
                       else "text/plain")
-        return headers + empty + _convert_multipart(body, delimiter, depth, child_type)
+        converted = _convert_multipart(body, delimiter, depth, child_type)
+        if converted == body:
+            return part         # no delimiter, or no 8-bit leaf: nothing to write anew
+        return headers + empty + converted
     if maintype == "message":
         # Every message/* (not only rfc822) holds a message, as MIME parsers read it, and
         # must not be given a Content-Transfer-Encoding: convert inside, or leave it.

@@ -129,6 +129,24 @@ def test_issue11_ci_fuzz_from_line_ending_the_header_is_body(data: bytes) -> Non
     assert all(leaf[1] == "quoted-printable" for leaf in _leaves(out) if leaf[2])
 
 
+@pytest.mark.parametrize("data", [
+    # a multipart whose delimiter never occurs: nothing to convert, so nothing is rewritten
+    b"Content-Type: multipart/mixed; boundary=mu\r\nFrom \r\nFrom \xe9--\r\nz\r\n-",
+    # a message/rfc822 part: the empty line we add must not make "From " the last header line
+    b"Content-Type: message/rfc822\r\nFrom \r\nFrom \xe9--\x17\r\nz\r\n-",
+])
+def test_issue11_long_fuzz_from_lines_stay_where_a_reader_sees_them(data: bytes) -> None:
+    """Found by the long mime fuzz run: a ``From `` line inside a header section is ignored
+    by a reader, the last one is the body's first line; writing an empty line after the
+    header section made an ignored one the last, so the body grew a line (or kept 8-bit
+    text outside any encoding)."""
+    out = to_7bit(data)
+    assert [leaf[2] for leaf in _leaves(out)] == [leaf[2] for leaf in _leaves(data)]
+    for ctype, cte, body in _leaves(out):
+        assert body.isascii() or cte in ("base64", "quoted-printable") or \
+            ctype.startswith("multipart"), (ctype, cte, body)
+
+
 def test_issue11_ci_fuzz_digest_parts_are_messages() -> None:
     """A part of a multipart/digest without a Content-Type is message/rfc822 (RFC 2046
     §5.1.5): it is converted inside, not given a Content-Transfer-Encoding that turned its
