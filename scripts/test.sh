@@ -50,6 +50,13 @@ step() { printf '\n==> %s\n' "$*"; }
 APT_PACKAGES=(swaks libnet-ssleay-perl openssl postfix
               slapd ldap-utils mariadb-server mariadb-client dovecot-core dovecot-imapd dovecot-lmtpd
               opendkim)
+# clamav-daemon: clamd for the content-filter tests (a custom EICAR .ndb, no freshclam run).
+APT_PACKAGES+=(clamav-daemon)
+# spamd spamc rspamd: the spam scanners of the content-filter tests (SpamAssassin with its
+# shipped rules and --local, no sa-update; rspamd without redis). No debconf questions.
+APT_PACKAGES+=(spamd spamc rspamd)
+# zip: a real password-protected archive (zip -P) for the banned-files tests.
+APT_PACKAGES+=(zip)
 # Debian's python3 ships without ensurepip; `python3 -m venv` then fails until python3-venv is in.
 if [[ ! -x .venv/bin/python ]] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
     APT_PACKAGES+=(python3-venv)
@@ -76,10 +83,12 @@ if ((${#missing[@]})); then
     fi
     # Postfix: "No configuration" leaves the packaged instance unconfigured (tests run their own
     # with `postfix -c DIR`). slapd: no_configuration = no database, no questions (tests run
-    # their own with `slapd -f`).
+    # their own with `slapd -f`). clamav-freshclam (a dependency of clamav-daemon): manual = no
+    # update daemon (tests run their own clamd on a test signature, never freshclam).
     printf '%s\n' \
         "postfix postfix/main_mailer_type select No configuration" \
         "slapd slapd/no_configuration boolean true" \
+        "clamav-freshclam clamav-freshclam/autoupdate_freshclam select manual" \
         | "${SUDO[@]}" debconf-set-selections
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

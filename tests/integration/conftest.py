@@ -15,11 +15,14 @@ from typing import Any
 import pytest
 
 from tests.services import (
+    ClamdServer,
     DNSTestServer,
     DovecotServer,
     MariaDBServer,
     PostfixPeer,
+    RspamdServer,
     SlapdServer,
+    SpamdServer,
 )
 
 
@@ -76,6 +79,29 @@ def dns_zone(dns_server: DNSTestServer) -> Iterator[DNSTestServer]:
     """``dns_server`` for one test: records and failures are reset to the default zone after."""
     yield dns_server
     dns_server.reset()
+
+
+@pytest.fixture(scope="session")
+def clamd(_service_stopper: _Stopper) -> Iterator[ClamdServer]:
+    """ClamAV clamd on ``clamd.address`` (127.0.0.1:13310 unless busy/moved) and
+    ``clamd.unix_address``; one test signature (``tests.services.clamd.DETECTED_AS``),
+    StreamMaxLength 1 MiB."""
+    yield from _run(_service_stopper, ClamdServer())
+
+
+@pytest.fixture(scope="session")
+def spamd(_service_stopper: _Stopper) -> Iterator[SpamdServer]:
+    """SpamAssassin spamd on ``spamd.address`` (127.0.0.1:7830 unless busy/moved): shipped
+    rules, ``--local``, ``--allow-tell`` with a Bayes database in its scratch dir."""
+    yield from _run(_service_stopper, SpamdServer())
+
+
+@pytest.fixture(scope="session")
+def rspamd(_service_stopper: _Stopper, dns_server: DNSTestServer) -> Iterator[RspamdServer]:
+    """rspamd (no redis) worker on ``rspamd.address`` (127.0.0.1:11333 unless busy/moved),
+    controller on ``rspamd.controller`` (11334, password ``rspamd.password``); DNS goes to
+    ``dns_server`` (its zone's SPF records count)."""
+    yield from _run(_service_stopper, RspamdServer(nameserver=dns_server.resolver_spec))
 
 
 @pytest.fixture(scope="session")

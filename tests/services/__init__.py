@@ -4,21 +4,27 @@ See ``tests/services/README.md``. Pytest fixtures are in ``tests/integration/con
 """
 
 from .base import Service, ServiceError, free_port, stop_all
+from .clamd import ClamdServer
 from .dns import DNSTestServer
 from .dovecot import DovecotServer
 from .mariadb import MariaDBServer
 from .postfix_peer import PostfixPeer
+from .rspamd import RspamdServer
 from .slapd import SlapdServer
+from .spamd import SpamdServer
 from .tls import make_self_signed
 
 __all__ = [
+    "ClamdServer",
     "DNSTestServer",
     "DovecotServer",
     "MariaDBServer",
     "PostfixPeer",
+    "RspamdServer",
     "Service",
     "ServiceError",
     "SlapdServer",
+    "SpamdServer",
     "free_port",
     "make_self_signed",
     "stop_all",
