@@ -35,7 +35,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -46,6 +45,7 @@ from typing import Any, Protocol
 import dns.reversename
 
 from pymta.dns import DEFAULT_TIMEOUT, DNSFailure, DNSResolver
+from pymta.headervalue import is_domain
 
 __all__ = ["UNKNOWN", "PeerNameResolver", "SystemLookups", "client_name", "valid_hostname"]
 
@@ -59,24 +59,17 @@ CACHE_SIZE = 4096           # addresses remembered
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
 def valid_hostname(text: str) -> str | None:
     """``text`` as a host name fit for a header field and a log line (lower-case, no final
-    dot), or None: ASCII letter/digit/hyphen labels of at most 63 octets, no label starting
-    or ending with a hyphen, at most 253 octets, and not all-numeric (``1.2.3.4`` is an
-    address, not a name: Postfix refuses it as a "numeric hostname" too)."""
+    dot), or None: an RFC 5321 domain as :func:`pymta.headervalue.is_domain` reads it
+    (labels of at most 63 octets without a hyphen at either end, at most 253 octets, not
+    all-numeric: ``1.2.3.4`` is an address, not a name, as Postfix's "numeric hostname"),
+    and without the ``_`` that function tolerates in HELO names."""
     if not text.isascii():   # before lower(): "\u212a".lower() is an ASCII "k"
         return None
     name = text.lower()
     name = name[:-1] if name.endswith(".") else name
-    if not name or len(name) > 253:
-        return None
-    labels = name.split(".")
-    if not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-        return None
-    return name
+    return name if "_" not in name and is_domain(name) else None
 
 
 def parse_address(ip: str) -> Address | None:

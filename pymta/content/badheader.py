@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from pymta.content.spoolfile import MessageSource, opened
+from pymta.content.spoolfile import MessageSource, open_message
 
 SYNTAX = "syntax"
 EMPTY_FOLD = "empty-fold"
@@ -99,7 +99,7 @@ class BadHeader:
     def inspect(self, source: MessageSource, *, smtputf8: bool = False) -> list[HeaderFinding]:
         """The findings for the message's header section (empty when it is clean).
         ``smtputf8``: the message came with the SMTPUTF8 parameter, so UTF-8 is allowed."""
-        with opened(source) as f:
+        with open_message(source) as (f, _size):
             fields, truncated = self._read(f)
         found: list[HeaderFinding] = []
         if truncated:

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from pymta.content.spoolfile import MessageSource, opened
+from pymta.content.spoolfile import MessageSource, open_message
 
 #: Finding kinds.
 NAME = "name"                       # banned file name (extension, double extension, class ID)
@@ -141,7 +141,7 @@ class BannedFiles:
         """The banned items of the message (empty when there are none). Never raises for
         any content; only an unreadable file (OSError) propagates."""
         walk = _Walk(self)
-        with opened(source) as f:
+        with open_message(source) as (f, _size):
             walk.run(f)
         return walk.found
 

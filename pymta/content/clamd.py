@@ -43,11 +43,10 @@ from typing import Any, BinaryIO
 from .netio import (
     CHUNK,
     Address,
-    MessageSource,
     ScannerError,
-    open_message,
     parse_address,
 )
+from .spoolfile import MessageSource, open_message
 
 __all__ = ["CHUNK", "ClamdClient", "ClamdResult", "ClamdStatus", "ScannerError",
            "parse_reply"]

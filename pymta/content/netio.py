@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
-
-from pymta.content.spoolfile import MessageSource
 
 CHUNK = 64 * 1024
 
@@ -92,24 +89,6 @@ async def connect(address: Address, limit: int) -> tuple[asyncio.StreamReader,
     if address.path:
         return await asyncio.open_unix_connection(address.path, limit=limit)
     return await asyncio.open_connection(address.host, address.port, limit=limit)
-
-
-@contextlib.contextmanager
-def open_message(source: MessageSource) -> Iterator[tuple[BinaryIO, int]]:
-    """The message as (binary file, bytes left to read). A path is opened and closed here; a
-    file object is used from its current position and left open."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as f:
-            yield f, os.fstat(f.fileno()).st_size
-        return
-    start = source.tell()
-    try:
-        size = os.fstat(source.fileno()).st_size - start
-    except (OSError, AttributeError, ValueError):   # not a real file (BytesIO): seek to learn
-        end = source.seek(0, os.SEEK_END)
-        source.seek(start)
-        size = end - start
-    yield source, size
 
 
 async def send_file(writer: asyncio.StreamWriter, f: BinaryIO, size: int) -> None:

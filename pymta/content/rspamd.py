@@ -22,18 +22,17 @@ from typing import Any
 
 from .netio import (
     Address,
-    MessageSource,
     ScannerError,
     bounded_exchange,
     close,
     connect,
     header_value,
-    open_message,
     parse_address,
     read_body,
     read_head,
     send_file,
 )
+from .spoolfile import MessageSource, open_message
 
 DEFAULT_PORT = 11333
 DEFAULT_CONTROLLER_PORT = 11334

@@ -19,17 +19,16 @@ import asyncio
 from dataclasses import dataclass
 
 from .netio import (
-    MessageSource,
     ScannerError,
     bounded_exchange,
     close,
     connect,
     header_value,
-    open_message,
     parse_address,
     read_body,
     send_file,
 )
+from .spoolfile import MessageSource, open_message
 
 DEFAULT_PORT = 783
 PROTOCOL = b"SPAMC/1.5"

@@ -1,4 +1,5 @@
-"""The spooled message as the inspections read it: a path, or a binary file the caller opened.
+"""The spooled message as the scanners and inspections read it: a path, or a binary file the
+caller opened.
 
 The inspections (:mod:`pymta.content.banned`, :mod:`pymta.content.badheader`) read the spool
 file line by line with a cap on each read, so a message is never held whole in memory and a
@@ -17,11 +18,18 @@ MessageSource = str | os.PathLike[str] | BinaryIO
 
 
 @contextlib.contextmanager
-def opened(source: MessageSource) -> Iterator[BinaryIO]:
-    """The message as a binary file: a path is opened and closed here, a file object is
-    used as it is and left open (the caller owns it)."""
+def open_message(source: MessageSource) -> Iterator[tuple[BinaryIO, int]]:
+    """The message as (binary file, bytes left to read). A path is opened and closed here; a
+    file object is used from its current position and left open."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
-            yield f
+            yield f, os.fstat(f.fileno()).st_size
         return
-    yield source
+    start = source.tell()
+    try:
+        size = os.fstat(source.fileno()).st_size - start
+    except (OSError, AttributeError, ValueError):   # not a real file (BytesIO): seek to learn
+        end = source.seek(0, os.SEEK_END)
+        source.seek(start)
+        size = end - start
+    yield source, size

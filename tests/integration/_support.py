@@ -3,20 +3,57 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import mailbox
 import os
 import re
 import smtplib
 import socket
+import socketserver
 import ssl
+import threading
 from collections.abc import Sequence
+from typing import Any, Self
 
 from pymta.app import MTA
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 from tests.conftest import wait_for
 
 QUEUED_RE = re.compile(r"queued as ([0-9A-Za-z]+)")
+
+
+class ThreadedPeer:
+    """A next hop on 127.0.0.1 that speaks raw SMTP on blocking sockets, one thread per
+    connection, independent of the event loop of the server under test. A subclass writes
+    ``_session(rfile, wfile)``; a client that goes away mid-session ends it quietly."""
+
+    def __init__(self, port: int = 0) -> None:
+        peer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                with contextlib.suppress(OSError):
+                    peer._session(self.rfile, self.wfile)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", port), Handler)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _session(self, rfile: Any, wfile: Any) -> None:
+        raise NotImplementedError
 
 
 def client_tls_context() -> ssl.SSLContext:

@@ -17,7 +17,6 @@ import asyncio
 import email
 import email.message
 import email.utils
-import socketserver
 import subprocess
 import threading
 from email import policy
@@ -34,6 +33,7 @@ from tests.conftest import make_config
 from tests.integration._support import (
     OneAgentRouter,
     ScriptedAgent,
+    ThreadedPeer,
     maildir_bytes,
     smtp_address,
     split_delivered,
@@ -157,34 +157,14 @@ async def test_issue11_no_warning_without_delay_in_notify_in_process(tmp_path: P
 # ------------------------------------------------------------------ pymta serve
 
 
-class DeferringPeer:
+class DeferringPeer(ThreadedPeer):
     """A next hop on 127.0.0.1 that answers every RCPT with ``GREYLISTED`` and records the
     RCPT lines it saw (blocking sockets in threads, independent of the server's loop)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.rcpts: list[str] = []
         self._lock = threading.Lock()
-        peer = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                peer._session(self.rfile, self.wfile)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def start(self) -> DeferringPeer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def _session(self, rfile, wfile) -> None:
         try:

@@ -24,11 +24,9 @@ report were measured by a separate reproduction script, not by these assertions.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
-import socketserver
 import subprocess
 import threading
 import time
@@ -47,6 +45,8 @@ from serverproc import (
     smtp_send,
     wait_until,
 )
+
+from tests.integration._support import ThreadedPeer
 
 server_factory = serverproc.server_factory  # the fixture
 
@@ -146,36 +146,23 @@ def make_writable(path: Path) -> None:
         pytest.fail(f"mount_setattr on {path}: {os.strerror(ctypes.get_errno())}")
 
 
-class GatedPeer:
+class GatedPeer(ThreadedPeer):
     """A next hop (raw SMTP on blocking sockets) that takes each message's DATA, then waits
     for ``gate`` before its ``250``: the test decides what the disk looks like at the moment
     the delivery succeeds. ``arrived`` counts messages at the gate, ``accepted`` the ones
     answered ``250`` (each a copy the recipients got)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.gate = threading.Event()
         self.arrived = 0
         self.accepted: list[bytes] = []
         self._lock = threading.Lock()
-        peer = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                with contextlib.suppress(OSError):
-                    peer._session(self.rfile, self.wfile)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.start()
 
     def stop(self) -> None:
         self.gate.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
 
     def _session(self, rfile: Any, wfile: Any) -> None:
         wfile.write(b"220 peer.test ESMTP\r\n")

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import socket
-import socketserver
 import subprocess
 import threading
 import time
@@ -39,6 +38,7 @@ from pymta.app import MTA
 from pymta.queue.store import QueueStore
 from pymta.types import Envelope, Outcome, QueuedMessage, Recipient
 from tests.conftest import make_config, wait_for
+from tests.integration._support import ThreadedPeer
 
 server_factory = serverproc.server_factory  # the fixture
 
@@ -48,37 +48,17 @@ NO_CHECKS = {"PYMTA_SPF": "no", "PYMTA_DMARC": "no", "PYMTA_DKIM_VERIFY": "no",
              "PYMTA_ARC": "no"}
 
 
-class Peer:
+class Peer(ThreadedPeer):
     """A raw SMTP next hop on 127.0.0.1 (see the module docstring)."""
 
     def __init__(self, port: int = 0, *, stall_data: bool = False) -> None:
+        super().__init__(port)
         self.stall_data = stall_data
         self.connections = 0
         self.open = 0
         self.lines: list[str] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
         self._lock = threading.Lock()
-        peer = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                peer._session(self.rfile, self.wfile)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server(("127.0.0.1", port), Handler)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def start(self) -> Peer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def _session(self, rfile, wfile) -> None:
         with self._lock:
