@@ -118,7 +118,8 @@ def workdir(prefix: str) -> Iterator[Path]:
 # Like for like: the Postfix side runs no content checks, so pymta runs none either (the
 # pipeline-cost scenario prices each check separately).
 PIPELINE_OFF = {"PYMTA_SPF": "no", "PYMTA_DMARC": "no", "PYMTA_DKIM_VERIFY": "no",
-                "PYMTA_ARC": "no", "PYMTA_DKIM_SIGN": "no", "SRS_ENABLE": "no"}
+                "PYMTA_ARC": "no", "PYMTA_DKIM_SIGN": "no", "SRS_ENABLE": "no",
+                "PYMTA_BANNED_CHECK": "no", "PYMTA_BAD_HEADER_CHECK": "no"}
 
 
 def pymta_server(work: Path, port: int, opts: CompareOptions, **extra: str) -> ServerProcess:

@@ -370,6 +370,8 @@ PIPELINE_STAGES: tuple[PipelineStage, ...] = (
     PipelineStage("DKIM sign", "dkim_sign", "PYMTA_DKIM_SIGN",
                   env=(("MYNETWORKS", "127.0.0.0/8"),), sender="bench@example.com"),
     PipelineStage("SRS", "srs_enable", "SRS_ENABLE"),
+    PipelineStage("banned files", "banned_check", "PYMTA_BANNED_CHECK"),
+    PipelineStage("bad header", "bad_header_check", "PYMTA_BAD_HEADER_CHECK"),
 )
 DKIM_SELECTOR = "bench"
 

@@ -28,7 +28,9 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pymta import wiring
 from pymta.callbacks import AgentLike, LookupLike
@@ -43,6 +45,7 @@ from pymta.contracts import (
 from pymta.pipeline import Pipeline
 from pymta.queue.intake import Intake
 from pymta.queue.manager import QueueManager
+from pymta.queue.quarantine import expire_quarantine
 from pymta.queue.retry import RetryPolicy
 from pymta.queue.store import QueueStore
 from pymta.receiving.auth import AuthPolicy, AuthThrottle
@@ -57,7 +60,13 @@ from pymta.smtp.engine import EngineConfig
 from pymta.tls import server_ssl_context
 from pymta.types import Address, Recipient, SMTPError, TemporaryFailure
 
+if TYPE_CHECKING:
+    from pymta.content.learn import LearnFolders
+
 log = logging.getLogger("pymta")
+
+QUARANTINE_EXPIRY_INTERVAL = 3600.0
+"""Seconds between two quarantine expiry runs (the first one a minute after start)."""
 
 
 class MTA:
@@ -121,6 +130,8 @@ class MTA:
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self._servers: list[asyncio.base_events.Server] = []
         self._listener: ListenerContext | None = None
+        self._jobs: list[asyncio.Task[None]] = []
+        self._learner: LearnFolders | None = None
 
     async def __aenter__(self) -> MTA:
         await self.start()
@@ -149,7 +160,8 @@ class MTA:
             stop_grace=3.0, delay_warning=config.delay_warning_time)
         await self.manager.start()
         intake = Intake(self.store, self.manager.submit, hold_incoming=config.hold_incoming,
-                        size_limit=config.message_size_limit, minfree=config.queue_minfree)
+                        size_limit=config.message_size_limit, minfree=config.queue_minfree,
+                        notify=self.manager.notify_blocked)
         receive = ReceiveContext(
             hostname=config.hostname,
             local_domains=self.local_domains, first_domain=config.first_domain,
@@ -167,6 +179,7 @@ class MTA:
             max_per_ip=config.max_connections_per_ip, peer_names=self.peer_names,
             rate_limit=(ConnectionRateLimit(config.connection_rate_limit)
                         if config.connection_rate_limit else None))
+        self._start_housekeeping()
         try:
             await self._listen("smtp", config.smtp_listen, engine_cfg, implicit_tls=False)
             if self.auth is not None:
@@ -214,7 +227,33 @@ class MTA:
             log.log(25, "listening for %s on %s", kind, ", ".join(f"{h}:{p}" for h, p in bound))
         self.addresses[kind] = bound
 
+    def _start_housekeeping(self) -> None:
+        """The server's periodic jobs: quarantine expiry (``PYMTA_QUARANTINE_LIFETIME``, each
+        worker in turn: a message is removed under its claim) and the learning folders
+        (``KOPANO_SPAMD_LIB``, when the directory exists and a spam engine is set)."""
+        config = self.config
+        if config.quarantine_lifetime > 0:
+            self._jobs.append(asyncio.create_task(
+                _expire_quarantine_every(self.store, config.quarantine_lifetime,
+                                         QUARANTINE_EXPIRY_INTERVAL)))
+        from pymta.content.learn import LearnFolders, spam_client
+
+        client = spam_client(config)
+        if client is not None and os.path.isdir(config.kopano_spamd_lib):
+            self._learner = LearnFolders(client, config.kopano_spamd_lib,
+                                         config.learn_interval, config.message_size_limit)
+            self._learner.start()
+
     async def stop(self) -> None:
+        for job in self._jobs:
+            job.cancel()
+        for job in self._jobs:
+            with contextlib.suppress(BaseException):
+                await job
+        self._jobs.clear()
+        if self._learner is not None:
+            await self._learner.aclose()
+            self._learner = None
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -311,6 +350,21 @@ async def serve_async(config: Config, *, sockets: dict[str, list[socket.socket]]
             with contextlib.suppress(OSError):
                 os.unlink(pid_path)
     return 0
+
+
+async def _expire_quarantine_every(store: QueueStore, lifetime: float,
+                                   interval: float) -> None:
+    """Remove expired quarantined messages now and then, for as long as the server runs;
+    a fault is logged and the next run tries again."""
+    await asyncio.sleep(min(60.0, interval))
+    while True:
+        try:
+            gone = await expire_quarantine(store, lifetime, time.time())
+            if gone:
+                log.info("quarantine: %d message(s) expired", len(gone))
+        except Exception:
+            log.exception("quarantine expiry failed; trying again later")
+        await asyncio.sleep(interval)
 
 
 def _wake(mta: MTA) -> None:

@@ -294,13 +294,19 @@ class Action(enum.IntEnum):
 class Verdict:
     """What one check concluded. ``reply`` is sent for REJECT/TEMPFAIL; ``headers`` are added
     (``"Name: value"`` without CRLF); ``auth_result`` is an RFC 8601 resinfo fragment such as
-    ``spf=pass smtp.mailfrom=example.com`` for the Authentication-Results header."""
+    ``spf=pass smtp.mailfrom=example.com`` for the Authentication-Results header.
+    ``quarantine``: the kind of blocked content (``virus``, ``banned``, ``spam``,
+    ``bad-header``) when the message is to be kept in the quarantine (with QUARANTINE, and
+    with REJECT: a refused message is kept too); ``bounce``: with QUARANTINE, the reply the
+    sender's failure notice quotes (amavis's ``D_BOUNCE``)."""
 
     action: Action = Action.PASS
     reply: Reply | None = None
     headers: tuple[str, ...] = ()
     auth_result: str | None = None
     reason: str = ""
+    quarantine: str = ""
+    bounce: Reply | None = None
 
 
 @dataclass(slots=True)
@@ -312,8 +318,11 @@ class Decision:
     the spooled message (``Envelope.prepend``); ``drops`` select fields of the message as
     received to remove from the spool file before the commit; ``sender`` is the new envelope
     sender (SRS), None to keep the client's; ``quarantine`` is why the message is held (set
-    exactly when ``action`` is QUARANTINE). ``reasons`` are the stages' explanations, for the
-    log line.
+    when ``action`` is QUARANTINE, and with REJECT when the refused message is kept in the
+    quarantine all the same); ``quarantine_kind`` says what was found (``pymta.queue.
+    quarantine``: empty for a plain hold); ``bounce`` is the reply quoted in the failure
+    notice the sender gets for a blocked message (``D_BOUNCE``). ``reasons`` are the
+    stages' explanations, for the log line.
 
     A value: built once by the pipeline, then only read (by the session and the intake).
     Not ``frozen``: a frozen dataclass of seven fields costs about a microsecond more to
@@ -327,6 +336,8 @@ class Decision:
     sender: str | None = None
     quarantine: str | None = None
     reasons: tuple[str, ...] = ()
+    quarantine_kind: str = ""
+    bounce: Reply | None = None
 
 
 # ------------------------------------------------------------------ the protocols' old home

@@ -380,17 +380,98 @@ def _srs_rewrite(config: Config, services: Services) -> Any:
     return SRSRewrite(services.srs)
 
 
+def _content_policy(config: Config) -> Any:
+    from pymta.content.filter import BAD_HEADER, BANNED, SPAM, VIRUS, ContentPolicy
+
+    return ContentPolicy(
+        hostname=config.hostname, tag_level=config.sa_tag_level_deflt,
+        tag2_level=config.sa_tag2_level_deflt, kill_level=config.sa_kill_level_deflt,
+        destinies={VIRUS: config.final_virus_destiny, BANNED: config.final_banned_destiny,
+                   SPAM: config.final_spam_destiny, BAD_HEADER: config.final_bad_header_destiny},
+        virus_on_error=config.virus_on_error, spam_on_error=config.spam_on_error,
+        subject_tag=config.spam_subject_tag)
+
+
+def _scanner_timeout(config: Config) -> float:
+    """A scanner's deadline: inside the pipeline's, so that the on-error policy, not the
+    framework's timeout, decides what a hung scanner means."""
+    return max(1.0, min(config.scanner_timeout, config.pipeline_timeout - 1.0))
+
+
+def _content(config: Config, services: Services) -> Any:
+    from pymta.content.badheader import BadHeader
+    from pymta.content.banned import BannedFiles
+    from pymta.content.clamd import ClamdClient
+    from pymta.content.filter import ContentCheck
+
+    timeout = _scanner_timeout(config)
+    virus = (ClamdClient(config.clamd, timeout=timeout,
+                         max_in_flight=config.scanner_concurrency) if config.clamd else None)
+    banned = None
+    if config.banned_check:
+        banned = BannedFiles(
+            extra_extensions=[w for w in config.banned_files if "/" not in w],
+            extra_types=[w for w in config.banned_files if "/" in w],
+            allowed_extensions=[w for w in config.allowed_files if "/" not in w],
+            allowed_types=[w for w in config.allowed_files if "/" in w],
+            max_bytes=max(config.message_size_limit, 1 << 20) * 2)
+    return ContentCheck(policy=_content_policy(config), virus=virus,
+                        spam=_spam_engine(config, timeout),
+                        banned=banned,
+                        bad_header=BadHeader() if config.bad_header_check else None)
+
+
+def _spam_engine(config: Config, timeout: float) -> Any:
+    """The one spam engine (``PYMTA_SPAMD`` or ``PYMTA_RSPAMD``) as the check scores with it;
+    None without one. Its client is the one the learning folders use too."""
+    from pymta.content import filter as content
+    from pymta.content.learn import spam_client
+    from pymta.content.spamd import SpamdClient
+
+    client = spam_client(config, timeout)
+    if client is None:
+        return None
+    if isinstance(client, SpamdClient):
+        return content.SpamdEngine(client)
+    return content.RspamdEngine(client)
+
+
+def _check_content(config: Config) -> None:
+    """Scanner addresses parse (``unix:/path``, ``host:port``): a typo stops start-up."""
+    from pymta.content.learn import spam_client
+    from pymta.content.netio import parse_address
+
+    if config.clamd:
+        try:
+            parse_address(config.clamd)
+        except ValueError as exc:
+            raise ConfigError(f"PYMTA_CLAMD: {exc}") from None
+    spam_client(config)     # builds a client object only: no connection
+
+
+def _content_tags(config: Config, services: Services) -> Any:
+    from pymta.content.filter import ContentTags
+
+    return ContentTags(_content_policy(config))
+
+
 #: The pre-queue stages in the order they run. Checks first: SPF and DKIM before DMARC, which
-#: reads their results; ARC verification after DKIM. Then the modifiers:
-#: Authentication-Results after every check, ARC seal above the A-R it attests, DKIM signing
-#: over the final header block (``pymta/pipeline/arc.py`` explains the order), SRS last,
-#: since it changes the envelope sender the others saw as given.
+#: reads their results; ARC verification after DKIM; the content filter last among the checks
+#: (a message DMARC refuses is not worth a virus scan). Then the modifiers:
+#: Authentication-Results after every check, the content filter's header fields, ARC seal
+#: above the A-R it attests, DKIM signing over the final header block
+#: (``pymta/pipeline/arc.py`` explains the order), SRS last, since it changes the envelope
+#: sender the others saw as given.
 PIPELINE_STAGES: Mapping[str, Adapter] = {
     "spf": Adapter("spf", "PYMTA_SPF", lambda c: c.spf_check, _spf),
     "dkim": Adapter("dkim", "PYMTA_DKIM_VERIFY", lambda c: c.dkim_verify, _dkim_verify),
     "arc": Adapter("arc", "PYMTA_ARC", lambda c: c.arc, _arc_verify),
     "dmarc": Adapter("dmarc", "PYMTA_DMARC", lambda c: c.dmarc_check, _dmarc),
+    "content": Adapter("content", "PYMTA_CLAMD", lambda c: c.content_filter, _content,
+                       _check_content),
     "authresults": Adapter("authresults", "PYMTA_AUTHSERV_ID", _always, _authresults),
+    "content-tags": Adapter("content-tags", "PYMTA_SPAMD", lambda c: c.content_filter,
+                            _content_tags),
     "arc-seal": Adapter("arc-seal", "PYMTA_ARC", lambda c: c.arc, _arc_seal),
     "dkim-sign": Adapter("dkim-sign", "PYMTA_DKIM_SIGN", lambda c: c.dkim_sign, _dkim_sign),
     "srs": Adapter("srs", "SRS_ENABLE", lambda c: c.srs_enable, _srs_rewrite),

@@ -60,12 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         q = qsub.add_parser(name, parents=[queue_opt], help=text)
         q.add_argument("ids", metavar="ID", nargs="*")
         q.add_argument("--all", action="store_true", help=f"{name} every message")
+    _quarantine_parser(sub, queue_opt)
     pw = sub.add_parser("passwd", help="password hashes for SMTPD_SASL_CLIENTAUTH")
     pwsub = pw.add_subparsers(dest="passwd_command", metavar="ACTION", parser_class=_Parser)
     pw_hash = pwsub.add_parser(
         "hash", help="read a password (prompt, or one line of stdin) and print {SCHEME}hash")
     pw_hash.add_argument("--scheme", default="SHA512-CRYPT", metavar="SCHEME",
                          help="Dovecot scheme name (default SHA512-CRYPT)")
+    learn = sub.add_parser("learn", parents=[config_opt],
+                           help="teach the spam engine (PYMTA_SPAMD or PYMTA_RSPAMD) messages")
+    learn.add_argument("kind", choices=("spam", "ham"), help="what the messages are")
+    learn.add_argument("files", metavar="FILE", nargs="+", help="one message per file")
     dk = sub.add_parser("dkim", help="DKIM signing keys and the DNS records to publish")
     dksub = dk.add_subparsers(dest="dkim_command", metavar="ACTION", parser_class=_Parser)
     dk_show = dksub.add_parser("show", parents=[queue_opt],
@@ -79,6 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     dk_gen.add_argument("--algorithm", choices=("rsa", "ed25519"),
                         help="key type (default: DKIM_ALGORITHM)")
     return parser
+
+
+def _quarantine_parser(sub: argparse._SubParsersAction[_Parser],
+                       queue_opt: _Parser) -> None:
+    quar = sub.add_parser("quarantine", help="list, show, release and expire the messages "
+                          "the content filter blocked")
+    qsub = quar.add_subparsers(dest="quarantine_command", metavar="ACTION",
+                               parser_class=_Parser)
+    q_list = qsub.add_parser("list", parents=[queue_opt], help="list quarantined messages")
+    q_list.add_argument("--json", action="store_true", help="machine-readable output")
+    q_show = qsub.add_parser("show", parents=[queue_opt],
+                             help="print a quarantined message as it is kept")
+    q_show.add_argument("id", metavar="ID")
+    q_show.add_argument("--headers", action="store_true", help="the header section only")
+    q_rel = qsub.add_parser("release", parents=[queue_opt],
+                            help="deliver a quarantined message now")
+    q_rel.add_argument("id", metavar="ID")
+    q_rel.add_argument("--rcpt", metavar="ADDR", action="append",
+                       help="only this blocked recipient (repeatable)")
+    q_del = qsub.add_parser("delete", parents=[queue_opt], help="delete quarantined messages")
+    q_del.add_argument("ids", metavar="ID", nargs="+")
+    qsub.add_parser("expire", parents=[queue_opt],
+                    help="delete those older than PYMTA_QUARANTINE_LIFETIME")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -161,6 +189,21 @@ def _tls_summary(config: Config) -> str:
     return "off"
 
 
+def _content_summary(config: Config) -> str:
+    """The content filter in one line: scanners, checks, destinies."""
+    if not config.content_filter:
+        return "off"
+    parts = [f"clamd {config.clamd}" if config.clamd else "no virus scan"]
+    engine = config.spam_engine
+    parts.append(f"{engine} {config.spamd or config.rspamd}" if engine else "no spam check")
+    parts += [name for name, on in (("banned files", config.banned_check),
+                                    ("bad headers", config.bad_header_check)) if on]
+    destinies = " ".join(f"{kind}=D_{value.upper()}" for kind, value in (
+        ("virus", config.final_virus_destiny), ("banned", config.final_banned_destiny),
+        ("spam", config.final_spam_destiny), ("bad-header", config.final_bad_header_destiny)))
+    return "; ".join(parts) + f"; {destinies}"
+
+
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = _load(args)
     _check(args, config)  # every adapter's settings and optional packages; builds nothing
@@ -186,6 +229,7 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
          + f"; TLS {config.smtp_tls_security_level}"
          + (" (wrapper mode)" if config.smtp_tls_wrappermode and config.smtp_relay else "")),
         ("dns", " ".join(config.dns_resolver) or "system resolv.conf"),
+        ("content", _content_summary(config)),
     ]
     print("pymta: configuration OK", file=out)
     for label, value in rows:
@@ -202,6 +246,13 @@ def _queue(args: argparse.Namespace) -> int:
                           "not both or neither")
     state_dir = args.state_dir or _load(args).state_dir
     return queue.run(args, state_dir)
+
+
+def _quarantine(args: argparse.Namespace) -> int:
+    from pymta.cli import quarantine
+
+    state_dir = args.state_dir or _load(args).state_dir
+    return quarantine.run(args, state_dir)
 
 
 def _dkim(args: argparse.Namespace, out: TextIO) -> int:
@@ -271,6 +322,11 @@ def _dispatch(argv: Sequence[str] | None) -> int:
             raise _UsageError("queue: which action? list, show, flush, delete, hold or "
                               "release (see 'pymta queue --help')")
         return _queue(args)
+    if args.command == "quarantine":
+        if not args.quarantine_command:
+            raise _UsageError("quarantine: which action? list, show, release, delete or "
+                              "expire (see 'pymta quarantine --help')")
+        return _quarantine(args)
     if args.command == "dkim":
         if args.dkim_command not in ("show", "keygen"):
             raise _UsageError("dkim: which action? show or keygen (see 'pymta dkim --help')")
@@ -279,6 +335,10 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         if args.passwd_command != "hash":
             raise _UsageError("passwd: which action? hash (see 'pymta passwd --help')")
         return _passwd_hash(args)
+    if args.command == "learn":
+        from pymta.cli import learn
+
+        return learn.run(args, _load(args))
     parser.print_help(sys.stderr)
     return EX_USAGE_OR_CONFIG
 

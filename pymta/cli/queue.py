@@ -421,6 +421,15 @@ def cmd_hold(store: Any, state_dir: str, qids: Sequence[str], hold: bool,
     return 0 if every else status
 
 
+# The helpers ``pymta quarantine`` (pymta/cli/quarantine.py) shares, under public names.
+locked = _locked
+missing = _missing
+entries = _entries
+age = _age
+message_size = _size
+valid_id = _valid_id
+
+
 def run(args: Any, state_dir: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Dispatch a parsed ``queue`` subcommand (output to sys.stdout/sys.stderr by default)."""
     out = sys.stdout if out is None else out

@@ -367,6 +367,64 @@ def _level(name: str, value: Any) -> int:
     return level
 
 
+_DESTINIES = ("pass", "bounce", "reject", "discard")
+
+
+def parse_destiny(name: str, value: Any) -> str:
+    """``FINAL_*_DESTINY``: ``D_PASS``, ``D_BOUNCE``, ``D_REJECT``, ``D_DISCARD`` (amavis's
+    names; the ``D_`` prefix and case optional). Returned as ``pass`` ... ``discard``."""
+    text = _parse_string(name, value).lower()
+    word = text[2:] if text.startswith("d_") else text
+    if word not in _DESTINIES:
+        raise ConfigError(f"{name}: not one of D_PASS, D_BOUNCE, D_REJECT, D_DISCARD: "
+                          f"{value!r}")
+    return word
+
+
+def _on_error(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        word = _parse_string(name, value).lower()
+        if word not in choices:
+            raise ConfigError(f"{name}: not one of {', '.join(choices)}: {value!r}")
+        return word
+    return parse
+
+
+def parse_level(name: str, value: Any) -> float | None:
+    """A spam score level (``SA_*_LEVEL_DEFLT``): a number, or ``none`` for "unset" (rspamd's
+    own action decides then; an empty variable keeps the default, as for every setting)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: not a number: {value!r}")
+    if isinstance(value, int | float):
+        number = float(value)
+    else:
+        text = str(value).strip()
+        if text.lower() in ("", "none", "off", "unset"):
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            raise ConfigError(f"{name}: not a number: {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name}: not a number: {value!r}")
+    return number
+
+
+_FILE_WORD = re.compile(r"\.?[a-z0-9_+-]{1,32}|[a-z][a-z0-9.+-]{0,63}/[a-z0-9][a-z0-9.+-]{0,63}")
+
+
+def _file_words(name: str, value: Any) -> tuple[str, ...]:
+    """``PYMTA_BANNED_FILES``/``PYMTA_ALLOWED_FILES``: extensions (``exe``, ``.exe``) and
+    MIME types (``application/x-foo``), space/comma separated."""
+    out: list[str] = []
+    for word in _words(value):
+        item = word.strip().lower()
+        if not _FILE_WORD.fullmatch(item):
+            raise ConfigError(f"{name}: not a file extension or MIME type: {word!r}")
+        out.append(item.lstrip("."))
+    return tuple(dict.fromkeys(out))
+
+
 def parse_mynetworks(name: str, value: Any) -> tuple[str, ...]:
     """``MYNETWORKS``: networks (CIDR) or single addresses, space/comma separated; Postfix's
     ``[::1]/128`` bracket form is accepted. Returned normalised (``10.0.0.0/8``)."""
@@ -480,6 +538,30 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("connection_cache_time", "PYMTA_CONNECTION_CACHE_TIME", _duration(False)),
     _Setting("connection_reuse_limit", "PYMTA_CONNECTION_REUSE_LIMIT", _size(1)),
     _Setting("dead_host_time", "PYMTA_DEAD_HOST_TIME", _duration(False)),
+    _Setting("clamd", "PYMTA_CLAMD", _parse_string),
+    _Setting("spamd", "PYMTA_SPAMD", _parse_string),
+    _Setting("rspamd", "PYMTA_RSPAMD", _parse_string),
+    _Setting("rspamd_controller", "PYMTA_RSPAMD_CONTROLLER", _parse_string),
+    _Setting("rspamd_password", "PYMTA_RSPAMD_PASSWORD", _parse_secret),
+    _Setting("scanner_timeout", "PYMTA_SCANNER_TIMEOUT", _duration(True)),
+    _Setting("scanner_concurrency", "PYMTA_SCANNER_CONCURRENCY", _size(1)),
+    _Setting("virus_on_error", "PYMTA_VIRUS_ON_ERROR", _on_error("tempfail", "pass")),
+    _Setting("spam_on_error", "PYMTA_SPAM_ON_ERROR", _on_error("pass", "tempfail")),
+    _Setting("banned_check", "PYMTA_BANNED_CHECK", parse_bool),
+    _Setting("banned_files", "PYMTA_BANNED_FILES", _file_words),
+    _Setting("allowed_files", "PYMTA_ALLOWED_FILES", _file_words),
+    _Setting("bad_header_check", "PYMTA_BAD_HEADER_CHECK", parse_bool),
+    _Setting("sa_tag_level_deflt", "SA_TAG_LEVEL_DEFLT", parse_level),
+    _Setting("sa_tag2_level_deflt", "SA_TAG2_LEVEL_DEFLT", parse_level),
+    _Setting("sa_kill_level_deflt", "SA_KILL_LEVEL_DEFLT", parse_level),
+    _Setting("spam_subject_tag", "PYMTA_SPAM_SUBJECT_TAG", _parse_string),
+    _Setting("final_virus_destiny", "FINAL_VIRUS_DESTINY", parse_destiny),
+    _Setting("final_banned_destiny", "FINAL_BANNED_DESTINY", parse_destiny),
+    _Setting("final_spam_destiny", "FINAL_SPAM_DESTINY", parse_destiny),
+    _Setting("final_bad_header_destiny", "FINAL_BAD_HEADER_DESTINY", parse_destiny),
+    _Setting("quarantine_lifetime", "PYMTA_QUARANTINE_LIFETIME", _duration(False)),
+    _Setting("kopano_spamd_lib", "KOPANO_SPAMD_LIB", _parse_string),
+    _Setting("learn_interval", "PYMTA_LEARN_INTERVAL", _duration(True)),
     _Setting("syslog_level", "SYSLOG_LEVEL", _level),
     _Setting("log_syslog", "PYMTA_LOG_SYSLOG", parse_bool),
     _Setting("log_json", "PYMTA_LOG_JSON", parse_bool),
@@ -624,6 +706,8 @@ def _check_together(values: dict[str, Any]) -> None:
         raise ConfigError(f"SMTPD_TLS_KEY_FILE: not set, but SMTPD_TLS_CERT_FILE is: {cert!r}")
     if key and not cert:
         raise ConfigError(f"SMTPD_TLS_CERT_FILE: not set, but SMTPD_TLS_KEY_FILE is: {key!r}")
+    if values.get("spamd") and values.get("rspamd"):
+        raise ConfigError("PYMTA_RSPAMD: set, but so is PYMTA_SPAMD: one spam engine at a time")
     first = values.get("queue_retry_first", _DEFAULTS.queue_retry_first)
     most = values.get("queue_retry_max", _DEFAULTS.queue_retry_max)
     if first > most:

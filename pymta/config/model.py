@@ -143,6 +143,31 @@ class Config:
     srs_domain: str = ""                             # SRS_DOMAIN (empty: first MAIL_DOMAIN)
     srs_secret: str = field(default="", repr=False)  # SRS_SECRET (empty: state dir file)
     srs_max_age: int = 21                            # SRS_MAX_AGE (days)
+    # content filtering, the amavis part (pymta/content/)
+    clamd: str = ""                                  # PYMTA_CLAMD unix:/path or host:port
+    spamd: str = ""                                  # PYMTA_SPAMD (SpamAssassin's spamd)
+    rspamd: str = ""                                 # PYMTA_RSPAMD (normal worker)
+    rspamd_controller: str = ""                      # PYMTA_RSPAMD_CONTROLLER (learning)
+    rspamd_password: str = field(default="", repr=False)  # PYMTA_RSPAMD_PASSWORD
+    scanner_timeout: float = 20.0                    # PYMTA_SCANNER_TIMEOUT (one exchange)
+    scanner_concurrency: int = 8                     # PYMTA_SCANNER_CONCURRENCY (per worker)
+    virus_on_error: str = "tempfail"                 # PYMTA_VIRUS_ON_ERROR tempfail|pass
+    spam_on_error: str = "pass"                      # PYMTA_SPAM_ON_ERROR pass|tempfail
+    banned_check: bool = True                        # PYMTA_BANNED_CHECK
+    banned_files: tuple[str, ...] = ()               # PYMTA_BANNED_FILES (+ext, +type/sub)
+    allowed_files: tuple[str, ...] = ()              # PYMTA_ALLOWED_FILES (minus the same)
+    bad_header_check: bool = True                    # PYMTA_BAD_HEADER_CHECK
+    sa_tag_level_deflt: float | None = 2.0           # SA_TAG_LEVEL_DEFLT (X-Spam-* added)
+    sa_tag2_level_deflt: float | None = 6.2          # SA_TAG2_LEVEL_DEFLT (X-Spam-Flag: YES)
+    sa_kill_level_deflt: float | None = 6.9          # SA_KILL_LEVEL_DEFLT (spam destiny)
+    spam_subject_tag: str = ""                       # PYMTA_SPAM_SUBJECT_TAG (at tag2 level)
+    final_virus_destiny: str = "discard"             # FINAL_VIRUS_DESTINY D_PASS|D_BOUNCE|..
+    final_banned_destiny: str = "discard"            # FINAL_BANNED_DESTINY
+    final_spam_destiny: str = "pass"                 # FINAL_SPAM_DESTINY
+    final_bad_header_destiny: str = "pass"           # FINAL_BAD_HEADER_DESTINY
+    quarantine_lifetime: float = 30 * 86400.0        # PYMTA_QUARANTINE_LIFETIME (0: forever)
+    kopano_spamd_lib: str = "/var/lib/kopano/spamd"  # KOPANO_SPAMD_LIB (spam/, ham/ taught)
+    learn_interval: float = 10.0                     # PYMTA_LEARN_INTERVAL (folder polling)
     # logging
     syslog_level: int = 5                            # SYSLOG_LEVEL 0..7
     log_syslog: bool = False                         # PYMTA_LOG_SYSLOG
@@ -163,6 +188,17 @@ class Config:
         if self.smtpd_sasl_imaphost:
             methods.append("imap")
         return tuple(methods)
+
+    @property
+    def spam_engine(self) -> str:
+        """``spamd``, ``rspamd`` or empty: the one spam engine configured."""
+        return "spamd" if self.spamd else "rspamd" if self.rspamd else ""
+
+    @property
+    def content_filter(self) -> bool:
+        """Whether any content check is on (the ``content`` pipeline stage runs)."""
+        return bool(self.clamd or self.spam_engine or self.banned_check
+                    or self.bad_header_check)
 
     @property
     def first_domain(self) -> str:

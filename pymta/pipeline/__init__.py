@@ -98,6 +98,13 @@ class SpooledBody:
         if flush is not None:
             flush()
 
+    def on_disk(self) -> str:
+        """The spool file's path, every byte of the message written to it first: for stages
+        that stream the file themselves (the content scanners), never reading it whole.
+        The file is the message as received (``drop_headers`` does not apply to it)."""
+        self._flushed()
+        return self.path
+
     def read(self) -> bytes:
         if self._cache is None:
             self._flushed()
@@ -154,6 +161,7 @@ class Transaction:
     auth_user: str | None = None
     trusted: bool = False
     tls: bool = False
+    smtputf8: bool = False
     results: dict[str, object] = field(default_factory=dict)
     auth_results: list[str] = field(default_factory=list)
     prepend: list[str] = field(default_factory=list)
@@ -194,6 +202,7 @@ class Pipeline:
         action = Action.PASS
         reply: Reply | None = None
         reasons: list[str] = []
+        kept = Verdict()        # the verdict that asks for a quarantine, if any
         for check in self.checks:
             verdict = await self._run_check(check, txn, body)
             txn.results[check.name] = verdict
@@ -203,8 +212,15 @@ class Pipeline:
                 txn.add_header(header)
             if verdict.action > action:
                 action, reply = verdict.action, verdict.reply
+            if verdict.quarantine and verdict.action >= kept.action:
+                kept = verdict
             if verdict.reason:
                 reasons.append(f"{check.name}: {verdict.reason}")
+        if action is Action.REJECT and kept.action is Action.REJECT:
+            # refused, and kept in the quarantine all the same (the content filter's REJECT)
+            return Decision(action, reply, reasons=tuple(reasons),
+                            quarantine="; ".join(reasons) or "quarantined",
+                            quarantine_kind=kept.quarantine)
         if action in (Action.REJECT, Action.TEMPFAIL):
             return Decision(action, reply or TEMPFAIL_REPLY, reasons=tuple(reasons))
         for modifier in self.modifiers:
@@ -221,7 +237,11 @@ class Pipeline:
                 log.error("%s: %s failed: %r", txn.qid, modifier.name, exc)
                 return Decision(Action.TEMPFAIL, TEMPFAIL_REPLY,
                                 reasons=(*reasons, f"{modifier.name}: {exc!r}"))
-        return _decision(txn, original, action, reply, reasons)
+        decision = _decision(txn, original, action, reply, reasons)
+        if action is Action.QUARANTINE and kept.action is Action.QUARANTINE:
+            decision.quarantine_kind = kept.quarantine
+            decision.bounce = kept.bounce
+        return decision
 
     async def _run_check(self, check: Check, txn: Transaction, body: SpooledBody) -> Verdict:
         try:

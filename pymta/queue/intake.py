@@ -23,18 +23,24 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pymta.contracts import MessageLock, QueueStore, Spool
 from pymta.pipeline.headers import copy_without
+from pymta.queue import quarantine
 from pymta.queue.space import reserve_for
-from pymta.types import Decision, Envelope, QueueId, TemporaryFailure
+from pymta.types import Decision, Envelope, QueueId, Reply, TemporaryFailure
 
 log = logging.getLogger("pymta.smtpd")
 
 # (qid, envelope[, claim]): QueueManager.submit. The claim is passed only when there is one,
 # so a plain ``submit(qid, envelope)`` callable works too.
 Submit = Callable[..., None]
+
+# (qid, envelope, reply): QueueManager.notify_blocked -- queue the failure notice about a
+# blocked message (``D_BOUNCE``); False when it could not be queued.
+Notify = Callable[[QueueId, Envelope, Reply], Awaitable[bool]]
+
 
 
 class Intake:
@@ -45,12 +51,15 @@ class Intake:
     ``queue_minfree``, never less than 1.5 × the message size limit).
     """
 
-    __slots__ = ("store", "submit", "hold_incoming", "_size_limit", "_minfree", "_reserve")
+    __slots__ = ("store", "submit", "notify", "hold_incoming", "_size_limit", "_minfree",
+                 "_reserve")
 
     def __init__(self, store: QueueStore, submit: Submit, *, hold_incoming: bool = False,
-                 size_limit: int = 10240000, minfree: int = 0) -> None:
+                 size_limit: int = 10240000, minfree: int = 0,
+                 notify: Notify | None = None) -> None:
         self.store = store
         self.submit = submit
+        self.notify = notify
         self.hold_incoming = hold_incoming
         self._size_limit = size_limit
         self._minfree = minfree
@@ -88,7 +97,12 @@ class Intake:
             if decision.sender is not None:
                 envelope.sender = decision.sender
             envelope.prepend = "".join(decision.prepend)
-            if decision.quarantine is not None:
+            if decision.quarantine_kind:
+                # Blocked content: in the quarantine (`pymta quarantine`), never delivered
+                # unless released.
+                quarantine.mark(envelope, spool.qid, decision.quarantine or "",
+                                decision.quarantine_kind)
+            elif decision.quarantine is not None:
                 # Held in the queue: `pymta queue list` shows it, `queue release` delivers it.
                 envelope.held = True
                 envelope.extra["quarantine"] = decision.quarantine
@@ -114,6 +128,11 @@ class Intake:
                  envelope.client_name or "unknown", envelope.client_ip, sender, envelope.size,
                  len(envelope.recipients),
                  f", sasl_username={envelope.auth_user}" if envelope.auth_user else "")
+        if decision is not None and decision.quarantine_kind:
+            log.log(25, "%s: quarantine: %s: %s", qid, decision.quarantine_kind,
+                    decision.quarantine)
+            if decision.bounce is not None:
+                await self._bounce(qid, envelope, decision.bounce)
         lock: MessageLock | None = spool.lock     # still held: see QueueStore.hand_over_locks
         if lock is not None:
             spool.lock = None
@@ -121,3 +140,22 @@ class Intake:
         else:
             self.submit(qid, envelope)
         return qid
+
+    async def _bounce(self, qid: QueueId, envelope: Envelope, reply: Reply) -> None:
+        """The sender's failure notice about a blocked message, queued before the ``250``;
+        when it cannot be, the quarantined copy goes too and the client is told to retry
+        (the copy and the notice are one outcome: neither without the other)."""
+        queued = False
+        if self.notify is not None:
+            try:
+                queued = await self.notify(qid, envelope, reply)
+            except Exception:   # a fault of ours: the client retries
+                log.exception("%s: failure notice for a blocked message", qid)
+        if queued:
+            return
+        log.error("%s: failure notice not queued; message removed, client told to retry", qid)
+        try:
+            await self.store.remove(qid)
+        except OSError as exc:
+            log.error("%s: cannot remove the quarantined copy: %s", qid, exc)
+        raise TemporaryFailure("Temporary failure queueing a notification; try again later")

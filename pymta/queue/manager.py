@@ -1133,7 +1133,23 @@ class QueueManager:
         True is also returned when the notice is deliberately dropped (no recipient can take
         it: a failed double bounce, or an address ``resolve`` does not know).
         """
-        qid, env = att.qid, att.env
+        return await self._queue_notice(att.qid, att.env, att.msg.body_path, entries, kind, now)
+
+    async def notify_blocked(self, qid: QueueId, env: Envelope, reply: Reply) -> bool:
+        """Queue the failure notice about a message the content filter blocked with
+        ``D_BOUNCE`` (it stays in the quarantine): one entry per blocked recipient that asked
+        for failure notices (NOTIFY). True when queued or not owed; False: try again later.
+        """
+        entries = [DsnEntry(r, "failed", reply.enhanced or "5.7.0", reply)
+                   for r in env.recipients if r.notify_flags & Notify.FAILURE]
+        if not entries:
+            return True
+        body_path = await self._store.open_body(qid)
+        return await self._queue_notice(qid, env, body_path, entries, "failed", time.time())
+
+    async def _queue_notice(self, qid: QueueId, env: Envelope, body_path: str,
+                            entries: list[DsnEntry], kind: str, now: float) -> bool:
+        """:meth:`_notify` for any message: ``body_path`` is the original to quote."""
         double = False
         to = env.sender
         if env.sender == "" or env.is_bounce or not sendable_address(env.sender,
@@ -1167,7 +1183,7 @@ class QueueManager:
         try:
             data = await asyncio.to_thread(
                 build_dsn, reporting_mta=self._hostname, qid=qid, envelope=env,
-                entries=entries, body_path=att.msg.body_path, now=now, action_kind=kind,
+                entries=entries, body_path=body_path, now=now, action_kind=kind,
                 to=to)
             dsn_env = Envelope(
                 sender="", recipients=[rcpt], received_at=now, next_attempt=now,

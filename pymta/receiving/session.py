@@ -358,8 +358,10 @@ class Session:
             if self._gone:
                 return R_LOST
             refused = self._refusal(decision, spool.qid, mail.address)
-            if refused is not None:
+            if refused is not None and decision.quarantine is None:
                 return refused
+        else:
+            refused = None
         now = time.time()
         envelope = Envelope(
             sender=mail.address, recipients=rcpts, received_at=now, next_attempt=now,
@@ -374,6 +376,8 @@ class Session:
         except SpoolClosedError:
             self._gone = True       # the client went away before the commit took the spool
             return R_LOST
+        if refused is not None:     # refused, and kept in the quarantine (content filter)
+            return refused
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
     def _reset_after_message(self) -> None:
@@ -393,7 +397,7 @@ class Session:
             peer_ip=self.peer_ip, helo=self.helo, hostname=ctx.hostname,
             local_domains=ctx.local_domains, auth_user=self.auth_user,
             trusted=self.auth_user is not None or ctx.relay_allowed(self.peer_ip),
-            tls=self.tls_info is not None)
+            tls=self.tls_info is not None, smtputf8=mail.params.smtputf8)
         # Written bytes stay in the spool's buffer unless a stage reads the file (then the body
         # flushes them first); the commit thread writes them out otherwise.
         body = SpooledBody(spool.path, spool.size, b"".join(self._head), spool.flush)

@@ -339,7 +339,9 @@ def _accepted_and_delivered(srv: ServerProc, recorder: Recorder,
 def test_issue10_defect9_real_malformed_corpus_is_accepted_and_delivered(
         mta: Callable[..., ServerProc], peer: tuple[Recorder, int]) -> None:
     assert len(CORPUS_FILES) >= 15, CORPUS_FILES
-    srv = mta()
+    # one sample carries a real .jpg.exe in a zip: quarantined by the default banned-files
+    # check (test_issue12_real_malware_sample_is_quarantined); this test is about headers
+    srv = mta(PYMTA_BANNED_CHECK="no")
     _accepted_and_delivered(srv, peer[0],
                             {name: (CORPUS / name).read_bytes() for name in CORPUS_FILES})
 
