@@ -295,7 +295,7 @@ class Verdict:
     """What one check concluded. ``reply`` is sent for REJECT/TEMPFAIL; ``headers`` are added
     (``"Name: value"`` without CRLF); ``auth_result`` is an RFC 8601 resinfo fragment such as
     ``spf=pass smtp.mailfrom=example.com`` for the Authentication-Results header.
-    ``quarantine``: the kind of blocked content (``virus``, ``banned``, ``spam``,
+    ``quarantine_kind``: the kind of blocked content (``virus``, ``banned``, ``spam``,
     ``bad-header``) when the message is to be kept in the quarantine (with QUARANTINE, and
     with REJECT: a refused message is kept too); ``bounce``: with QUARANTINE, the reply the
     sender's failure notice quotes (amavis's ``D_BOUNCE``)."""
@@ -305,7 +305,7 @@ class Verdict:
     headers: tuple[str, ...] = ()
     auth_result: str | None = None
     reason: str = ""
-    quarantine: str = ""
+    quarantine_kind: str = ""
     bounce: Reply | None = None
 
 

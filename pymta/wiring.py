@@ -423,7 +423,8 @@ def _content(config: Config, services: Services) -> Any:
 
 def _spam_engine(config: Config, timeout: float) -> Any:
     """The one spam engine (``PYMTA_SPAMD`` or ``PYMTA_RSPAMD``) as the check scores with it;
-    None without one. Its client is the one the learning folders use too."""
+    None without one. Its client is built as the learning folders' is (``spam_client``),
+    with a deadline inside the pipeline's."""
     from pymta.content import filter as content
     from pymta.content.learn import spam_client
     from pymta.content.spamd import SpamdClient
@@ -456,8 +457,8 @@ def _content_tags(config: Config, services: Services) -> Any:
 
 
 #: The pre-queue stages in the order they run. Checks first: SPF and DKIM before DMARC, which
-#: reads their results; ARC verification after DKIM; the content filter last among the checks
-#: (a message DMARC refuses is not worth a virus scan). Then the modifiers:
+#: reads their results; ARC verification after DKIM; the content filter last among the checks.
+#: Then the modifiers:
 #: Authentication-Results after every check, the content filter's header fields, ARC seal
 #: above the A-R it attests, DKIM signing over the final header block
 #: (``pymta/pipeline/arc.py`` explains the order), SRS last, since it changes the envelope

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from pymta.queue import quarantine
 from pymta.queue.deliverylog import printable as _p
 from pymta.types import Envelope, RcptState
 
@@ -404,12 +405,20 @@ def cmd_delete(store: Any, state_dir: str, qids: Sequence[str], delete_all: bool
 def cmd_hold(store: Any, state_dir: str, qids: Sequence[str], hold: bool,
              out: TextIO, err: TextIO, every: bool = False) -> int:
     """Hold (never attempt) or release messages; a release makes the message due now.
-    ``every``: all messages in the queue (a message delivered meanwhile is not an error)."""
+    ``every``: all messages in the queue (a message delivered meanwhile is not an error).
+    Quarantined messages are not released here (``--all`` leaves them, an ID is refused)."""
     word = "held" if hold else "released"
     if every:
         qids = list(store.ids())
 
     def change(qid: str, env: Envelope) -> None:
+        if not hold and quarantine.is_quarantined(env):
+            # blocked content: only `pymta quarantine release` delivers it (it also takes
+            # away the X-Envelope-* fields naming every recipient)
+            if every:
+                return
+            raise QueueCommandError(f"queue: {qid} is quarantined; use 'pymta quarantine "
+                                    f"release {qid}'")
         env.held = hold
         if not hold:
             env.next_attempt = min(env.next_attempt, time.time())

@@ -5,14 +5,16 @@ message at once -- clamd, the spam engine (spamd or rspamd), the banned-files wa
 thread: it is CPU work) and the bad-header check -- and decides by the ``FINAL_*_DESTINY``
 settings. :class:`ContentTags` (a modifier, ``content-tags``) writes what the check found into
 the header section: ``X-Virus-Scanned``, amavis's ``X-Spam-Flag``/``-Score``/``-Level``/
-``-Status`` (existing ones removed first, so a sender cannot say ``X-Spam-Flag: NO`` for us),
+``-Status`` (fields of our names that came with the message are removed first, so a sender
+cannot say ``X-Spam-Flag: NO`` or ``X-Virus-Scanned`` for us),
 ``X-Amavis-Alert`` for content that passed although found, and the optional subject tag.
 The check keeps its findings in ``Transaction.results`` under :data:`REPORT` for the modifier.
 
-**Who is filtered** (the image: amavis only tags mail for ``MAIL_DOMAIN``): mail from an
-untrusted client (not authenticated, not in MYNETWORKS) to our domains gets every check and
-the header fields; mail a trusted client sends out is scanned for viruses only and gets no
-header fields.
+**Who is filtered** (the image: amavis only tags mail for ``MAIL_DOMAIN``): a message with a
+recipient in our domains gets every check and the header fields, whoever sends it; mail
+that only leaves (a trusted client relaying to foreign domains) is scanned for viruses only
+and gets no header fields. One verdict per message: a blocking destiny blocks every
+recipient of it.
 
 **Destinies.** The kinds in amavis's order of precedence: virus, banned, spam (score at or
 above ``SA_KILL_LEVEL_DEFLT``), bad header. The first kind found whose destiny is not PASS
@@ -24,8 +26,9 @@ then, as amavis does). Everything blocked is quarantined (``pymta.queue.quaranti
 
 **Failures** (the lesson of five-daemon setups): a scanner that cannot answer (refused, timed
 out, garbled) is a stated policy, not an accident: ``PYMTA_VIRUS_ON_ERROR`` (``tempfail``,
-default: ``451 4.3.0``, the client retries; or ``pass`` unscanned) and
-``PYMTA_SPAM_ON_ERROR`` (``pass``, default: no spam header fields; or ``tempfail``). Each
+default: ``451 4.7.1``, the client retries; or ``pass``: ``X-Virus-Scanned: unchecked`` and a
+NOTICE line) and ``PYMTA_SPAM_ON_ERROR`` (``pass``, default: no spam header fields; or
+``tempfail``). Each
 scanner's outage is logged when it starts and when it ends, not once per message; each
 message says in its own log line that it was not scanned. A message larger than clamd's
 ``StreamMaxLength`` is passed unchecked with an ``X-Amavis-Alert`` (deferring it would defer
@@ -67,6 +70,10 @@ KINDS = (VIRUS, BANNED, SPAM, BAD_HEADER)
 """The kinds of blocked content, in amavis's order of precedence."""
 
 _SPAM_FIELDS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Level", "X-Spam-Status")
+# Fields only we write: a copy that came with the message is removed from mail we tag.
+_OUR_FIELDS = frozenset(n.lower() for n in (*_SPAM_FIELDS, "X-Virus-Scanned", "X-Amavis-Alert",
+                                             "X-Quarantine-ID"))
+_NOTICE = 25            # the log level pymta logs notices at (pymta.log)
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 _RULE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _RSPAMD_SPAM_ACTIONS = frozenset({"add header", "rewrite subject", "reject"})
@@ -152,12 +159,16 @@ class ContentPolicy:
     subject_tag: str = ""                  # PYMTA_SPAM_SUBJECT_TAG
 
     def tagged(self, spam: SpamScore) -> bool:
+        """X-Spam-* fields are written (``SA_TAG_LEVEL_DEFLT``; unset: always)."""
         return self.tag_level is None or spam.score >= self.tag_level
 
     def flagged(self, spam: SpamScore) -> bool:
+        """``X-Spam-Flag: YES`` (``SA_TAG2_LEVEL_DEFLT``; unset: the engine's verdict)."""
         return spam.spam if self.tag2_level is None else spam.score >= self.tag2_level
 
     def killed(self, spam: SpamScore) -> bool:
+        """The spam destiny applies (``SA_KILL_LEVEL_DEFLT``; unset: spamd's verdict or
+        rspamd's ``reject`` action)."""
         return spam.reject if self.kill_level is None else spam.score >= self.kill_level
 
 
@@ -221,7 +232,7 @@ class _Outage:
 # --------------------------------------------------------------------------- the check
 
 
-_SCANNER_DOWN = Reply(451, "4.3.0", "Content scanner unavailable; try again later")
+_SCANNER_DOWN = Reply(451, "4.7.1", "Content scanner unavailable; try again later")
 
 
 class ContentCheck:
@@ -243,21 +254,29 @@ class ContentCheck:
                                    policy.spam_on_error)
 
     async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:
+        """Every inspection that applies to this message at once; the verdict by the
+        destinies (a TEMPFAIL when a scanner failed under a ``tempfail`` policy)."""
         report = ContentReport()
         txn.results[REPORT] = report
-        inbound = not txn.trusted and any(
-            r.address.rpartition("@")[2].lower() in txn.local_domains for r in txn.recipients)
+        # for our domains as the client addressed it (an alias forwarding elsewhere counts:
+        # we would not forward spam) or after alias expansion
+        domains = txn.local_domains
+        inbound = any(r.address.rpartition("@")[2].lower() in domains
+                      or r.original.rpartition("@")[2].lower() in domains
+                      for r in txn.recipients)
         report.tag = inbound
-        path = body.on_disk()
-        jobs: list[Awaitable[Verdict | None]] = []
-        if self.virus is not None:
-            jobs.append(self._scan_virus(path, txn, report))
-        if inbound and self.spam is not None:
-            jobs.append(self._score_spam(path, txn, report))
-        if inbound and self.banned is not None:
-            jobs.append(self._find_banned(path, report))
         if inbound and self.bad_header is not None:
-            self._find_bad_header(body, txn, report)
+            self._find_bad_header(body, txn, report)     # from the head kept in memory
+        jobs: list[Awaitable[Verdict | None]] = []
+        if self.virus is not None or (inbound and (self.spam or self.banned)):
+            # only now is the spool written out on the loop (else the commit thread does it)
+            path = body.on_disk()
+            if self.virus is not None:
+                jobs.append(self._scan_virus(path, txn, report))
+            if inbound and self.spam is not None:
+                jobs.append(self._score_spam(path, txn, report))
+            if inbound and self.banned is not None:
+                jobs.append(self._find_banned(path, report))
         for outcome in await asyncio.gather(*jobs):
             if outcome is not None:         # a scanner down under a tempfail policy
                 return outcome
@@ -287,7 +306,11 @@ class ContentCheck:
         if self.policy.virus_on_error == "tempfail":
             log.info("%s: virus scan failed: %s; deferred", txn.qid, _safe(str(exc), 200))
             return Verdict(Action.TEMPFAIL, _SCANNER_DOWN, reason="virus scan failed")
-        log.info("%s: virus scan failed: %s; passed unscanned", txn.qid, _safe(str(exc), 200))
+        log.log(_NOTICE, "%s: virus scan failed: %s; passed unscanned", txn.qid,
+                _safe(str(exc), 200))
+        report = txn.results.get(REPORT)
+        if isinstance(report, ContentReport):
+            report.unchecked = "virus scanner unavailable"
         return None
 
     async def _score_spam(self, path: str, txn: Transaction,
@@ -300,8 +323,8 @@ class ContentCheck:
             if self.policy.spam_on_error == "tempfail":
                 log.info("%s: spam check failed: %s; deferred", txn.qid, _safe(str(exc), 200))
                 return Verdict(Action.TEMPFAIL, _SCANNER_DOWN, reason="spam check failed")
-            log.info("%s: spam check failed: %s; passed unchecked", txn.qid,
-                     _safe(str(exc), 200))
+            log.log(_NOTICE, "%s: spam check failed: %s; passed unchecked", txn.qid,
+                    _safe(str(exc), 200))
             return None
         self._spam_state.answered()
         return None
@@ -336,11 +359,12 @@ class ContentCheck:
             if destiny == "reject":
                 code = "5.6.0" if kind == BAD_HEADER else "5.7.0"
                 return Verdict(Action.REJECT, Reply(554, code, f"Reject, id={txn.qid} - {text}"),
-                               reason=summary, quarantine=kind)
+                               reason=summary, quarantine_kind=kind)
             bounce = (Reply(554, "5.6.0" if kind == BAD_HEADER else "5.7.0",
                             f"Message content rejected, id={txn.qid} - {text}")
                       if destiny == "bounce" else None)
-            return Verdict(Action.QUARANTINE, reason=summary, quarantine=kind, bounce=bounce)
+            return Verdict(Action.QUARANTINE, reason=summary, quarantine_kind=kind,
+                           bounce=bounce)
         log.info("%s: content passed: %s", txn.qid, summary)
         return Verdict(reason=f"passed: {summary}")
 
@@ -364,14 +388,16 @@ class ContentTags:
         fields: list[str] = []
         if report.virus_scanned:
             fields.append(f"X-Virus-Scanned: ClamAV at {self.policy.hostname} (pymta)")
+        elif report.unchecked:
+            fields.append("X-Virus-Scanned: unchecked")
         alerts = [text for kind, text in report.found(self.policy) if kind != report.kind]
         if report.unchecked:
             alerts.append(f"UNCHECKED: {report.unchecked}")
         fields.extend(f"X-Amavis-Alert: {text}" for text in alerts)
         spam = report.spam
         head = body.header_bytes()
-        if _has_spam_fields(head):
-            txn.drop_header(_is_spam_field)     # forged or stale: only ours may stand
+        if _has_our_fields(head):
+            txn.drop_header(_is_our_field)      # forged or stale: only ours may stand
         if spam is not None and self.policy.tagged(spam):
             fields.extend(self._spam_fields(spam))
             if self.policy.subject_tag and self.policy.flagged(spam):
@@ -382,9 +408,10 @@ class ContentTags:
     def _spam_fields(self, spam: SpamScore) -> list[str]:
         policy = self.policy
         flagged = policy.flagged(spam)
+        # amavis's wording: scripts read "required=" (the tag2 level)
         levels = " ".join(f"{name}={value:g}" for name, value in (
-            ("tag", policy.tag_level), ("tag2", policy.tag2_level),
-            ("kill", policy.kill_level)) if value is not None)
+            ("tagged_above", policy.tag_level), ("required", policy.tag2_level))
+            if value is not None)
         tests = [t if _RULE.fullmatch(t) else _safe(t, 64).replace(",", "?").replace("]", "?")
                  for t in spam.tests[:100]]
         return [
@@ -423,20 +450,20 @@ def _folded_tests(tests: Sequence[str]) -> str:
     return out + "]"
 
 
-_SPAM_NAMES = frozenset(n.lower() for n in _SPAM_FIELDS)
-
-
-def _is_spam_field(raw: bytes) -> bool:
-    return field_name(raw).lower() in _SPAM_NAMES
+def _is_our_field(raw: bytes) -> bool:
+    return field_name(raw) in _OUR_FIELDS
 
 
 def _is_subject(raw: bytes) -> bool:
     return field_name(raw).lower() == "subject"
 
 
-def _has_spam_fields(head: bytes) -> bool:
+def _has_our_fields(head: bytes) -> bool:
+    """A cheap first look (most messages have none): any field starting like ours."""
     lower = head.lower()
-    return lower.startswith(b"x-spam-") or b"\nx-spam-" in lower
+    return b"\nx-spam-" in lower or b"\nx-virus-scanned" in lower or b"\nx-amavis-" in lower \
+        or b"\nx-quarantine-id" in lower or lower.startswith((b"x-spam-", b"x-virus", b"x-amavis",
+                                                                 b"x-quarantine"))
 
 
 def _subject_value(head: bytes) -> str | None:

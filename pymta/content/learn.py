@@ -80,13 +80,17 @@ def engine_name(client: SpamClient) -> str:
     return "spamd" if isinstance(client, SpamdClient) else "rspamd"
 
 
-async def learn_file(client: SpamClient, path: str | os.PathLike[str], spam: bool) -> None:
+async def learn_file(client: SpamClient, path: str | os.PathLike[str], spam: bool, *,
+                     follow_symlinks: bool = True) -> None:
     """Teach the message in ``path`` as spam (or ham). Returns on success (spamd's "already
     known as that class" included); LearnError otherwise, with the engine's own reason and
     without the file name (the callers name the file). The file is opened here, so an
     unreadable file is reported as such and not as the engine's fault."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        f = open(path, "rb")    # noqa: SIM115 -- closed below; open_message reads from it
+        # closed below; open_message reads from it. A dropped folder's file is never
+        # followed through a symlink (swapped in after the scan): only what was dropped.
+        f = os.fdopen(os.open(path, flags), "rb")
     except OSError as exc:
         raise LearnError(exc.strerror or str(exc)) from None
     with f:
@@ -218,7 +222,7 @@ class LearnFolders:
             return
         done = False
         try:
-            await learn_file(self.client, claimed, spam)
+            await learn_file(self.client, claimed, spam, follow_symlinks=False)
             done = True
         except LearnError as exc:
             self._failed(original, str(exc))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
@@ -161,15 +161,22 @@ async def close(writer: asyncio.StreamWriter) -> None:
             await writer.wait_closed()
 
 
-async def bounded_exchange(work: Awaitable[T], timeout: float, who: str,
-                           error: type[ScannerError]) -> T:
-    """``work`` (one whole exchange with a scanner) under ``timeout``; whatever goes wrong
-    becomes ``error`` naming ``who`` ("spamd at 127.0.0.1:783"), a timeout flagged as one."""
+async def bounded_exchange(work: Callable[[], Awaitable[T]], timeout: float, who: str,
+                           error: type[ScannerError], slots: asyncio.Semaphore) -> T:
+    """``work()`` (one whole exchange with a scanner) in one of ``slots`` and under
+    ``timeout``, the wait for the slot included: callers queued behind a hung scanner give up
+    at their own deadline, not one deadline after each other (issue 12 review). Whatever goes
+    wrong becomes ``error`` naming ``who`` ("spamd at 127.0.0.1:783"), a timeout flagged as
+    one."""
+    waiting = True
     try:
         async with asyncio.timeout(timeout):
-            return await work
+            async with slots:
+                waiting = False
+                return await work()
     except TimeoutError:
-        raise error(f"{who}: no answer within {timeout}s", timeout=True) from None
+        stage = " (waiting for a free slot)" if waiting else ""
+        raise error(f"{who}: no answer within {timeout:g}s{stage}", timeout=True) from None
     except ScannerError as e:
         raise error(f"{who}: {e}") from None
     except OSError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,14 +126,18 @@ class RspamdClient:
 
     async def learn(self, message: MessageSource, *, spam: bool) -> None:
         """Teach the message as spam or ham (controller ``/learnspam`` / ``/learnham``).
-        Returns on success; RspamdError with rspamd's own reason otherwise (without a
-        classifier backend, e.g. no redis for Bayes, rspamd refuses every learn)."""
+        Returns on success, and when rspamd already knew it as that class (HTTP 208, or
+        older versions' 404 "has been already learned"); RspamdError with rspamd's own reason
+        otherwise (without a classifier backend, e.g. no redis for Bayes, rspamd refuses
+        every learn)."""
         if self.controller is None:
             raise ValueError("rspamd learning needs a controller address (unix socket worker)")
         extra = header_value("Password", self.password) if self.password is not None else b""
         path = b"/learnspam" if spam else b"/learnham"
         status, body = await self._exchange(self.controller, b"POST", path, extra, message)
         data = _json(body, status, self.controller)
+        if status == 208 or (status == 404 and "already learned" in _error_text(data)):
+            return      # it knew the message as that class: nothing to do, not a failure
         if status != 200 or not (isinstance(data, dict) and data.get("success") is True):
             raise RspamdError(f"rspamd controller at {self.controller}: learn"
                               f"{'spam' if spam else 'ham'} refused (HTTP {status}): "
@@ -148,10 +153,9 @@ class RspamdClient:
     # ------------------------------------------------------------------------------------
     async def _exchange(self, address: Address, method: bytes, path: bytes, extra: bytes,
                         message: MessageSource | None) -> tuple[int, bytes]:
-        async with self._slots:
-            return await bounded_exchange(
-                self._talk(address, method, path, extra, message), self.timeout,
-                f"rspamd at {address}", RspamdError)
+        return await bounded_exchange(
+            lambda: self._talk(address, method, path, extra, message), self.timeout,
+            f"rspamd at {address}", RspamdError, self._slots)
 
     async def _talk(self, address: Address, method: bytes, path: bytes, extra: bytes,
                     message: MessageSource | None) -> tuple[int, bytes]:
@@ -205,6 +209,8 @@ def parse_check(data: Any) -> RspamdResult:
         action = str(data["action"])
     except (KeyError, TypeError, ValueError) as e:
         raise RspamdError(f"check reply lacks a usable {e}: {str(data)[:120]}") from None
+    if not (math.isfinite(score) and math.isfinite(required)):
+        raise RspamdError(f"check reply with a score that is not a number: {str(data)[:120]}")
     symbols = data.get("symbols") or {}
     if not isinstance(symbols, dict):
         raise RspamdError("check reply: 'symbols' is not an object")

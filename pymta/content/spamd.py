@@ -16,6 +16,7 @@ reply), not the wait for a slot, which is itself bounded by the exchanges ahead 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 from .netio import (
@@ -106,9 +107,9 @@ class SpamdClient:
     # ------------------------------------------------------------------------------------
     async def _exchange(self, verb: bytes, headers: dict[str, str],
                         message: MessageSource | None) -> _Reply:
-        async with self._slots:
-            return await bounded_exchange(self._talk(verb, headers, message),
-                                          self.timeout, f"spamd at {self.address}", SpamdError)
+        return await bounded_exchange(lambda: self._talk(verb, headers, message),
+                                      self.timeout, f"spamd at {self.address}", SpamdError,
+                                      self._slots)
 
     async def _talk(self, verb: bytes, headers: dict[str, str],
                     message: MessageSource | None) -> _Reply:
@@ -167,6 +168,9 @@ def parse_spam_header(value: str) -> tuple[float, float, bool]:
     if not sep or not slash or flag not in ("true", "false", "yes", "no"):
         raise SpamdError(f"bad Spam header in spamd reply: {value[:80]!r}")
     try:
-        return float(score), float(threshold), flag in ("true", "yes")
+        numbers_read = float(score), float(threshold)
     except ValueError:
         raise SpamdError(f"bad score in spamd reply: {value[:80]!r}") from None
+    if not all(math.isfinite(n) for n in numbers_read):    # "inf", "nan": no score at all
+        raise SpamdError(f"bad score in spamd reply: {value[:80]!r}")
+    return numbers_read[0], numbers_read[1], flag in ("true", "yes")

@@ -212,7 +212,7 @@ class Pipeline:
                 txn.add_header(header)
             if verdict.action > action:
                 action, reply = verdict.action, verdict.reply
-            if verdict.quarantine and verdict.action >= kept.action:
+            if verdict.quarantine_kind and verdict.action >= kept.action:
                 kept = verdict
             if verdict.reason:
                 reasons.append(f"{check.name}: {verdict.reason}")
@@ -220,7 +220,7 @@ class Pipeline:
             # refused, and kept in the quarantine all the same (the content filter's REJECT)
             return Decision(action, reply, reasons=tuple(reasons),
                             quarantine="; ".join(reasons) or "quarantined",
-                            quarantine_kind=kept.quarantine)
+                            quarantine_kind=kept.quarantine_kind)
         if action in (Action.REJECT, Action.TEMPFAIL):
             return Decision(action, reply or TEMPFAIL_REPLY, reasons=tuple(reasons))
         for modifier in self.modifiers:
@@ -239,7 +239,7 @@ class Pipeline:
                                 reasons=(*reasons, f"{modifier.name}: {exc!r}"))
         decision = _decision(txn, original, action, reply, reasons)
         if action is Action.QUARANTINE and kept.action is Action.QUARANTINE:
-            decision.quarantine_kind = kept.quarantine
+            decision.quarantine_kind = kept.quarantine_kind
             decision.bounce = kept.bounce
         return decision
 

@@ -39,8 +39,7 @@ Submit = Callable[..., None]
 
 # (qid, envelope, reply): QueueManager.notify_blocked -- queue the failure notice about a
 # blocked message (``D_BOUNCE``); False when it could not be queued.
-Notify = Callable[[QueueId, Envelope, Reply], Awaitable[bool]]
-
+BlockedNotice = Callable[[QueueId, Envelope, Reply], Awaitable[bool]]
 
 
 class Intake:
@@ -56,7 +55,7 @@ class Intake:
 
     def __init__(self, store: QueueStore, submit: Submit, *, hold_incoming: bool = False,
                  size_limit: int = 10240000, minfree: int = 0,
-                 notify: Notify | None = None) -> None:
+                 notify: BlockedNotice | None = None) -> None:
         self.store = store
         self.submit = submit
         self.notify = notify
@@ -132,7 +131,13 @@ class Intake:
             log.log(25, "%s: quarantine: %s: %s", qid, decision.quarantine_kind,
                     decision.quarantine)
             if decision.bounce is not None:
-                await self._bounce(qid, envelope, decision.bounce)
+                try:
+                    await self._bounce(qid, envelope, decision.bounce)
+                except TemporaryFailure:
+                    if spool.lock is not None:      # nobody else will release it
+                        spool.lock.release()
+                        spool.lock = None
+                    raise
         lock: MessageLock | None = spool.lock     # still held: see QueueStore.hand_over_locks
         if lock is not None:
             spool.lock = None

@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import heapq
 import logging
@@ -1138,14 +1139,20 @@ class QueueManager:
     async def notify_blocked(self, qid: QueueId, env: Envelope, reply: Reply) -> bool:
         """Queue the failure notice about a message the content filter blocked with
         ``D_BOUNCE`` (it stays in the quarantine): one entry per blocked recipient that asked
-        for failure notices (NOTIFY). True when queued or not owed; False: try again later.
+        for failure notices (NOTIFY), none for a null or unusable sender, the original's
+        header section only. True when queued or not owed; False: try again later.
         """
+        if not env.sender or env.is_bounce or not sendable_address(env.sender, env.smtputf8):
+            return True     # nobody to tell (amavis sends nothing to <>), not the postmaster
         entries = [DsnEntry(r, "failed", reply.enhanced or "5.7.0", reply)
                    for r in env.recipients if r.notify_flags & Notify.FAILURE]
         if not entries:
             return True
         body_path = await self._store.open_body(qid)
-        return await self._queue_notice(qid, env, body_path, entries, "failed", time.time())
+        # the header section only: the blocked content (a banned attachment, the spam) is
+        # not mailed back to a sender who is often forged
+        quoted = dataclasses.replace(env, ret="HDRS")
+        return await self._queue_notice(qid, quoted, body_path, entries, "failed", time.time())
 
     async def _queue_notice(self, qid: QueueId, env: Envelope, body_path: str,
                             entries: list[DsnEntry], kind: str, now: float) -> bool:

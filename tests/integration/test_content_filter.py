@@ -121,7 +121,8 @@ async def test_issue12_clean_mail_is_delivered_with_the_scan_fields(
 async def test_issue12_spam_is_tagged_and_a_forged_flag_removed(
         tmp_path: Path, scanners: dict[str, object]) -> None:
     async with MTA(make_config(tmp_path, spam_subject_tag="***SPAM*** ", **scanners)) as mta:
-        forged = "X-Spam-Flag: NO\r\nX-Spam-Status: No, score=-5\r\n"
+        forged = ("X-Spam-Flag: NO\r\nX-Spam-Status: No, score=-5\r\n"
+                  "X-Virus-Scanned: ClamAV, all clean\r\n")
         code, _ = await send(mta, message(f"buy now\r\n{GTUBE}", extra=forged))
         assert code == 250                        # D_PASS (the image's default for spam)
         [msg] = await wait_for(lambda: inbox(tmp_path))
@@ -132,6 +133,7 @@ async def test_issue12_spam_is_tagged_and_a_forged_flag_removed(
         assert float(msg["X-Spam-Score"]) >= 900    # GTUBE's 1000, less ALL_TRUSTED
         assert msg["X-Spam-Level"] == "*" * 64
         assert msg.get_all("Subject") == ["***SPAM*** hello"]
+        assert msg.get_all("X-Virus-Scanned") == ["ClamAV at mx.example.com (pymta)"]
 
 
 async def test_issue12_spam_reject_is_a_554_and_kept_in_the_quarantine(
@@ -162,6 +164,7 @@ async def test_issue12_spam_bounce_tells_the_sender(
         text = mbox.read_bytes()
         assert b"Undelivered Mail Returned to Sender" in text
         assert b"X-Envelope-To" not in text        # who else it was for stays ours
+        assert b"text/rfc822-headers" in text and b"buy now" not in text   # no spam mailed back
         assert inbox(tmp_path) == []
 
 
@@ -204,28 +207,32 @@ async def test_issue12_clamd_down_defers_or_passes_by_policy(
     async with MTA(make_config(tmp_path / "t", **down)) as mta:
         for _ in range(3):
             code, text = await send(mta, message("hello"))
-            assert (code, text[:5]) == (451, "4.3.0")
+            assert (code, text[:5]) == (451, "4.7.1")
     outage = [r for r in caplog.records if "is not answering" in r.getMessage()]
     assert len(outage) == 1                           # once per outage, not per message
     async with MTA(make_config(tmp_path, virus_on_error="pass", **down)) as mta:
         assert (await send(mta, message("hello")))[0] == 250
         [msg] = await wait_for(lambda: inbox(tmp_path))
-        assert msg["X-Virus-Scanned"] is None
+        assert msg["X-Virus-Scanned"] == "unchecked"
 
 
-async def test_issue12_trusted_clients_mail_is_scanned_for_viruses_only(
+async def test_issue12_outbound_mail_is_scanned_for_viruses_only(
         tmp_path: Path, scanners: dict[str, object]) -> None:
+    """A trusted client's mail to foreign domains: a virus is caught, spam is not judged;
+    the same client's mail to our own users gets every check."""
     cfg = make_config(tmp_path, mynetworks=("127.0.0.0/8",), final_spam_destiny="reject",
-                      **scanners)
+                      hold_incoming=True, **scanners)
+    out = ("someone@foreign.test",)
     async with MTA(cfg) as mta:
-        code, _ = await send(mta, message(f"buy now\r\n{GTUBE}"))
-        assert code == 250                            # no spam check: delivered
-        [msg] = await wait_for(lambda: inbox(tmp_path))
-        assert msg["X-Spam-Flag"] is None and msg["X-Virus-Scanned"] is None
-        code, _ = await send(mta, eicar_message())
+        code, _ = await send(mta, message(f"buy now\r\n{GTUBE}"), rcpts=out)
+        assert code == 250                            # no spam check on the way out
+        assert await quarantined(mta) == []
+        code, _ = await send(mta, eicar_message(), rcpts=out)
         assert code == 250
         [(_, env)] = await quarantined(mta)
         assert env.extra[quarantine.KIND] == "virus"
+        code, text = await send(mta, message(f"buy now\r\n{GTUBE}"))   # to alice
+        assert code == 554 and "SPAM" in text
 
 
 async def test_issue12_rspamd_scores_against_the_same_levels(
@@ -303,7 +310,7 @@ async def test_issue12_spamd_down_passes_or_defers_by_policy(
     down = dict(clamd=clamd.address, spamd="127.0.0.1:9", **OFF)
     async with MTA(make_config(tmp_path / "t", spam_on_error="tempfail", **down)) as mta:
         code, text = await send(mta, message(f"buy now\r\n{GTUBE}"))
-        assert (code, text[:5]) == (451, "4.3.0")
+        assert (code, text[:5]) == (451, "4.7.1")
         assert await mta.store.list_queued() == []        # nothing kept: the client retries
     async with MTA(make_config(tmp_path, **down)) as mta:   # default: pass
         assert (await send(mta, message(f"buy now\r\n{GTUBE}")))[0] == 250
@@ -345,7 +352,7 @@ async def test_issue12_a_hanging_clamd_defers(tmp_path: Path, hanging_scanner: s
     cfg = make_config(tmp_path, clamd=hanging_scanner, scanner_timeout=1.0, **OFF)
     async with MTA(cfg) as mta:
         code, text = await send(mta, message("hello"))
-        assert (code, text[:5]) == (451, "4.3.0")
+        assert (code, text[:5]) == (451, "4.7.1")
         assert await mta.store.list_queued() == []
 
 
@@ -361,3 +368,73 @@ async def test_issue12_mail_for_foreign_domains_is_not_tagged(
         env = await mta.store.load_envelope(qid)
         assert env is not None and not quarantine.is_quarantined(env)
         assert "X-Spam" not in env.prepend and "X-Virus-Scanned" not in env.prepend
+
+
+async def test_issue12_a_bounce_that_cannot_be_queued_defers_and_keeps_nothing(
+        tmp_path: Path, spamd: SpamdServer) -> None:
+    """D_BOUNCE: the quarantined copy and the sender's notice are one outcome. When the
+    notice cannot be queued (its recipient's directory is down), the copy goes too and the
+    client is told to retry: nothing half-done, nothing lost."""
+    from pymta.types import TemporaryFailure
+
+    directory_up = True
+
+    def lookup(address: str) -> object:
+        if address.lower() == "alice@example.com":
+            return "alice/"
+        if address.lower() == "bob@example.com" and directory_up:
+            return "bob"
+        raise TemporaryFailure("directory down")
+
+    cfg = make_config(tmp_path, spamd=spamd.address, final_spam_destiny="bounce",
+                      lookup_cache_ttl=0, lookup_negative_ttl=0, **OFF)
+    async with MTA(cfg, lookups=[lookup]) as mta:
+        directory_up = False
+        code, text = await send(mta, message(f"buy now\r\n{GTUBE}"), sender="bob@example.com")
+        assert (code, text[:5]) == (451, "4.3.0"), text
+        assert await mta.store.list_queued() == []
+        directory_up = True
+        code, _ = await send(mta, message(f"buy now\r\n{GTUBE}"), sender="bob@example.com")
+        assert code == 250
+        assert len(await quarantined(mta)) == 1
+        bob = tmp_path / "mail" / "bob"
+        await wait_for(lambda: bob.exists() and b"Undelivered Mail" in bob.read_bytes())
+
+
+async def test_issue12_review_no_bounce_notice_for_a_null_sender(
+        tmp_path: Path, scanners: dict[str, object]) -> None:
+    """D_BOUNCE of mail from <>: nobody to tell, and not the postmaster either."""
+    cfg = make_config(tmp_path, final_spam_destiny="bounce", **scanners)
+    async with MTA(cfg) as mta:
+        code, _ = await send(mta, message(f"buy now\r\n{GTUBE}"), sender="")
+        assert code == 250
+        assert len(await quarantined(mta)) == 1
+        await asyncio.sleep(0.5)
+        assert [q for q in await mta.store.list_queued()
+                if q not in [qid for qid, _ in await quarantined(mta)]] == []
+        assert maildir_messages(str(tmp_path / "mail"), "postmaster") == []
+
+
+async def test_issue12_review_a_hung_spam_engine_does_not_stall_the_messages_queued_behind(
+        tmp_path: Path, clamd: ClamdServer, hanging_scanner: str) -> None:
+    """Messages waiting for one of the two slots of a hung spamd give up at their own
+    deadline, not one deadline after the other: all pass by the policy, none is 451."""
+    cfg = make_config(tmp_path, clamd=clamd.address, spamd=hanging_scanner,
+                      scanner_timeout=1.0, scanner_concurrency=2, pipeline_timeout=4.0, **OFF)
+    async with MTA(cfg) as mta:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replies = await asyncio.gather(*(send(mta, message(f"note {i}")) for i in range(8)))
+        assert [c for c, _ in replies] == [250] * 8
+        assert loop.time() - started < 4
+
+
+async def test_issue12_mail_forwarded_through_our_alias_is_filtered(
+        tmp_path: Path, scanners: dict[str, object]) -> None:
+    """An alias of ours that forwards elsewhere: the mail was addressed to our domain, so it
+    is judged like any inbound mail (we do not forward spam)."""
+    cfg = make_config(tmp_path, mail_aliases="fwd:someone@remote.test",
+                      final_spam_destiny="reject", **scanners)
+    async with MTA(cfg) as mta:
+        code, text = await send(mta, message(f"buy now\r\n{GTUBE}"), rcpts=("fwd@example.com",))
+        assert code == 554 and "SPAM" in text

@@ -83,10 +83,10 @@ def decide(report: ContentReport, **destinies: str) -> object:
 def test_issue12_the_first_blocking_kind_decides() -> None:
     both = ContentReport(viruses=("Eicar",), spam=SpamScore("spamd", 50, (), True, True))
     verdict = decide(both, virus="pass", spam="reject")
-    assert verdict.action is Action.REJECT and verdict.quarantine == "spam"
+    assert verdict.action is Action.REJECT and verdict.quarantine_kind == "spam"
     assert verdict.reply.code == 554 and "SPAM" in verdict.reply.text
     verdict = decide(both)
-    assert verdict.action is Action.QUARANTINE and verdict.quarantine == "virus"
+    assert verdict.action is Action.QUARANTINE and verdict.quarantine_kind == "virus"
 
 
 def test_issue12_no_bounce_for_a_virus() -> None:
@@ -152,3 +152,19 @@ def test_issue12_subject_tag_keeps_a_folded_subject(tmp_path: Path) -> None:
                             tmp_path, policy)
     msg = email.message_from_bytes(delivered)
     assert msg.get_all("Subject") == ["***SPAM*** long\r\n folded"]
+
+
+@pytest.mark.parametrize("header", ["True ; inf / 5.0", "False ; nan / 5.0",
+                                    "True ; 1e999 / 5.0"])
+def test_issue12_review_a_score_that_is_not_a_number_is_a_scanner_error(header: str) -> None:
+    from pymta.content.spamd import SpamdError, parse_spam_header
+
+    with pytest.raises(SpamdError):
+        parse_spam_header(header)
+
+
+def test_issue12_review_rspamd_score_that_is_not_a_number_is_a_scanner_error() -> None:
+    from pymta.content.rspamd import RspamdError, parse_check
+
+    with pytest.raises(RspamdError):
+        parse_check({"score": float("inf"), "required_score": 15, "action": "reject"})

@@ -413,3 +413,20 @@ def test_expired_and_odd_markers() -> None:
     assert quarantine.blocked(env) == [1]
     env.extra[quarantine.QUARANTINED_AT] = "soon"
     assert quarantine.quarantined_at(env) == env.received_at
+
+
+def test_issue12_review_queue_release_leaves_quarantined_messages_alone(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pymta queue release` must not deliver blocked content (with the X-Envelope-* fields
+    naming every recipient): an ID is refused, --all skips it."""
+    root = state / "queue"
+    qid = quarantined(root)
+    held = enqueue(root, held=True)
+    assert main(["queue", "release", qid]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"pymta: queue: {qid} is quarantined; use 'pymta quarantine release "
+                   f"{qid}'\n")
+    assert main(["queue", "release", "--all"]) == 0
+    assert capsys.readouterr().out == f"{held}: released\n"
+    env = load(root, qid)
+    assert env is not None and env.held and quarantine.is_quarantined(env)
