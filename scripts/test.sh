@@ -57,6 +57,8 @@ APT_PACKAGES+=(clamav-daemon)
 APT_PACKAGES+=(spamd spamc rspamd)
 # zip: a real password-protected archive (zip -P) for the banned-files tests.
 APT_PACKAGES+=(zip)
+# redis-server: rspamd's Bayes store in the learning tests (its own throwaway instance).
+APT_PACKAGES+=(redis-server)
 # Debian's python3 ships without ensurepip; `python3 -m venv` then fails until python3-venv is in.
 if [[ ! -x .venv/bin/python ]] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
     APT_PACKAGES+=(python3-venv)

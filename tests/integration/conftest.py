@@ -20,9 +20,11 @@ from tests.services import (
     DovecotServer,
     MariaDBServer,
     PostfixPeer,
+    RedisServer,
     RspamdServer,
     SlapdServer,
     SpamdServer,
+    free_port,
 )
 
 
@@ -102,6 +104,21 @@ def rspamd(_service_stopper: _Stopper, dns_server: DNSTestServer) -> Iterator[Rs
     controller on ``rspamd.controller`` (11334, password ``rspamd.password``); DNS goes to
     ``dns_server`` (its zone's SPF records count)."""
     yield from _run(_service_stopper, RspamdServer(nameserver=dns_server.resolver_spec))
+
+
+@pytest.fixture(scope="session")
+def redis_server(_service_stopper: _Stopper) -> Iterator[RedisServer]:
+    """redis on ``redis_server.address`` (127.0.0.1:16379 unless busy/moved), nothing saved."""
+    yield from _run(_service_stopper, RedisServer())
+
+
+@pytest.fixture(scope="session")
+def rspamd_bayes(_service_stopper: _Stopper, dns_server: DNSTestServer,
+                 redis_server: RedisServer) -> Iterator[RspamdServer]:
+    """A second rspamd whose Bayes keeps its tokens in ``redis_server``: learning works."""
+    yield from _run(_service_stopper, RspamdServer(
+        port=free_port(), controller_port=free_port(), nameserver=dns_server.resolver_spec,
+        redis=redis_server.address))
 
 
 @pytest.fixture(scope="session")

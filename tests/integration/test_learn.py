@@ -290,3 +290,24 @@ async def test_issue12_the_server_teaches_the_kopano_folders(
     copy.write_bytes(data)
     # spamd knows it now: teaching the same message again changes nothing
     assert await SpamdClient(spamd.address, timeout=20).learn(str(copy), spam=True) is False
+
+
+async def test_issue12_rspamd_with_bayes_learns_both_folders(
+        rspamd_bayes: RspamdServer, tmp_path: Path) -> None:
+    """rspamd with its Bayes in redis: files in both folders are taught (``learnspam``,
+    ``learnham``) and removed; teaching the same message again is "already learned", which
+    is success, not a failure to retry."""
+    spam, ham = message("bargain"), message("agenda")
+    drop(tmp_path / "spam", "1.eml", spam)
+    drop(tmp_path / "ham", "2.eml", ham)
+    client = RspamdClient(rspamd_bayes.address, controller=rspamd_bayes.controller,
+                          password=rspamd_bayes.password, timeout=20)
+    learner = LearnFolders(client, tmp_path, POLL, 10240000)
+    learner.start()
+    try:
+        await wait_for(lambda: empty(tmp_path / "spam") and empty(tmp_path / "ham"), 30)
+    finally:
+        await learner.aclose()
+    again = tmp_path / "again.eml"
+    again.write_bytes(spam)
+    await client.learn(str(again), spam=True)       # "already learned": no error

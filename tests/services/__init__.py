@@ -9,6 +9,7 @@ from .dns import DNSTestServer
 from .dovecot import DovecotServer
 from .mariadb import MariaDBServer
 from .postfix_peer import PostfixPeer
+from .redis import RedisServer
 from .rspamd import RspamdServer
 from .slapd import SlapdServer
 from .spamd import SpamdServer
@@ -20,6 +21,7 @@ __all__ = [
     "DovecotServer",
     "MariaDBServer",
     "PostfixPeer",
+    "RedisServer",
     "RspamdServer",
     "Service",
     "ServiceError",

@@ -7,7 +7,8 @@ ports, one normal worker, the controller password, no proxy worker and no ``fuzz
 (it resolves public servers at config time). A five-line ``url_tld`` list replaces the
 public-suffix list, whose hyperscan compile makes a cold start take ~10 s instead of ~1 s.
 Without redis the modules needing it (Bayes, greylist, ratelimit ...) switch themselves off,
-so rspamd refuses learning; that is logged, not an error. DNS goes to ``nameserver`` (the
+so rspamd refuses learning; that is logged, not an error. With ``redis`` (``host:port`` of a
+``RedisServer``) Bayes stores its tokens there and learning works. DNS goes to ``nameserver`` (the
 test DNS server) when given, else to an unused local port (lookups fail fast).
 """
 
@@ -55,9 +56,10 @@ class RspamdServer(Service):
     password = PASSWORD
 
     def __init__(self, port: int | None = None, controller_port: int | None = None, *,
-                 nameserver: str | None = None,
+                 nameserver: str | None = None, redis: str | None = None,
                  base_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__(base_dir)
+        self.redis = redis
         self._want_port = port
         self._want_controller_port = controller_port
         self.nameserver = nameserver
@@ -94,6 +96,8 @@ class RspamdServer(Service):
         nameserver = self.nameserver or f"127.0.0.1:{free_port()}"
         (etc / "local.d" / "options.inc").write_text(OPTIONS_INC.format(nameserver=nameserver,
                                                                          T=T))
+        if self.redis:
+            (etc / "local.d" / "redis.conf").write_text(f'servers = "{self.redis}";\n')
         for sub in ("db", "run", "log"):
             (T / sub).mkdir()
         run(["chown", "-R", f"{RSPAMD_USER}:{RSPAMD_USER}",
