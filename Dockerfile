@@ -41,9 +41,10 @@ WORKDIR /srv
 VOLUME ["/srv"]
 EXPOSE 25 465 587
 
-# Healthy means "greets with 220", which is what a peer MTA checks, not merely "port open".
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import socket,sys; s=socket.create_connection(('127.0.0.1',25),4); sys.exit(s.makefile('rb').readline()[:3]!=b'220')"]
+# Healthy means every listener greets with 220 (what a peer MTA checks, not merely "port
+# open"), the queue directory is writable and the configured scanners answer: `pymta health`.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
+    CMD ["python", "-m", "pymta", "health", "--timeout", "4"]
 
 ENTRYPOINT ["python", "-m", "pymta"]
 CMD ["serve"]

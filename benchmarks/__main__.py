@@ -10,12 +10,19 @@ The side-by-side scenarios against Postfix (``accept``, ``end-to-end``, ``sweep`
 and the memory scenarios (``memory-idle``, ``memory-large``) live in ``benchmarks/compare.py``
 and ``benchmarks/memory.py``; ``--all`` runs all of them and writes
 ``benchmarks/results/<date>.md``, ``latest.md`` and the plot ``latest.png``.
+
+``content`` (``benchmarks/content.py``, not part of ``--all``: it installs and runs the image's
+Postfix + amavisd-new stack) sets pymta's content filter side by side with that stack and
+writes ``benchmarks/results/content.md``; ``content-corpus`` (``benchmarks/corpus.py``) sends
+them a mixed corpus (ham, GTUBE, EICAR, a banned attachment), compares their verdicts and
+writes ``benchmarks/results/content-corpus.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import statistics
 import sys
@@ -25,9 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import COMPARE_SCENARIOS, CompareOptions, main_compare
+from benchmarks.content import PLAIN_REV, RECIPE_ENV, ContentOptions, main_content
+from benchmarks.corpus import main_corpus
 from benchmarks.scenarios import SCENARIOS, SMTP_SOURCE, BenchmarkError, LoadOptions, RoundResult
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
+CONTENT = "content"
+CORPUS = "content-corpus"
 
 
 def _runner() -> tuple[str, Callable[[Coroutine[Any, Any, Any]], Any]]:
@@ -88,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", action="append",
-                   choices=sorted(SCENARIOS) + list(COMPARE_SCENARIOS),
+                   choices=sorted(SCENARIOS) + list(COMPARE_SCENARIOS) + [CONTENT, CORPUS],
                    help="scenario to run; repeatable (default: accept-deliver)")
     p.add_argument("--all", action="store_true",
                    help="every pymta-vs-Postfix and memory scenario: "
@@ -130,6 +141,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     side.add_argument("--large-size-mb", type=int, default=25, help="(%(default)s)")
     side.add_argument("--results-dir", type=Path, default=RESULTS.parent,
                       help="where <date>.md, latest.md and the plot go (%(default)s)")
+    content = p.add_argument_group("content filter vs the image's stack (benchmarks/content.py;"
+                                   " --rounds 3, --messages 1000, --workers 2 by default)")
+    content.add_argument("--stack-recipe", type=Path,
+                         default=os.environ.get(RECIPE_ENV) or None,
+                         help="folder of the image's stack recipe (00-install.sh ... "
+                              f"90-stop.sh); default ${RECIPE_ENV}; without: pymta rows only")
+    content.add_argument("--plain-rev", default=PLAIN_REV,
+                         help="pymta before the filter, for the filter-off comparison "
+                              "(%(default)s; '' for none)")
+    content.add_argument("--amavis-servers", type=int, default=2,
+                         help="amavisd-new $max_servers (%(default)s, the image's)")
+    content.add_argument("--spamd-children", type=int, default=4,
+                         help="spamd --max-children (%(default)s: enough for 2 cores)")
+    content.add_argument("--rspamd-workers", type=int, default=2,
+                         help="rspamd normal workers (%(default)s)")
+    content.add_argument("--scanner-concurrency", type=int, default=0,
+                         help="PYMTA_SCANNER_CONCURRENCY per worker (default: spamd "
+                              "children / workers)")
     return p.parse_args(argv)
 
 
@@ -156,6 +185,37 @@ def compare_main(args: argparse.Namespace, names: list[str], loop_name: str,
                             idle_connections=args.idle_connections,
                             large_sessions=args.large_sessions,
                             large_size_mb=args.large_size_mb, run=run)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """The arguments as the results document shows them: the stack recipe's folder is a
+    path on this machine, outside the repository, so it is written as ``DIR``."""
+    shown, hide = [], False
+    for arg in argv:
+        shown.append("DIR" if hide else
+                     "--stack-recipe=DIR" if arg.startswith("--stack-recipe=") else arg)
+        hide = arg == "--stack-recipe"
+    return shown
+
+
+def content_main(args: argparse.Namespace,
+                 run: Callable[[Coroutine[Any, Any, Any]], Any], corpus: bool = False) -> int:
+    """The content filter against the image's stack (benchmarks/content.py); ``corpus``:
+    on the mixed corpus, with the verdicts (benchmarks/corpus.py)."""
+    opts = ContentOptions(
+        rounds=args.rounds or 3, messages=args.messages or 1000, sessions=args.sessions,
+        size=args.size, workers=args.workers or 2, spamd_children=args.spamd_children,
+        rspamd_workers=args.rspamd_workers, scanner_concurrency=args.scanner_concurrency,
+        amavis_servers=args.amavis_servers, stack_recipe=args.stack_recipe,
+        install=not args.no_install, deliver_timeout=args.deliver_timeout,
+        plain_rev=args.plain_rev)
+    command = "python -m benchmarks " + " ".join(public_argv(sys.argv[1:]))
+    main = main_corpus if corpus else main_content
+    try:
+        return main(opts, command=command.strip(), results_dir=args.results_dir, run=run)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -199,8 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     loop_name, run = _runner()
     selected = args.scenario or ([] if args.all else ["accept-deliver"])
     compare = [n for n in COMPARE_SCENARIOS if args.all or n in selected]
-    selected = [n for n in selected if n not in COMPARE_SCENARIOS]
+    content = CONTENT in selected
+    corpus = CORPUS in selected
+    selected = [n for n in selected if n not in COMPARE_SCENARIOS and n not in (CONTENT, CORPUS)]
     status = compare_main(args, compare, loop_name, run) if compare else 0
+    if content and not status:
+        status = content_main(args, run)
+    if corpus and not status:
+        status = content_main(args, run, corpus=True)
     if not selected or status:
         return status
     args.scenario = selected

@@ -321,3 +321,150 @@ def plot(results: Results, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------ content filter (issue 12)
+
+CONTENT_STACK = "stack"
+"""Row key of the image's stack (Postfix → amavisd-new → Postfix), the row ratios divide by."""
+CONTENT_TARGETS = {"rspamd": 10.0, "spamd": 1.5}
+"""Issue 12's targets: row key → the least ratio to the image's stack."""
+CONTENT_OFF_NOISE = 0.10
+"""Filtering off "costs nothing" when it stays within this fraction of the recorded figure."""
+CONTENT_PROCESSES = ("pymta", "clamd", "spamd", "rspamd", "postfix", "amavis", "smtp-source")
+"""Process trees whose CPU the ``content`` scenario records, in table order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContentRound:
+    """One timed round of one row of the ``content`` scenario (``benchmarks/content.py``).
+
+    ``seconds``: first connection until the last file is in ``new/``; ``cpu_s``: CPU seconds
+    (user + system, exited children included) of each process tree over the round, by the
+    names of ``CONTENT_PROCESSES``; ``machine``: the whole machine's CPU per message."""
+
+    messages: int
+    accepted: int
+    delivered: int
+    seconds: float
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    machine: CpuCost | None = None
+
+    @property
+    def rate(self) -> float:
+        """Delivered messages per second, end to end."""
+        return self.delivered / self.seconds if self.seconds > 0 else 0.0
+
+    def cpu_ms(self, name: str) -> float | None:
+        """CPU ms per delivered message of one process tree; None when not running."""
+        if name not in self.cpu_s:
+            return None
+        return 1000 * self.cpu_s[name] / max(1, self.delivered)
+
+    @property
+    def server_ms(self) -> float:
+        """CPU ms per message of the servers and scanners (everything but the client), the
+        figure the stack's recipe calls "stack CPU ms/msg"."""
+        spent = sum(v for k, v in self.cpu_s.items() if k != "smtp-source")
+        return 1000 * spent / max(1, self.delivered)
+
+
+@dataclass
+class ContentResults:
+    """What one ``content`` run measured: ``labels`` (row key → label, table order), the
+    rounds of each row, failures and notes for the document. "Filtering off costs nothing"
+    compares ``off_row`` with ``plain_row`` (pymta before the filter, same run) or, when that
+    row did not run, with ``recorded`` (msg/s, where it comes from)."""
+
+    labels: dict[str, str]
+    rounds: dict[str, list[ContentRound]] = field(default_factory=dict)
+    off_row: str = ""
+    plain_row: str = ""
+    recorded: tuple[float, str] | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, key: str, result: ContentRound) -> None:
+        self.rounds.setdefault(key, []).append(result)
+
+    def rate(self, key: str) -> float | None:
+        return median(r.rate for r in self.rounds.get(key, []))
+
+    def add_errors(self, what: str, count: int) -> None:
+        if count:
+            self.errors[what] = self.errors.get(what, 0) + count
+
+
+def content_table(res: ContentResults) -> list[str]:
+    """msg/s (median, min–max), the ratio to the image's stack and CPU per message."""
+    stack = res.rate(CONTENT_STACK)
+    rows = ["| configuration | messages | rounds | msg/s (median) | min–max | ratio to the "
+            "image's stack | server + scanner CPU ms/msg | machine busy ms/msg |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, label in res.labels.items():
+        rounds = res.rounds.get(key, [])
+        if not rounds:
+            continue
+        rates = [r.rate for r in rounds]
+        busy = median(r.machine.busy_ms if r.machine else None for r in rounds)
+        rows.append(
+            f"| {label} | {rounds[0].messages:,} | {len(rounds)} | {fmt(median(rates), 1)} "
+            f"| {fmt(min(rates), 1)}–{fmt(max(rates), 1)} "
+            f"| {fmt(ratio(median(rates), stack), 2, '×')} "
+            f"| {fmt(median(r.server_ms for r in rounds), 1)} | {fmt(busy, 1)} |")
+    return rows
+
+
+def content_cpu_table(res: ContentResults) -> list[str]:
+    """Where the CPU goes: ms per message of each process tree (medians over rounds)."""
+    present = [p for p in CONTENT_PROCESSES
+               if any(p in r.cpu_s for rounds in res.rounds.values() for r in rounds)]
+    rows = ["| configuration | " + " | ".join(present) + " |",
+            "|---|" + "---:|" * len(present)]
+    for key, label in res.labels.items():
+        rounds = res.rounds.get(key, [])
+        if rounds:
+            cells = [fmt(median(r.cpu_ms(p) for r in rounds), 2) for p in present]
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def content_targets(res: ContentResults) -> list[str]:
+    """Issue 12's targets, each "met"/"not met" ("–" when a row is missing)."""
+    stack = res.rate(CONTENT_STACK)
+    rows = ["| target | measured | |", "|---|---|---|"]
+    for key, target in CONTENT_TARGETS.items():
+        r = ratio(res.rate(key), stack)
+        rows.append(f"| {res.labels.get(key, key)} ≥ {target:g}× the image's stack "
+                    f"| {fmt(r, 2, '×')} | {verdict(r, target)} |")
+    off = res.rate(res.off_row) if res.off_row else None
+    plain = res.rate(res.plain_row) if res.plain_row else None
+    reference = ((plain, res.labels.get(res.plain_row, res.plain_row)) if plain is not None
+                 else res.recorded)
+    if reference is None:
+        rows.append("| filter off within noise of the plain end-to-end figure | "
+                    f"{fmt(off, 0)} msg/s, nothing to compare with | – |")
+    else:
+        figure, where = reference
+        r = ratio(off, figure)
+        rows.append(f"| filter off within {CONTENT_OFF_NOISE:.0%} of the plain end-to-end "
+                    f"figure ({fmt(figure, 0)} msg/s: {where}) | {fmt(off, 0)} msg/s, "
+                    f"{fmt(r, 2, '×')} | {verdict(r, 1 - CONTENT_OFF_NOISE)} |")
+    return rows
+
+
+def render_content(res: ContentResults, *, header: Sequence[str], command: str) -> str:
+    """The ``content`` scenario's results document (markdown)."""
+    doc = ["# pymta's content filter vs the image's stack (Postfix + amavisd-new)", "",
+           *header, "",
+           "## End-to-end throughput (median of rounds; ratio = row / the image's stack)", "",
+           *content_table(res), "", "## Targets (issue 12)", "", *content_targets(res), "",
+           "## CPU ms per message by process tree (median of rounds)", "",
+           *content_cpu_table(res), ""]
+    if res.notes:
+        doc += ["## Like for like", "", *(f"- {n}" for n in res.notes), ""]
+    if res.errors:
+        doc += ["## Failed or missing messages", "",
+                *(f"- {what}: {n}" for what, n in res.errors.items()), ""]
+    doc += [f"Command: `{command}`", ""]
+    return "\n".join(doc)

@@ -15,10 +15,12 @@ Scenarios (one fresh server and a fresh temporary directory per round and client
     connection until the sink has taken the last message), through the SMTP client with its
     connection cache.
   * ``pipeline-cost``: ``accept-deliver`` repeated with the pre-queue stages switched by
-    their variables: none, each stage alone (SPF, DKIM verify, DMARC, ARC, DKIM sign, SRS;
-    ``PIPELINE_STAGES``, a stage pymta has no setting for yet is skipped with a note), and
-    all at their defaults; one row each. The benchmark runs a test DNS server on loopback
-    for x.test (SPF, DKIM key, DMARC) and signs the message for the verifying stages.
+    their variables: none, each stage alone (SPF, DKIM verify, DMARC, ARC, DKIM sign, SRS,
+    banned files, bad header, and the scanners clamd, spamd, rspamd, started as the
+    ``content`` scenario starts them; ``PIPELINE_STAGES``, a stage pymta has no setting for
+    yet is skipped with a note), and all at their defaults; one row each. The benchmark
+    runs a test DNS server on loopback for x.test (SPF, DKIM key, DMARC) and signs the
+    message for the verifying stages.
   * ``sink``: ``benchmarks.sink`` instead of pymta. Measures the load generator's own ceiling
     on this machine; a pymta figure near it says "client-bound", not "server is this fast".
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -38,9 +41,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.loadgen import run_load
 
@@ -350,6 +354,10 @@ class PipelineStage:
     ``variable`` the yes/no environment variable that switches it; ``env`` what else the row
     needs; ``sender`` the MAIL FROM; ``signed``: the message carries a DKIM signature of
     ``x.test`` whose key the benchmark's DNS publishes, so verification has work to do.
+    ``scanner``: the content scanner (``clamd``, ``spamd``, ``rspamd``) whose address
+    ``variable`` takes instead of yes/no; an empty address is off, so such a stage is not
+    in the all-off set, and its row runs against the scanners the ``content`` scenario
+    starts (skipped, with a note, when there is none).
     """
 
     label: str
@@ -358,7 +366,12 @@ class PipelineStage:
     env: tuple[tuple[str, str], ...] = ()
     sender: str = SENDER
     signed: bool = False
+    scanner: str = ""
 
+
+SCANNER_ENV = (("PYMTA_SCANNER_CONCURRENCY", "2"),)
+"""The scanner rows' cap in flight per worker: the content scenario's 4 spamd children over
+the 2 workers pymta runs on 2 cores (``ContentOptions.concurrency``)."""
 
 # Data, in pipeline order; a new stage is one more line. Every row starts from "all off".
 PIPELINE_STAGES: tuple[PipelineStage, ...] = (
@@ -372,6 +385,11 @@ PIPELINE_STAGES: tuple[PipelineStage, ...] = (
     PipelineStage("SRS", "srs_enable", "SRS_ENABLE"),
     PipelineStage("banned files", "banned_check", "PYMTA_BANNED_CHECK"),
     PipelineStage("bad header", "bad_header_check", "PYMTA_BAD_HEADER_CHECK"),
+    # the content scanners, each alone (no banned/bad-header inspection), pymta's cap in
+    # flight matched to spamd's children as in the content scenario
+    PipelineStage("clamd", "clamd", "PYMTA_CLAMD", env=SCANNER_ENV, scanner="clamd"),
+    PipelineStage("spamd", "spamd", "PYMTA_SPAMD", env=SCANNER_ENV, scanner="spamd"),
+    PipelineStage("rspamd", "rspamd", "PYMTA_RSPAMD", env=SCANNER_ENV, scanner="rspamd"),
 )
 DKIM_SELECTOR = "bench"
 
@@ -382,23 +400,29 @@ def _config_fields() -> set[str]:
     return set(Config.__dataclass_fields__)
 
 
-def pipeline_rows() -> list[tuple[str, dict[str, str], PipelineStage | None]]:
+def pipeline_rows(scanners: Mapping[str, str] | None = None
+                  ) -> list[tuple[str, dict[str, str], PipelineStage | None]]:
     """(row label, environment, stage) for the baseline, each known stage alone, and all
-    stages at their defaults; unknown stages are reported and left out."""
+    stages at their defaults; unknown stages, and scanner stages without an address in
+    ``scanners`` (name → address), are reported and left out."""
     fields = _config_fields()
     known = []
     for stage in PIPELINE_STAGES:
-        if stage.field in fields:
-            known.append(stage)
-        else:
+        if stage.field not in fields:
             print(f"note: pipeline-cost: {stage.label} skipped ({stage.variable}: pymta has no "
                   f"setting {stage.field!r} yet)", file=sys.stderr)
-    all_off = {stage.variable: "no" for stage in known}
+        elif stage.scanner and not (scanners or {}).get(stage.scanner):
+            print(f"note: pipeline-cost: {stage.label} skipped (no {stage.scanner} running)",
+                  file=sys.stderr)
+        else:
+            known.append(stage)
+    all_off = {stage.variable: "no" for stage in known if not stage.scanner}
     rows: list[tuple[str, dict[str, str], PipelineStage | None]] = [
         ("pipeline-cost: none", all_off, None)]
     for stage in known:
+        value = (scanners or {}).get(stage.scanner, "") if stage.scanner else "yes"
         rows.append((f"pipeline-cost: {stage.label}",
-                     {**all_off, stage.variable: "yes", **dict(stage.env)}, stage))
+                     {**all_off, stage.variable: value, **dict(stage.env)}, stage))
     signed = next((s for s in known if s.signed), None)
     rows.append(("pipeline-cost: all (defaults)", {}, signed))
     return rows
@@ -462,9 +486,11 @@ async def pipeline_cost(client: str, opts: LoadOptions) -> list[RoundResult]:
         return []
     key, public = _signing_key()
     dns_server = _bench_dns(public)
-    results = []
+    scanners = _start_scanners()
+    results: dict[int, RoundResult] = {}
     try:
-        for label, env, stage in pipeline_rows():
+        table = pipeline_rows(_scanner_addresses(scanners))
+        for index, (label, env, stage) in _turned(table, next(_PIPELINE_ROUNDS)):
             sender = stage.sender if stage is not None else SENDER
             message = _message(opts, sender, key if stage is not None and stage.signed
                                else None)
@@ -488,14 +514,54 @@ async def pipeline_cost(client: str, opts: LoadOptions) -> list[RoundResult]:
             if r.accepted == 0 or delivered < r.accepted:
                 print(f"warning: {label}: {r.accepted} accepted, {delivered} delivered "
                       f"(server log kept with PYMTA_BENCH_KEEP=1)", file=sys.stderr)
-            results.append(RoundResult(
+            results[index] = RoundResult(
                 scenario=label, client=client, messages=r.messages, accepted=r.accepted,
                 errors=failed + (r.accepted - delivered), accept_seconds=r.seconds,
                 delivered=delivered, deliver_seconds=seconds, p50_ms=r.p50_ms,
-                p99_ms=r.p99_ms))
+                p99_ms=r.p99_ms)
     finally:
         dns_server.stop()  # type: ignore[attr-defined]
-    return results
+        if scanners is not None:
+            scanners.stop()
+    return [results[i] for i in sorted(results)]
+
+
+_PIPELINE_ROUNDS = itertools.count()
+"""How many times ``pipeline_cost`` ran in this process: each round starts one row later."""
+
+
+def _turned(table: list[Any], n: int) -> list[tuple[int, Any]]:
+    """(index, row) in table order turned by ``n``: the rows run one after another on a
+    shared machine, so the order turns every round (as in the content scenario) and a slow
+    minute does not always hit the same rows; the results go back into table order."""
+    start = n % len(table) if table else 0
+    indexed = list(enumerate(table))
+    return indexed[start:] + indexed[:start]
+
+
+def _start_scanners() -> Any:
+    """The scanners of the ``content`` scenario (the tests' clamd, spamd with 4 children,
+    rspamd with 2 workers and no network tests), or None with a note when they cannot
+    start (the scanner rows are then skipped)."""
+    from benchmarks.content import ContentOptions, Scanners
+    from tests.services.base import ServiceError
+
+    scanners = Scanners(ContentOptions(), None)
+    try:
+        scanners.start()
+    except (ServiceError, OSError) as exc:   # e.g. rspamd not installed: the other rows run
+        print(f"note: pipeline-cost: no scanner rows ({exc})", file=sys.stderr)
+        scanners.stop()
+        return None
+    return scanners
+
+
+def _scanner_addresses(scanners: Any) -> dict[str, str]:
+    """name → the address pymta's variable takes."""
+    if scanners is None:
+        return {}
+    return {"clamd": f"unix:{scanners.clamd_socket}",
+            **{name: scanners.services[name].address for name in ("spamd", "rspamd")}}
 
 
 # A scenario returns one RoundResult, or a list of them (one table row each, named by their

@@ -1,4 +1,4 @@
-"""The ``pymta`` command (also ``python -m pymta``): serve, check-config, queue management,
+"""The ``pymta`` command (also ``python -m pymta``): serve, check-config, health, queue management,
 ``passwd hash`` (``{SCHEME}`` password hashes for ``SMTPD_SASL_CLIENTAUTH``) and ``dkim
 show``/``dkim keygen`` (signing keys and the DNS TXT records to publish).
 
@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[config_opt], help="run the server")
     sub.add_parser("check-config", parents=[config_opt],
                    help="check the configuration and print a summary")
+    health = sub.add_parser("health", parents=[queue_opt],
+                            help="check listeners, queue and scanners (exit 0: healthy)")
+    health.add_argument("--json", action="store_true", help="machine-readable output")
+    health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="deadline of each check (default 5)")
 
     queue = sub.add_parser("queue", help="list and manage the mail queue")
     qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION", parser_class=_Parser)
@@ -237,6 +242,19 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace, out: TextIO) -> int:
+    import dataclasses
+
+    from pymta.cli import health
+
+    config = _load(args)
+    if args.state_dir:
+        config = dataclasses.replace(config, state_dir=args.state_dir)
+    if not args.timeout > 0:
+        raise _UsageError(f"health: --timeout must be more than zero: {args.timeout!r}")
+    return health.run(config, args.json, args.timeout, out)
+
+
 def _queue(args: argparse.Namespace) -> int:
     from pymta.cli import queue
 
@@ -317,6 +335,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check_config(args, sys.stdout)
+    if args.command == "health":
+        return _health(args, sys.stdout)
     if args.command == "queue":
         if not args.queue_command:
             raise _UsageError("queue: which action? list, show, flush, delete, hold or "
