@@ -22,7 +22,6 @@ import io
 import json
 import re
 import subprocess
-import sys
 import time
 import zipfile
 from collections import Counter
@@ -38,7 +37,9 @@ from benchmarks.content import (
     ImageStack,
     Row,
     Scanners,
+    _note,
     _stop_on_sigterm,
+    _tail,
     clear,
     header,
     rows,
@@ -465,17 +466,6 @@ class CorpusBench:
         if sent.failed or got < want:
             _note(f"warning: {row.label}: replies {dict(sent.replies)}, {got} of {want} "
                   f"expected deliveries\nserver log (tail):\n{log}")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _note(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def corpus_rows(opts: ContentOptions, stack: bool) -> list[Row]:
