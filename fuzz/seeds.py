@@ -154,6 +154,34 @@ def mime_seeds() -> list[bytes]:
     return [ch(b"a@b.example") + m for m in MIME] + [ch(b"\xc3\xa9@x.test") + MSG]
 
 
+# A PE header (MZ ... PE\0\0) as a banned-files walk sniffs it, and a zip listing a
+# double extension, both built here (no executable in the repository).
+_PE = b"MZ" + b"\x00" * 58 + b"\x40\x00\x00\x00" + b"PE\x00\x00" + b"\x00" * 60
+_ZIP = base64.b64decode(
+    "UEsDBBQAAAAAAAAAIQAAAAAAAAAAAAAAAAAPAAAAaW52b2ljZS5wZGYuZXhlUEsBAhQAFAAAAAAAAAAhAAAAAAAAAAA"
+    "AAAAAAA8AAAAAAAAAAAAAAAAAAAAAAGludm9pY2UucGRmLmV4ZVBLBQYAAAAAAQABAD0AAAAtAAAAAAA=")
+
+
+def content_seeds() -> list[bytes]:
+    b64 = base64.encodebytes
+    parts = [
+        MSG,
+        b"Subject: plain\r\n\r\n" + _PE + b"\r\n",
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + b64(_PE),
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"MZ=00=00\r\n=\r\n",
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n"
+        b"Content-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/zip; "
+        b"name=\"a.zip\"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + b64(_ZIP)
+        + b"--b\r\nContent-Disposition: attachment; filename=\"invoice.pdf.exe\"\r\n\r\nx\r\n"
+        b"--b--\r\n",
+        b"Subject: a\r\nSubject: b\r\nFrom: \xe9\r\nX-Long: " + b"y" * 1100 + b"\r\n\r\nz\r\n",
+    ]
+    return [bytes([flags]) + p for p in parts for flags in (0, 1, 2)] + [
+        bytes([0]) + m for m in MIME + MALFORMED]
+
+
 def dsn_seeds() -> list[bytes]:
     out = []
     rcpt = ch(b"<b@x.test>") + ch(b"<orig@x.test>") + ch(b"ORCPT=rfc822;o+40x.test") + b"\x01\x01"
@@ -185,6 +213,7 @@ def codec_seeds() -> list[bytes]:
 SEEDS = {
     "engine": engine_seeds, "params": params_seeds, "headers": headers_seeds,
     "trace": trace_seeds, "mime": mime_seeds, "dsn": dsn_seeds, "codec": codec_seeds,
+    "content": content_seeds,
 }
 
 

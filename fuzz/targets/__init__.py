@@ -15,6 +15,7 @@ TARGETS: dict[str, str] = {
     "mime": "fuzz.targets.mime",          # 8-bit to quoted-printable downgrade
     "dsn": "fuzz.targets.dsn",            # DSN built from a stored message
     "codec": "fuzz.targets.codec",        # queue envelope records
+    "content": "fuzz.targets.content",    # banned files, bad headers, the filter's texts
 }
 
 
