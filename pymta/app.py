@@ -177,6 +177,8 @@ class MTA:
             receive=receive, engine_config=engine_cfg, ssl_context=ssl_ctx,
             idle_timeout=config.idle_timeout, max_connections=config.max_connections,
             max_per_ip=config.max_connections_per_ip, peer_names=self.peer_names,
+            proxy_from=(network_matcher(config.proxy_protocol_from)
+                        if config.proxy_protocol_from else None),
             rate_limit=(ConnectionRateLimit(config.connection_rate_limit)
                         if config.connection_rate_limit else None))
         self._start_housekeeping()
@@ -191,6 +193,10 @@ class MTA:
                     await self._listen("submission", config.submission_listen, submission_cfg,
                                        implicit_tls=False)
                     smtps_cfg = dataclasses.replace(submission_cfg, tls_active=True)
+                    if config.proxy_protocol_from and config.submissions_listen:
+                        # the TLS handshake runs before the protocol could read a header
+                        log.warning("PYMTA_PROXY_PROTOCOL_FROM does not apply to the "
+                                    "submissions port (implicit TLS): no PROXY header there")
                     await self._listen("submissions", config.submissions_listen, smtps_cfg,
                                        implicit_tls=True)
         except BaseException:

@@ -59,6 +59,8 @@ APT_PACKAGES+=(spamd spamc rspamd)
 APT_PACKAGES+=(zip)
 # redis-server: rspamd's Bayes store in the learning tests (its own throwaway instance).
 APT_PACKAGES+=(redis-server)
+# haproxy: a real load balancer sending the PROXY protocol header (v1, v2) to pymta.
+APT_PACKAGES+=(haproxy)
 # Debian's python3 ships without ensurepip; `python3 -m venv` then fails until python3-venv is in.
 if [[ ! -x .venv/bin/python ]] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
     APT_PACKAGES+=(python3-venv)

@@ -514,6 +514,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("auth_fail_delay", "PYMTA_AUTH_FAIL_DELAY", _duration(False)),
     _Setting("auth_fail_delay_max", "PYMTA_AUTH_FAIL_DELAY_MAX", _duration(False)),
     _Setting("mynetworks", "MYNETWORKS", parse_mynetworks),
+    # peers (HAProxy) whose connections start with a PROXY protocol header (v1 or v2)
+    _Setting("proxy_protocol_from", "PYMTA_PROXY_PROTOCOL_FROM", parse_mynetworks),
     _Setting("state_dir", "PYMTA_STATE_DIR", _parse_string),
     _Setting("mail_dir", "PYMTA_MAIL_DIR", _parse_string),
     _Setting("queue_retry_first", "PYMTA_RETRY_FIRST", _duration(True)),

@@ -96,6 +96,7 @@ class Config:
     auth_fail_delay_max: float = 5.0                 # PYMTA_AUTH_FAIL_DELAY_MAX
     # relay policy
     mynetworks: tuple[str, ...] = ()                 # MYNETWORKS (CIDR list; may relay w/o AUTH)
+    proxy_protocol_from: tuple[str, ...] = ()        # PYMTA_PROXY_PROTOCOL_FROM (CIDRs)
     # paths
     state_dir: str = "./var"                         # PYMTA_STATE_DIR
     mail_dir: str = "/var/mail"                      # PYMTA_MAIL_DIR

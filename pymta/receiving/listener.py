@@ -44,6 +44,18 @@ STARTTLS: the engine answers ``220`` and forgets what was pipelined after the co
 handshake runs here. A connection whose handshake fails, or for which the event loop gives
 back no TLS transport, is closed and forgotten (its connection counts released) at once:
 neither may stay open without a reader.
+
+PROXY protocol (``PYMTA_PROXY_PROTOCOL_FROM``, :mod:`pymta.receiving.proxyproto`): a
+connection from an address in that list must start with a v1 or v2 header, read before
+anything else within ``PROXY_HEADER_TIMEOUT`` seconds; a missing, late or malformed one closes
+the connection without a greeting and one log line. Until then the connection counts only
+towards the total limit; with the header read, the client address it names (``LOCAL`` and
+``UNKNOWN``: the balancer's own) is the peer everywhere: the per-address limits, the name
+lookup, the log lines and the session (Received, SPF, MYNETWORKS). Bytes after the header in
+the same read go to the engine. Connections from other addresses are served as direct clients
+without a header (a host may have HAProxy in front and direct clients at once; a header from
+them is a bad command): a balancer is trusted by its address, never by what it sends. Not on
+the implicit-TLS port, where the handshake runs before this protocol sees a byte.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from pymta.peername import PeerNameResolver
+from pymta.receiving import proxyproto
 from pymta.receiving.session import ReceiveContext, Session
 from pymta.smtp import events as ev
 from pymta.smtp.engine import Engine, EngineConfig
@@ -76,6 +89,8 @@ DRAIN_GRACE = 1.0
 # How long a closing connection may take to drain our last reply before it is dropped (a
 # client that stopped reading must not keep the socket forever).
 CLOSE_LINGER = 10.0
+# How long a balancer in PYMTA_PROXY_PROTOCOL_FROM has to send its PROXY header.
+PROXY_HEADER_TIMEOUT = 10.0
 
 R_SHUTDOWN = "Error: service shutting down, closing transmission channel"
 
@@ -144,6 +159,7 @@ class ListenerContext:
     tls_handshake_timeout: float = 30.0
     rate_limit: ConnectionRateLimit | None = None   # None: no per-minute limit (the default)
     peer_names: PeerNameResolver | None = None      # None: every client unknown, no lookup
+    proxy_from: Callable[[str], bool] | None = None  # PYMTA_PROXY_PROTOCOL_FROM; None: off
     active: set[SMTPServerProtocol] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
     stopping: bool = False
@@ -168,7 +184,7 @@ class ListenerContext:
 class SMTPServerProtocol(asyncio.Protocol):
     __slots__ = ("ctx", "cfg", "transport", "engine", "session", "_task", "_waiter",
                  "_timer", "_last", "_peer_ip", "_paused", "_write_paused", "_lost",
-                 "_implicit_tls", "_tls_early", "_greeted", "_busy")
+                 "_implicit_tls", "_tls_early", "_greeted", "_busy", "_proxy_buf")
 
     def __init__(self, ctx: ListenerContext, cfg: EngineConfig, implicit_tls: bool) -> None:
         self.ctx = ctx
@@ -189,6 +205,8 @@ class SMTPServerProtocol(asyncio.Protocol):
         # the client's first command can come in the same read as its Finished message.
         self._tls_early: bytearray | None = None
         self._busy = False    # did we make the client wait since it last had the turn?
+        # The PROXY header read so far; None when none is expected (or it has been read).
+        self._proxy_buf: bytearray | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -196,18 +214,80 @@ class SMTPServerProtocol(asyncio.Protocol):
         # Not an isinstance check: uvloop's transports do not derive from asyncio.Transport.
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
-        self._peer_ip = ip = str(peer[0])
+        ip, port = str(peer[0]), int(peer[1]) if len(peer) > 1 else 0
+        ctx = self.ctx
+        if ctx.proxy_from is not None and not self._implicit_tls and ctx.proxy_from(ip):
+            self._await_proxy_header(ip)
+            return
+        self._accept(ip, port)
+
+    def _await_proxy_header(self, ip: str) -> None:
+        """A balancer's connection: nothing happens until its PROXY header is read; it counts
+        towards the total limit meanwhile (``shutdown`` and the deadline close it)."""
+        self._peer_ip = ip
+        if len(self.ctx.active) >= self.ctx.max_connections:
+            self._refuse(Reply(421, "4.7.0", "Error: too many connections; try again later"))
+            return
+        self._proxy_buf = bytearray()
+        self.ctx.active.add(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._proxy_timeout)
+
+    def _proxy_timeout(self) -> None:
+        if self._proxy_buf is not None and self.transport is not None and not self._lost:
+            log.warning("no PROXY header from [%s] within %gs; closing", self._peer_ip,
+                        PROXY_HEADER_TIMEOUT)
+            self.transport.abort()
+
+    def _proxy_data(self, data: bytes) -> None:
+        """Bytes before the PROXY header is complete: parse; then serve the client it names,
+        handing it what followed the header."""
+        buf = self._proxy_buf
+        assert buf is not None and self.transport is not None
+        buf += data
+        try:
+            header = proxyproto.parse(bytes(buf))
+        except proxyproto.ProxyError as exc:
+            log.warning("bad PROXY header from [%s]: %s; closing", self._peer_ip, exc)
+            self.transport.abort()
+            return
+        if header is None:
+            return
+        rest = bytes(buf[header.length:])
+        self._proxy_buf = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self.ctx.active.discard(self)
+        if header.local:
+            peer = self.transport.get_extra_info("peername") or ("", 0)
+            ip, port = self._peer_ip, int(peer[1]) if len(peer) > 1 else 0
+        else:
+            ip, port = header.src_ip, header.src_port
+        self._accept(ip, port)
+        if rest and not self._lost:
+            self.data_received(rest)
+
+    def _refuse(self, refusal: Reply) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(refusal.render())
+        transport.close()
+        self._lost = True
+
+    def _accept(self, ip: str, port: int) -> None:
+        """The connection limits, then the session of client ``ip``: its name, its greeting."""
+        transport = self.transport
+        assert transport is not None
+        self._peer_ip = ip
         ctx = self.ctx
         refusal = ctx.refusal(ip)
         if refusal is not None:
-            transport.write(refusal.render())
-            transport.close()
-            self._lost = True
+            self._refuse(refusal)
             return
         ctx.active.add(self)
         ctx.per_ip[ip] += 1
         self.engine = Engine(self.cfg)
-        self.session = Session(ctx.receive, ip, int(peer[1]) if len(peer) > 1 else 0)
+        self.session = Session(ctx.receive, ip, port)
         if self._implicit_tls:
             self.session.tls_info = describe_tls(transport.get_extra_info("ssl_object"))
         loop = asyncio.get_running_loop()
@@ -220,6 +300,9 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lost:
+            return
+        if self._proxy_buf is not None:
+            self._proxy_data(data)
             return
         if data.rfind(b"\n") >= 0:
             # a line is complete: the client's clock restarts (a deadline per record, not
@@ -251,6 +334,13 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lost:
+            return
+        if self._proxy_buf is not None:
+            # gone before its PROXY header was complete: no session was made
+            self._lost = True
+            self.ctx.active.discard(self)
+            if self._timer is not None:
+                self._timer.cancel()
             return
         self._lost = True
         ctx = self.ctx
@@ -323,7 +413,12 @@ class SMTPServerProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """The server is stopping: a session waiting for its client is told ``421 4.3.2``
         now; one whose answer is being made is told after that answer (see ``_run``); one
-        whose name is being looked up gets the ``421`` instead of a greeting, at once."""
+        whose name is being looked up gets the ``421`` instead of a greeting, at once; one
+        whose PROXY header is still awaited is closed."""
+        if self._proxy_buf is not None:
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if self._lost or self.engine.closed:
             return
         if not self._greeted:

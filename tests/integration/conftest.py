@@ -18,6 +18,7 @@ from tests.services import (
     ClamdServer,
     DNSTestServer,
     DovecotServer,
+    HAProxy,
     MariaDBServer,
     PostfixPeer,
     RedisServer,
@@ -150,3 +151,21 @@ def postfix_factory(_service_stopper: _Stopper) -> Iterator[Callable[..., Postfi
     yield make
     for peer in made:
         peer.terminate()
+
+
+@pytest.fixture
+def haproxy_factory() -> Iterator[Callable[[str], HAProxy]]:
+    """``haproxy_factory("host:port")`` -> a started HAProxy sending the PROXY header to that
+    backend (``port_v1``: ``send-proxy``, ``port_v2``: ``send-proxy-v2``); one per test, since
+    its backend is the test's own server; stopped when the test ends."""
+    made: list[HAProxy] = []
+
+    def make(backend: str) -> HAProxy:
+        proxy = HAProxy(backend)
+        made.append(proxy)
+        proxy.start()
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.stop()

@@ -7,6 +7,7 @@ from .base import Service, ServiceError, free_port, stop_all
 from .clamd import ClamdServer
 from .dns import DNSTestServer
 from .dovecot import DovecotServer
+from .haproxy import HAProxy
 from .mariadb import MariaDBServer
 from .postfix_peer import PostfixPeer
 from .redis import RedisServer
@@ -19,6 +20,7 @@ __all__ = [
     "ClamdServer",
     "DNSTestServer",
     "DovecotServer",
+    "HAProxy",
     "MariaDBServer",
     "PostfixPeer",
     "RedisServer",
