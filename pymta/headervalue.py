@@ -20,6 +20,8 @@ one syntactic unit of its field and never contains CR, LF or other controls:
 - :func:`comment_text`: text for inside ``( )``.
 - :func:`trace_helo` and :func:`trace_mailbox`: the ``from`` and ``for`` parts of
   ``Received:`` (RFC 5321 §4.4).
+- :func:`angle_address`: an envelope address as ``<...>`` in an address list (the
+  quarantine's ``X-Envelope-From``/``-To``/``-To-Blocked``).
 
 Quoted strings here never contain ``"``, ``\\`` or ``@`` (each becomes ``?``): dkimpy builds
 the ``ARC-Authentication-Results`` we seal by parsing our Authentication-Results with the
@@ -186,6 +188,34 @@ def trace_mailbox(address: str) -> str | None:
     if _NON_ATEXT_ASCII.search(local) or local[0] == "." or local[-1] == "." or ".." in local:
         return None
     return address
+
+
+def angle_address(address: str) -> str:
+    """``<address>`` for an address list: as it is when :func:`trace_mailbox` takes it, else
+    with every character that is not atext, ``.`` or printable non-ASCII (an SMTPUTF8 address)
+    replaced by ``?`` in its local part (and in its domain when that is not a domain): no
+    RFC 5322 special (``,`` ``:`` ``"`` ``<`` ...) and no control is left to end the address,
+    the list or the field early. ``<>`` for the null sender."""
+    if not address:
+        return "<>"
+    safe = trace_mailbox(address)
+    if safe is not None:
+        return f"<{safe}>"
+    local, at, domain = address[:256].rpartition("@")
+    if not at:
+        return f"<{_replaced(domain)}>"
+    if trace_mailbox(f"x@{domain}") is None:
+        domain = _replaced(domain)
+    return f"<{_replaced(local)}@{domain}>"
+
+
+_ATEXT_DOT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                       "!#$%&'*+/=?^_`{|}~.-")
+
+
+def _replaced(text: str) -> str:
+    return "".join(c if (c.isprintable() and not c.isascii()) or c in _ATEXT_DOT else "?"
+                   for c in text)
 
 
 def _domain_ok(domain: str) -> bool:

@@ -76,7 +76,6 @@ _OUR_FIELDS = frozenset(n.lower() for n in (*_SPAM_FIELDS, "X-Virus-Scanned", "X
 _NOTICE = 25            # the log level pymta logs notices at (pymta.log)
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 _RULE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_RSPAMD_SPAM_ACTIONS = frozenset({"add header", "rewrite subject", "reject"})
 
 
 def _safe(text: str, limit: int = 120) -> str:
@@ -138,7 +137,7 @@ class RspamdEngine:
             user=txn.auth_user or "")
         result = await self.client.check(path, envelope)
         return SpamScore(self.name, result.score, result.symbols,
-                         result.action in _RSPAMD_SPAM_ACTIONS, result.action == "reject")
+                         result.is_spam, result.action == "reject")
 
 
 # --------------------------------------------------------------------------- policy, report

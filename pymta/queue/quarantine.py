@@ -28,7 +28,8 @@ import time
 from collections.abc import Collection, Sequence
 
 from pymta import contracts
-from pymta.headervalue import trace_mailbox
+from pymta.headervalue import angle_address
+from pymta.pipeline.headers import field_name, split_fields
 from pymta.types import Envelope, QueueId, RcptState, Recipient
 
 __all__ = ["BLOCKED", "KIND", "QUARANTINE", "QUARANTINED_AT", "blocked", "envelope_fields",
@@ -41,47 +42,19 @@ KIND = "quarantine_kind"
 QUARANTINED_AT = "quarantined_at"
 BLOCKED = "quarantine_blocked"
 
-_ENVELOPE_FIELDS = (b"x-envelope-from:", b"x-envelope-to:", b"x-envelope-to-blocked:")
-
-
-def _mailbox(address: str) -> str:
-    """An envelope address as it may stand in ``<...>`` in a header field: checked by the
-    trace-field rules; one that fails them (it passed SMTP's syntax, not ours) is shown with
-    its unsafe characters replaced."""
-    if not address:
-        return "<>"
-    safe = trace_mailbox(address)
-    if safe is not None:
-        return f"<{safe}>"
-    local, at, domain = address[:256].rpartition("@")
-    if not at:
-        return f"<{_replaced(domain)}>"
-    if trace_mailbox(f"x@{domain}") is None:
-        domain = _replaced(domain)
-    return f"<{_replaced(local)}@{domain}>"
-
-
-def _replaced(text: str) -> str:
-    """``text`` with every character that is not atext, ``.`` or printable non-ASCII (an
-    SMTPUTF8 address) as ``?``: no RFC 5322 special (``,`` ``:`` ``"`` ``<`` ...) and no
-    control is left to end the address, the list or the field early."""
-    return "".join(c if (c.isprintable() and not c.isascii()) or c in _ATEXT_DOT else "?"
-                   for c in text)
-
-
-_ATEXT_DOT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-                       "!#$%&'*+/=?^_`{|}~.-")
+_ENVELOPE_FIELDS = frozenset({"x-envelope-from", "x-envelope-to", "x-envelope-to-blocked"})
 
 
 def _address_list(name: str, rcpts: Sequence[Recipient]) -> str:
     """``Name: <a>,\\r\\n <b>``: one address per line, so no line passes the length limit."""
-    return f"{name}: " + ",\r\n ".join(_mailbox(r.original or r.address) for r in rcpts) + "\r\n"
+    addresses = (angle_address(r.original or r.address) for r in rcpts)
+    return f"{name}: " + ",\r\n ".join(addresses) + "\r\n"
 
 
 def envelope_fields(qid: QueueId, env: Envelope, blocked_rcpts: Sequence[Recipient]) -> str:
     """The header fields a quarantined copy gets (CRLF-terminated)."""
     fields = [f"X-Quarantine-ID: <{qid}>\r\n",
-              f"X-Envelope-From: {_mailbox(env.sender)}\r\n"]
+              f"X-Envelope-From: {angle_address(env.sender)}\r\n"]
     if env.recipients:
         fields.append(_address_list("X-Envelope-To", env.recipients))
     if blocked_rcpts:
@@ -128,19 +101,17 @@ def expired(env: Envelope, lifetime: float, now: float) -> bool:
     return lifetime > 0 and is_quarantined(env) and quarantined_at(env) + lifetime <= now
 
 
-def _without_envelope_fields(prepend: str) -> str:
-    """``prepend`` without the ``X-Envelope-*`` fields (folded lines included)."""
-    out: list[str] = []
-    skipping = False
-    for line in prepend.splitlines(keepends=True):
-        if line[:1] in (" ", "\t"):
-            if not skipping:
-                out.append(line)
-            continue
-        skipping = line.encode("utf-8", "replace").lower().startswith(_ENVELOPE_FIELDS)
-        if not skipping:
-            out.append(line)
-    return "".join(out)
+def _replace_fields(prepend: str, names: frozenset[str], replacement: str = "") -> str:
+    """``prepend`` without the fields named in ``names`` (lower case; folded lines go with
+    their field); ``replacement`` stands where the first of them stood."""
+    out: list[bytes] = []
+    for raw in split_fields(prepend.encode("utf-8", "surrogateescape")):
+        if field_name(raw) not in names:
+            out.append(raw)
+        elif replacement:
+            out.append(replacement.encode("utf-8", "surrogateescape"))
+            replacement = ""
+    return b"".join(out).decode("utf-8", "surrogateescape")
 
 
 def release(env: Envelope, addresses: Collection[str] | None = None) -> list[Recipient]:
@@ -166,11 +137,8 @@ def release(env: Envelope, addresses: Collection[str] | None = None) -> list[Rec
     env.held = False
     for key in (QUARANTINE, KIND, QUARANTINED_AT, BLOCKED):
         env.extra.pop(key, None)
-    env.prepend = _without_envelope_fields(env.prepend)
+    env.prepend = _replace_fields(env.prepend, _ENVELOPE_FIELDS)
     return released
-
-
-_BLOCKED_FIELD = b"x-envelope-to-blocked:"
 
 
 def keep_blocked(env: Envelope, indices: Collection[int]) -> None:
@@ -182,20 +150,7 @@ def keep_blocked(env: Envelope, indices: Collection[int]) -> None:
     env.extra[BLOCKED] = " ".join(str(i) for i in kept)
     field = (_address_list("X-Envelope-To-Blocked", [env.recipients[i] for i in kept])
              if kept else "")
-    out: list[str] = []
-    skipping = False
-    for line in env.prepend.splitlines(keepends=True):
-        if line[:1] in (" ", "\t"):
-            if not skipping:
-                out.append(line)
-            continue
-        skipping = line.encode("utf-8", "replace").lower().startswith(_BLOCKED_FIELD)
-        if skipping:
-            out.append(field)
-            field = ""
-        else:
-            out.append(line)
-    env.prepend = "".join(out)
+    env.prepend = _replace_fields(env.prepend, frozenset({"x-envelope-to-blocked"}), field)
 
 
 async def expire_quarantine(store: contracts.QueueStore, lifetime: float,
