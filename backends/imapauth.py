@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pymta.config.errors import ConfigError
@@ -112,27 +113,27 @@ class ImapAuthenticator:
             raise TemporaryFailure("Temporary authentication failure", "4.7.0", 454) from None
         return Identity(username) if ok else None
 
-    async def _login(self, username: str, password: str) -> bool:
+    def _client(self) -> Any:
+        """An aioimaplib client connecting now (implicit TLS on port 993)."""
         import aioimaplib
 
         if self.port == 993:
-            client: Any = aioimaplib.IMAP4_SSL(self.host, self.port, timeout=self.timeout,
-                                               ssl_context=client_ssl_context())
-        else:
-            client = aioimaplib.IMAP4(self.host, self.port, timeout=self.timeout)
-        proto = None
-        try:
-            try:
-                await client.wait_hello_from_server()
-            except aioimaplib.Error as exc:
-                raise _Unavailable(f"bad greeting: {exc}") from None
-            proto = client.protocol
-            if proto.state == "AUTH":  # PREAUTH: the server trusts us without a login
-                raise _Unavailable("server sent PREAUTH; cannot check passwords")
-            if self.port != 993 and "STARTTLS" in proto.capabilities:
-                await self._starttls(proto)
-            if "LOGINDISABLED" in proto.capabilities:
-                raise _Unavailable("server refuses LOGIN (LOGINDISABLED)")
+            return aioimaplib.IMAP4_SSL(self.host, self.port, timeout=self.timeout,
+                                        ssl_context=client_ssl_context())
+        return aioimaplib.IMAP4(self.host, self.port, timeout=self.timeout)
+
+    async def probe(self) -> str:
+        """``pymta health`` (:class:`~pymta.contracts.Probeable`): what a check does up to
+        its ``LOGIN``: the greeting, ``CAPABILITY`` (aioimaplib asks), ``STARTTLS`` when
+        offered; then ``LOGOUT``. Raises saying what failed (a refused connection, a bad
+        greeting, ``PREAUTH``, ``LOGINDISABLED``, a failed TLS upgrade)."""
+        async with self._session() as (_, tls):
+            return f"IMAP greeting{' and TLS' if tls else ' (no TLS)'}, LOGIN allowed"
+
+    async def _login(self, username: str, password: str) -> bool:
+        import aioimaplib
+
+        async with self._session() as (proto, _):
             secret = _quoted(password)
             response = await proto.execute(
                 aioimaplib.Command("LOGIN", proto.new_tag(), _quoted(username), secret,
@@ -145,6 +146,31 @@ class ImapAuthenticator:
             if "[UNAVAILABLE]" in text.upper():
                 raise _Unavailable(f"server says: {text[:200]}")
             return False
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[tuple[Any, bool]]:
+        """A connection ready for ``LOGIN``: (its aioimaplib protocol, whether it is
+        encrypted). Greeting, ``STARTTLS`` when offered; ``PREAUTH`` and ``LOGINDISABLED``
+        raise _Unavailable; ``LOGOUT`` and close at the end, whatever happened."""
+        import aioimaplib
+
+        client = self._client()
+        proto = None
+        try:
+            try:
+                await client.wait_hello_from_server()
+            except aioimaplib.Error as exc:
+                raise _Unavailable(f"bad greeting: {exc}") from None
+            proto = client.protocol
+            if proto.state == "AUTH":  # PREAUTH: the server trusts us without a login
+                raise _Unavailable("server sent PREAUTH; cannot check passwords")
+            tls = self.port == 993
+            if not tls and "STARTTLS" in proto.capabilities:
+                await self._starttls(proto)
+                tls = True
+            if "LOGINDISABLED" in proto.capabilities:
+                raise _Unavailable("server refuses LOGIN (LOGINDISABLED)")
+            yield proto, tls
         except aioimaplib.Abort:
             # not the message: aioimaplib puts the pending command, password included, in it
             raise _Unavailable("IMAP protocol error") from None

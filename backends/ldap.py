@@ -218,13 +218,17 @@ class LdapLookup:
         return Server(self.address.host, port=self.address.port, use_ssl=self.address.use_ssl,
                       tls=tls, get_info=NONE, connect_timeout=self.settings.timeout)
 
-    def _connect(self) -> Any:
+    def _connection(self) -> Any:
+        """A new, unbound connection as the lookup bind (``LDAP_BIND_DN`` or anonymous)."""
         from ldap3 import Connection
 
         s = self.settings
-        conn = Connection(self._server, user=s.bind_dn or None, password=s.bind_pw or None,
+        return Connection(self._server, user=s.bind_dn or None, password=s.bind_pw or None,
                           receive_timeout=max(1, math.ceil(s.timeout)), read_only=True,
                           raise_exceptions=False, check_names=False, auto_referrals=False)
+
+    def _connect(self) -> Any:
+        conn = self._connection()
         if not conn.bind():
             result = conn.result or {}
             conn.unbind()
@@ -264,13 +268,16 @@ class LdapLookup:
             return entries
         raise _DirectoryError(str(last) or type(last).__name__)
 
-    async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
+    def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.settings.pool_size, thread_name_prefix="pymta-ldap")
+        return self._executor
+
+    async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._executor, func, *args),
+            return await asyncio.wait_for(loop.run_in_executor(self._threads(), func, *args),
                                           timeout=self.settings.timeout * 3)
         except (TimeoutError, _DirectoryError) as exc:
             log.warning("LDAP %s: %s", self.address.url, exc or "timed out")
@@ -288,6 +295,14 @@ class LdapLookup:
             _quiet_unbind(conn)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+
+    async def probe(self) -> str:
+        """``pymta health`` (:class:`~pymta.contracts.Probeable`): bind as the lookups do
+        and read the entry ``LDAP_USER_BASE`` names; raises saying what failed."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads(), probe_directory, self._connection(),
+                                          self.settings.user_base, self.settings.bind_dn,
+                                          self.settings.timeout)
 
     # ------------------------------------------------------------------ lookup
 
@@ -368,6 +383,35 @@ class LdapLookup:
 
 class _DirectoryError(Exception):
     """The directory could not answer (becomes TemporaryFailure in the event loop)."""
+
+
+def probe_directory(conn: Any, base: str, bind_dn: str, timeout: float) -> str:
+    """``pymta health``'s question to a directory, on an unbound ldap3 connection (run in a
+    thread): bind, then read the search base itself (scope BASE, no attributes). The
+    cheapest request that proves what a lookup needs: the server answers, the bind works and
+    the base exists. Raises :class:`_DirectoryError` saying which step failed (the bind
+    password is never part of it); returns what answered."""
+    from ldap3 import BASE
+    from ldap3.core.exceptions import LDAPException
+
+    who = f"as {bind_dn}" if bind_dn else "anonymously"
+    try:
+        if not conn.bind():
+            result = conn.result or {}
+            raise _DirectoryError(f"bind {who} failed: {result.get('description', 'no answer')}")
+        ok = conn.search(base, "(objectClass=*)", search_scope=BASE, attributes=["1.1"],
+                         size_limit=1, time_limit=max(1, math.ceil(timeout)))
+        result = conn.result or {}
+        if not ok:
+            if result.get("result") == 32:     # noSuchObject
+                raise _DirectoryError(f"LDAP_USER_BASE {base!r} not found")
+            raise _DirectoryError(f"search of {base!r} failed: "
+                                  f"{result.get('description', 'no answer')}")
+    except LDAPException as exc:
+        raise _DirectoryError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        _quiet_unbind(conn)
+    return f"bound {who}, {base} found"
 
 
 def _strings(value: Any) -> list[str]:

@@ -234,6 +234,20 @@ class LdapBindAuthenticator:
             raise TemporaryFailure("Temporary authentication failure", "4.7.0", 454) from None
         return Identity(username) if ok else None
 
+    async def probe(self) -> str:
+        """``pymta health`` (:class:`~pymta.contracts.Probeable`): bind as the search for the
+        user's DN does (``LDAP_BIND_DN`` or anonymous) and read ``LDAP_USER_BASE``."""
+        from pymta.backends.ldap import probe_directory
+
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self._threads, thread_name_prefix="pymta-ldapauth")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, probe_directory, self._connection(self.bind_dn or None,
+                                                              self._bind_pw or None),
+            self.user_base, self.bind_dn, self.timeout)
+
     async def aclose(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -182,6 +182,11 @@ class MysqlLookup:
         """Close the pool (at MTA stop); a later lookup would open a new one."""
         await self.pool.aclose()
 
+    async def probe(self) -> str:
+        """``pymta health`` (:class:`~pymta.contracts.Probeable`): the lookup's own pool
+        connects and asks ``SELECT VERSION()``."""
+        return await self.pool.probe()
+
     async def _query(self, query: CompiledQuery, address: str) -> list[Any]:
         """First-column values of every row; TemporaryFailure when the server can't answer."""
         try:

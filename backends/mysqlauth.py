@@ -124,6 +124,11 @@ class MysqlAuthenticator:
     async def aclose(self) -> None:
         await self.pool.aclose()
 
+    async def probe(self) -> str:
+        """``pymta health`` (:class:`~pymta.contracts.Probeable`): the method's own pool
+        connects and asks ``SELECT VERSION()``."""
+        return await self.pool.probe()
+
     async def _fetch(self, username: str) -> tuple[str | None, str | None]:
         """(stored password, user column) of the first row; (None, None) without a row."""
         try:

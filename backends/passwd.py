@@ -254,18 +254,74 @@ def parse_clientauth(text: str, var: str = VAR) -> dict[str, str]:
             shown = user if sep else "(an entry without ':')"
             raise ConfigError(f"{var}: entries are user:{{scheme}}password; bad entry for "
                               f"{shown!r}")
-        try:
-            split_scheme(stored)
-        except SchemeError as exc:
-            raise ConfigError(f"{var}: {exc} for user {user!r}") from None
-        if user in entries:
-            raise ConfigError(f"{var}: user {user!r} listed twice")
-        entries[user] = stored
+        _add_entry(entries, user, stored, var)
+    return entries
+
+
+def _add_entry(entries: dict[str, str], user: str, stored: str, where: str) -> None:
+    """Check one entry's ``{SCHEME}`` and that its user is new, then add it; errors start
+    with ``where`` and name the user, never the secret."""
+    try:
+        split_scheme(stored)
+    except SchemeError as exc:
+        raise ConfigError(f"{where}: {exc} for user {user!r}") from None
+    if user in entries:
+        raise ConfigError(f"{where}: user {user!r} listed twice")
+    entries[user] = stored
+
+
+FILE_VAR = "PYMTA_SASL_PASSWD_FILE"
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def read_passwd_file(path: str, var: str = FILE_VAR) -> dict[str, str]:
+    """A Dovecot passwd-file (``user:{scheme}secret[:uid:gid:gecos:home:shell:extra]`` per
+    line; ``#`` comments and blank lines skipped; the fields after the password are
+    Dovecot's and ignored here) → ``{user: stored}``. Errors name the line and the user,
+    never a secret. Read at start and at every SIGHUP, so an administrator edits users
+    without a restart, as with Dovecot's own passwd-file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{var}: cannot read: {exc.strerror or exc}: {path!r}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{var}: larger than {MAX_FILE_BYTES} bytes: {path!r}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{var}: not UTF-8 text: {path!r}") from None
+    entries: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, rest = line.partition(":")
+        stored = rest.split(":", 1)[0]
+        where = f"{var}: {path!r} line {number}"
+        if not sep or not user or not stored:
+            raise ConfigError(f"{where}: entries are user:{{scheme}}password")
+        _add_entry(entries, user, stored, where)
+    return entries
+
+
+def configured_entries(config: Any) -> dict[str, str]:
+    """The users of ``PYMTA_SASL_PASSWD_FILE`` and ``SMTPD_SASL_CLIENTAUTH`` together; a
+    user in both is an error (which of two passwords is meant cannot be guessed)."""
+    entries = parse_clientauth(config.smtpd_sasl_clientauth.strip())
+    path = getattr(config, "sasl_passwd_file", "")
+    if path:
+        from_file = read_passwd_file(path)
+        both = sorted(set(from_file) & set(entries))
+        if both:
+            raise ConfigError(f"{FILE_VAR}: user {both[0]!r} is also in {VAR}")
+        entries.update(from_file)
     return entries
 
 
 class PasswordFile:
-    """An :class:`~pymta.contracts.Authenticator` over ``SMTPD_SASL_CLIENTAUTH`` entries.
+    """An :class:`~pymta.contracts.Authenticator` over ``SMTPD_SASL_CLIENTAUTH`` entries and
+    those of ``PYMTA_SASL_PASSWD_FILE``.
 
     ``username_format`` is applied to the name the client gives before the table is consulted
     (the table's own names are taken as they are written).
@@ -283,15 +339,16 @@ class PasswordFile:
 
     @classmethod
     def from_config(cls, config: Any) -> PasswordFile:
-        """The table of ``SMTPD_SASL_CLIENTAUTH`` (user names as the client gives them: the
-        chain applies ``DOVECOT_AUTH_USERNAME_FORMAT`` before)."""
-        return cls.from_text(config.smtpd_sasl_clientauth)
+        """The table of ``SMTPD_SASL_CLIENTAUTH`` and ``PYMTA_SASL_PASSWD_FILE`` (user names
+        as the client gives them: the chain applies ``DOVECOT_AUTH_USERNAME_FORMAT``
+        before)."""
+        return cls(configured_entries(config))
 
     @staticmethod
     def check_config(config: Any) -> None:
-        """Check ``SMTPD_SASL_CLIENTAUTH`` (entry syntax, known ``{SCHEME}``s; errors name
-        the user, never a secret)."""
-        parse_clientauth(config.smtpd_sasl_clientauth.strip())
+        """Check ``SMTPD_SASL_CLIENTAUTH`` and the file (entry syntax, known ``{SCHEME}``s;
+        errors name the user, never a secret)."""
+        configured_entries(config)
 
     def __repr__(self) -> str:
         return f"PasswordFile({len(self._entries)} users)"

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         FlushableAgent,
         MessageLock,
         Modifier,
+        Probeable,
         ProgressReportingAgent,
         QueueStore,
         RecipientLookup,
@@ -78,8 +79,9 @@ _WHERE = {
     # the extension points
     **dict.fromkeys(
         ("Authenticator", "Check", "Closeable", "CramMD5Authenticator", "DeliveryAgent",
-         "FlushableAgent", "MessageLock", "Modifier", "ProgressReportingAgent", "QueueStore",
-         "RecipientLookup", "Router", "Spool", "StoppableAgent"), "pymta.contracts"),
+         "FlushableAgent", "MessageLock", "Modifier", "Probeable", "ProgressReportingAgent",
+         "QueueStore", "RecipientLookup", "Router", "Spool", "StoppableAgent"),
+        "pymta.contracts"),
     # what a check or modifier is given, and the pipeline MTA(pipeline=...) takes
     **dict.fromkeys(("CannotEvaluate", "Pipeline", "SpooledBody", "Transaction"),
                     "pymta.pipeline"),
@@ -96,8 +98,8 @@ __all__ = [
     "MTA", "Config", "ConfigError", "load_config", "message_bytes", "serve",
     # the extension points (pymta.contracts)
     "Authenticator", "Check", "Closeable", "CramMD5Authenticator", "DeliveryAgent",
-    "FlushableAgent", "MessageLock", "Modifier", "ProgressReportingAgent", "QueueStore",
-    "RecipientLookup", "Router", "Spool", "StoppableAgent",
+    "FlushableAgent", "MessageLock", "Modifier", "Probeable", "ProgressReportingAgent",
+    "QueueStore", "RecipientLookup", "Router", "Spool", "StoppableAgent",
     # what a check or modifier is given; the pipeline MTA(pipeline=...) takes
     "CannotEvaluate", "Pipeline", "SpooledBody", "Transaction",
     # the values (pymta.types)

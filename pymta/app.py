@@ -29,11 +29,12 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pymta import wiring
 from pymta.callbacks import AgentLike, LookupLike
+from pymta.config.errors import ConfigError
 from pymta.config.model import Config, ListenAddress
 from pymta.contracts import (
     Authenticator,
@@ -42,6 +43,7 @@ from pymta.contracts import (
     Router,
     StoppableAgent,
 )
+from pymta.log import python_level
 from pymta.pipeline import Pipeline
 from pymta.queue.intake import Intake
 from pymta.queue.manager import QueueManager
@@ -54,10 +56,12 @@ from pymta.receiving.listener import (
     ListenerContext,
     SMTPServerProtocol,
     close_sessions,
+    drain_sessions,
 )
 from pymta.receiving.session import ReceiveContext, network_matcher
+from pymta.reload import ReloadPlan, plan
+from pymta.servertls import ServerTLS
 from pymta.smtp.engine import EngineConfig
-from pymta.tls import server_ssl_context
 from pymta.types import Address, Recipient, SMTPError, TemporaryFailure
 
 if TYPE_CHECKING:
@@ -96,6 +100,11 @@ class MTA:
             raise ValueError("give a router or a local delivery agent, not both")
         self.config = config
         self._sockets = sockets
+        # What the application gave: a reload rebuilds only what was built from the config
+        self._given_lookups = lookups is not None
+        self._given_authenticator = authenticator is not None
+        # Replaced by a reload, closed once the sessions that may still use them are done
+        self._retired: list[object] = []
         # What the adapters share: this server's DNS resolver (SPF, DKIM, DMARC, MX), its
         # SRS codec (the forward rewrite is a pipeline stage, the reverse a recipient
         # lookup), its DKIM/ARC keys. No process-wide state: each MTA has its own.
@@ -132,6 +141,9 @@ class MTA:
         self._listener: ListenerContext | None = None
         self._jobs: list[asyncio.Task[None]] = []
         self._learner: LearnFolders | None = None
+        # The server certificates (None: no TLS); swapped for new connections by a reload
+        # or a new ACME_FILE (pymta/servertls.py)
+        self.tls: ServerTLS | None = None
 
     async def __aenter__(self) -> MTA:
         await self.start()
@@ -148,7 +160,8 @@ class MTA:
         if self.dkim_keys is not None:  # DKIM keys and their TXT records, made at first start
             await asyncio.to_thread(self.dkim_keys.ensure, config.mail_domain if config.dkim_sign
                                     else (config.first_domain,))
-        ssl_ctx = server_ssl_context(config)
+        self.tls = await asyncio.to_thread(ServerTLS.from_config, config)
+        ssl_ctx = self.tls.context if self.tls is not None else None
         self.store.open()
         await self.store.start()
         policy = RetryPolicy(first=config.queue_retry_first, maximum=config.queue_retry_max,
@@ -213,7 +226,7 @@ class MTA:
         handshake = ctx.tls_handshake_timeout if implicit_tls else None
 
         def factory() -> SMTPServerProtocol:
-            return SMTPServerProtocol(ctx, cfg, implicit_tls)
+            return SMTPServerProtocol(ctx, cfg, implicit_tls, kind)
 
         servers = []
         if self._sockets is not None:
@@ -235,9 +248,12 @@ class MTA:
 
     def _start_housekeeping(self) -> None:
         """The server's periodic jobs: quarantine expiry (``PYMTA_QUARANTINE_LIFETIME``, each
-        worker in turn: a message is removed under its claim) and the learning folders
-        (``KOPANO_SPAMD_LIB``, when the directory exists and a spam engine is set)."""
+        worker in turn: a message is removed under its claim), the learning folders
+        (``KOPANO_SPAMD_LIB``, when the directory exists and a spam engine is set) and the
+        look at ``ACME_FILE`` every few seconds (new certificates from Traefik)."""
         config = self.config
+        if self.tls is not None:     # cheap: one stat every few seconds, when ACME applies
+            self._jobs.append(asyncio.create_task(self.tls.watch_acme()))
         if config.quarantine_lifetime > 0:
             self._jobs.append(asyncio.create_task(
                 _expire_quarantine_every(self.store, config.quarantine_lifetime,
@@ -250,7 +266,17 @@ class MTA:
                                          config.learn_interval, config.message_size_limit)
             self._learner.start()
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = 0.0) -> None:
+        """Stop the server: nothing more is accepted; with ``drain`` > 0 the mail
+        transactions under way have that many seconds to finish (``PYMTA_SHUTDOWN_TIMEOUT``),
+        then every session is closed with ``421 4.3.2``; the delivery attempts running get
+        what is left of ``drain`` (at least the manager's own grace) to finish."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        for server in self._servers:
+            server.close()
+        if self._listener is not None and drain > 0:
+            await drain_sessions(self._listener, drain)
         for job in self._jobs:
             job.cancel()
         for job in self._jobs:
@@ -275,12 +301,84 @@ class MTA:
             with contextlib.suppress(Exception):
                 self.router.begin_stop()
         if self.manager is not None:
-            await self.manager.stop()
+            left = deadline - loop.time()
+            await self.manager.stop(left if left > 0 else None)
             self.manager = None
         await _aclose(self.router, "the router")   # cached outbound connections
         await self.store.aclose()
         await _aclose(self.authenticator, "the authenticator")     # LDAP threads, MySQL pool
         await _aclose(self.lookup, "the recipient lookup")  # its sources' pools and threads
+        retired, self._retired = self._retired, []
+        for thing in retired:
+            await _aclose(thing, "a part replaced by a reload")
+
+    async def reload(self, config: Config) -> ReloadPlan:
+        """Take over what ``config`` changes that a running server can change (see
+        :mod:`pymta.reload`): the new parts are all built first and swapped in together, so a
+        session sees the old set or the new one. Raises ConfigError (naming the variable)
+        when the new configuration is not usable; the running one then stays, whole."""
+        step = plan(self.config, config)
+        new = step.config
+        wiring.check(new)
+        listener = self._listener
+        receive = listener.receive if listener is not None else None
+        built: list[object] = []
+        try:
+            lookup = self.lookup
+            if not self._given_lookups:
+                lookup = wiring.recipient_lookup(new, services=self.services)
+                built.append(lookup)
+            authenticator = self.authenticator
+            if not self._given_authenticator and self.auth is not None:
+                authenticator = wiring.build_authenticator(new)
+                built.append(authenticator)
+            tls_changes = await self._reload_tls(new)
+        except BaseException:
+            for thing in built:
+                await _aclose(thing, "a part built for a reload")
+            raise
+        # Every part is built: swap them in, in one step of the event loop.
+        if lookup is not self.lookup:
+            self._retire(self.lookup)
+            self.lookup = lookup
+        if authenticator is not self.authenticator and authenticator is not None:
+            self._retire(self.authenticator)
+            self.authenticator = authenticator
+            if self.auth is not None:
+                self.auth.authenticator = authenticator
+        if receive is not None:
+            receive.lookup = self.lookup
+            receive.lookup_timeout = lookup_deadline(new)
+            receive.relay_allowed = network_matcher(new.mynetworks)
+        logging.getLogger().setLevel(python_level(new.syslog_level))
+        self.config = new
+        for line in tls_changes:
+            log.log(25, "reload: %s", line)
+        return step
+
+    async def _reload_tls(self, config: Config) -> list[str]:
+        """New server certificates from ``config``'s files (read again even when the
+        settings did not change: the files may have); what changed, for the log. New
+        connections get them, open ones keep theirs; ConfigError keeps the old ones."""
+        if self.tls is None:
+            return []
+        return await asyncio.to_thread(self.tls.reload, config)
+
+    def _retire(self, thing: object) -> None:
+        """Close ``thing`` once the lookups and AUTH checks that may still use it are over
+        (each is bounded by its deadline), or at ``stop``."""
+        if not isinstance(thing, Closeable):
+            return
+        self._retired.append(thing)
+        delay = lookup_deadline(self.config) + self.config.pipeline_timeout
+
+        async def close_later() -> None:
+            await asyncio.sleep(delay)
+            if thing in self._retired:
+                self._retired.remove(thing)
+                await _aclose(thing, "a part replaced by a reload")
+
+        self._jobs.append(asyncio.create_task(close_later()))
 
     async def resolve(self, address: str) -> Recipient | None:
         """Route a notice (DSN) recipient: a local address through the server's recipient
@@ -327,9 +425,14 @@ def install_uvloop() -> None:
 
 
 async def serve_async(config: Config, *, sockets: dict[str, list[socket.socket]] | None = None,
-                      pid_file: bool = True) -> int:
+                      pid_file: bool = True,
+                      reload_config: Callable[[], Config] | None = None) -> int:
     """Run one server process until SIGTERM/SIGINT. A worker under the supervisor gets its
-    listening sockets from it and leaves the pid file to the supervisor."""
+    listening sockets from it and leaves the pid file to the supervisor.
+
+    SIGTERM drains (``PYMTA_SHUTDOWN_TIMEOUT``, see ``MTA.stop``); SIGINT, an operator's
+    Ctrl-C, stops at once. SIGHUP reloads: ``reload_config`` (default: the environment, as at
+    start) gives the new configuration, and a bad one is logged and changes nothing."""
     mta = MTA(config, sockets=sockets)
     try:
         await mta.start()
@@ -342,16 +445,26 @@ async def serve_async(config: Config, *, sockets: dict[str, list[socket.socket]]
             f.write(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    drain = [config.shutdown_timeout]
+
+    def interrupt() -> None:
+        drain[0] = 0.0
+        stopping.set()
+
+    reloads = _Reloader(mta, reload_config)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, interrupt)
     loop.add_signal_handler(signal.SIGUSR1, lambda: _wake(mta))
+    loop.add_signal_handler(signal.SIGHUP, reloads.request)
     # MYHOSTNAME: the name the greeting, Received: and DSNs use
     log.log(25, "pymta started on %s (pid %d)", config.hostname, os.getpid())
     try:
         await stopping.wait()
     finally:
-        log.log(25, "pymta stopping")
-        await mta.stop()
+        log.log(25, "pymta stopping" + (f" (draining for up to {drain[0]:g}s)" if drain[0]
+                                        else ""))
+        await reloads.aclose()
+        await mta.stop(drain=drain[0])
         if pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(pid_path)
@@ -371,6 +484,61 @@ async def _expire_quarantine_every(store: QueueStore, lifetime: float,
         except Exception:
             log.exception("quarantine expiry failed; trying again later")
         await asyncio.sleep(interval)
+
+
+class _Reloader:
+    """SIGHUP → one reload at a time; a signal during a reload runs one more after it (the
+    files may have changed again meanwhile), never a pile of them."""
+
+    def __init__(self, mta: MTA, load: Callable[[], Config] | None) -> None:
+        self.mta = mta
+        self.load = load if load is not None else _load_from_environment
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def request(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True
+            return
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.again = False
+            await reload_logged(self.mta, self.load)
+            if not self.again:
+                return
+
+    async def aclose(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
+def _load_from_environment() -> Config:
+    from pymta.config.load import load_config
+
+    return load_config()
+
+
+async def reload_logged(mta: MTA, load: Callable[[], Config]) -> None:
+    """One reload with its log lines: what changed, what waits for a restart, or why the
+    new configuration was refused (the running one stays)."""
+    try:
+        config = await asyncio.to_thread(load)
+        step = await mta.reload(config)
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return
+    except Exception as exc:
+        log.exception("reload failed, the running configuration stays: %s", exc)
+        return
+    if step.restart:
+        log.warning("reload: changed, but applied only by a restart: %s",
+                    ", ".join(step.restart))
+    log.log(25, "reloaded: %s", ", ".join(step.changed) if step.changed
+            else "no setting changed (tables, users and certificates read again)")
 
 
 def _wake(mta: MTA) -> None:

@@ -62,7 +62,8 @@ if TYPE_CHECKING:   # the pipeline's mutable working objects; pymta.pipeline imp
 __all__ = [
     # protocols
     "Authenticator", "Check", "Closeable", "CramMD5Authenticator", "DeliveryAgent",
-    "FlushableAgent", "MessageLock", "Modifier", "ProgressReportingAgent", "QueueStore",
+    "FlushableAgent", "MessageLock", "Modifier", "Probeable", "ProgressReportingAgent",
+    "QueueStore",
     "RecipientLookup", "Router", "Spool", "StoppableAgent",
     # values (from pymta.types)
     "Action", "Address", "ConnInfo", "Decision", "Destination", "Envelope", "Identity",
@@ -85,6 +86,23 @@ class Closeable(Protocol):
     """
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Probeable(Protocol):
+    """An adapter that can tell whether the service behind it answers: ``pymta health`` asks
+    every configured recipient source and SASL method that is one (issue 13).
+
+    ``probe()`` asks the service the cheapest question that proves the adapter could do its
+    work now, through the adapter's own connection code and settings (a directory: bind as
+    the lookups do and read the search base; a database: connect and ``SELECT``; an IMAP
+    server: greeting, ``CAPABILITY``, ``STARTTLS`` when offered). It returns a short detail
+    for the health line (what answered) and raises an exception whose message says what
+    failed (never a password). The caller bounds it with its own deadline and builds the
+    adapter for the probe alone: it calls ``aclose()`` (when :class:`Closeable`) after.
+    """
+
+    async def probe(self) -> str: ...
 
 
 # --------------------------------------------------------------------------- receiving

@@ -18,13 +18,17 @@ here once.
   maildir does; only a mailbox's first delivery creates anything, so the hot path pays
   nothing. :func:`fsync_dir` flushes one directory, :func:`open_dir` opens one for a caller
   that keeps it open to fsync it often (the queue store's ``data/`` and ``env/``).
+* :func:`replace_file`: a small file (a certificate, a key, DH parameters, a configuration
+  dump) replaced whole: readers see the old content or the new, never a part, and a crash
+  leaves one of the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
-__all__ = ["fsync_dir", "makedirs_durable", "open_dir", "write_all"]
+__all__ = ["fsync_dir", "makedirs_durable", "open_dir", "replace_file", "write_all"]
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -34,6 +38,29 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def replace_file(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync it, give it ``mode``
+    (``os.open``'s is filtered by the umask) and rename it over ``path``. Raises OSError;
+    the temporary file is removed then."""
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        try:
+            write_all(fd, data)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
 
 
 def open_dir(path: str | os.PathLike[str]) -> int:

@@ -1,15 +1,29 @@
-"""Logging set-up: Postfix-style lines on stderr, optional syslog and JSON lines.
+"""Logging set-up: Postfix's log lines on stderr, optional syslog and JSON lines.
 
-Operators grep mail logs by queue id and pipe them to tools written for Postfix, so a line
-looks like Postfix's: ``2026-11-25T17:00:00 mx1 pymta[812]: 4F3A2B: to=<bob@example.com>,
-status=sent (...)``, with ``warning:``/``error:``/``fatal:`` before the text as Postfix writes.
-The container convention is stderr (the docker daemon collects it); ``PYMTA_LOG_SYSLOG=yes``
-adds ``/dev/log`` with facility mail, ``PYMTA_LOG_JSON=yes`` turns stderr into JSON lines for
-log shippers.
+Operators read mail logs with tools written for Postfix (pflogsumm, fail2ban's ``postfix``
+filters, logwatch) and grep them by queue id, so a line is a Postfix line::
+
+    2026-12-06T16:03:07.123456+00:00 mx1 postfix/smtpd[812]: 4F3A2B: client=unknown[192.0.2.7]
+    2026-12-06T16:03:07.201734+00:00 mx1 postfix/local[812]: 4F3A2B: to=<bob@example.com>, ...
+
+The time is RFC 3339 with microseconds and the UTC offset (rsyslog's high-precision format,
+which pflogsumm 1.1.5 and fail2ban read; an ISO time without the offset is skipped by
+pflogsumm). The tag is ``SYSLOG_NAME/SERVICE[PID]``: ``PYMTA_SYSLOG_NAME`` (Postfix's
+``syslog_name``, default ``postfix``) and the Postfix daemon that would have written the line
+(:data:`SERVICES`: ``smtpd`` for the receiving side, ``cleanup`` for the pre-queue checks and
+the message-id, ``qmgr`` for the queue's ``from=``/``removed`` lines, ``local``/``lmtp``/
+``smtp`` for deliveries, ``bounce`` for notices, ``master`` for start and stop); a record
+names its own with ``extra={"service": ...}``. ``warning:``/``error:``/``fatal:`` precede the
+text as in Postfix. The container convention is stderr (the docker daemon collects it);
+``PYMTA_LOG_SYSLOG=yes`` adds ``/dev/log`` with facility mail and the same tag;
+``PYMTA_LOG_FORMAT=json`` (or the older ``PYMTA_LOG_JSON=yes``) turns stderr into one JSON
+object per line, with the record's fields (``qid``, ``client``, ``to``, ``status`` ...) as keys.
 
 ``SYSLOG_LEVEL`` (0 emerg .. 7 debug, default 5 notice) picks the threshold. Python has no
 notice level, so :data:`NOTICE` (25) sits between INFO and WARNING: log one line per message
-event (received, sent, deferred, bounced) at NOTICE so the default level shows it.
+event that log summaries count (received, sent, deferred, bounced, rejected) at NOTICE so the
+default level shows it; connection lines (``connect from``, ``disconnect from``) are INFO, as
+with Postfix's ``mail.info``, shown at ``SYSLOG_LEVEL=6``.
 
 :class:`RedactFilter` is installed on every handler as a last line of defence: whatever a
 module logs by mistake, an ``AUTH PLAIN <base64>`` initial response never reaches a log.
@@ -39,10 +53,10 @@ from typing import Any
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
 
-__all__ = ["NOTICE", "RedactFilter", "escape", "notice", "python_level", "redact",
-           "setup_logging"]
+__all__ = ["NOTICE", "SERVICES", "RedactFilter", "escape", "notice", "python_level", "redact",
+           "service_of", "setup_logging"]
 
-PROGRAM = "pymta"
+SYSLOG_NAME = "postfix"     # PYMTA_SYSLOG_NAME's default, Postfix's syslog_name
 NOTICE = 25
 logging.addLevelName(NOTICE, "NOTICE")
 
@@ -124,6 +138,67 @@ def _json_escaped(m: re.Match[str]) -> str:
     return f"\\u{ord(m.group()):04x}"
 
 
+# ------------------------------------------------------------------------------ the tag
+
+#: Logger name (or its nearest parent) → the Postfix daemon whose lines it writes, the part
+#: after ``SYSLOG_NAME/`` in the tag. pflogsumm counts ``client=`` and ``reject:`` lines only
+#: from ``smtpd``, and takes ``from=<>, size=`` from any other daemon.
+SERVICES = {
+    "pymta": "master",                  # start, stop, workers
+    "pymta.smtpd": "smtpd",
+    "pymta.sasl": "smtpd",              # the authenticators, asked by smtpd
+    "pymta.cleanup": "cleanup",         # message-id, the pre-queue checks
+    "pymta.pipeline": "cleanup",
+    "pymta.content": "cleanup",
+    "pymta.dkim": "cleanup",
+    "pymta.srs": "cleanup",
+    "pymta.queue": "qmgr",
+    "pymta.delivery": "qmgr",           # deliverylog: each record names its agent
+    "pymta.delivery.local": "local",
+    "pymta.delivery.maildir": "local",
+    "pymta.delivery.mbox": "local",
+    "pymta.delivery.lmtp": "lmtp",
+    "pymta.delivery.relay": "smtp",
+    "pymta.bounce": "bounce",
+}
+_OTHER = "pymta"                        # loggers of libraries and pymta's other modules
+_service_cache: dict[str, str] = {}
+
+
+def service_of(logger_name: str) -> str:
+    """The daemon name for records of ``logger_name``: its own entry in :data:`SERVICES`,
+    else its nearest parent's, else ``pymta``. Cached: one dict look-up per record."""
+    service = _service_cache.get(logger_name)
+    if service is None:
+        name = logger_name
+        while name not in SERVICES and "." in name:
+            name = name.rpartition(".")[0]
+        service = _service_cache[logger_name] = SERVICES.get(name, _OTHER)
+    return service
+
+
+class _Clock:
+    """RFC 3339 time stamps, ``2026-12-06T16:03:07.123456+01:00``: the date, time and offset
+    are formatted once per second, only the microseconds per record."""
+
+    __slots__ = ("_second", "_head", "_offset")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._head = ""
+        self._offset = ""
+
+    def stamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            local = time.localtime(second)
+            offset = time.strftime("%z", local) or "+0000"
+            self._head = time.strftime("%Y-%m-%dT%H:%M:%S", local)
+            self._offset = f"{offset[:3]}:{offset[3:]}"
+            self._second = second
+        return f"{self._head}.{int((created - second) * 1e6):06d}{self._offset}"
+
+
 # ------------------------------------------------------------------------------ formatters
 
 _PREFIX = {logging.CRITICAL: "fatal: ", logging.ERROR: "error: ", logging.WARNING: "warning: "}
@@ -137,16 +212,20 @@ def _prefix(levelno: int) -> str:
 
 
 class PostfixFormatter(logging.Formatter):
-    """``TIME HOST pymta[PID]: [warning: ]message`` — without time and host for syslog,
-    which adds its own."""
+    """``TIME HOST NAME/SERVICE[PID]: [warning: ]message`` — without time and host for
+    syslog, which adds its own."""
 
-    def __init__(self, host: str, with_time_and_host: bool = True) -> None:
+    def __init__(self, host: str, with_time_and_host: bool = True,
+                 syslog_name: str = SYSLOG_NAME) -> None:
         super().__init__()
         self.host = host
         self.with_time_and_host = with_time_and_host
+        self.syslog_name = syslog_name
+        self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
-        text = (f"{PROGRAM}[{record.process}]: {_prefix(record.levelno)}"
+        service = getattr(record, "service", None) or service_of(record.name)
+        text = (f"{self.syslog_name}/{service}[{record.process}]: {_prefix(record.levelno)}"
                 f"{escape(record.getMessage())}")
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -155,8 +234,7 @@ class PostfixFormatter(logging.Formatter):
             text = f"{text}{trace}"
         if not self.with_time_and_host:
             return text
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        return f"{stamp} {self.host} {text}"
+        return f"{self._clock.stamp(record.created)} {self.host} {text}"
 
 
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -167,31 +245,43 @@ _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", NOTICE: "notice",
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; fields passed with ``extra={...}`` become keys, so a caller
-    can attach ``qid`` or ``client`` for a log shipper to index."""
+    can attach ``qid`` or ``client`` for a log shipper to index; a dict passed that way
+    (deliverylog's ``mta_event``) gives its own keys. ``program`` is the Postfix tag
+    without the pid (``postfix/smtpd``), ``message`` the text of the Postfix line."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, syslog_name: str = SYSLOG_NAME) -> None:
         super().__init__()
         self.host = host
+        self.syslog_name = syslog_name
+        self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
+        service = getattr(record, "service", None) or service_of(record.name)
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-            + f".{int(record.msecs):03d}" + time.strftime("%z", time.localtime(record.created)),
+            "time": self._clock.stamp(record.created),
             "host": self.host,
-            "program": PROGRAM,
+            "program": f"{self.syslog_name}/{service}",
             "pid": record.process,
             "level": _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
             "logger": record.name,
             "message": escape(record.getMessage()),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRS and key not in entry:
-                entry[key] = value if isinstance(value, str | int | float | bool | None) \
-                    else str(value)
+            if key in _STANDARD_ATTRS or key == "service":
+                continue
+            if isinstance(value, dict):
+                for inner, item in value.items():
+                    entry.setdefault(str(inner), _json_value(item))
+            elif key not in entry:
+                entry[key] = _json_value(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         line = json.dumps(entry, ensure_ascii=False)
         return line if line.isascii() else _JSON_RAW.sub(_json_escaped, line)
+
+
+def _json_value(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | None) else str(value)
 
 
 class _MailSysLogHandler(logging.handlers.SysLogHandler):
@@ -218,7 +308,10 @@ def setup_logging(config: Config, stream: Any = None) -> None:
     host = config.hostname.partition(".")[0] or socket.gethostname()
     handlers: list[logging.Handler] = []
     err = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    err.setFormatter(JsonFormatter(host) if config.log_json else PostfixFormatter(host))
+    name = config.syslog_name
+    json_lines = config.log_format == "json" or (not config.log_format and config.log_json)
+    err.setFormatter(JsonFormatter(host, name) if json_lines
+                     else PostfixFormatter(host, syslog_name=name))
     handlers.append(err)
     if config.log_syslog:
         try:
@@ -227,7 +320,7 @@ def setup_logging(config: Config, stream: Any = None) -> None:
         except OSError as exc:
             raise ConfigError(
                 f"PYMTA_LOG_SYSLOG: cannot open /dev/log: {exc.strerror or exc}: 'yes'") from None
-        syslog.setFormatter(PostfixFormatter(host, with_time_and_host=False))
+        syslog.setFormatter(PostfixFormatter(host, with_time_and_host=False, syslog_name=name))
         handlers.append(syslog)
 
     root = logging.getLogger()

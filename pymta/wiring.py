@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from pymta.callbacks import AgentLike, LookupLike, as_delivery_agent, as_recipient_lookup
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
-from pymta.contracts import Authenticator, DeliveryAgent, RecipientLookup, Router
+from pymta.contracts import Authenticator, DeliveryAgent, Probeable, RecipientLookup, Router
 from pymta.dns import DNSResolver
 from pymta.peername import PeerNameResolver
 from pymta.srs import SRS
@@ -65,8 +65,8 @@ if TYPE_CHECKING:
     from pymta.pipeline.dkimkeys import KeyStore
 
 __all__ = ["AUTHENTICATORS", "DELIVERY_AGENTS", "PIPELINE_STAGES", "RECIPIENT_LOOKUPS",
-           "Adapter", "Services", "build_authenticator", "build_pipeline", "build_router",
-           "check", "hash_password", "recipient_lookup"]
+           "Adapter", "Services", "backend_probes", "build_authenticator", "build_pipeline",
+           "build_router", "check", "hash_password", "recipient_lookup"]
 
 
 # --------------------------------------------------------------------------- the entries
@@ -260,6 +260,39 @@ def build_authenticator(config: Config) -> Authenticator | None:
     services = Services(DNSResolver())
     return AuthChain([a.build(config, services) for a in chosen],
                      config.dovecot_auth_username_format)
+
+
+# --------------------------------------------------------------------------- health
+
+
+#: The adapters with a service behind them, by name, and the setting whose value their health
+#: line shows (where the service is). An adapter that gains a ``probe`` is added here.
+_WHERE = {"ldap": "ldap_host", "mysql": "mysql_host", "imap": "smtpd_sasl_imaphost"}
+
+
+def backend_probes(config: Config) -> list[tuple[str, Probeable]]:
+    """``pymta health``'s backends: every recipient source and SASL method the configuration
+    turns on that can be asked whether its service answers (:class:`~pymta.contracts.Probeable`:
+    LDAP, MySQL, remote IMAP; a table or password file has no service), built now as the
+    server builds them (no I/O), each with the name its health line shows (``ldap lookup
+    ldap://auth:389``, ``imap auth app:143``). The caller probes each and closes it.
+
+    Delivery targets (``VIRTUAL_TRANSPORT``, ``SMTP_RELAY_HOSTAUTH``) are not here on
+    purpose: one that is down defers mail, which the queue keeps; the server still accepts
+    mail, so it is healthy (the queue and the delivery log tell that story)."""
+    services = Services(DNSResolver())
+    out: list[tuple[str, Probeable]] = []
+    chosen = [("lookup", a) for a in RECIPIENT_LOOKUPS.values() if a.active(config)]
+    chosen += [("auth", AUTHENTICATORS[name]) for name in config.sasl_methods]
+    for role, adapter in chosen:
+        if adapter.name not in _WHERE:      # a table, a password file: nothing to ask
+            continue
+        adapter.require()
+        built = adapter.build(config, services)
+        if isinstance(built, Probeable):
+            out.append((f"{adapter.name} {role} {getattr(config, _WHERE[adapter.name])}",
+                        built))
+    return out
 
 
 def hash_password(password: str, scheme: str) -> str:

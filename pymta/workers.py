@@ -9,13 +9,19 @@ with its own event loop and queue manager over the shared spool; the queue store
 ``flock`` makes sure only one process attempts a message at a time, and a worker's crash
 releases its locks. Workers die with the supervisor (``PR_SET_PDEATHSIG``), so ``kill -9`` of
 the supervisor cannot leave orphans holding the port. The supervisor restarts a worker that
-exits unexpectedly (with a pause so a crash loop does not spin), forwards SIGTERM/SIGINT
-(stop) and SIGUSR1 (rescan the queue) to all workers, and owns the pid file.
+exits unexpectedly (with a pause so a crash loop does not spin), forwards SIGTERM (drain and
+stop), SIGINT (stop now) and SIGUSR1 (rescan the queue) to all workers, and owns the pid file.
 
-SIGUSR1's default action is to terminate, and a worker installs its real handler only once
-it has started (``serve_async``), so from the fork until then a worker records a SIGUSR1
-(``pymta queue flush``/``release`` during its start-up) and sends it to itself again as soon
-as the real handler is in place: the request is neither fatal nor lost.
+SIGHUP (reload, :mod:`pymta.reload`): the supervisor loads the configuration again and
+checks it; a bad one is logged once and goes no further. A good one becomes the supervisor's
+own (its reloadable part: the workers it forks later start from it) and SIGHUP goes to every
+worker, which loads and applies the same (a starting worker once it has started, see below).
+
+SIGUSR1's and SIGHUP's default action is to terminate, and a worker installs its real
+handlers only once it has started (``serve_async``), so from the fork until then a worker
+records a SIGUSR1 (``pymta queue flush``/``release`` during its start-up) or a SIGHUP and
+sends it to itself again as soon as the real handler is in place: the request is neither
+fatal nor lost.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pymta import app, wiring
+from pymta import app, exporter, wiring
+from pymta.config.errors import ConfigError
 from pymta.config.model import Config, ListenAddress
+from pymta.reload import plan
 from pymta.tls import server_ssl_context
 
 log = logging.getLogger("pymta")
@@ -83,11 +91,14 @@ def _probe(family: int, host: str, port: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload_config = reload_config
         self.children: dict[int, int] = {}   # pid -> worker index
         self.stopping = False
         self.sockets: list[dict[str, list[socket.socket]]] = []
+        self.exporter: exporter.MetricsExporter | None = None   # PYMTA_METRICS_LISTEN
 
     # ------------------------------------------------------------------ set-up
 
@@ -98,6 +109,7 @@ class Supervisor:
         wiring.check(config)              # every adapter's settings, nothing built
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         ssl_ctx = server_ssl_context(config)  # generates the self-signed pair once
+        self.exporter = exporter.for_config(config, multiprocess=True)   # bound, not serving
         n = config.workers
         kinds = {"smtp": _bind(config.smtp_listen, n)}
         if config.sasl_methods and ssl_ctx is not None:
@@ -116,19 +128,23 @@ class Supervisor:
         try:
             # First of all: the parent's handlers would forward signals to our siblings.
             self.children = {}
-            early = _EarlyUsr1()
+            early = _EarlySignals()
             signal.signal(signal.SIGUSR1, early)
+            signal.signal(signal.SIGHUP, early)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             _die_with_parent()
+            if self.exporter is not None:
+                self.exporter.in_worker()   # its own count files; the endpoint is ours
             for i, socks in enumerate(self.sockets):
                 if i != index:
                     for sock in (s for group in socks.values() for s in group):
                         sock.close()
             app.install_uvloop()
             code = asyncio.run(early.replayed(
-                app.serve_async(self.config, sockets=self.sockets[index], pid_file=False)))
+                app.serve_async(self.config, sockets=self.sockets[index], pid_file=False,
+                                reload_config=self.reload_config)))
         except BaseException:  # a worker must never return into the parent's code
             log.exception("worker %d failed", index)
         finally:
@@ -142,7 +158,21 @@ class Supervisor:
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
-        self._forward(signal.SIGTERM)
+        self._forward(signum)    # SIGTERM drains, SIGINT stops at once
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        try:
+            new = (self.reload_config or _load_from_environment)()
+            step = plan(self.config, new)
+            wiring.check(step.config)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        except Exception:     # a handler must not raise into the waitpid loop
+            log.exception("reload failed, the running configuration stays")
+            return
+        self.config = step.config
+        self._forward(signal.SIGHUP)
 
     def _on_usr1(self, signum: int, frame: object) -> None:
         self._forward(signal.SIGUSR1)
@@ -153,8 +183,11 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(signal.SIGHUP, self._on_hup)
         for first in range(self.config.workers):
             self._spawn(first)
+        if self.exporter is not None:
+            self.exporter.start()     # a thread: after the first forks
         with open(pid_path, "w") as f:
             f.write(f"{os.getpid()}\n")
         log.log(25, "pymta started: %d workers (supervisor pid %d)", self.config.workers,
@@ -170,6 +203,8 @@ class Supervisor:
                 index = self.children.pop(pid, None)
                 if index is None:
                     continue
+                if self.exporter is not None:
+                    self.exporter.worker_exited(pid)
                 code = os.waitstatus_to_exitcode(status)
                 if self.stopping:
                     continue
@@ -189,33 +224,48 @@ class Supervisor:
                     os.waitpid(pid, 0)
             with contextlib.suppress(OSError):
                 os.unlink(pid_path)
+            if self.exporter is not None:
+                self.exporter.close()
             log.log(25, "pymta stopped")
         return exit_code
 
 
-class _EarlyUsr1:
-    """A starting worker's SIGUSR1 handler: records the request (see the module docstring).
+def _load_from_environment() -> Config:
+    from pymta.config.load import load_config
 
-    The real handler is installed by ``serve_async`` (``loop.add_signal_handler``) once the
-    server has started; ``replayed`` runs it and, as soon as the handler has changed, sends
-    one SIGUSR1 to this process if any arrived before. (Polling, every ``STARTUP_POLL``
-    seconds during start-up only: ``serve_async`` offers no hook for "started".)
+    return load_config()
+
+
+class _EarlySignals:
+    """A starting worker's SIGUSR1 and SIGHUP handler: records the requests (see the module
+    docstring).
+
+    The real handlers are installed by ``serve_async`` (``loop.add_signal_handler``) once the
+    server has started; ``replayed`` runs it and sends each signal that arrived before to
+    this process once, as soon as that signal's real handler is in place. (Polling, every
+    ``STARTUP_POLL`` seconds during start-up only: ``serve_async`` offers no hook for
+    "started".)
     """
 
+    SIGNALS = (signal.SIGUSR1, signal.SIGHUP)
+
     def __init__(self) -> None:
-        self.requested = False
+        self.requested: set[int] = set()
 
     def __call__(self, signum: int, frame: object) -> None:
-        self.requested = True
+        self.requested.add(signum)
 
     async def replayed(self, serve: Coroutine[Any, Any, int]) -> int:
         task = asyncio.ensure_future(serve)
-        while not task.done():
-            if signal.getsignal(signal.SIGUSR1) is not self:    # the real one is in place
-                if self.requested:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                break
-            await asyncio.wait({task}, timeout=STARTUP_POLL)
+        waiting = list(self.SIGNALS)
+        while waiting and not task.done():
+            for signum in list(waiting):
+                if signal.getsignal(signum) is not self:    # the real one is in place
+                    waiting.remove(signum)
+                    if signum in self.requested:
+                        os.kill(os.getpid(), signum)
+            if waiting:
+                await asyncio.wait({task}, timeout=STARTUP_POLL)
         return await task
 
 

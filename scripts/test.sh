@@ -61,6 +61,12 @@ APT_PACKAGES+=(zip)
 APT_PACKAGES+=(redis-server)
 # haproxy: a real load balancer sending the PROXY protocol header (v1, v2) to pymta.
 APT_PACKAGES+=(haproxy)
+# dovecot-pop3d dovecot-ldap: the demo's Dovecot (demo/dovecot) serving over IMAP and POP3 what
+# pymta delivered, with its passwords in LDAP (tests/integration/test_dovecot_demo.py).
+APT_PACKAGES+=(dovecot-pop3d dovecot-ldap)
+# pflogsumm fail2ban: the real log readers that must parse pymta's Postfix-style log unchanged
+# (tests/integration/test_postfix_logs.py runs pflogsumm and fail2ban-regex on it).
+APT_PACKAGES+=(pflogsumm fail2ban)
 # Debian's python3 ships without ensurepip; `python3 -m venv` then fails until python3-venv is in.
 if [[ ! -x .venv/bin/python ]] && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
     APT_PACKAGES+=(python3-venv)

@@ -8,16 +8,26 @@ pass, 1 when any fails, so ``docker ps`` and a monitoring probe read the same an
   loopback);
 - the queue directory is writable (a file is created and removed in it);
 - every configured content scanner answers (clamd ``PING``, spamd ``PING``, rspamd
-  ``/ping``): a scanner that is down shows here as well as in the server's log (issue 12).
+  ``/ping``): a scanner that is down shows here as well as in the server's log (issue 12);
+- every configured backend answers (issue 13): the LDAP directory and the MySQL database of
+  the recipient lookups and of SASL, and the IMAP server of ``SMTPD_SASL_IMAPHOST``. Each is
+  asked through the adapter's own ``probe()`` (:class:`~pymta.contracts.Probeable`, found by
+  ``pymta.wiring.backend_probes``): a bind and a read of the search base, ``SELECT
+  VERSION()``, the IMAP greeting with ``CAPABILITY`` and ``STARTTLS``. A backend that is down
+  makes the server answer ``451``/``454`` to every client, so it is unhealthy. A delivery
+  target that is down (LMTP, smart host) is not asked: the queue keeps that mail, and the
+  server is still doing its job.
 
-Every check has its own deadline (``--timeout``, default 5 s), and they run at once, so the
-command ends within about that time whatever hangs. Recipient directories and SASL backends
-are not asked yet (issue 13 adds them).
+Every check has its own deadline (``--timeout``, default 5 s; the backends' own connect and
+query timeouts are cut to it too), and they run at once, so the command ends within about
+that time whatever hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from pymta.config.model import Config, ListenAddress
+from pymta.contracts import Closeable, Probeable
 
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
@@ -94,6 +105,26 @@ def _scanners(config: Config, timeout: float) -> list[tuple[str, Callable[[], Aw
     return out
 
 
+def _backends(config: Config,
+              timeout: float) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+    """The configured backends' probes, built with their timeouts no longer than ours (an
+    LDAP connect runs in a thread that a deadline cannot stop)."""
+    from pymta import wiring
+
+    bounded = dataclasses.replace(config, lookup_timeout=min(config.lookup_timeout, timeout))
+    return [(name, functools.partial(_probe, adapter))
+            for name, adapter in wiring.backend_probes(bounded)]
+
+
+async def _probe(adapter: Probeable) -> str:
+    try:
+        return await adapter.probe()
+    finally:
+        if isinstance(adapter, Closeable):
+            with contextlib.suppress(Exception):
+                await adapter.aclose()
+
+
 async def _one(name: str, work: Callable[[], Awaitable[Any]], timeout: float) -> Result:
     try:
         async with asyncio.timeout(timeout):
@@ -113,6 +144,7 @@ async def run_checks(config: Config, timeout: float = 5.0) -> list[Result]:
     checks.append(("queue directory",
                    lambda: asyncio.to_thread(_queue_writable, config)))
     checks += _scanners(config, timeout)
+    checks += _backends(config, timeout)
     return list(await asyncio.gather(*(_one(n, w, timeout) for n, w in checks)))
 
 

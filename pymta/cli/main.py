@@ -1,6 +1,7 @@
-"""The ``pymta`` command (also ``python -m pymta``): serve, check-config, health, queue management,
-``passwd hash`` (``{SCHEME}`` password hashes for ``SMTPD_SASL_CLIENTAUTH``) and ``dkim
-show``/``dkim keygen`` (signing keys and the DNS TXT records to publish).
+"""The ``pymta`` command (also ``python -m pymta``): serve, check-config, config dump (the
+effective configuration as TOML), health, queue management, ``passwd hash`` (``{SCHEME}``
+password hashes for ``SMTPD_SASL_CLIENTAUTH``) and ``dkim show``/``dkim keygen`` (signing
+keys and the DNS TXT records to publish).
 
 The CLI is what an operator touches first, often with a mistyped variable, so every expected
 problem is one line on stderr and an exit status, never a traceback: configuration errors
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[config_opt],
                    help="check the configuration and print a summary")
     health = sub.add_parser("health", parents=[queue_opt],
-                            help="check listeners, queue and scanners (exit 0: healthy)")
+                            help="check listeners, queue, scanners and backends "
+                                 "(exit 0: healthy)")
     health.add_argument("--json", action="store_true", help="machine-readable output")
     health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="deadline of each check (default 5)")
@@ -76,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="teach the spam engine (PYMTA_SPAMD or PYMTA_RSPAMD) messages")
     learn.add_argument("kind", choices=("spam", "ham"), help="what the messages are")
     learn.add_argument("files", metavar="FILE", nargs="+", help="one message per file")
+    learn.set_defaults(handler=_learn)
+    cf = sub.add_parser("config", help="the effective configuration")
+    cfsub = cf.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    cf_dump = cfsub.add_parser("dump", parents=[config_opt],
+                               help="print the configuration serve uses as TOML "
+                                    "(secrets masked)")
+    cf_dump.add_argument("--show-secrets", action="store_true",
+                         help="write passwords and keys instead of ********")
+    cf_dump.add_argument("-o", "--output", metavar="FILE",
+                         help="write to FILE (mode 0600) instead of stdout")
+    _tls_parser(sub, queue_opt)
     dk = sub.add_parser("dkim", help="DKIM signing keys and the DNS records to publish")
     dksub = dk.add_subparsers(dest="dkim_command", metavar="ACTION", parser_class=_Parser)
     dk_show = dksub.add_parser("show", parents=[queue_opt],
@@ -89,6 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
     dk_gen.add_argument("--algorithm", choices=("rsa", "ed25519"),
                         help="key type (default: DKIM_ALGORITHM)")
     return parser
+
+
+def _tls_parser(sub: argparse._SubParsersAction[_Parser], queue_opt: _Parser) -> None:
+    tls = sub.add_parser("tls", help="server TLS tools")
+    tsub = tls.add_subparsers(dest="tls_command", metavar="ACTION", parser_class=_Parser)
+    dh = tsub.add_parser("dhparam", parents=[queue_opt],
+                         help="make new DH parameters (the image's update_postfix_dhparam)")
+    dh.add_argument("--bits", type=int, default=2048, metavar="N",
+                    help="size in bits (default 2048)")
+    dh.add_argument("--out", metavar="FILE", help="where to write (default: "
+                    "SMTPD_TLS_DH1024_PARAM_FILE, else <state dir>/tls/dhparam.pem)")
+    tls.set_defaults(handler=_tls)
+
+
+def _tls(args: argparse.Namespace) -> int:
+    if args.tls_command != "dhparam":
+        raise _UsageError("tls: which action? dhparam (see 'pymta tls --help')")
+    from pymta.cli import tls as tls_cli
+
+    # --out needs no configuration (a fresh container may not have one yet)
+    return tls_cli.dhparam(args, None if args.out else _load(args), sys.stdout)
+
+
+def _learn(args: argparse.Namespace) -> int:
+    from pymta.cli import learn
+
+    return learn.run(args, _load(args))
 
 
 def _quarantine_parser(sub: argparse._SubParsersAction[_Parser],
@@ -166,7 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config)
     from pymta.daemon import serve
 
-    sys.exit(serve(config))
+    sys.exit(serve(config, reload_config=lambda: _load(args)))
 
 
 def _listeners(config: Config) -> str:
@@ -179,14 +219,16 @@ def _listeners(config: Config) -> str:
 
 
 def _tls_summary(config: Config) -> str:
-    """Checks given certificate files; never generates the self-signed pair (that is
-    ``serve``'s job, and check-config must not change anything)."""
-    from pymta.tls import selfsigned_paths, server_ssl_context
+    """Checks every certificate source (files, ``ACME_FILE``, DH parameters); never
+    generates the self-signed pair nor writes the ACME files (that is ``serve``'s job, and
+    check-config must not change anything)."""
+    from pymta.servertls import check, tls_configured
+    from pymta.tls import selfsigned_paths
 
-    if config.smtpd_tls_cert_file:
-        server_ssl_context(config)
-        return f"certificate {config.smtpd_tls_cert_file}"
-    if config.smtpd_use_tls:
+    if tls_configured(config):
+        material = check(config)
+        if material.pairs:
+            return material.summary()
         cert, key = selfsigned_paths(config)
         if cert.exists() and key.exists():
             return f"self-signed {cert}"
@@ -253,6 +295,27 @@ def _health(args: argparse.Namespace, out: TextIO) -> int:
     if not args.timeout > 0:
         raise _UsageError(f"health: --timeout must be more than zero: {args.timeout!r}")
     return health.run(config, args.json, args.timeout, out)
+
+
+def _config_dump(args: argparse.Namespace, out: TextIO) -> int:
+    """``config dump``: what ``serve`` would use (loaded and checked as it does), as TOML;
+    with ``-o`` into a new file only the owner can read (it may hold secrets)."""
+    from pymta.config.dump import dump_toml
+
+    config = _load(args)
+    _check(args, config)
+    named = args.config or os.environ.get("PYMTA_CONFIG", "").strip()
+    source = (f"the defaults, {named} and the environment" if named
+              else "the defaults and the environment")
+    text = dump_toml(config, show_secrets=args.show_secrets, source=source)
+    if not args.output:
+        out.write(text)
+        return 0
+    from pymta.files import replace_file
+
+    replace_file(args.output, text.encode("utf-8"), 0o600)
+    print(f"pymta: configuration written to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _queue(args: argparse.Namespace) -> int:
@@ -355,10 +418,12 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         if args.passwd_command != "hash":
             raise _UsageError("passwd: which action? hash (see 'pymta passwd --help')")
         return _passwd_hash(args)
-    if args.command == "learn":
-        from pymta.cli import learn
-
-        return learn.run(args, _load(args))
+    if args.command == "config":
+        if args.config_command != "dump":
+            raise _UsageError("config: which action? dump (see 'pymta config --help')")
+        return _config_dump(args, sys.stdout)
+    if getattr(args, "handler", None) is not None:     # learn, tls: their own modules
+        return int(args.handler(args))
     parser.print_help(sys.stderr)
     return EX_USAGE_OR_CONFIG
 

@@ -32,7 +32,8 @@ from typing import Any
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config, ListenAddress, RelayHost
 
-__all__ = ["load_config", "parse_bool", "parse_duration", "parse_listen", "parse_size"]
+__all__ = ["load_config", "parse_bool", "parse_duration", "parse_listen", "parse_size",
+           "setting_names"]
 
 # ------------------------------------------------------------------------------ value parsers
 # Each parser takes the variable name (for the message) and a raw value, which is a string
@@ -179,10 +180,28 @@ def _parse_one_listen(name: str, word: str) -> ListenAddress:
     return ListenAddress(host, int(port_text))
 
 
+def parse_metrics_listen(name: str, value: Any) -> ListenAddress | None:
+    """``PYMTA_METRICS_LISTEN``: one ``host:port`` (or ``[v6]:port``, or a bare port: all
+    IPv4 interfaces) for the Prometheus endpoint; empty (the default) or ``none``: off."""
+    words = _words(value)
+    if not words or [w.lower() for w in words] == ["none"]:
+        return None
+    if len(words) > 1:
+        raise ConfigError(f"{name}: one host:port, not {len(words)}: {value!r}")
+    return _parse_one_listen(name, words[0])
+
+
 def _parse_string(name: str, value: Any) -> str:
     if isinstance(value, dict | list | bool):
         raise ConfigError(f"{name}: not a string: {value!r}")
     return str(value).strip()
+
+
+def _path_words(name: str, value: Any) -> tuple[str, ...]:
+    """File names separated by commas or white space (Postfix's list syntax), in order."""
+    if isinstance(value, dict | bool):
+        raise ConfigError(f"{name}: not a list of file names: {value!r}")
+    return tuple(_words(value))
 
 
 def parse_relay_hostauth(name: str, value: Any) -> RelayHost | None:
@@ -367,6 +386,20 @@ def _level(name: str, value: Any) -> int:
     return level
 
 
+_SYSLOG_NAME = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
+
+
+def _syslog_name(name: str, value: Any) -> str:
+    """``PYMTA_SYSLOG_NAME``: the program part of every log line's tag, as Postfix's
+    ``syslog_name`` (``postfix``, ``postfix-out``, ``postfix/submission``): no blanks, no
+    brackets or colons, which would end the tag for a log reader."""
+    text = _parse_string(name, value)
+    if not _SYSLOG_NAME.fullmatch(text):
+        raise ConfigError(f"{name}: letters, digits, '.', '_', '-' and inner '/' only: "
+                          f"{value!r}")
+    return text
+
+
 _DESTINIES = ("pass", "bounce", "reject", "discard")
 
 
@@ -473,6 +506,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("max_recipients", "PYMTA_MAX_RECIPIENTS", _size(1)),
     _Setting("max_errors", "PYMTA_MAX_ERRORS", _size(1)),
     _Setting("idle_timeout", "PYMTA_IDLE_TIMEOUT", _duration(True)),
+    _Setting("shutdown_timeout", "PYMTA_SHUTDOWN_TIMEOUT", _duration(False)),
     _Setting("max_connections", "PYMTA_MAX_CONNECTIONS", _size(1)),
     _Setting("max_connections_per_ip", "PYMTA_MAX_CONNECTIONS_PER_IP", _size(1)),
     # Postfix's smtpd_client_connection_rate_limit: connections per client per minute, 0 off
@@ -485,6 +519,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("submission_listen", "PYMTA_SUBMISSION_LISTEN", parse_listen),
     _Setting("submissions_listen", "PYMTA_SUBMISSIONS_LISTEN", parse_listen),
     _Setting("workers", "PYMTA_WORKERS", _size(1)),
+    _Setting("metrics_listen", "PYMTA_METRICS_LISTEN", parse_metrics_listen),
     _Setting("pipeline_timeout", "PYMTA_PIPELINE_TIMEOUT", _duration(True)),
     _Setting("spf_check", "PYMTA_SPF", parse_bool),
     _Setting("spf_reject_fail", "SPF_REJECT_FAIL", parse_bool),
@@ -505,7 +540,17 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("smtpd_use_tls", "SMTPD_USE_TLS", parse_bool),
     _Setting("smtpd_tls_cert_file", "SMTPD_TLS_CERT_FILE", _parse_string),
     _Setting("smtpd_tls_key_file", "SMTPD_TLS_KEY_FILE", _parse_string),
+    _Setting("smtpd_tls_eccert_file", "SMTPD_TLS_ECCERT_FILE", _parse_string),
+    _Setting("smtpd_tls_eckey_file", "SMTPD_TLS_ECKEY_FILE", _parse_string),
+    _Setting("smtpd_tls_dcert_file", "SMTPD_TLS_DCERT_FILE", _parse_string),
+    _Setting("smtpd_tls_dkey_file", "SMTPD_TLS_DKEY_FILE", _parse_string),
+    # Postfix's smtpd_tls_chain_files: files read in order, each private key then its chain
+    _Setting("smtpd_tls_chain_files", "SMTPD_TLS_CHAIN_FILES", _path_words),
+    _Setting("smtpd_tls_dh1024_param_file", "SMTPD_TLS_DH1024_PARAM_FILE", _parse_string),
+    _Setting("acme_file", "ACME_FILE", _parse_string),
+    _Setting("acme_posthook", "ACME_POSTHOOK", _parse_string),
     _Setting("smtpd_sasl_clientauth", "SMTPD_SASL_CLIENTAUTH", _stripped_secret),
+    _Setting("sasl_passwd_file", "PYMTA_SASL_PASSWD_FILE", _parse_string),
     _Setting("smtpd_sasl_imaphost", "SMTPD_SASL_IMAPHOST", _parse_string),
     _Setting("ldap_query_attrs_pass", "LDAP_QUERY_ATTRS_PASS", _parse_string),
     _Setting("ldap_query_filter_pass", "LDAP_QUERY_FILTER_PASS", _parse_string),
@@ -567,7 +612,17 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("syslog_level", "SYSLOG_LEVEL", _level),
     _Setting("log_syslog", "PYMTA_LOG_SYSLOG", parse_bool),
     _Setting("log_json", "PYMTA_LOG_JSON", parse_bool),
+    _Setting("log_format", "PYMTA_LOG_FORMAT", _on_error("postfix", "json")),
+    _Setting("syslog_name", "PYMTA_SYSLOG_NAME", _syslog_name),
 )
+
+
+def setting_names() -> dict[str, str]:
+    """Config field → the variable that sets it (the name a log line or an error uses)."""
+    names: dict[str, str] = {}
+    for setting in _SETTINGS:
+        names.setdefault(setting.field, setting.env)
+    return names
 
 
 def _toml_keys() -> dict[str, _Setting]:
@@ -708,6 +763,14 @@ def _check_together(values: dict[str, Any]) -> None:
         raise ConfigError(f"SMTPD_TLS_KEY_FILE: not set, but SMTPD_TLS_CERT_FILE is: {cert!r}")
     if key and not cert:
         raise ConfigError(f"SMTPD_TLS_CERT_FILE: not set, but SMTPD_TLS_KEY_FILE is: {key!r}")
+    for kind in ("EC", "D"):  # the ECDSA and DSA pairs: both files or neither
+        cert = values.get(f"smtpd_tls_{kind.lower()}cert_file", "")
+        key = values.get(f"smtpd_tls_{kind.lower()}key_file", "")
+        if bool(cert) != bool(key):
+            given, missing = ((f"SMTPD_TLS_{kind}CERT_FILE", f"SMTPD_TLS_{kind}KEY_FILE")
+                              if cert else (f"SMTPD_TLS_{kind}KEY_FILE",
+                                            f"SMTPD_TLS_{kind}CERT_FILE"))
+            raise ConfigError(f"{missing}: not set, but {given} is: {cert or key!r}")
     if values.get("spamd") and values.get("rspamd"):
         raise ConfigError("PYMTA_RSPAMD: set, but so is PYMTA_SPAMD: one spam engine at a time")
     first = values.get("queue_retry_first", _DEFAULTS.queue_retry_first)

@@ -70,6 +70,7 @@ class Config:
     max_recipients: int = 1000                       # PYMTA_MAX_RECIPIENTS
     max_errors: int = 20                             # PYMTA_MAX_ERRORS
     idle_timeout: float = 300.0                      # PYMTA_IDLE_TIMEOUT (seconds)
+    shutdown_timeout: float = 30.0                   # PYMTA_SHUTDOWN_TIMEOUT (SIGTERM drain)
     max_connections: int = 2000                      # PYMTA_MAX_CONNECTIONS
     max_connections_per_ip: int = 50                 # PYMTA_MAX_CONNECTIONS_PER_IP
     connection_rate_limit: int = 0                   # PYMTA_CONNECTION_RATE_LIMIT (/IP/min, 0 off)
@@ -81,12 +82,22 @@ class Config:
     submission_listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 587),)
     submissions_listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 465),)
     workers: int = 1                                 # PYMTA_WORKERS (load_config: one per core)
+    metrics_listen: ListenAddress | None = None      # PYMTA_METRICS_LISTEN (Prometheus; None off)
     # TLS
     smtpd_use_tls: bool = False                      # SMTPD_USE_TLS
     smtpd_tls_cert_file: str = ""                    # SMTPD_TLS_CERT_FILE
     smtpd_tls_key_file: str = ""                     # SMTPD_TLS_KEY_FILE
+    smtpd_tls_eccert_file: str = ""                  # SMTPD_TLS_ECCERT_FILE (ECDSA, beside RSA)
+    smtpd_tls_eckey_file: str = ""                   # SMTPD_TLS_ECKEY_FILE
+    smtpd_tls_dcert_file: str = ""                   # SMTPD_TLS_DCERT_FILE (DSA: not served)
+    smtpd_tls_dkey_file: str = ""                    # SMTPD_TLS_DKEY_FILE
+    smtpd_tls_chain_files: tuple[str, ...] = ()      # SMTPD_TLS_CHAIN_FILES (key then its chain)
+    smtpd_tls_dh1024_param_file: str = ""            # SMTPD_TLS_DH1024_PARAM_FILE (DHE params)
+    acme_file: str = "/acme/acme.json"               # ACME_FILE (Traefik's; absent: not used)
+    acme_posthook: str = ""                          # ACME_POSTHOOK (shell, after a new ACME cert)
     # SMTP AUTH (submission ports listen only when at least one SASL method is configured)
     smtpd_sasl_clientauth: str = field(default="", repr=False)  # SMTPD_SASL_CLIENTAUTH
+    sasl_passwd_file: str = ""                       # PYMTA_SASL_PASSWD_FILE (re-read on HUP)
     smtpd_sasl_imaphost: str = ""                    # SMTPD_SASL_IMAPHOST (host or host:port)
     ldap_query_attrs_pass: str = ""                  # LDAP_QUERY_ATTRS_PASS (uid=user)
     ldap_query_filter_pass: str = ""                 # LDAP_QUERY_FILTER_PASS (default: derived)
@@ -173,6 +184,8 @@ class Config:
     syslog_level: int = 5                            # SYSLOG_LEVEL 0..7
     log_syslog: bool = False                         # PYMTA_LOG_SYSLOG
     log_json: bool = False                           # PYMTA_LOG_JSON
+    log_format: str = ""                             # PYMTA_LOG_FORMAT postfix|json; "": LOG_JSON
+    syslog_name: str = "postfix"                     # PYMTA_SYSLOG_NAME (Postfix's syslog_name)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -180,7 +193,7 @@ class Config:
         """The SASL methods the variables activate, in the order they are tried (the image:
         a method is active when its required variables are set)."""
         methods = []
-        if self.smtpd_sasl_clientauth.strip():
+        if self.smtpd_sasl_clientauth.strip() or self.sasl_passwd_file:
             methods.append("passwd")
         if self.ldap_query_attrs_pass and getattr(self, "ldap_host", ""):
             methods.append("ldap")

@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pymta import metrics
 from pymta.pipeline import SpooledBody, Transaction
 from pymta.pipeline.headers import field_name
 from pymta.types import Action, Reply, Verdict
@@ -302,6 +303,7 @@ class ContentCheck:
 
     def _virus_failed(self, txn: Transaction, exc: BaseException) -> Verdict | None:
         self._virus_state.failed(exc)
+        metrics.error("virus_scanner")
         if self.policy.virus_on_error == "tempfail":
             log.info("%s: virus scan failed: %s; deferred", txn.qid, _safe(str(exc), 200))
             return Verdict(Action.TEMPFAIL, _SCANNER_DOWN, reason="virus scan failed")
@@ -319,6 +321,7 @@ class ContentCheck:
             report.spam = await self.spam.score(path, txn)
         except ScannerError as exc:
             self._spam_state.failed(exc)
+            metrics.error("spam_scanner")
             if self.policy.spam_on_error == "tempfail":
                 log.info("%s: spam check failed: %s; deferred", txn.qid, _safe(str(exc), 200))
                 return Verdict(Action.TEMPFAIL, _SCANNER_DOWN, reason="spam check failed")

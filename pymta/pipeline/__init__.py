@@ -39,6 +39,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from pymta import metrics
 from pymta.contracts import Check, Modifier
 from pymta.pipeline.headers import filter_bytes
 from pymta.types import Action, Decision, DropPredicate, Recipient, Reply, Verdict
@@ -235,6 +236,7 @@ class Pipeline:
                 reasons.append(f"{modifier.name}: {exc}")
             except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
                 log.error("%s: %s failed: %r", txn.qid, modifier.name, exc)
+                metrics.error("pipeline")
                 return Decision(Action.TEMPFAIL, TEMPFAIL_REPLY,
                                 reasons=(*reasons, f"{modifier.name}: {exc!r}"))
         decision = _decision(txn, original, action, reply, reasons)
@@ -252,9 +254,11 @@ class Pipeline:
             return Verdict(reason=f"cannot evaluate: {exc}")
         except TimeoutError:
             log.warning("%s: %s timed out after %.0fs", txn.qid, check.name, self.timeout)
+            metrics.error("pipeline")
             return Verdict(Action.TEMPFAIL, TEMPFAIL_REPLY, reason="timeout")
         except Exception as exc:  # noqa: BLE001 - any stage fault is temporary
             log.error("%s: %s failed: %r", txn.qid, check.name, exc)
+            metrics.error("pipeline")
             return Verdict(Action.TEMPFAIL, TEMPFAIL_REPLY, reason=repr(exc))
 
 

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pymta import metrics
 from pymta.types import QueueId
 
 log = logging.getLogger("pymta.queue")
@@ -206,6 +207,8 @@ class GroupCommitter:
                 log.exception("group commit failed")
                 errors = [e] * (len(batch) + len(removals))
             self._finish(batch + removals, errors)
+            if batch:
+                metrics.commit_batch(len(batch))
 
     def _finish_late(self, batch: list[CommitItem | RemoveItem],
                      work: asyncio.Future[list[BaseException | None]]) -> None:

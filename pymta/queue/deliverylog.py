@@ -17,6 +17,11 @@ every non-printable character (CR, LF, U+2028, U+0085, undecodable bytes ...) es
 time from arrival to the start of this attempt and ``d`` the time the delivery agent took;
 ``b`` and ``c`` are always ``0``. Each record also carries the fields as
 ``extra={"mta_event": {...}}`` so a JSON formatter can emit them without parsing the text.
+
+Each line is tagged with the Postfix daemon that writes it (``extra={"service": ...}``, see
+:mod:`pymta.log`): ``qmgr`` for ``from=``/``removed``, the delivery agent (``local``,
+``lmtp``, ``smtp``) for ``to=``, ``bounce`` for the notices. The ``from=<>, size=`` line is
+NOTICE, as the ``to=`` lines are: pflogsumm takes the sender and the size from it.
 """
 
 from __future__ import annotations
@@ -85,21 +90,24 @@ def format_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, re
 
 def log_active(qid: str, envelope: Envelope) -> None:
     """An attempt starts: who sent it, how big, how many recipients are still pending."""
-    if not LOG.isEnabledFor(logging.INFO):     # INFO is below the default level: skip the work
+    if not LOG.isEnabledFor(NOTICE):
         return
-    LOG.info(format_active(qid, envelope),
-             extra={"mta_event": {"qid": qid, "event": "active", "from": envelope.sender,
-                                  "size": envelope.size, "nrcpt": len(envelope.pending())}})
+    LOG.log(NOTICE, format_active(qid, envelope), extra={
+        "service": "qmgr",
+        "mta_event": {"qid": qid, "event": "active", "from": envelope.sender,
+                      "size": envelope.size, "nrcpt": len(envelope.pending())}})
 
 
 def log_recipient(qid: str, rcpt: Recipient, *, status: str, reply: Reply, relay: str,
-                  delay: float, delays: tuple[float, float, float, float]) -> None:
-    """The result of one attempt for one recipient."""
+                  delay: float, delays: tuple[float, float, float, float],
+                  service: str = "qmgr") -> None:
+    """The result of one attempt for one recipient; ``service`` is the agent that made it
+    (``local``, ``lmtp``, ``smtp``), the Postfix daemon the line is tagged with."""
     if not LOG.isEnabledFor(NOTICE):
         return
     line = format_recipient(qid, rcpt, status=status, reply=reply, relay=relay, delay=delay,
                             delays=delays)
-    LOG.log(NOTICE, line, extra={"mta_event": {
+    LOG.log(NOTICE, line, extra={"service": service, "mta_event": {
         "qid": qid, "event": "recipient", "to": rcpt.address, "orig_to": rcpt.original,
         "relay": relay, "delay": round(delay, 3), "dsn": reply.enhanced, "status": status,
         "reply": _reply_text(reply)}})
@@ -111,12 +119,13 @@ def log_notice(qid: str, kind: str, notice_qid: str) -> None:
              "delivered": "sender delivery status notification",
              "delayed": "sender delay notification"}.get(kind, f"sender {kind} notification")
     LOG.log(NOTICE, f"{qid}: {label}: {notice_qid}",
-             extra={"mta_event": {"qid": qid, "event": "dsn", "kind": kind,
-                                  "dsn_qid": notice_qid}})
+            extra={"service": "bounce", "mta_event": {"qid": qid, "event": "dsn",
+                                                       "kind": kind, "dsn_qid": notice_qid}})
 
 
 def log_removed(qid: str) -> None:
     """Every recipient reached a final state; the message left the queue."""
     if not LOG.isEnabledFor(logging.INFO):
         return
-    LOG.info(f"{qid}: removed", extra={"mta_event": {"qid": qid, "event": "removed"}})
+    LOG.info(f"{qid}: removed", extra={"service": "qmgr",
+                                       "mta_event": {"qid": qid, "event": "removed"}})

@@ -25,6 +25,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 
+from pymta import metrics
 from pymta.contracts import MessageLock, QueueStore, Spool
 from pymta.pipeline.headers import copy_without
 from pymta.queue import quarantine
@@ -90,7 +91,6 @@ class Intake:
                      decision: Decision | None = None) -> QueueId:
         """Queue the message in ``spool`` (see the module docstring); on return it may be
         acknowledged with ``250``. ``decision`` None: no pipeline ran (nothing to apply)."""
-        sender = envelope.sender      # as the client gave it: the log line shows that one
         envelope.held = envelope.held or self.hold_incoming
         if decision is not None:
             if decision.sender is not None:
@@ -118,15 +118,15 @@ class Intake:
             qid = await self.store.commit(spool, envelope)
         except TemporaryFailure as exc:
             log.error("%s: queue commit failed: %s", spool.qid, exc.reply)
+            metrics.error("queue_write")
             raise
         except OSError as exc:
             log.error("%s: queue commit failed: %s", spool.qid, exc)
+            metrics.error("queue_write")
             spool.abort()
             raise self.store.write_fault(exc) from exc
-        log.info("%s: client=%s[%s], from=<%s>, size=%d, nrcpt=%d%s", qid,
-                 envelope.client_name or "unknown", envelope.client_ip, sender, envelope.size,
-                 len(envelope.recipients),
-                 f", sasl_username={envelope.auth_user}" if envelope.auth_user else "")
+        # the Postfix lines of a received message (client=, message-id=) are the session's
+        # (pymta.receiving.smtpdlog), the queue's from=/size= line the queue manager's
         if decision is not None and decision.quarantine_kind:
             log.log(25, "%s: quarantine: %s: %s", qid, decision.quarantine_kind,
                     decision.quarantine)

@@ -110,6 +110,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import metrics
 from ..contracts import (
     DeliveryAgent,
     FlushableAgent,
@@ -266,6 +267,8 @@ class QueueManager:
             raise ValueError("delay_warning must be a finite number of seconds, at least 0")
         self._store = store
         self._router = router
+        # the Postfix daemon named in the to= lines of local recipients (remote ones: smtp)
+        self._local_service = "lmtp" if getattr(router, "local_key", "") == "lmtp" else "local"
         self._policy = policy
         self._hostname = hostname
         self._postmaster = postmaster
@@ -816,6 +819,14 @@ class QueueManager:
 
     async def _deliver_group(self, att: _Attempt, key: str, agent: DeliveryAgent,
                              rcpts: list[Recipient]) -> Results:
+        """One agent call (:meth:`_call_agent`), counted in the metrics."""
+        started = metrics.clock()
+        results = await self._call_agent(att, key, agent, rcpts)
+        metrics.delivered(key, (o.kind.value for _, o in results), started, att.env.received_at)
+        return results
+
+    async def _call_agent(self, att: _Attempt, key: str, agent: DeliveryAgent,
+                          rcpts: list[Recipient]) -> Results:
         """One agent call; exceptions and missing outcomes become temporary failures.
 
         While the call runs, its task is in ``att.calls``, where a stop finds what it may
@@ -845,6 +856,7 @@ class QueueManager:
                     outcomes = await agent.deliver(msg, rcpts)
         except TimeoutError:
             log.error("%s: transport %s timed out after %ss", qid, key, self._agent_timeout)
+            metrics.error("delivery")
             return self._so_far(qid, key, rcpts, reported, TIMEOUT_ERROR)
         except asyncio.CancelledError:
             if reported:    # a stop: what the agent did before it is recorded all the same
@@ -852,6 +864,7 @@ class QueueManager:
             raise
         except Exception:
             log.exception("%s: transport %s raised; recipients deferred", qid, key)
+            metrics.error("delivery")
             return self._so_far(qid, key, rcpts, reported, LOCAL_ERROR)
         finally:
             att.calls.discard(task)
@@ -965,7 +978,8 @@ class QueueManager:
             deliverylog.log_recipient(att.qid, rcpt, status=status, reply=o.reply,
                                       relay=o.relay, delay=now - env.received_at,
                                       delays=(max(att.start - env.received_at, 0.0), 0.0,
-                                              0.0, max(now - att.start, 0.0)))
+                                              0.0, max(now - att.start, 0.0)),
+                                      service=self._local_service if rcpt.local else "smtp")
         return delivered
 
     async def _conclude(self, att: _Attempt, results: Results) -> None:

@@ -25,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pymta import metrics
 from pymta.contracts import Authenticator, CramMD5Authenticator
 from pymta.smtp import events as ev
 from pymta.types import ConnInfo, Identity, Reply, TemporaryFailure
@@ -119,14 +120,17 @@ class AuthPolicy:
         except TemporaryFailure as exc:
             log.warning("%s[%s]: SASL %s authentication failed: %s, sasl_username=%s",
                         name, ip, event.mechanism, exc.reply.text, shown)
+            metrics.error("auth")
             return AuthResult(R_AUTH_TEMP)
         except TimeoutError:
             log.warning("%s[%s]: SASL %s authentication failed: no answer within %gs, "
                         "sasl_username=%s", name, ip, event.mechanism, self.timeout, shown)
+            metrics.error("auth")
             return AuthResult(R_AUTH_TEMP)
         except Exception as exc:  # noqa: BLE001 - a broken authenticator: temporary, no traceback
             log.error("%s[%s]: SASL %s authenticator failed: %s, sasl_username=%s",
                       name, ip, event.mechanism, type(exc).__name__, shown)
+            metrics.error("auth")
             return AuthResult(R_AUTH_TEMP)
         if identity is None:
             log.warning("%s[%s]: SASL %s authentication failed: authentication failure, "

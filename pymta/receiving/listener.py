@@ -34,6 +34,9 @@ kernel spreads a client's connections over the workers).
 Stopping (:func:`close_sessions`): a session waiting for its client gets ``421 4.3.2`` at once;
 one whose decision is pending (a message being committed) gets its answer first and then the
 ``421``, within a grace period, so a message is not committed without its ``250`` being sent.
+Draining first (:func:`drain_sessions`, SIGTERM with ``PYMTA_SHUTDOWN_TIMEOUT``): a mail
+transaction under way is let finish (its ``250`` is the point of the wait); a session outside
+one gets ``421 4.3.2`` as soon as it is its client's turn, and so does a new ``MAIL``.
 
 AUTH: the engine runs the SASL exchange and hands over finished credentials; the session asks
 ``pymta.receiving.auth`` (credentials, the delay before a ``535``, the log lines) and this
@@ -69,8 +72,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from pymta import metrics
 from pymta.peername import PeerNameResolver
-from pymta.receiving import proxyproto
+from pymta.receiving import proxyproto, smtpdlog
 from pymta.receiving.session import ReceiveContext, Session
 from pymta.smtp import events as ev
 from pymta.smtp.engine import Engine, EngineConfig
@@ -89,6 +93,8 @@ DRAIN_GRACE = 1.0
 # How long a closing connection may take to drain our last reply before it is dropped (a
 # client that stopped reading must not keep the socket forever).
 CLOSE_LINGER = 10.0
+# How often draining looks whether every session has ended.
+DRAIN_POLL = 0.05
 # How long a balancer in PYMTA_PROXY_PROTOCOL_FROM has to send its PROXY header.
 PROXY_HEADER_TIMEOUT = 10.0
 
@@ -162,12 +168,14 @@ class ListenerContext:
     proxy_from: Callable[[str], bool] | None = None  # PYMTA_PROXY_PROTOCOL_FROM; None: off
     active: set[SMTPServerProtocol] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
+    draining: bool = False   # transactions under way may finish; nothing new is begun
     stopping: bool = False
 
     def refusal(self, ip: str) -> Reply | None:
         """The ``421`` for a new connection from ``ip`` that a limit refuses, else None.
         Per-address limits spare ``MYNETWORKS`` (asked only when a limit would refuse)."""
         if len(self.active) >= self.max_connections:
+            metrics.refused("total")
             return Reply(421, "4.7.0", "Error: too many connections; try again later")
         rate = self.rate_limit.hit(ip) if self.rate_limit is not None else 0
         over_rate = self.rate_limit is not None and rate > self.rate_limit.limit
@@ -177,6 +185,7 @@ class ListenerContext:
                 # once per client and window, not once per refused connection
                 log.warning("connection rate limit exceeded: %d from [%s] in %gs", rate, ip,
                             self.rate_limit.window)
+            metrics.refused("rate" if over_rate else "per_ip")
             return Reply(421, "4.7.0", f"Error: too many connections from {ip}")
         return None
 
@@ -184,11 +193,13 @@ class ListenerContext:
 class SMTPServerProtocol(asyncio.Protocol):
     __slots__ = ("ctx", "cfg", "transport", "engine", "session", "_task", "_waiter",
                  "_timer", "_last", "_peer_ip", "_paused", "_write_paused", "_lost",
-                 "_implicit_tls", "_tls_early", "_greeted", "_busy", "_proxy_buf")
+                 "_implicit_tls", "_tls_early", "_greeted", "_busy", "_proxy_buf", "kind")
 
-    def __init__(self, ctx: ListenerContext, cfg: EngineConfig, implicit_tls: bool) -> None:
+    def __init__(self, ctx: ListenerContext, cfg: EngineConfig, implicit_tls: bool,
+                 kind: str = "smtp") -> None:
         self.ctx = ctx
         self.cfg = cfg
+        self.kind = kind    # the listener: smtp, submission, submissions (for the metrics)
         self._implicit_tls = implicit_tls
         self.transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
@@ -215,6 +226,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         ip, port = str(peer[0]), int(peer[1]) if len(peer) > 1 else 0
+        metrics.connection(self.kind)
         ctx = self.ctx
         if ctx.proxy_from is not None and not self._implicit_tls and ctx.proxy_from(ip):
             self._await_proxy_header(ip)
@@ -226,6 +238,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         towards the total limit meanwhile (``shutdown`` and the deadline close it)."""
         self._peer_ip = ip
         if len(self.ctx.active) >= self.ctx.max_connections:
+            metrics.refused("total")
             self._refuse(Reply(421, "4.7.0", "Error: too many connections; try again later"))
             return
         self._proxy_buf = bytearray()
@@ -286,10 +299,13 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         ctx.active.add(self)
         ctx.per_ip[ip] += 1
+        metrics.session_opened()
         self.engine = Engine(self.cfg)
         self.session = Session(ctx.receive, ip, port)
         if self._implicit_tls:
-            self.session.tls_info = describe_tls(transport.get_extra_info("ssl_object"))
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.session.tls_info = describe_tls(ssl_object)
+            metrics.tls_handshake(ssl_object)
         loop = asyncio.get_running_loop()
         self._last = loop.time()
         self._timer = loop.call_later(ctx.idle_timeout, self._check_idle)
@@ -343,6 +359,7 @@ class SMTPServerProtocol(asyncio.Protocol):
                 self._timer.cancel()
             return
         self._lost = True
+        metrics.session_closed()
         ctx = self.ctx
         ctx.active.discard(self)
         ctx.per_ip[self._peer_ip] -= 1
@@ -352,7 +369,12 @@ class SMTPServerProtocol(asyncio.Protocol):
             self._timer.cancel()
         task = self._task
         if self._greeted:
-            log.info("disconnect from %s[%s]", self.session.peer_name, self._peer_ip)
+            name, engine = self.session.peer_name, self.engine
+            if not engine.closed and not self.session.ending:    # gone without QUIT
+                smtpdlog.ended("lost connection", smtpdlog.after(engine.where,
+                                                                 engine.data_bytes),
+                               name, self._peer_ip)
+            smtpdlog.disconnect(name, self._peer_ip, engine.stats)
         elif task is not None and not task.done() and not task.cancelling():
             # gone while its name was looked up: nobody waits for that name any more
             task.cancel()
@@ -367,7 +389,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         """``connect from NAME[IP]`` and the greeting: the client's turn, and its idle
         clock, start now."""
         self._greeted = True
-        log.info("connect from %s[%s]", self.session.peer_name, self._peer_ip)
+        smtpdlog.connect(self.session.peer_name, self._peer_ip)
         self.engine.greeting()
         self._flush()
         self._last = asyncio.get_running_loop().time()
@@ -406,6 +428,9 @@ class SMTPServerProtocol(asyncio.Protocol):
             log.info("timeout writing to %s; dropping the connection", self._peer_ip)
             self.transport.abort()
             return
+        if not self.engine.closed:
+            smtpdlog.ended("timeout", smtpdlog.after(self.engine.where, self.engine.data_bytes),
+                           self.session.peer_name, self._peer_ip)
         self.engine.close(Reply(421, "4.4.2", f"{self.cfg.hostname} Error: timeout "
                                               "exceeded"), "idle timeout")
         self._wake()
@@ -433,6 +458,15 @@ class SMTPServerProtocol(asyncio.Protocol):
             self.engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
                               "shutdown")
             self._wake()
+
+    def drain(self) -> None:
+        """The server is draining: like ``shutdown`` for a session outside a mail
+        transaction; one inside goes on, and is told ``421`` once it has ended (see
+        ``_closing_for_shutdown``)."""
+        if self._proxy_buf is None and not self._lost and self._greeted \
+                and self.engine.in_transaction:
+            return
+        self.shutdown()
 
     def _flush(self) -> None:
         out = self.engine.take_output()
@@ -486,7 +520,9 @@ class SMTPServerProtocol(asyncio.Protocol):
         """Our replies so far go out; when the server is stopping, the engine closes with a
         ``421`` (True: it has that to say before the task waits)."""
         self._flush()
-        if self.ctx.stopping and not self.engine.closed:
+        ctx = self.ctx
+        if (ctx.stopping or (ctx.draining and not self.engine.in_transaction)) \
+                and not self.engine.closed:
             self.engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
                               "shutdown")
             return True
@@ -512,14 +548,20 @@ class SMTPServerProtocol(asyncio.Protocol):
                 session.on_data_chunk(event.data)
             case ev.RcptTo():
                 self._busy = True
-                engine.respond(await session.on_rcpt(event))
+                engine.respond(metrics.replied("rcpt", await session.on_rcpt(event)))
             case ev.MailFrom():
-                engine.respond(session.on_mail(event))
+                if self.ctx.draining:    # no new transaction while the server drains
+                    engine.close(Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}"),
+                                 "shutdown")
+                    return True
+                engine.respond(metrics.replied("mail", session.on_mail(event)))
             case ev.DataStart():
-                engine.respond(session.on_data_start(event))
+                engine.respond(metrics.replied("data", session.on_data_start(event)))
             case ev.DataEnd():
                 self._busy = True
-                engine.respond(await session.on_data_end(event))
+                # (the clock is read before the await: arguments are evaluated in order)
+                engine.respond(metrics.end_of_data(metrics.clock(),
+                                                   await session.on_data_end(event)))
             case ev.Helo():
                 session.on_helo(event)
             case ev.Reset():
@@ -535,6 +577,11 @@ class SMTPServerProtocol(asyncio.Protocol):
                     engine.auth_user = session.auth_user
                 engine.respond(reply)
             case ev.Close():
+                if event.reason == "too many errors":
+                    smtpdlog.ended("too many errors", engine.where, session.peer_name,
+                                   self._peer_ip)
+                elif event.reason == "pipelining violation":
+                    smtpdlog.pipelining(engine.where, session.peer_name, self._peer_ip)
                 self._flush()
                 session.abort()
                 self._close_transport()
@@ -557,6 +604,7 @@ class SMTPServerProtocol(asyncio.Protocol):
                                        ssl_handshake_timeout=self.ctx.tls_handshake_timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             self._tls_early = None
+            metrics.tls_failed()
             log.info("TLS handshake with %s failed: %s", self._peer_ip, exc)
             self._drop_after_tls(transport)
             return False
@@ -568,6 +616,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             self._drop_after_tls(transport)
             return False
         self.transport = new
+        metrics.tls_handshake(new.get_extra_info("ssl_object"))
         self.engine.tls_established()
         self.session.on_tls(describe_tls(new.get_extra_info("ssl_object")))
         if early:
@@ -610,6 +659,22 @@ async def close_sessions(ctx: ListenerContext, grace: float = SHUTDOWN_GRACE,
         await asyncio.sleep(0.02)
     for proto in list(ctx.active):
         _drop(proto)
+
+
+async def drain_sessions(ctx: ListenerContext, timeout: float,
+                         poll: float = DRAIN_POLL) -> None:
+    """Let the sessions of ``ctx`` (the listeners are closed already) finish the mail
+    transactions they are in, for up to ``timeout`` seconds, then stop what is left
+    (:func:`close_sessions`). Sessions outside a transaction are told ``421 4.3.2`` at once,
+    and every session once its transaction has ended."""
+    ctx.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for proto in list(ctx.active):
+        proto.drain()
+    while ctx.active and loop.time() < deadline:
+        await asyncio.sleep(poll)
+    await close_sessions(ctx)
 
 
 def _drop(proto: SMTPServerProtocol) -> None:

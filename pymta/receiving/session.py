@@ -16,8 +16,8 @@ a bug).
 
 A client that disconnects while the end-of-data decision runs (slow pre-queue checks) gets
 nothing queued: the pipeline keeps the spool file until it ends (its stages may be reading
-the file), then the session removes it and logs one NOTICE line, ``lost connection after end
-of data from NAME[IP]``. Once the pipeline is done, a disconnect aborts the spool at once
+the file), then the session removes it and logs one NOTICE line, ``lost connection after
+END-OF-MESSAGE from NAME[IP]``. Once the pipeline is done, a disconnect aborts the spool at once
 (its own state machine waits for a header rewrite running in a thread, and does nothing once
 the commit has taken it). Nothing was acknowledged, so the client sends the message again;
 only a disconnect after the commit has started leaves it queued (the unavoidable window of
@@ -44,12 +44,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from pymta import metrics
 from pymta.bounded import bounded
 from pymta.contracts import RecipientLookup, Spool
 from pymta.log import NOTICE
 from pymta.peername import UNKNOWN
 from pymta.pipeline import Pipeline, SpooledBody, Transaction
 from pymta.queue.intake import Intake
+from pymta.receiving import smtpdlog
 from pymta.receiving.auth import R_AUTH_TEMP, AuthPolicy
 from pymta.receiving.headerscan import HeaderScanner
 from pymta.receiving.received import protocol_name, received_header
@@ -127,7 +129,7 @@ class Session:
     before the greeting), for the ``Received:`` field and the log lines."""
 
     __slots__ = ("ctx", "peer_ip", "peer_port", "peer_name", "helo", "extended", "tls_info",
-                 "auth_user", "_sender", "_mail", "_targets", "_spool", "_scanner",
+                 "auth_user", "auth_method", "_sender", "_mail", "_targets", "_spool", "_scanner",
                  "_write_error", "_started", "_head", "_head_room", "_ending", "_reading",
                  "_gone", "_at_start")
 
@@ -141,6 +143,7 @@ class Session:
         self.extended = False
         self.tls_info: str | None = None
         self.auth_user: str | None = None
+        self.auth_method: str | None = None
         self._spool: Spool | None = None
         # True while on_data_end runs: an abort (the client disconnected) then sets ``_gone``
         # for it to report. ``_reading``: while the pipeline runs, whose stages may be
@@ -198,6 +201,7 @@ class Session:
         # queue could not take the message.
         refusal = self.ctx.intake.admission(event.params.size or 0)
         if refusal is not None:
+            self._log_reject(None, "MAIL", refusal.reply, event.address, None)
             return refusal.reply
         self._mail = event
         self._sender = event.address
@@ -206,6 +210,25 @@ class Session:
         return Reply(250, "2.1.0", "Ok")
 
     async def on_rcpt(self, event: ev.RcptTo) -> Reply:
+        reply = await self._rcpt(event)
+        if reply.code >= 400:
+            self._log_reject(None, "RCPT", reply, self._sender, event.address)
+        return reply
+
+    @property
+    def ending(self) -> bool:
+        """True while the end-of-data decision runs (its own line reports a lost client)."""
+        return self._ending
+
+    def _log_reject(self, qid: str | None, where: str, reply: Reply, sender: str | None,
+                    rcpt: str | None, verdict: str = "reject", reason: str = "") -> None:
+        """Postfix's ``NOQUEUE: reject: RCPT from NAME[IP]: ...`` line (pflogsumm's rejects,
+        fail2ban's ``postfix`` filter)."""
+        smtpdlog.reject(qid, where, self.peer_name, self.peer_ip, reply, sender=sender,
+                        rcpt=rcpt, proto="ESMTP" if self.extended else "SMTP", helo=self.helo,
+                        verdict=verdict, reason=reason)
+
+    async def _rcpt(self, event: ev.RcptTo) -> Reply:
         text = event.address
         if "@" not in text:  # bare <postmaster> (RFC 5321 §4.1.1.3)
             text = f"postmaster@{self.ctx.first_domain}"
@@ -217,13 +240,16 @@ class Session:
                                             self.ctx.lookup_timeout)
             except SMTPError as exc:
                 log.warning("lookup of <%s> failed: %s", text, exc.reply)
+                metrics.error("lookup", exc.reply)
                 return exc.reply
             except TimeoutError:
                 log.warning("lookup of <%s> failed: no answer within %gs", text,
                             self.ctx.lookup_timeout)
+                metrics.error("lookup")
                 return R_LOOKUP_TEMP
             except Exception as exc:  # noqa: BLE001 - a broken lookup is a temporary failure
                 log.error("lookup of <%s> failed: %r", text, exc)
+                metrics.error("lookup")
                 return R_LOOKUP_TEMP
             if destination is None:
                 return Reply(550, "5.1.1", f"<{text}>: Recipient address rejected: "
@@ -277,6 +303,7 @@ class Session:
         result = await auth.check(event, conn)
         if result.identity is not None:
             self.auth_user = result.identity.username
+            self.auth_method = event.mechanism
         return result.reply
 
     @property
@@ -323,7 +350,7 @@ class Session:
             self._ending = self._reading = False
             if self._gone:
                 self._gone = False
-                log.log(NOTICE, "lost connection after end of data from %s[%s]",
+                log.log(NOTICE, "lost connection after END-OF-MESSAGE from %s[%s]",
                         self.peer_name, self.peer_ip)
             if self._spool is not None:
                 self._spool.abort()     # a no-op once committed
@@ -335,15 +362,18 @@ class Session:
         if spool is None:
             return R_QUEUE_WRITE_ERROR
         if event.error is not None:
+            self._log_eom_reject(spool.qid, event.error)
             return event.error
         if self._write_error is not None:
             log.error("%s: queue file write error: %s", spool.qid, self._write_error)
             return self.ctx.intake.write_fault(self._write_error).reply
         scanner = self._scanner
         if scanner is not None and scanner.too_large:
-            return Reply(552, "5.3.4", "Error: message header size exceeds limit")
+            return self._log_eom_reject(spool.qid, Reply(552, "5.3.4", "Error: message header "
+                                                                       "size exceeds limit"))
         if scanner is not None and scanner.received > self.ctx.max_received:
-            return Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
+            return self._log_eom_reject(spool.qid, Reply(554, "5.4.6", "Error: too many hops "
+                                                                       "(mail forwarding loop)"))
         mail = self._mail
         assert mail is not None
         rcpts = list(self._targets.values())
@@ -357,8 +387,9 @@ class Session:
                 self._reading = False
             if self._gone:
                 return R_LOST
-            refused = self._refusal(decision, spool.qid, mail.address)
+            refused = self._refusal(decision, spool.qid)
             if refused is not None and decision.quarantine is None:
+                self._log_refusal(decision, spool.qid, mail.address, refused)
                 return refused
         else:
             refused = None
@@ -376,9 +407,25 @@ class Session:
         except SpoolClosedError:
             self._gone = True       # the client went away before the commit took the spool
             return R_LOST
+        # the client= line before the queue manager's from= line (its task has not run yet)
+        smtpdlog.client(qid, self.peer_name, self.peer_ip, self.auth_method, self.auth_user)
+        smtpdlog.message_id(qid, b"".join(self._head))
         if refused is not None:     # refused, and kept in the quarantine (content filter)
+            assert decision is not None
+            self._log_refusal(decision, qid, mail.address, refused)
             return refused
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+
+    def _log_eom_reject(self, qid: str, reply: Reply) -> Reply:
+        mail = self._mail
+        self._log_reject(qid, "END-OF-MESSAGE", reply, mail.address if mail else None,
+                         self._last_rcpt())
+        return reply
+
+    def _last_rcpt(self) -> str | None:
+        """The recipient Postfix names in an END-OF-MESSAGE line: the last one given."""
+        rcpts = self._targets
+        return next(reversed(rcpts.values())).original if rcpts else None
 
     def _reset_after_message(self) -> None:
         self._sender = None
@@ -404,16 +451,20 @@ class Session:
         return await pipeline.run(txn, body)
 
     @staticmethod
-    def _refusal(decision: Decision, qid: str, sender: str) -> Reply | None:
-        """The reply for a message the pipeline refuses or discards (logged here, not
-        queued); None when it goes to the queue (PASS, QUARANTINE)."""
-        why = "; ".join(decision.reasons)
+    def _refusal(decision: Decision, qid: str) -> Reply | None:
+        """The reply for a message the pipeline refuses or discards (not queued, unless
+        kept in the quarantine); None when it goes to the queue (PASS, QUARANTINE)."""
         if decision.action in (Action.REJECT, Action.TEMPFAIL):
-            log.log(25, "%s: %s: from=<%s> %s (%s)", qid,
-                    "reject" if decision.action is Action.REJECT else "tempfail", sender,
-                    decision.reply, why)
             return decision.reply or R_LOCAL_ERROR
         if decision.action is Action.DISCARD:
-            log.log(25, "%s: discard: from=<%s> (%s)", qid, sender, why)
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")
         return None
+
+    def _log_refusal(self, decision: Decision, qid: str, sender: str, reply: Reply) -> None:
+        """Postfix's ``QID: reject: END-OF-MESSAGE from NAME[IP]: REPLY; from=<s> to=<r>
+        proto=ESMTP helo=<h>`` (``discard:`` with the reasons for a discarded message), the
+        pipeline's reasons in parentheses."""
+        why = "; ".join(decision.reasons)
+        verdict = "discard" if decision.action is Action.DISCARD else "reject"
+        self._log_reject(qid, "END-OF-MESSAGE", reply, sender, self._last_rcpt(),
+                         verdict=verdict, reason=why)

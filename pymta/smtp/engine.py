@@ -170,7 +170,7 @@ class Engine:
         "_tls", "_has_mail", "_mail_utf8", "_rcpts", "_errors", "_tail", "_first_chunk",
         "_size", "_over", "_bdat_left", "_bdat_last", "_bdat_discard", "_bdat_reply",
         "_bdat_open", "_bdat_cr", "_bdat_bare", "closed", "auth_user", "_sasl", "_nul",
-        "_overshoot", "_skip_cr",
+        "_overshoot", "_skip_cr", "stats", "where", "_counting",
     )
 
     def __init__(self, cfg: EngineConfig) -> None:
@@ -189,6 +189,12 @@ class Engine:
         self._sasl: list[str] | None = None   # [mechanism, step data...] during an exchange
         self._skip_cr = False                  # skipping a long line that ended in CR so far
         self._bdat_reply: Reply | None = None  # the answer to each chunk of a refused BDAT
+        # Postfix's per-session command counts (``disconnect from ... ehlo=1 rcpt=0/1 ...``):
+        # lower-case verb → [successes, total], in order of first use; ``where`` is the
+        # last command's verb (``lost connection after RCPT``), CONNECT before the first.
+        self.stats: dict[str, list[int]] = {}
+        self.where = "CONNECT"
+        self._counting: list[int] | None = None   # the command awaiting its final reply
         self._reset_txn()
 
     # ------------------------------------------------------------------ driver interface
@@ -216,6 +222,12 @@ class Engine:
     @property
     def helo(self) -> str:
         return self._helo
+
+    @property
+    def in_transaction(self) -> bool:
+        """A mail transaction has begun (MAIL accepted) and has not ended: a server that
+        drains before stopping lets it finish, and refuses any new one."""
+        return self._has_mail or self._state in (_DATA, _BDAT)
 
     def take_output(self) -> bytes:
         if not self._out:
@@ -279,6 +291,7 @@ class Engine:
             case ev.DataEnd():
                 self._reply(reply)
                 self._reset_txn()
+                self.where = "END-OF-MESSAGE"
             case ev.Auth():
                 if ok and self.auth_user is None:
                     self.auth_user = pending.username
@@ -366,9 +379,19 @@ class Engine:
         self._bdat_left, self._bdat_last, self._bdat_reply = left, last, reply
         self._bdat_discard = True
 
+    @property
+    def data_bytes(self) -> int:
+        """Message bytes received in the current DATA/BDAT so far."""
+        return self._size
+
     def _reply(self, reply: Reply, *, counted: bool = True) -> None:
         if self.closed:
             return
+        entry = self._counting
+        if entry is not None and reply.code not in (334, 354):     # a command's final reply
+            if reply.code < 400:
+                entry[0] += 1
+            self._counting = None
         self._out.append(reply.render())
         if counted and reply.code >= 400:
             self._errors += 1
@@ -484,6 +507,15 @@ class Engine:
             verb, arg = line.upper(), ""
         else:
             verb = line[:sp].upper()
+        handler = _HANDLERS.get(verb)
+        name = verb.decode("ascii").lower() if handler is not None else "unknown"
+        entry = self.stats.get(name)
+        if entry is None:
+            entry = self.stats[name] = [0, 0]
+        entry[1] += 1
+        self._counting = entry
+        self.where = name.upper()
+        if sp >= 0:
             try:
                 arg = line[sp + 1:].decode("utf-8")
             except UnicodeDecodeError:
@@ -491,7 +523,6 @@ class Engine:
                 # that is not. Nothing undecodable reaches an address, parameter or name.
                 self._reply(R_BAD_UTF8)
                 return
-        handler = _HANDLERS.get(verb)
         if handler is None:
             self._reply(R_UNKNOWN)
             return
@@ -516,6 +547,9 @@ class Engine:
         self._extended = extended
         self._reset_txn()
         self._events.append(ev.Helo(name, extended))
+        if self._counting is not None:      # its 250 is written below, not by _reply
+            self._counting[0] += 1
+            self._counting = None
         host = self.cfg.hostname
         if not extended:
             self._out.append(f"250 {host}\r\n".encode())

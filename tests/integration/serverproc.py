@@ -88,13 +88,18 @@ class ServerProc:
     """One ``pymta serve`` subprocess on ``127.0.0.1:<port>`` with its own state and mail dirs."""
 
     def __init__(self, base: Path, *, port: int | None = None,
-                 preexec_fn: Callable[[], None] | None = None, **env: str) -> None:
+                 preexec_fn: Callable[[], None] | None = None, python: str = PYTHON,
+                 **env: str) -> None:
+        """``python``: the interpreter that runs ``-m pymta serve`` (one another uid can
+        run, for a server that must not be root); ``preexec_fn`` runs in the child before
+        it (e.g. to drop privileges)."""
         self.base = Path(base)
         self.state_dir = self.base / "state"
         self.mail_dir = self.base / "mail"
         self.mail_dir.mkdir(parents=True, exist_ok=True)
         self.port = port if port is not None else free_port()
         self.preexec_fn = preexec_fn
+        self.python = python
         self.env: dict[str, str] = {
             "MYHOSTNAME": "mx.example.com",
             "MAIL_DOMAIN": "example.com",
@@ -128,7 +133,7 @@ class ServerProc:
         with self._lock:
             self._stderr.append(f"----- run {self.runs} -----\n")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "pymta", "serve"], cwd=REPO, env=self.environ(),
+            [self.python, "-m", "pymta", "serve"], cwd=REPO, env=self.environ(),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=self.preexec_fn)
         self._reader = threading.Thread(target=self._collect, args=(self.proc,), daemon=True)

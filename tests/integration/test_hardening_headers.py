@@ -514,8 +514,8 @@ def test_issue10_review_dkim_values_cannot_forge_log_lines(
     lookup and the DKIM summary). Now the signature is ``neutral`` before any lookup, and
     no value can start a line of the log."""
     srv = mta()
-    forged = (b"2026-12-06T09:00:00 mx pymta[1]: 1ABCDEF: to=<ceo@example.com>, "
-              b"relay=local, status=sent (forged)")
+    forged = (b"2026-12-06T09:00:00.000000+00:00 mx postfix/local[1]: 1ABCDEF: "
+              b"to=<ceo@example.com>, relay=local, status=sent (forged)")
     data = (b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; s=sel;\r\n"
             b" d=evil.test\r\n " + forged + b"\r\n ;\r\n h=from; bh=AAAA; b=BBBB\r\n"
             b"From: <x@evil.test>\r\nSubject: t\r\n\r\nhi\r\n")
@@ -526,6 +526,6 @@ def test_issue10_review_dkim_values_cannot_forge_log_lines(
                                   if f"{qid}: dkim:" in line], 10, what="the DKIM log line")
     assert len(summary) == 1 and "neutral (d=evil.test%0D%0A" in summary[0], summary
     assert "d= value is not a domain name" in summary[0]
-    assert not [line for line in srv.stderr.splitlines() if "pymta[1]:" in line[:40]]
+    assert not [line for line in srv.stderr.splitlines() if "postfix/local[1]:" in line[:60]]
     assert "evil.test" not in "".join(line for line in srv.stderr.splitlines()
                                       if "DKIM key lookup" in line)

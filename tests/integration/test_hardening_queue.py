@@ -207,8 +207,10 @@ def test_issue10_defect4_stop_during_slow_relay_leaves_one_local_copy(server_fac
     tried again."""
     peer = Peer(stall_data=True).start()
     try:
+        # the stop lets the hanging attempt run for PYMTA_SHUTDOWN_TIMEOUT, then cancels it
         srv: ServerProc = server_factory("d4", SMTP_RELAY_HOSTAUTH=f"[127.0.0.1]:{peer.port}",
-                                         SRS_ENABLE="no", **NO_CHECKS)
+                                         SRS_ENABLE="no", PYMTA_SHUTDOWN_TIMEOUT="2",
+                                         **NO_CHECKS)
         srv.start()
         code, text = smtp_send(srv.port, SENDER, ["alice@example.com", "fwd@example.com"],
                                make_message(SENDER, "alice@example.com", "defect 4"))

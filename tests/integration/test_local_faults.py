@@ -282,7 +282,7 @@ def test_issue10_disconnect_during_prequeue_checks_is_one_notice_line(server_fac
             SYSLOG_LEVEL="5")
         srv.start()
         _abandon(srv.port, make_message(SENDER, ALICE, "fault gone"), delay=0.2)
-        line = "lost connection after end of data from unknown[127.0.0.1]"
+        line = "lost connection after END-OF-MESSAGE from unknown[127.0.0.1]"
         try:
             wait_until(lambda: line in srv.stderr, 20, what="the lost-connection line")
         except AssertionError as exc:
@@ -325,7 +325,7 @@ def test_issue10_rewrite_racing_disconnect_leaves_no_file_and_no_traceback(
     assert "rewrite failed" not in log and "error:" not in log, log[-4000:]
     assert srv.queue_files("data") == [] and srv.queue_files("tmp") == []
     assert _queue_fds(srv) == []
-    lost = log.count("lost connection after end of data")
+    lost = log.count("lost connection after END-OF-MESSAGE")
     assert lost + len(maildir_new(srv, "alice")) <= 40
     for name in maildir_new(srv, "alice"):           # whatever was queued is whole
         text = (srv.mail_dir / "alice" / "new" / name).read_bytes()

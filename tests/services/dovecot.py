@@ -1,5 +1,5 @@
-"""A throwaway Dovecot 2.3: IMAP (STARTTLS offered, not required), LMTP on TCP and on a unix
-socket, and an auth socket usable as Postfix's ``smtpd_sasl_type = dovecot`` path.
+"""A throwaway Dovecot 2.3: IMAP (STARTTLS offered, not required), POP3 when asked, LMTP on TCP
+and on a unix socket, and an auth socket usable as Postfix's ``smtpd_sasl_type = dovecot`` path.
 
 Users (passwd-file): ``alice@example.com`` / ``alicepw`` ({PLAIN}) and ``bob@example.com`` /
 ``bobpw`` ({SHA512-CRYPT} from ``doveadm pw``); mail as uid/gid 5000 in
@@ -24,8 +24,10 @@ from .tls import make_self_signed
 
 IMAP_PORT_ENV = "PYMTA_TEST_IMAP_PORT"
 LMTP_PORT_ENV = "PYMTA_TEST_LMTP_PORT"
+POP3_PORT_ENV = "PYMTA_TEST_POP3_PORT"
 DEFAULT_IMAP_PORT = 1143
 DEFAULT_LMTP_PORT = 2424
+DEFAULT_POP3_PORT = 1110
 MAIL_UID = 5000
 
 DOVECOT_CONF = """\
@@ -61,6 +63,7 @@ service imap-login {{
     port = 0
   }}
 }}
+{pop3_service}
 service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
@@ -87,6 +90,21 @@ service anvil {{
 }}
 """
 
+# only when POP3 is on, so an instance without it keeps the configuration it always had
+POP3_SERVICE = """\
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+protocol pop3 {{
+  pop3_uidl_format = %08Xu%08Xv
+}}"""
+
 SSL_ON = """\
 ssl = yes
 ssl_cert = <{cert}
@@ -95,7 +113,8 @@ ssl_key = <{key}"""
 
 class DovecotServer(Service):
     """Dovecot IMAP (default 1143, env ``PYMTA_TEST_IMAP_PORT``) + LMTP (default 2424, env
-    ``PYMTA_TEST_LMTP_PORT``; also ``lmtp_socket``) + ``auth_socket``.
+    ``PYMTA_TEST_LMTP_PORT``; also ``lmtp_socket``) + ``auth_socket``; POP3 (default 1110, env
+    ``PYMTA_TEST_POP3_PORT``) only with ``pop3=True`` (Debian package ``dovecot-pop3d``).
 
     ``imap=False`` / ``lmtp=False`` leave that protocol out (e.g. an auth-only instance for a
     Postfix smart host; its ports are then 0). ``tls=False``: no STARTTLS.
@@ -108,15 +127,18 @@ class DovecotServer(Service):
     default_users = {"alice@example.com": "alicepw", "bob@example.com": "bobpw"}
 
     def __init__(self, imap_port: int | None = None, lmtp_port: int | None = None, *,
-                 imap: bool = True, lmtp: bool = True, tls: bool = True,
+                 imap: bool = True, lmtp: bool = True, tls: bool = True, pop3: bool = False,
+                 pop3_port: int | None = None,
                  users: dict[str, str] | None = None,
                  base_dir: str | os.PathLike[str] | None = None):
         super().__init__(base_dir)
-        self._want_imap, self._want_lmtp = imap_port, lmtp_port
+        self._want_imap, self._want_lmtp, self._want_pop3 = imap_port, lmtp_port, pop3_port
         self.imap_enabled, self.lmtp_enabled, self.tls = imap, lmtp, tls
+        self.pop3_enabled = pop3
         self.users: dict[str, str] = dict(users if users is not None else self.default_users)
         self.imap_port = 0
         self.lmtp_port = 0
+        self.pop3_port = 0
         self.lmtp_socket = ""
         self.auth_socket = ""
         self.config = Path()
@@ -134,12 +156,17 @@ class DovecotServer(Service):
             raise ServiceError("dovecot imap not found: install the Debian package 'dovecot-imapd'")
         if self.lmtp_enabled and not os.path.exists("/usr/lib/dovecot/lmtp"):
             raise ServiceError("dovecot lmtp not found: install the Debian package 'dovecot-lmtpd'")
+        if self.pop3_enabled and not os.path.exists("/usr/lib/dovecot/pop3"):
+            raise ServiceError("dovecot pop3 not found: install the Debian package 'dovecot-pop3d'")
         fixed = False
         if self.imap_enabled:
             self.imap_port, f = choose_port(IMAP_PORT_ENV, DEFAULT_IMAP_PORT, self._want_imap)
             fixed |= f
         if self.lmtp_enabled:
             self.lmtp_port, f = choose_port(LMTP_PORT_ENV, DEFAULT_LMTP_PORT, self._want_lmtp)
+            fixed |= f
+        if self.pop3_enabled:
+            self.pop3_port, f = choose_port(POP3_PORT_ENV, DEFAULT_POP3_PORT, self._want_pop3)
             fixed |= f
         self.ports_fixed = fixed
         T = self.dir
@@ -155,11 +182,14 @@ class DovecotServer(Service):
             self.cert_file, self.key_file = make_self_signed(T / "tls", "imap.example.com")
             ssl = SSL_ON.format(cert=self.cert_file, key=self.key_file)
         protocols = " ".join(p for p, on in (("imap", self.imap_enabled),
+                                             ("pop3", self.pop3_enabled),
                                              ("lmtp", self.lmtp_enabled)) if on) or "none"
         self.config = T / "dovecot.conf"
         self.config.write_text(DOVECOT_CONF.format(
             instance=f"pymta-test-{T.name}", T=T, protocols=protocols, ssl=ssl,
             imap_port=self.imap_port, lmtp_port=self.lmtp_port, lmtp_socket=self.lmtp_socket,
+            pop3_service=POP3_SERVICE.format(pop3_port=self.pop3_port) if self.pop3_enabled
+            else "",
             auth_socket=self.auth_socket,
         ))
         self._write_users()
@@ -170,7 +200,10 @@ class DovecotServer(Service):
         if self.lmtp_enabled:
             wait_for_greeting(self.host, self.lmtp_port, b"220", 20.0, self._child_alive,
                               self.logs, "dovecot lmtp")
-        if not self.imap_enabled and not self.lmtp_enabled:
+        if self.pop3_enabled:
+            wait_for_greeting(self.host, self.pop3_port, b"+OK", 20.0, self._child_alive,
+                              self.logs, "dovecot pop3")
+        if not self.imap_enabled and not self.lmtp_enabled and not self.pop3_enabled:
             # auth only: ready when the auth socket answers a good login
             import time
             deadline = time.monotonic() + 20

@@ -553,3 +553,18 @@ def test_issue10_bare_lf_after_an_overlong_line_closes_however_the_stream_is_cut
         assert e.closed and out.endswith(b"521 5.5.2 Error: bare <CR> or <LF> received; "
                                          b"closing connection\r\n"), (step, out)
         assert not any(isinstance(x, ev.MailFrom) for x in events)
+
+
+def test_in_transaction_from_mail_until_the_end_of_data() -> None:
+    """What draining (SIGTERM) lets finish: the transaction from MAIL to its last reply."""
+    e = Engine(EngineConfig("mx.test"))
+    drive(e, b"EHLO c.test\r\n")
+    assert not e.in_transaction
+    drive(e, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@mx.test>\r\nDATA\r\n")
+    assert e.in_transaction
+    drive(e, b"half a message\r\n")
+    assert e.in_transaction
+    drive(e, b".\r\n")
+    assert not e.in_transaction
+    drive(e, b"MAIL FROM:<a@b.test>\r\nRSET\r\n")
+    assert not e.in_transaction

@@ -513,7 +513,7 @@ async def test_issue10_disconnect_during_prequeue_checks_is_one_notice_line(
     assert open_queue_fds(store) == []
     lines = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert [(r.levelno, r.getMessage()) for r in lines] == [
-        (25, "lost connection after end of data from unknown[192.0.2.7]")]
+        (25, "lost connection after END-OF-MESSAGE from unknown[192.0.2.7]")]
 
 
 async def test_issue11_disconnect_during_checks_is_one_notice_line(
@@ -562,7 +562,7 @@ async def test_issue10_disconnect_during_spool_rewrite_is_clean(
     assert listing(store) == {"tmp": [], "data": [], "env": [], "corrupt": []}
     assert open_queue_fds(store) == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert sum("lost connection after end of data" in r.getMessage()
+    assert sum("lost connection after END-OF-MESSAGE" in r.getMessage()
                for r in caplog.records) == 1
 
 

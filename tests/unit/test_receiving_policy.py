@@ -311,16 +311,21 @@ async def test_intake_applies_the_decision_and_hands_the_claim_over(store: Queue
     assert open_queue_fds(store) == []
 
 
-async def test_intake_logs_the_sender_as_given(store: QueueStore,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_queued_message_gets_postfix_client_and_message_id_lines(
+        store: QueueStore, caplog: pytest.LogCaptureFixture) -> None:
+    """smtpd's ``QID: client=NAME[IP]`` (what pflogsumm counts as received) and cleanup's
+    ``QID: message-id=<>``, with the queue id the 250 names."""
     caplog.set_level(logging.INFO)
     session, submitted = make_session(store, pipeline=Pipeline(
         [], [Stage(sender="SRS0=x@example.com")]), hold=True)
-    assert (await send(session, b"Subject: s\r\n\r\nbody\r\n")).code == 250
+    reply = await send(session, b"Subject: s\r\nMessage-ID: <m1@a.test>\r\n\r\nbody\r\n")
+    assert reply.code == 250
     [(qid, env, _)] = submitted.calls
     assert env.held                         # PYMTA_HOLD_INCOMING
-    [line] = [r.getMessage() for r in caplog.records if "client=" in r.getMessage()]
-    assert line.startswith(f"{qid}: client=unknown[{PEER}], from=<a@remote.test>, size=")
+    assert str(reply).endswith(f"queued as {qid}")
+    lines = [(r.name, r.getMessage()) for r in caplog.records if r.getMessage().startswith(qid)]
+    assert lines == [("pymta.smtpd", f"{qid}: client=unknown[{PEER}]"),
+                     ("pymta.cleanup", f"{qid}: message-id=<m1@a.test>")], lines
 
 
 @pytest.mark.parametrize("action", [Action.REJECT, Action.TEMPFAIL, Action.DISCARD])
@@ -354,4 +359,4 @@ async def test_disconnect_after_the_checks_aborts_the_spool_before_the_commit(
     assert listing(store) == {"tmp": [], "data": [], "env": [], "corrupt": []}
     assert open_queue_fds(store) == []
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
-    assert lines == [f"lost connection after end of data from unknown[{PEER}]"]
+    assert lines == [f"lost connection after END-OF-MESSAGE from unknown[{PEER}]"]
