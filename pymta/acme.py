@@ -36,6 +36,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -82,6 +83,8 @@ def parse_acme(data: bytes, path: str) -> list[AcmeEntry]:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{VARIABLE}: not JSON ({exc}): {path!r}") from None
+    except RecursionError:      # nesting deeper than the parser's stack: not Traefik's
+        raise ConfigError(f"{VARIABLE}: not JSON (nested too deeply): {path!r}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{VARIABLE}: not a JSON object: {path!r}")
     if "Certificates" in doc or "Account" in doc:      # v1: one store, capitalised keys
@@ -261,9 +264,14 @@ class AcmeFile:
         """``ACME_POSTHOOK`` through the shell; its failure is logged, never raised."""
         if not self.posthook:
             return
+        # The hook is the administrator's program, not ours: SIGHUP as the default (we ignore
+        # it while starting, and an ignored signal stays ignored across exec, so a daemon the
+        # hook starts could never be reloaded) and none of our metrics' environment.
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         try:
             proc = subprocess.run(self.posthook, shell=True, timeout=HOOK_TIMEOUT,
-                                  stdin=subprocess.DEVNULL, capture_output=True, check=False)
+                                  stdin=subprocess.DEVNULL, capture_output=True, check=False,
+                                  env=env, preexec_fn=_default_sighup)
         except (OSError, subprocess.SubprocessError) as exc:
             log.error("tls: ACME_POSTHOOK failed: %s", exc)
             return
@@ -273,6 +281,10 @@ class AcmeFile:
                       tail.replace("\n", " | "))
         else:
             log.info("tls: ACME_POSTHOOK ran: %s", self.posthook)
+
+
+def _default_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -69,6 +69,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pymta")
 
+DELIVERY_STOP_GRACE = 3.0
+"""Seconds the delivery attempts running at a stop get to finish, at least (a drain gives them
+what is left of ``PYMTA_SHUTDOWN_TIMEOUT`` when that is more); an agent call cancelled after
+its peer took the message is sent again after the restart, so this is never cut short."""
+
 QUARANTINE_EXPIRY_INTERVAL = 3600.0
 """Seconds between two quarantine expiry runs (the first one a minute after start)."""
 
@@ -170,7 +175,7 @@ class MTA:
             self.store, self.router, policy=policy, hostname=config.hostname,
             postmaster=config.postmaster, resolve=self.resolve,
             concurrency=config.delivery_concurrency, scan_interval=config.queue_scan_interval,
-            stop_grace=3.0, delay_warning=config.delay_warning_time)
+            stop_grace=DELIVERY_STOP_GRACE, delay_warning=config.delay_warning_time)
         await self.manager.start()
         intake = Intake(self.store, self.manager.submit, hold_incoming=config.hold_incoming,
                         size_limit=config.message_size_limit, minfree=config.queue_minfree,
@@ -270,7 +275,7 @@ class MTA:
         """Stop the server: nothing more is accepted; with ``drain`` > 0 the mail
         transactions under way have that many seconds to finish (``PYMTA_SHUTDOWN_TIMEOUT``),
         then every session is closed with ``421 4.3.2``; the delivery attempts running get
-        what is left of ``drain`` (at least the manager's own grace) to finish."""
+        what is left of ``drain`` (at least ``DELIVERY_STOP_GRACE``) to finish."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain
         for server in self._servers:
@@ -302,7 +307,7 @@ class MTA:
                 self.router.begin_stop()
         if self.manager is not None:
             left = deadline - loop.time()
-            await self.manager.stop(left if left > 0 else None)
+            await self.manager.stop(max(left, DELIVERY_STOP_GRACE))
             self.manager = None
         await _aclose(self.router, "the router")   # cached outbound connections
         await self.store.aclose()
@@ -317,9 +322,9 @@ class MTA:
         :mod:`pymta.reload`): the new parts are all built first and swapped in together, so a
         session sees the old set or the new one. Raises ConfigError (naming the variable)
         when the new configuration is not usable; the running one then stays, whole."""
-        step = plan(self.config, config)
+        step = plan(self.config, config, tls_running=self.tls is not None)
         new = step.config
-        wiring.check(new)
+        await asyncio.to_thread(wiring.check, new)   # reads files (a passwd file, keys)
         listener = self._listener
         receive = listener.receive if listener is not None else None
         built: list[object] = []
@@ -378,7 +383,13 @@ class MTA:
                 self._retired.remove(thing)
                 await _aclose(thing, "a part replaced by a reload")
 
-        self._jobs.append(asyncio.create_task(close_later()))
+        job = asyncio.create_task(close_later())
+        self._jobs.append(job)
+        job.add_done_callback(self._forget_job)
+
+    def _forget_job(self, job: asyncio.Task[None]) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
 
     async def resolve(self, address: str) -> Recipient | None:
         """Route a notice (DSN) recipient: a local address through the server's recipient
@@ -439,6 +450,9 @@ async def serve_async(config: Config, *, sockets: dict[str, list[socket.socket]]
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
+    except ConfigError as exc:    # a file that changed since the check (a certificate)
+        log.error("cannot start: %s", exc)
+        return 2
     pid_path = os.path.join(config.state_dir, "pymta.pid")
     if pid_file:
         with open(pid_path, "w") as f:
@@ -463,6 +477,9 @@ async def serve_async(config: Config, *, sockets: dict[str, list[socket.socket]]
     finally:
         log.log(25, "pymta stopping" + (f" (draining for up to {drain[0]:g}s)" if drain[0]
                                         else ""))
+        # no reload may start on a server being stopped (and SIGHUP must not kill it)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+            "reload ignored: the server is stopping"))
         await reloads.aclose()
         await mta.stop(drain=drain[0])
         if pid_file:

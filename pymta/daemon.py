@@ -29,7 +29,8 @@ def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> 
     listens). ``reload_config`` loads the configuration again at SIGHUP (the CLI's: the same
     ``--config`` file and the environment)."""
     setup_logging(config)
-    # SIGHUP's default action kills; until the server's handler is in place, it waits
+    # SIGHUP's default action kills; until the server's handler is in place, it is ignored
+    # (the server starts from the configuration as it is now: nothing to reload yet)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.workers > 1:
         # checks the configuration before any fork

@@ -19,8 +19,10 @@ crashed worker forks beside it: the child only closes its copy of the socket).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
@@ -36,19 +38,60 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
+log = logging.getLogger("pymta.metrics")
+
 VARIABLE = "PYMTA_METRICS_LISTEN"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+SCRAPE_TIMEOUT = 10.0
+"""Seconds a scraper has for each read and write; an idle or trickling client is dropped."""
+MAX_SCRAPERS = 8
+"""Connections served at once; more are closed unanswered (Prometheus scrapes one at a time
+per target: anything beyond is not a scraper)."""
+
+
 class _Quiet(WSGIRequestHandler):
     """No access log line per scrape on stderr (the server's log is for mail)."""
+
+    timeout = SCRAPE_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most ``MAX_SCRAPERS`` of them: the endpoint must not
+    let anyone who can reach it make threads without bound in the mail server."""
+
     daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that timed out or went away is no news; anything else is one log line
+        (socketserver's default prints a traceback on stderr, the mail log)."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, TimeoutError | ConnectionError):
+            log.warning("metrics endpoint: request from %s failed: %r", client_address[0], exc)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):

@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pymta.acme import VARIABLE as ACME_VARIABLE
 from pymta.config.load import setting_names
 from pymta.config.model import Config
-from pymta.servertls import tls_configured
+from pymta.servertls import explicit_files, tls_configured
 
 __all__ = ["ReloadPlan", "is_reloadable", "plan"]
 
@@ -62,17 +63,28 @@ class ReloadPlan:
     restart: tuple[str, ...]
 
 
-def plan(old: Config, new: Config) -> ReloadPlan:
+def plan(old: Config, new: Config, *, tls_running: bool | None = None) -> ReloadPlan:
     """Compare two configurations: what a reload applies and what it leaves for a restart.
     ``extra`` (the TOML ``[extra]`` table, read by embedders' own adapters) is never
-    applied: the adapters that read it are not rebuilt."""
+    applied: the adapters that read it are not rebuilt.
+
+    ``tls_running``: whether the running server started with TLS. Pass it: whether TLS is
+    on depends on the file system too (an ``ACME_FILE`` that appeared since the start), so
+    ``old`` looked at now may not say how the server started."""
     names = setting_names()
     changed: list[str] = []
     restart: list[str] = []
     take: dict[str, object] = {}
-    # Which ports listen depends on whether TLS and SASL are on at all.
-    toggles = (tls_configured(old) != tls_configured(new)
-               or bool(old.sasl_methods) != bool(new.sasl_methods))
+    # Which ports listen, and whether STARTTLS is offered, depend on whether TLS and SASL
+    # are on at all.
+    tls_before = tls_configured(old) if tls_running is None else tls_running
+    tls_after = tls_configured(new)
+    if tls_before != tls_after:
+        restart.append("TLS " + ("on" if tls_after else "off")
+                       + (f" ({ACME_VARIABLE} {'appeared' if tls_after else 'is gone'})"
+                          if new.acme_file and not explicit_files(new)
+                          and not new.smtpd_use_tls else ""))
+    toggles = tls_before != tls_after or bool(old.sasl_methods) != bool(new.sasl_methods)
     for f in dataclasses.fields(old):
         before, after = getattr(old, f.name), getattr(new, f.name)
         if before == after:

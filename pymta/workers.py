@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pymta import app, exporter, wiring
+from pymta import app, exporter, servertls, wiring
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config, ListenAddress
 from pymta.reload import plan
@@ -98,6 +98,7 @@ class Supervisor:
         self.children: dict[int, int] = {}   # pid -> worker index
         self.stopping = False
         self.sockets: list[dict[str, list[socket.socket]]] = []
+        self.tls_on = False
         self.exporter: exporter.MetricsExporter | None = None   # PYMTA_METRICS_LISTEN
 
     # ------------------------------------------------------------------ set-up
@@ -109,6 +110,7 @@ class Supervisor:
         wiring.check(config)              # every adapter's settings, nothing built
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         ssl_ctx = server_ssl_context(config)  # generates the self-signed pair once
+        self.tls_on = ssl_ctx is not None    # what a reload compares with (pymta.reload)
         self.exporter = exporter.for_config(config, multiprocess=True)   # bound, not serving
         n = config.workers
         kinds = {"smtp": _bind(config.smtp_listen, n)}
@@ -159,12 +161,19 @@ class Supervisor:
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
         self._forward(signum)    # SIGTERM drains, SIGINT stops at once
+        # Our copies of the listening sockets would keep the ports open while the workers
+        # drain: new clients would wait in the backlog and then be reset. Closed, they are
+        # refused at once (and a balancer sees the port closed).
+        for socks in self.sockets:
+            for sock in (s for group in socks.values() for s in group):
+                sock.close()
 
     def _on_hup(self, signum: int, frame: object) -> None:
         try:
             new = (self.reload_config or _load_from_environment)()
-            step = plan(self.config, new)
+            step = plan(self.config, new, tls_running=self.tls_on)
             wiring.check(step.config)
+            servertls.check(step.config)    # the certificates, as the workers will (no writes)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             return

@@ -143,8 +143,10 @@ class AuthPolicy:
     async def _ask(self, event: ev.Auth, conn: ConnInfo) -> Identity | None:
         auth = self.authenticator
         if event.mechanism == "CRAM-MD5":
-            if not isinstance(auth, CramMD5Authenticator):
-                return None     # not offered then; a client that tries anyway fails
+            if not isinstance(auth, CramMD5Authenticator) or not auth.supports_cram_md5:
+                # not offered (or no longer: a reload changed the users); a client that
+                # tries anyway fails
+                return None
             return await auth.authenticate_cram_md5(event.username, event.challenge,
                                                     event.password, conn)
         return await auth.authenticate(event.username, event.password, conn)

@@ -294,6 +294,8 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._peer_ip = ip
         ctx = self.ctx
         refusal = ctx.refusal(ip)
+        if ctx.draining or ctx.stopping:    # accepted just before the listener closed
+            refusal = Reply(421, "4.3.2", f"{self.cfg.hostname} {R_SHUTDOWN}")
         if refusal is not None:
             self._refuse(refusal)
             return

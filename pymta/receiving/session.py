@@ -409,7 +409,7 @@ class Session:
             return R_LOST
         # the client= line before the queue manager's from= line (its task has not run yet)
         smtpdlog.client(qid, self.peer_name, self.peer_ip, self.auth_method, self.auth_user)
-        smtpdlog.message_id(qid, b"".join(self._head))
+        smtpdlog.message_id(qid, self._head)
         if refused is not None:     # refused, and kept in the quarantine (content filter)
             assert decision is not None
             self._log_refusal(decision, qid, mail.address, refused)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pymta.log import NOTICE
 
@@ -121,11 +121,13 @@ def client(qid: str, name: str, ip: str, method: str | None, user: str | None) -
 _MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 
-def message_id(qid: str, head: bytes) -> None:
+def message_id(qid: str, head_chunks: Sequence[bytes]) -> None:
     """``QID: message-id=<...>`` (cleanup's line; ``<>`` when the message has none), read from
-    the start of the message the session kept. INFO: the search is skipped below it."""
+    the start of the message the session kept. INFO: the join and the search are skipped
+    below it (the default level)."""
     if not cleanup_log.isEnabledFor(logging.INFO):
         return
+    head = b"".join(head_chunks)
     end = head.find(b"\r\n\r\n")
     match = _MESSAGE_ID.search(head, 0, end if end >= 0 else len(head))
     value = match.group(1).decode("utf-8", "replace").strip() if match else ""

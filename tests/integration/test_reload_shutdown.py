@@ -9,6 +9,7 @@ everything new, and exits 0 with nothing acknowledged lost.
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
@@ -18,6 +19,8 @@ import time
 from email.parser import BytesHeaderParser
 from pathlib import Path
 
+from pymta.app import DELIVERY_STOP_GRACE, MTA
+from tests.conftest import RawClient, make_config
 from tests.integration import serverproc
 from tests.integration.serverproc import (
     ServerProc,
@@ -300,3 +303,81 @@ def _connects(port: int) -> bool:
             return s.recv(3) == b"220"
     except OSError:
         return False
+
+
+async def test_review_a_drain_that_used_its_time_leaves_deliveries_their_grace(
+        tmp_path: Path) -> None:
+    """Issue 13 review: the delivery attempts running at a stop got only what was left of
+    the drain (nothing, when a slow session used it all) and could be cancelled after their
+    peer took the message: sent twice after the restart. They always get at least
+    DELIVERY_STOP_GRACE."""
+    mta = MTA(make_config(tmp_path))
+    await mta.start()
+    assert mta.manager is not None
+    graces: list[float | None] = []
+    original = mta.manager.stop
+
+    async def recording_stop(grace: float | None = None) -> None:
+        graces.append(grace)
+        await original(grace)
+
+    mta.manager.stop = recording_stop     # type: ignore[method-assign]
+    client = await RawClient.connect(*mta.addresses["smtp"][0])
+    try:
+        await client.reply()
+        for line, code in ((b"EHLO c.test", 250), (b"MAIL FROM:<s@remote.test>", 250),
+                           (b"RCPT TO:<alice@example.com>", 250), (b"DATA", 354)):
+            await client.send(line + b"\r\n")
+            assert (await client.reply())[0] == code
+        await client.send(b"Subject: never ends\r\n\r\nhalf")   # holds the drain to its end
+        await mta.stop(drain=0.5)
+    finally:
+        await client.close()
+    assert graces and graces[0] is not None and graces[0] >= DELIVERY_STOP_GRACE
+
+
+def _worker_pids(srv: ServerProc) -> list[int]:
+    children = Path(f"/proc/{srv.pid}/task/{srv.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_review_supervisor_refuses_certificates_the_workers_would(server_factory,
+                                                                  tmp_path: Path) -> None:
+    """Issue 13 review: the supervisor checked a reloaded configuration without its
+    certificates, kept it, and every worker it forked later (after a crash) failed to start
+    from it, in a loop. Now it refuses as the workers do; a replaced worker serves the
+    running certificate."""
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.write("good", ("good.example.com", "mx.example.com"))
+    bad_cert, _ = ca.write("bad", ("bad.example.com",))
+    toml = tmp_path / "pymta.toml"
+    toml.write_text(f'smtpd_tls_cert_file = "{cert}"\nsmtpd_tls_key_file = "{key}"\n')
+    srv = server_factory(PYMTA_CONFIG=str(toml), PYMTA_WORKERS="2").start()
+    toml.write_text(f'smtpd_tls_cert_file = "{bad_cert}"\nsmtpd_tls_key_file = "{key}"\n')
+    srv.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in srv.stderr, 15, what="the refusal")
+    time.sleep(0.5)
+    assert srv.stderr.count("reload refused") == 1, "the workers must not be asked"
+    os.kill(_worker_pids(srv)[0], signal.SIGKILL)
+    wait_until(lambda: "restarting" in srv.stderr and len(_worker_pids(srv)) == 2, 15,
+               what="the replacement worker")
+    time.sleep(2.5)     # a crash loop would restart it again (one second apart)
+    assert srv.stderr.count("restarting") == 1, srv.stderr[-3000:]
+    assert {_served_cn(srv.port) for _ in range(6)} == {"good.example.com"}
+    assert srv.stop() == 0
+
+
+def test_review_sighup_while_draining_is_ignored(server_factory) -> None:
+    """Issue 13 review: a reload could start on a server being stopped (and leave what it
+    built open); now it is ignored, and the drain goes on."""
+    srv = server_factory(PYMTA_WORKERS="1", PYMTA_SHUTDOWN_TIMEOUT="20").start()
+    busy = _open_transaction(srv.port, "hup while draining")
+    srv.signal(signal.SIGTERM)
+    wait_until(lambda: "draining" in srv.stderr, 10, what="the drain")
+    srv.signal(signal.SIGHUP)
+    wait_until(lambda: "reload ignored: the server is stopping" in srv.stderr, 10,
+               what="the ignored reload")
+    busy.sock.sendall(b"second half\r\n.\r\n")
+    assert busy.reply()[0] == 250
+    assert srv.wait(20) == 0
+    assert "reloaded:" not in srv.stderr

@@ -98,6 +98,7 @@ def _doc(cert: Any = "", key: Any = "", domain: Any = None) -> bytes:
 
 @pytest.mark.parametrize(("data", "message"), [
     (b"{not json", "not JSON"),
+    (b"[" * 100_000, "not JSON (nested too deeply)"),    # review: was a RecursionError
     (b"\xff\xfe", "not JSON"),
     (b"[]", "not a JSON object"),
     (b'{"le": 3}', "resolver 'le' is not an object"),
@@ -172,3 +173,28 @@ def test_store_once_and_posthook_once(tmp_path: Path, certs: dict[str, tuple[byt
 def test_absent_file_is_not_used(tmp_path: Path) -> None:
     acme = AcmeFile(str(tmp_path / "none.json"), HOST, str(tmp_path), "exit 1")
     assert acme.load() == [] and acme.stat_key() is None and not acme.exists()
+
+
+def test_review_the_posthook_runs_with_sighup_at_its_default(
+        tmp_path: Path, certs: dict[str, tuple[bytes, bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 review: the hook inherited the ignored SIGHUP of a starting server (an
+    ignored signal stays ignored across exec, so a daemon it starts could never be reloaded)
+    and the metrics' PROMETHEUS_MULTIPROC_DIR."""
+    import signal
+
+    acme = tmp_path / "acme.json"
+    seen = tmp_path / "seen"
+    acme.write_bytes(acme_json([("le", (HOST,), *certs["host"])]))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        hook = (f"grep SigIgn /proc/self/status > {seen}; "
+                f"echo \"dir=${{PROMETHEUS_MULTIPROC_DIR:-unset}}\" >> {seen}")
+        store = AcmeFile(str(acme), HOST, str(tmp_path / "state"), hook)
+        assert store.store(store.load()) is True
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    ignored_mask = int(seen.read_text().split()[1], 16)
+    assert not ignored_mask & (1 << (signal.SIGHUP - 1)), "SIGHUP ignored in the hook"
+    assert "dir=unset" in seen.read_text()

@@ -281,3 +281,62 @@ async def test_census_skips_what_is_not_an_envelope_and_changes_nothing(
 def test_census_of_a_queue_not_made_yet(tmp_path: Path) -> None:
     assert sum(QueueCensus(str(tmp_path / "none")).count().values()) == 0
 
+
+
+def test_review_idle_connections_cannot_pile_up_threads(tmp_path: Path) -> None:
+    """Issue 13 review: anyone reaching the endpoint could open connections and send nothing,
+    one thread each, without bound. Now at most MAX_SCRAPERS are served at once; more are
+    closed unanswered."""
+    exp = exporter.for_config(_config(tmp_path, "127.0.0.1:0"))
+    assert exp is not None
+    idle: list[socket.socket] = []
+    try:
+        exp.start()
+        for _ in range(exporter.MAX_SCRAPERS):
+            idle.append(socket.create_connection(("127.0.0.1", exp.port), timeout=5))
+        # once the server has taken every idle one, a further connection is closed unanswered
+        deadline = time.monotonic() + 5
+        while True:
+            with socket.create_connection(("127.0.0.1", exp.port), timeout=5) as extra:
+                if _closed_unanswered(extra):
+                    break
+            assert time.monotonic() < deadline, "a connection beyond the cap was served"
+            time.sleep(0.05)
+        for conn in idle:        # the idle ones go: scraping works again
+            conn.close()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert "pymta_connections_total" in _get(f"http://127.0.0.1:{exp.port}/metrics")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "no scrape after the idle ones left"
+                time.sleep(0.05)
+    finally:
+        for conn in idle:
+            conn.close()
+        exp.close()
+
+
+def test_review_an_idle_scraper_is_dropped(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """... and one that sends nothing is closed after SCRAPE_TIMEOUT (shortened here)."""
+    monkeypatch.setattr(exporter._Quiet, "timeout", 0.5)
+    exp = exporter.for_config(_config(tmp_path, "127.0.0.1:0"))
+    assert exp is not None
+    try:
+        exp.start()
+        with socket.create_connection(("127.0.0.1", exp.port), timeout=5) as conn:
+            started = time.monotonic()
+            assert conn.recv(100) == b""      # closed by the server, not by our timeout
+            assert time.monotonic() - started < 4
+    finally:
+        exp.close()
+
+
+def _closed_unanswered(conn: socket.socket) -> bool:
+    try:
+        conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        return conn.recv(100) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True

@@ -101,3 +101,17 @@ def test_passwd_file_users_join_the_environment_ones(tmp_path: Path) -> None:
     path.write_text("inline:{PLAIN}other\n")
     with pytest.raises(ConfigError, match="user 'inline' is also in SMTPD_SASL_CLIENTAUTH"):
         PasswordFile.check_config(config)
+
+
+def test_review_an_acme_file_that_appears_after_the_start_needs_a_restart(
+        tmp_path: Path) -> None:
+    """Issue 13 review: TLS depends on the file system too. pymta started before Traefik
+    wrote acme.json runs without TLS; once the file is there, a reload must say that TLS
+    needs a restart instead of "no setting changed"."""
+    acme = tmp_path / "acme.json"
+    config = Config(hostname="mx.example.com", mail_domain=("example.com",),
+                    acme_file=str(acme))
+    acme.write_text("{}")
+    step = plan(config, config, tls_running=False)
+    assert step.restart == ("TLS on (ACME_FILE appeared)",)
+    assert plan(config, config, tls_running=True).restart == ()

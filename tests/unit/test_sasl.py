@@ -286,3 +286,24 @@ def test_throttle_grows_per_address_and_is_capped():
     forgetful = AuthThrottle(forget=0.0)
     forgetful.failed("x")
     assert forgetful.failed("x") == 0.5 or forgetful.failures("x") <= 2
+
+
+async def test_review_cram_md5_after_a_reload_dropped_plain_secrets_is_a_535() -> None:
+    """Issue 13 review: CRAM-MD5 is advertised from the users at start; a SIGHUP that gives
+    users whose secrets are hashes cannot check it any more. The client gets a 535 (not an
+    exception from the authenticator, seen as 454)."""
+    from pymta.receiving.auth import AuthPolicy
+    from pymta.smtp import events as ev
+
+    policy = AuthPolicy(PasswordFile.from_text("alice:{PLAIN}s3cret"), timeout=5,
+                        throttle=AuthThrottle(0, 0))
+    assert "CRAM-MD5" in policy.mechanisms
+    # the reload added SMTPD_SASL_IMAPHOST: a chain whose IMAP method has no secrets at all
+    policy.authenticator = build_authenticator(load_config(
+        {**BASE, "SMTPD_SASL_CLIENTAUTH": "alice:{PLAIN}s3cret",
+         "SMTPD_SASL_IMAPHOST": "127.0.0.1:9"}))
+    challenge = "<1.2@mx.test>"
+    digest = hmac.new(b"s3cret", challenge.encode(), "md5").hexdigest()
+    result = await policy.check(ev.Auth("CRAM-MD5", "alice", digest, challenge=challenge),
+                                CONN)
+    assert result.reply.code == 535
