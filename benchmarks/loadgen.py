@@ -11,6 +11,9 @@ each sends ``per_session`` messages, QUITs, and a new connection takes its place
 ``messages`` have been attempted in total. Latency per message is measured from the write of
 the body and final ``.\\r\\n`` to the arrival of the reply to it, i.e. the time the server needs
 to make the message safe (for pymta: spool, fsync, queue) and answer.
+
+Run as ``python -m benchmarks.loadgen HOST:PORT ...`` it loads any SMTP server and prints a
+summary (``benchmarks/loadgen_cli.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import asyncio
 import contextlib
 import email.utils
 import math
+import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 CRLF = b"\r\n"
@@ -123,8 +128,12 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
 
 
 @dataclass(slots=True)
-class _Tally:
-    """Counters shared by all sessions of a run (one event loop, so no locking needed)."""
+class Tally:
+    """Counters shared by all sessions of a run (one event loop, so no locking needed).
+
+    A ``monitor`` given to :func:`run_load` gets the live object and may only read it: the
+    counters and ``latencies`` (appended in the order replies arrive) grow as the run goes.
+    """
 
     to_send: int
     accepted: int = 0
@@ -181,11 +190,23 @@ class _Session:
             if line[3:4] != b"-":
                 return int(line[:3]), lines
 
-    async def greet(self, helo: str) -> None:
-        """Read the banner and EHLO; note whether PIPELINING may be used."""
+    async def greet(self, helo: str, tls: ssl.SSLContext | None = None,
+                    server_hostname: str | None = None) -> None:
+        """Read the banner and EHLO (STARTTLS and EHLO again when ``tls`` is given); note
+        whether PIPELINING may be used."""
         code, _ = await self.reply()
         if code != 220:
             raise SMTPClientError(f"greeting {code}, expected 220")
+        await self._ehlo(helo)
+        if tls is not None:
+            self.writer.write(b"STARTTLS\r\n")
+            code, _ = await self.reply()
+            if code != 220:
+                raise SMTPClientError(f"STARTTLS answered {code}, expected 220")
+            await self.writer.start_tls(tls, server_hostname=server_hostname)
+            await self._ehlo(helo)
+
+    async def _ehlo(self, helo: str) -> None:
         self.writer.write(b"EHLO " + helo.encode("ascii") + CRLF)
         code, lines = await self.reply()
         if code != 250:
@@ -245,13 +266,14 @@ class _Session:
 async def _worker(
     host: str,
     port: int,
-    tally: _Tally,
+    tally: Tally,
     per_session: int,
     envelope: tuple[bytes, bytes, bytes],
     payload: bytes,
     pipelining: bool,
     helo: str,
     timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Open connections one after another until the shared total has been handed out."""
     while tally.to_send > 0:
@@ -267,7 +289,7 @@ async def _worker(
         session = _Session(reader, writer, timeout)
         try:
             async with asyncio.timeout(timeout):
-                await session.greet(helo)
+                await session.greet(helo, tls, host if tls is not None else None)
             pipeline = pipelining and session.pipelining
             tally.pipelining_used |= pipeline
             for _ in range(per_session):
@@ -307,6 +329,8 @@ async def run_load(
     timeout: float = 30.0,
     rate: float | None = None,
     message: bytes | None = None,
+    starttls: ssl.SSLContext | None = None,
+    monitor: Callable[[Tally], Awaitable[None]] | None = None,
 ) -> LoadResult:
     """Send ``messages`` messages over ``sessions`` concurrent connections and measure.
 
@@ -315,6 +339,9 @@ async def run_load(
     ``rate`` (messages per second) paces the start of transactions (see :class:`RateLimiter`);
     ``None`` sends as fast as the server answers. ``message`` replaces the generated message
     (CRLF, no line starting with a dot: it is sent as is; e.g. one with a DKIM signature).
+    ``starttls``: every session says STARTTLS after its EHLO and runs on this context.
+    ``monitor``: a coroutine function started with the live :class:`Tally` and cancelled when
+    the last session ends (progress display, a timeline); it must only read the tally.
     """
     if sessions < 1 or messages < 0 or per_session < 1 or size < 1:
         raise ValueError("sessions and per_session must be >= 1, messages >= 0, size >= 1")
@@ -325,17 +352,26 @@ async def run_load(
         f"RCPT TO:<{recipient}>\r\n".encode("ascii"),
         b"DATA\r\n",
     )
-    tally = _Tally(to_send=messages)
+    tally = Tally(to_send=messages)
     start = time.perf_counter()
     if rate is not None:
         tally.limiter = RateLimiter(rate, start)
-    await asyncio.gather(
-        *(
-            _worker(host, port, tally, per_session, envelope, payload, pipelining, helo, timeout)
-            for _ in range(min(sessions, max(messages, 1)))
+    watcher = asyncio.ensure_future(monitor(tally)) if monitor is not None else None
+    try:
+        await asyncio.gather(
+            *(
+                _worker(host, port, tally, per_session, envelope, payload, pipelining, helo,
+                        timeout, starttls)
+                for _ in range(min(sessions, max(messages, 1)))
+            )
         )
-    )
-    seconds = time.perf_counter() - start
+    finally:
+        seconds = time.perf_counter() - start
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.wait([watcher])  # never raises; an outer cancellation still does
+            if not watcher.cancelled():
+                watcher.result()  # a monitor that failed on its own: say so
     lat = sorted(tally.latencies)
     return LoadResult(
         messages=messages,
@@ -351,3 +387,9 @@ async def run_load(
         size=len(payload) - 3,
         pipelining_used=tally.pipelining_used,
     )
+
+
+if __name__ == "__main__":
+    from benchmarks.loadgen_cli import main
+
+    raise SystemExit(main())

@@ -17,9 +17,9 @@ recipient's outcome goes to ``report`` as soon as it is final. A stop first call
 queued for that mailbox), so the call normally returns in time. If it is cancelled anyway,
 a write that may already have reached the mailbox is waited for (a maildir file in a commit
 batch, an mbox append under way) and reported before the cancellation goes on; a write that
-cannot have reached it yet (a maildir file still in ``tmp/``, an mbox lock not taken) is
-dropped at once. A second cancellation (the manager giving up on a hung disk) waits for
-nothing.
+cannot have reached it yet (a maildir file not yet in a batch: unnamed, or in ``tmp/``; an
+mbox lock not taken) is dropped at once. A second cancellation (the manager giving up on a
+hung disk) waits for nothing.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ async def _outlast(work: Awaitable[T], deferred: _Deferred,
 
 
 def _drop_written(fut: asyncio.Future[PendingMaildirFile]) -> None:
-    """A maildir file written to ``tmp/`` for a delivery that was cancelled: removed."""
+    """A maildir file written (unnamed, or in ``tmp/``) for a delivery that was cancelled:
+    removed."""
     if not fut.cancelled() and fut.exception() is None:
         MaildirCommitter.discard(fut.result())
 
@@ -193,7 +194,7 @@ class LocalDeliveryAgent:
                     msg.body_path, self.hostname)
                 try:
                     pending = await asyncio.shield(written)
-                except asyncio.CancelledError:  # only in tmp/: not delivered, nothing to wait
+                except asyncio.CancelledError:  # not named in new/: not delivered, nothing to wait
                     written.add_done_callback(_drop_written)
                     raise
                 durable = self._maildir.submit(pending)

@@ -1,17 +1,27 @@
 """Maildir delivery (https://cr.yp.to/proto/maildir.html).
 
-Maildir needs no locking: a message is written under a unique name in ``tmp/``, made durable,
-and renamed into ``new/`` -- readers only ever see complete messages. The file is durable
-before the rename and ``new/`` after it, because the queue deletes its copy once we return:
+A reader (Dovecot, a MUA) must only ever see complete messages in ``new/``, and a message must
+be durable before we report it delivered, because the queue deletes its copy once we return:
 returning before the data is durable could lose mail on a crash.
 
-``deliver_maildir`` does all of it for one message (fsync, rename, fsync ``new/``).
-``MaildirCommitter`` does the same for many concurrent deliveries at once, as the queue's
-group commit does: ``write_maildir_tmp`` writes a message to ``tmp/`` without flushing it,
-then one batch makes every file durable with one ``syncfs(2)`` per file system (or
-``fdatasync`` per file for a batch of one, or where ``syncfs`` is unavailable), renames each
-into ``new/`` and fsyncs every distinct ``new/`` once. An error is charged to the deliveries it
-may have affected; they are temporary failures and their ``tmp/`` files are removed.
+Where the file system allows it, a message is written straight into ``new/`` as an *unnamed*
+file (``open(new/, O_TMPFILE)``), made durable, and only then given its name there with
+``linkat`` (through ``/proc/self/fd/N`` with ``AT_SYMLINK_FOLLOW``; the ``AT_EMPTY_PATH``
+form needs ``CAP_DAC_READ_SEARCH``). Nothing is visible until the file is whole, and a crash
+before the link leaves nothing behind: the unnamed file vanishes with the process. It also
+saves the ``tmp/`` directory entry and its removal, per message. A file system that refuses
+``O_TMPFILE`` (EOPNOTSUPP, or EISDIR/EINVAL from a kernel that predates it), a system without
+``/proc``, or a platform without ``os.O_TMPFILE``, gets the classic way: a unique name in
+``tmp/``, made durable, renamed into ``new/``. That is decided once per file system (device)
+and logged once (``_UnnamedFiles``).
+
+``deliver_maildir`` does all of it for one message. ``MaildirCommitter`` does it for many
+concurrent deliveries at once, as the queue's group commit does: ``write_maildir_tmp`` writes
+a message (unnamed in ``new/``, or to ``tmp/``) without flushing it, then one batch
+(``commit_batch``) makes every file durable with one ``syncfs(2)`` per file system (or
+``fdatasync`` per file for a batch of one, or where ``syncfs`` is unavailable), names each in
+``new/`` (link or rename) and fsyncs every distinct ``new/`` once. An error is charged to the
+deliveries it may have affected; they are temporary failures and their files are removed.
 
 A new maildir (the first delivery to a mailbox) is made durable as it is created: each new
 directory's parent is fsynced (``pymta.files.makedirs_durable``), and the maildir itself once its
@@ -23,19 +33,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pymta.files import fsync_dir, makedirs_durable, write_all
+from pymta.files import fsync_dir, makedirs_durable, open_dir, write_all
 from pymta.queue.committer import SYNCFS
 
 from ._crlf import crlf_to_lf, with_prefix
+
+log = logging.getLogger(__name__)
 
 _counter = itertools.count(1)  # next() on a count is atomic under the GIL: thread-safe
 
@@ -54,64 +68,125 @@ def unique_name(hostname: str) -> str:
     return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_safe_hostname(hostname)}"
 
 
+# O_TMPFILE refused: the file system cannot (EOPNOTSUPP), or the kernel predates it and sees
+# O_DIRECTORY|O_WRONLY (EISDIR) or an unknown flag (EINVAL).
+_TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+# linkat of /proc/self/fd/N refused for a reason that will not go away by retrying (a
+# security module, a /proc that is not the real one, or gone: ENOENT with no /proc/self/fd/N):
+# the next delivery goes through tmp/.
+_LINK_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EPERM, errno.EXDEV})
+_PROC_FD = "/proc/self/fd"
+
+
+class _UnnamedFiles:
+    """Where unnamed files (``O_TMPFILE`` + ``linkat``) are used: decided once, cached.
+
+    Tried first on every file system; one that refuses has its device remembered (and logged,
+    once), and every maildir on it is written through ``tmp/`` from then on. The common case,
+    no file system refused, costs nothing per delivery; otherwise one ``stat`` of ``new/``.
+    Without ``os.O_TMPFILE`` (not Linux) or ``/proc`` (the link needs ``/proc/self/fd``),
+    never used, logged once.
+    """
+
+    def __init__(self) -> None:
+        self._available: bool | None = None
+        self.refused: set[int] = set()
+        self._lock = threading.Lock()
+
+    def usable(self, new_dir: str) -> bool:
+        if self._available is None:
+            with self._lock:
+                if self._available is None:
+                    self._available = self._probe()
+        if not self._available:
+            return False
+        if not self.refused:
+            return True
+        return _device(new_dir) not in self.refused
+
+    @staticmethod
+    def _probe() -> bool:
+        if not hasattr(os, "O_TMPFILE"):
+            return False        # not Linux: the classic way, nothing to say
+        if not os.path.isdir(_PROC_FD):
+            log.warning("maildir: /proc is not mounted (no %s): writing through tmp/ and "
+                        "rename (no O_TMPFILE + linkat)", _PROC_FD)
+            return False
+        return True
+
+    def refuse(self, new_dir: str, exc: OSError) -> None:
+        """The file system of ``new_dir`` refused an unnamed file or its link: tmp/ there."""
+        dev = _device(new_dir)
+        if dev is None:
+            return              # nothing there: the next delivery will try (and tell) again
+        with self._lock:
+            if dev in self.refused:
+                return
+            self.refused.add(dev)
+        log.warning("maildir: the file system of %s refused O_TMPFILE + linkat (%s): "
+                    "writing through tmp/ and rename there", new_dir, exc.strerror or exc)
+
+
+UNNAMED = _UnnamedFiles()
+
+
+def _device(path: str) -> int | None:
+    """The device of ``path``, or of its nearest existing parent (a maildir being made)."""
+    while True:
+        try:
+            return os.stat(path).st_dev
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                return None
+            path = parent
+        except OSError:
+            return None
+
+
+@dataclass(eq=False)
+class PendingMaildirFile:
+    """A message written and not yet durable; ``fd`` is open until the batch ends.
+
+    ``tmp_path`` is None for an unnamed file in ``new_dir`` (``O_TMPFILE``): it gets ``name``
+    there by a link, and vanishes if it never does. Otherwise the file is ``tmp_path`` in
+    ``tmp/``, renamed to ``name`` in ``new_dir``.
+    """
+
+    fd: int
+    tmp_path: str | None
+    new_dir: str
+    name: str
+    future: asyncio.Future[str] | None = field(default=None, repr=False)
+    hostname: str = ""      # for another name, should ``name`` be taken already
+    size: int = 0
+
+
 def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
                     hostname: str) -> str:
     """Deliver ``prefix`` + the spooled body into the maildir; return the name in ``new/``.
 
     ``mailbox`` is relative to ``mail_dir`` (the caller checked it stays inside). Raises
-    OSError on any failure, leaving nothing behind in ``new/``.
+    OSError on any failure, leaving nothing behind in ``new/`` or ``tmp/``.
     """
-    root = os.path.join(mail_dir, mailbox)
-    _make_maildir(root)
-    base = unique_name(hostname)
-    tmp_path = os.path.join(root, "tmp", base)
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        size = 0
-        try:
-            with open(body_path, "rb", buffering=0) as body:
-                for piece in crlf_to_lf(with_prefix(prefix, body)):
-                    write_all(fd, piece)
-                    size += len(piece)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        name = f"{base},S={size}"
-        os.rename(tmp_path, os.path.join(root, "new", name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        raise
-    fsync_dir(os.path.join(root, "new"))
-    return name
-
-
-@dataclass(eq=False)
-class PendingMaildirFile:
-    """A message written to ``tmp/`` and not yet durable; ``fd`` is open until the batch ends."""
-
-    fd: int
-    tmp_path: str
-    new_dir: str
-    name: str
-    future: asyncio.Future[str] | None = field(default=None, repr=False)
+    item = write_maildir_tmp(mail_dir, mailbox, prefix, body_path, hostname)
+    [result] = commit_batch([item])
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
                       hostname: str) -> PendingMaildirFile:
-    """First half of a batched delivery: ``prefix`` + the body into ``tmp/``, not flushed.
+    """First half of a batched delivery: ``prefix`` + the body into an unnamed file in
+    ``new/`` (or a file in ``tmp/``), not flushed, not visible to readers.
 
     Raises OSError, leaving nothing behind.
     """
     root = os.path.join(mail_dir, mailbox)
+    new_dir = os.path.join(root, "new")
     base = unique_name(hostname)
-    tmp_path = os.path.join(root, "tmp", base)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp_path, flags, 0o600)
-    except FileNotFoundError:       # a new maildir (a missing new/ is made at the rename)
-        _make_maildir(root)
-        fd = os.open(tmp_path, flags, 0o600)
+    fd, tmp_path = _open_pending(root, new_dir, base)
     try:
         size = 0
         # Unbuffered: whole chunks are read anyway, and a buffered reader costs system calls
@@ -120,11 +195,40 @@ def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str
                 write_all(fd, piece)
                 size += len(piece)
     except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
+        os.close(fd)            # an unnamed file vanishes now
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
         raise
-    return PendingMaildirFile(fd, tmp_path, os.path.join(root, "new"), f"{base},S={size}")
+    return PendingMaildirFile(fd, tmp_path, new_dir, f"{base},S={size}",
+                              hostname=hostname, size=size)
+
+
+def _open_unnamed(new_dir: str) -> int:
+    """An unnamed file in ``new_dir``, private, linkable (no ``O_EXCL``)."""
+    return os.open(new_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+
+
+def _open_pending(root: str, new_dir: str, base: str) -> tuple[int, str | None]:
+    """The descriptor to write a message to, and its ``tmp/`` path (None: unnamed)."""
+    if UNNAMED.usable(new_dir):
+        try:
+            try:
+                return _open_unnamed(new_dir), None
+            except FileNotFoundError:       # a new maildir
+                _make_maildir(root)
+                return _open_unnamed(new_dir), None
+        except OSError as e:
+            if e.errno not in _TMPFILE_REFUSED:
+                raise
+            UNNAMED.refuse(new_dir, e)
+    tmp_path = os.path.join(root, "tmp", base)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(tmp_path, flags, 0o600), tmp_path
+    except FileNotFoundError:       # a new maildir (a missing new/ is made at the rename)
+        _make_maildir(root)
+        return os.open(tmp_path, flags, 0o600), tmp_path
 
 
 def _make_maildir(root: str) -> None:
@@ -141,15 +245,117 @@ def _make_maildir(root: str) -> None:
         fsync_dir(root)
 
 
-log = logging.getLogger(__name__)
+# ---------------------------------------------------------------------- the second half
+
+
+def commit_batch(batch: list[PendingMaildirFile],
+                 fsync: bool = True) -> list[str | BaseException]:
+    """Second half, in a worker thread: make every file durable, name it in ``new/``, make
+    each ``new/`` durable. One result per item: its name in ``new/``, or the OSError that
+    may have affected it (its file is gone then). Every descriptor is closed."""
+    results: list[str | BaseException] = [item.name for item in batch]
+    try:
+        if fsync:
+            _make_durable(batch, results)
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(batch):
+            if not isinstance(results[i], BaseException):
+                groups.setdefault(item.new_dir, []).append(i)
+        for new_dir, idx in groups.items():
+            _name_in(new_dir, batch, idx, results, fsync)
+    finally:
+        for i, item in enumerate(batch):
+            with contextlib.suppress(OSError):
+                os.close(item.fd)           # an unnamed file never linked vanishes now
+            if item.tmp_path is not None and isinstance(results[i], BaseException):
+                with contextlib.suppress(OSError):
+                    os.unlink(item.tmp_path)
+    return results
+
+
+def _make_durable(batch: list[PendingMaildirFile], results: list[str | BaseException]) -> None:
+    if len(batch) > 1 and SYNCFS is not None:
+        devices: dict[int, int] = {}
+        try:
+            for item in batch:
+                devices.setdefault(os.fstat(item.fd).st_dev, item.fd)
+            for fd in devices.values():
+                SYNCFS(fd)
+            return
+        except OSError as e:
+            log.warning("syncfs on mail directory failed (%s); fsync per file", e)
+    for i, item in enumerate(batch):
+        try:
+            os.fdatasync(item.fd)
+        except OSError as e:
+            results[i] = e
+
+
+def _name_in(new_dir: str, batch: list[PendingMaildirFile], idx: list[int],
+             results: list[str | BaseException], fsync: bool) -> None:
+    """Name the (durable) files ``batch[i] for i in idx`` in ``new_dir``, then fsync it once."""
+    try:
+        try:
+            dir_fd = open_dir(new_dir)
+        except FileNotFoundError:   # the maildir was removed meanwhile: made again
+            _make_maildir(os.path.dirname(new_dir))
+            dir_fd = open_dir(new_dir)
+    except OSError as e:
+        for i in idx:
+            results[i] = e
+        return
+    try:
+        named: list[tuple[int, str]] = []
+        for i in idx:
+            try:
+                name = _name(batch[i], dir_fd)
+            except OSError as e:
+                results[i] = e
+            else:
+                results[i] = name
+                named.append((i, name))
+        if fsync and named:
+            try:
+                os.fsync(dir_fd)
+            except OSError as e:
+                for i, name in named:   # named but maybe not durable: not delivered
+                    results[i] = e
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _name(item: PendingMaildirFile, dir_fd: int) -> str:
+    """Give ``item`` its name in ``new/`` (``dir_fd``): rename from ``tmp/``, or link the
+    unnamed file. Python's ``os.link`` passes ``AT_SYMLINK_FOLLOW`` to ``linkat`` only with a
+    directory descriptor (3.11: plain ``link(2)`` otherwise, which links the /proc symlink
+    itself: EXDEV), hence ``dst_dir_fd``. A link never replaces a file: a name taken already
+    (another host of the same name, in the same microsecond) gets a new one."""
+    if item.tmp_path is not None:
+        os.rename(item.tmp_path, item.name, dst_dir_fd=dir_fd)
+        return item.name
+    for _ in range(3):
+        try:
+            os.link(f"{_PROC_FD}/{item.fd}", item.name, dst_dir_fd=dir_fd,
+                    follow_symlinks=True)
+            return item.name
+        except FileExistsError:
+            item.name = f"{unique_name(item.hostname)},S={item.size}"
+        except OSError as e:
+            if e.errno in _LINK_REFUSED or (
+                    e.errno == errno.ENOENT and not os.path.exists(f"{_PROC_FD}/{item.fd}")):
+                UNNAMED.refuse(item.new_dir, e)     # this delivery fails; its retry uses tmp/
+            raise
+    raise FileExistsError(errno.EEXIST, "no free name in the maildir", item.new_dir)
 
 
 class MaildirCommitter:
     """Makes concurrent maildir deliveries durable together; see the module docstring.
 
     ``commit`` takes a ``PendingMaildirFile`` (and its descriptor) and returns its name in
-    ``new/`` once it is durable there, or raises OSError (the ``tmp/`` file is gone). One
-    asyncio task and one thread: while a batch is flushed the next one gathers.
+    ``new/`` once it is durable there, or raises OSError (the file is gone). One asyncio task
+    and one thread: while a batch is flushed the next one gathers.
     """
 
     def __init__(self, fsync: bool = True) -> None:
@@ -181,7 +387,7 @@ class MaildirCommitter:
 
     def withdraw(self, item: PendingMaildirFile) -> bool:
         """Take back an item that is still waiting for its batch (a delivery cancelled): its
-        ``tmp/`` file is removed and its future cancelled. False when its batch has begun:
+        file is removed and its future cancelled. False when its batch has begun:
         the file may be in ``new/`` already, and only the future will tell."""
         try:
             self._pending.remove(item)
@@ -206,11 +412,12 @@ class MaildirCommitter:
 
     @staticmethod
     def discard(item: PendingMaildirFile) -> None:
-        """A ``tmp/`` file that will never be delivered: closed and removed."""
+        """A file that will never be delivered: closed (an unnamed one vanishes) and removed."""
         with contextlib.suppress(OSError):
             os.close(item.fd)
-        with contextlib.suppress(OSError):
-            os.unlink(item.tmp_path)
+        if item.tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(item.tmp_path)
 
     @classmethod
     def _abandon(cls, item: PendingMaildirFile) -> None:
@@ -262,58 +469,7 @@ class MaildirCommitter:
     # ------------------------------------------------------------------ the thread
 
     def _flush(self, batch: list[PendingMaildirFile]) -> list[str | BaseException]:
-        results: list[str | BaseException] = [item.name for item in batch]
-        try:
-            if self.fsync:
-                self._make_durable(batch, results)
-            dirs: dict[str, list[int]] = {}
-            for i, item in enumerate(batch):
-                if isinstance(results[i], BaseException):
-                    continue
-                try:
-                    try:
-                        os.rename(item.tmp_path, os.path.join(item.new_dir, item.name))
-                    except FileNotFoundError:
-                        _make_maildir(os.path.dirname(item.new_dir))
-                        os.rename(item.tmp_path, os.path.join(item.new_dir, item.name))
-                except OSError as e:
-                    results[i] = e
-                else:
-                    dirs.setdefault(item.new_dir, []).append(i)
-            if self.fsync:
-                for new_dir, idx in dirs.items():
-                    try:
-                        fsync_dir(new_dir)
-                    except OSError as e:
-                        for i in idx:   # renamed but maybe not durable: not delivered
-                            results[i] = e
-                            with contextlib.suppress(OSError):
-                                os.unlink(os.path.join(new_dir, batch[i].name))
-        finally:
-            for i, item in enumerate(batch):
-                with contextlib.suppress(OSError):
-                    os.close(item.fd)
-                if isinstance(results[i], BaseException):
-                    with contextlib.suppress(OSError):
-                        os.unlink(item.tmp_path)
+        results = commit_batch(batch, self.fsync)
         self.batches += 1
         self.max_batch = max(self.max_batch, len(batch))
         return results
-
-    def _make_durable(self, batch: list[PendingMaildirFile],
-                      results: list[str | BaseException]) -> None:
-        if len(batch) > 1 and SYNCFS is not None:
-            devices: dict[int, int] = {}
-            try:
-                for item in batch:
-                    devices.setdefault(os.fstat(item.fd).st_dev, item.fd)
-                for fd in devices.values():
-                    SYNCFS(fd)
-                return
-            except OSError as e:
-                log.warning("syncfs on mail directory failed (%s); fsync per file", e)
-        for i, item in enumerate(batch):
-            try:
-                os.fdatasync(item.fd)
-            except OSError as e:
-                results[i] = e

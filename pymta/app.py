@@ -330,12 +330,15 @@ class MTA:
         built: list[object] = []
         try:
             lookup = self.lookup
+            # built in a thread: they read files (tables, a passwd file of any size) and
+            # the sessions go on meanwhile
             if not self._given_lookups:
-                lookup = wiring.recipient_lookup(new, services=self.services)
+                lookup = await asyncio.to_thread(wiring.recipient_lookup, new,
+                                                 services=self.services)
                 built.append(lookup)
             authenticator = self.authenticator
             if not self._given_authenticator and self.auth is not None:
-                authenticator = wiring.build_authenticator(new)
+                authenticator = await asyncio.to_thread(wiring.build_authenticator, new)
                 built.append(authenticator)
             tls_changes = await self._reload_tls(new)
         except BaseException:

@@ -330,6 +330,10 @@ def test_acme_swapped_while_a_session_is_open(server_factory: Any, tmp_path: Pat
         SMTPD_SASL_CLIENTAUTH="user@example.com:{PLAIN}secret",
         PYMTA_SUBMISSIONS_LISTEN=f"127.0.0.1:{_free_port()}")
     srv.start()
+    # one greeting is one worker: both must have read the first file before it changes, or a
+    # slow one reads the second at its start and has nothing to replace
+    wait_until(lambda: srv.stderr.count("pymta started on") >= 2, 30, 0.1,
+               "both workers to start")
     smtps = int(srv.env["PYMTA_SUBMISSIONS_LISTEN"].rsplit(":", 1)[1])
 
     def seen(port: int, starttls: bool = True) -> Seen:

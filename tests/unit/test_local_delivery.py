@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import mailbox
 import os
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pymta.delivery import maildir as maildir_mod
 from pymta.delivery import mbox as mbox_mod
 from pymta.delivery._crlf import crlf_to_lf
 from pymta.delivery.local import LocalDeliveryAgent, _failure_reply, delivery_prefix
@@ -109,6 +112,214 @@ def test_maildir_failure_leaves_nothing(tmp_path: Path) -> None:
         deliver_maildir(str(tmp_path), "m/", b"", str(tmp_path / "missing"), "h")
     assert os.listdir(tmp_path / "m" / "new") == []
     assert os.listdir(tmp_path / "m" / "tmp") == []
+
+
+# ------------------------------------------------------------------ maildir: O_TMPFILE + linkat
+
+
+@pytest.fixture
+def unnamed(monkeypatch: pytest.MonkeyPatch) -> maildir_mod._UnnamedFiles:
+    """A fresh decision cache: what earlier tests refused does not leak into this one."""
+    fresh = maildir_mod._UnnamedFiles()
+    monkeypatch.setattr(maildir_mod, "UNNAMED", fresh)
+    return fresh
+
+
+def _entries(root: Path) -> dict[str, list[str]]:
+    return {sub: sorted(os.listdir(root / sub)) for sub in ("tmp", "new", "cur")}
+
+
+def _fd_target(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+async def _commit_all(items: list[maildir_mod.PendingMaildirFile]) -> list[str]:
+    committer = maildir_mod.MaildirCommitter()
+    try:
+        return list(await asyncio.gather(*(committer.commit(item) for item in items)))
+    finally:
+        await committer.aclose()
+
+
+async def test_maildir_unnamed_files_invisible_until_the_batch_names_them(
+        tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles) -> None:
+    root = tmp_path / "example.com" / "r"
+    items = [maildir_mod.write_maildir_tmp(str(tmp_path), "example.com/r/", PREFIX, body, "mx")
+             for _ in range(5)]
+    # written, not named: no reader can see any of them, and nothing is in tmp/
+    assert _entries(root) == {"tmp": [], "new": [], "cur": []}
+    for item in items:
+        assert item.tmp_path is None
+        target = _fd_target(item.fd)       # "<new>/#<inode> (deleted)": in new/, no name
+        assert target.startswith(f"{root / 'new'}/") and target.endswith(" (deleted)"), target
+    names = await _commit_all(items)
+    assert _entries(root) == {"tmp": [], "new": sorted(names), "cur": []}
+    for name in names:
+        assert (root / "new" / name).read_bytes() == lf(PREFIX + BODY)
+        assert name.endswith(f".mx,S={len(lf(PREFIX + BODY))}")
+        assert (root / "new" / name).stat().st_nlink == 1
+    for item in items:                      # every descriptor closed by the batch
+        with pytest.raises(OSError):
+            os.fstat(item.fd)
+    assert len(mailbox.Maildir(str(root), factory=None, create=False)) == 5
+    assert unnamed.refused == set()
+
+
+@pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL])
+async def test_maildir_falls_back_to_tmp_when_o_tmpfile_is_refused(
+        tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        refusal: int) -> None:
+    tries: list[str] = []
+
+    def refuse(new_dir: str) -> int:
+        tries.append(new_dir)
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(maildir_mod, "_open_unnamed", refuse)
+    root = tmp_path / "r"
+    with caplog.at_level(logging.WARNING, logger="pymta"):
+        items = [maildir_mod.write_maildir_tmp(str(tmp_path), "r/", PREFIX, body, "mx")
+                 for _ in range(4)]
+        # the classic way: whole files under tmp/, none in new/ yet
+        assert _entries(root)["tmp"] == sorted(os.path.basename(str(i.tmp_path)) for i in items)
+        assert _entries(root)["new"] == []
+        names = await _commit_all(items)
+        other = maildir_mod.deliver_maildir(str(tmp_path), "other/", b"", body, "mx")
+    assert _entries(root) == {"tmp": [], "new": sorted(names), "cur": []}
+    for name in names:
+        assert (root / "new" / name).read_bytes() == lf(PREFIX + BODY)
+    assert (tmp_path / "other" / "new" / other).read_bytes() == lf(BODY)
+    # decided once for the file system (the other maildir is on it too), logged once
+    assert len(tries) == 1
+    assert unnamed.refused == {os.stat(tmp_path).st_dev}
+    assert caplog.text.count("refused O_TMPFILE") == 1, caplog.text
+
+
+def test_maildir_other_open_errors_are_not_a_refusal(
+        tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(new_dir: str) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", new_dir)
+
+    monkeypatch.setattr(maildir_mod, "_open_unnamed", denied)
+    (tmp_path / "r" / "new").mkdir(parents=True)
+    with pytest.raises(PermissionError):
+        maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+    assert unnamed.refused == set()     # a fault to report (temporary), not a reason to fall back
+    assert os.listdir(tmp_path / "r" / "new") == []
+
+
+def test_maildir_without_proc_uses_tmp(tmp_path: Path, body: str,
+                                       unnamed: maildir_mod._UnnamedFiles,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(maildir_mod, "_PROC_FD", str(tmp_path / "no-proc" / "self" / "fd"))
+    with caplog.at_level(logging.WARNING, logger="pymta"):
+        item = maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+        assert item.tmp_path is not None and os.path.exists(item.tmp_path)
+        [name] = maildir_mod.commit_batch([item])
+        maildir_mod.deliver_maildir(str(tmp_path), "r/", b"", body, "mx")
+    assert (tmp_path / "r" / "new" / str(name)).read_bytes() == lf(BODY)
+    assert os.listdir(tmp_path / "r" / "tmp") == []
+    assert caplog.text.count("is not mounted") == 1, caplog.text
+
+
+def test_maildir_link_never_replaces_a_taken_name(tmp_path: Path, body: str,
+                                                  unnamed: maildir_mod._UnnamedFiles) -> None:
+    item = maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+    taken = tmp_path / "r" / "new" / item.name
+    taken.write_bytes(b"someone else's message\n")
+    [name] = maildir_mod.commit_batch([item])
+    assert isinstance(name, str) and name != taken.name
+    assert taken.read_bytes() == b"someone else's message\n"
+    assert (tmp_path / "r" / "new" / name).read_bytes() == lf(BODY)
+
+
+def test_maildir_link_refused_fails_that_delivery_and_the_next_uses_tmp(
+        tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """linkat refused by the system (a security module, say): the delivery is a temporary
+    failure with nothing left behind, and the retry goes through tmp/ and succeeds."""
+    item = maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+    real_link = os.link
+
+    def link(src: str, dst: str, **kw: object) -> None:
+        if src.startswith("/proc/self/fd/"):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real_link(src, dst, **kw)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    [result] = maildir_mod.commit_batch([item])
+    assert isinstance(result, PermissionError)
+    assert _entries(tmp_path / "r") == {"tmp": [], "new": [], "cur": []}
+    retry = maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+    assert retry.tmp_path is not None
+    [name] = maildir_mod.commit_batch([retry])
+    assert _entries(tmp_path / "r") == {"tmp": [], "new": [str(name)], "cur": []}
+
+
+@pytest.mark.parametrize("way", ["unnamed", "tmp"])
+def test_maildir_new_dir_fsync_error_fails_the_batch_and_removes_it(
+        tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles,
+        monkeypatch: pytest.MonkeyPatch, way: str) -> None:
+    if way == "tmp":
+        monkeypatch.setattr(maildir_mod, "_open_unnamed", lambda d: (_ for _ in ()).throw(
+            OSError(errno.EOPNOTSUPP, "not here")))
+    items = [maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+             for _ in range(3)]
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    results = maildir_mod.commit_batch(items)
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
+    # linked or renamed, but maybe not durable: not delivered, and nothing left to deliver twice
+    assert _entries(tmp_path / "r") == {"tmp": [], "new": [], "cur": []}
+
+
+_CHILD = """
+import os, sys, time
+from pymta.delivery import maildir
+if sys.argv[3] == "tmp":
+    def refuse(new_dir):
+        raise OSError(95, "Operation not supported")
+    maildir._open_unnamed = refuse
+item = maildir.write_maildir_tmp(sys.argv[1], "r/", b"", sys.argv[2], "mx")
+print(item.fd, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("way", ["unnamed", "tmp"])
+def test_maildir_sigkill_between_write_and_link_leaves_nothing(tmp_path: Path,
+                                                               way: str) -> None:
+    """A crash after the message was written and before it was named: the unnamed file dies
+    with the process. (Through tmp/ it stays there: the test tells the two apart.)"""
+    src = tmp_path / "body"
+    src.write_bytes(b"Subject: crash\r\n\r\n" + b"z" * 998 * 1024 + b"\r\n")   # ~1 MB
+    mail = tmp_path / "mail"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(mail), str(src), way],
+                             stdout=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    try:
+        assert child.stdout is not None
+        fd = int(child.stdout.readline())
+        written = os.readlink(f"/proc/{child.pid}/fd/{fd}")
+        size = os.stat(f"/proc/{child.pid}/fd/{fd}").st_size
+        assert size == len(lf(src.read_bytes()))    # the whole message is written ...
+    finally:
+        child.kill()
+        child.wait()
+    leftovers = _entries(mail / "r")
+    if way == "unnamed":
+        assert written.startswith(f"{mail / 'r' / 'new'}/#") and written.endswith("(deleted)")
+        assert leftovers == {"tmp": [], "new": [], "cur": []}      # ... and gone with it
+    else:
+        assert leftovers["new"] == [] and len(leftovers["tmp"]) == 1
 
 
 # ------------------------------------------------------------------ mbox
