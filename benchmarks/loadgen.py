@@ -183,7 +183,10 @@ class _Session:
         """
         lines: list[bytes] = []
         while True:
-            line = await self.reader.readline()
+            try:
+                line = await self.reader.readline()
+            except ValueError:      # LimitOverrunError: no newline within the stream limit
+                raise SMTPClientError("reply line too long") from None
             if not line.endswith(b"\n") or len(line) < 4 or not line[:3].isdigit():
                 raise SMTPClientError(f"bad or missing reply line: {line[:80]!r}")
             lines.append(line)

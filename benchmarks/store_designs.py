@@ -847,6 +847,10 @@ def verdict(summaries: list[Summary], server_ms: float | None = None) -> list[st
             f"- End to end (server {server_ms:.3f} ms/msg today, its files-design share "
             f"{by['files'].own_ms:.3f} ms replaced): sqlite {e2e_sqlite:.3f}, {best} "
             f"{e2e_log:.3f} ms/msg, {saving:.1f} % less.")
+    else:
+        lines.append("- Rule (a log of our own must spend > 15 % less CPU per message end to "
+                     "end): not applied: it needs --server-ms and the files row.")
+        return lines
     keep = "build the log" if saving > 15 else "keep SQLite (the existing engine)"
     lines.append(f"- Rule (a log of our own must spend > 15 % less CPU per message end to "
                  f"end): {saving:.1f} % -> {keep}.")

@@ -212,12 +212,12 @@ def _open_unnamed(new_dir: str) -> int:
 def _open_pending(root: str, new_dir: str, base: str) -> tuple[int, str | None]:
     """The descriptor to write a message to, and its ``tmp/`` path (None: unnamed)."""
     if UNNAMED.usable(new_dir):
+        if not os.path.isdir(new_dir):
+            # a new maildir: made outside the refusal test below, so that an error of its
+            # own (an fsync's EINVAL) is not taken for the file system refusing O_TMPFILE
+            _make_maildir(root)
         try:
-            try:
-                return _open_unnamed(new_dir), None
-            except FileNotFoundError:       # a new maildir
-                _make_maildir(root)
-                return _open_unnamed(new_dir), None
+            return _open_unnamed(new_dir), None
         except OSError as e:
             if e.errno not in _TMPFILE_REFUSED:
                 raise
@@ -331,10 +331,11 @@ def _name(item: PendingMaildirFile, dir_fd: int) -> str:
     unnamed file. Python's ``os.link`` passes ``AT_SYMLINK_FOLLOW`` to ``linkat`` only with a
     directory descriptor (3.11: plain ``link(2)`` otherwise, which links the /proc symlink
     itself: EXDEV), hence ``dst_dir_fd``. A link never replaces a file: a name taken already
-    (another host of the same name, in the same microsecond) gets a new one."""
+    (another host of the same name, in the same microsecond) gets a new one. From ``tmp/``
+    too (qmail's way, and what NFS needs): link, then unlink the ``tmp/`` name; ``rename``
+    (which would replace a message of the same name) only where hard links are refused."""
     if item.tmp_path is not None:
-        os.rename(item.tmp_path, item.name, dst_dir_fd=dir_fd)
-        return item.name
+        return _name_from_tmp(item, dir_fd)
     for _ in range(3):
         try:
             os.link(f"{_PROC_FD}/{item.fd}", item.name, dst_dir_fd=dir_fd,
@@ -347,6 +348,25 @@ def _name(item: PendingMaildirFile, dir_fd: int) -> str:
                     e.errno == errno.ENOENT and not os.path.exists(f"{_PROC_FD}/{item.fd}")):
                 UNNAMED.refuse(item.new_dir, e)     # this delivery fails; its retry uses tmp/
             raise
+    raise FileExistsError(errno.EEXIST, "no free name in the maildir", item.new_dir)
+
+
+def _name_from_tmp(item: PendingMaildirFile, dir_fd: int) -> str:
+    assert item.tmp_path is not None
+    for _ in range(3):
+        try:
+            os.link(item.tmp_path, item.name, dst_dir_fd=dir_fd)
+        except FileExistsError:
+            item.name = f"{unique_name(item.hostname)},S={item.size}"
+            continue
+        except OSError as e:
+            if e.errno not in _LINK_REFUSED:
+                raise
+            os.rename(item.tmp_path, item.name, dst_dir_fd=dir_fd)  # no hard links here
+            return item.name
+        with contextlib.suppress(OSError):
+            os.unlink(item.tmp_path)
+        return item.name
     raise FileExistsError(errno.EEXIST, "no free name in the maildir", item.new_dir)
 
 

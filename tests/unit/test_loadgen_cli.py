@@ -8,6 +8,7 @@ as a subprocess against pymta and Postfix's smtp-sink is in
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import re
@@ -242,3 +243,20 @@ async def test_an_unwritable_plot_is_exit_1_after_the_summary(tmp_path: Path) ->
                                      str(tmp_path / "no" / "such" / "dir.png")])
     assert status == 1
     assert _field(out, "accepted") == "5"
+
+
+async def test_review_an_endless_reply_line_is_exit_1_not_a_traceback() -> None:
+    """Review of issue 14: a greeting longer than the stream's limit (64 KiB without a
+    newline) raised ValueError out of the client: a traceback. Now one line, exit 1."""
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 " + b"x" * 70_000)
+        await writer.drain()
+        await asyncio.sleep(2)
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        status, out, err = await _cli([f"127.0.0.1:{port}", "-m", "3"])
+    assert status == 1 and out == ""
+    assert "reply line too long" in err and "Traceback" not in err

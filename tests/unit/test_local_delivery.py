@@ -236,6 +236,46 @@ def test_maildir_link_never_replaces_a_taken_name(tmp_path: Path, body: str,
     assert (tmp_path / "r" / "new" / name).read_bytes() == lf(BODY)
 
 
+def test_review_the_tmp_fallback_never_replaces_a_taken_name(
+        tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of issue 14: on the tmp/ path (NFS, no O_TMPFILE) the rename replaced a message
+    of the same name in new/ (two hosts of one name sharing a maildir). Now link, then unlink
+    the tmp/ name: a taken name gets a new one."""
+    monkeypatch.setattr(maildir_mod, "_open_unnamed", lambda d: (_ for _ in ()).throw(
+        OSError(errno.EOPNOTSUPP, "not here")))
+    item = maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+    assert item.tmp_path is not None
+    taken = tmp_path / "r" / "new" / item.name
+    taken.write_bytes(b"someone else's message\n")
+    [name] = maildir_mod.commit_batch([item])
+    assert isinstance(name, str) and name != taken.name
+    assert taken.read_bytes() == b"someone else's message\n"
+    assert (tmp_path / "r" / "new" / name).read_bytes() == lf(BODY)
+    assert os.listdir(tmp_path / "r" / "tmp") == []
+
+
+def test_review_an_error_making_a_new_maildir_is_no_o_tmpfile_refusal(
+        tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of issue 14: an EINVAL while making a new maildir durable was taken for the
+    file system refusing O_TMPFILE (cached for good) and the message written anyway. Now the
+    delivery fails with that error and O_TMPFILE stays in use."""
+    real = maildir_mod._make_maildir
+
+    def failing(root: str) -> None:
+        real(root)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(maildir_mod, "_make_maildir", failing)
+    with pytest.raises(OSError):
+        maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+    monkeypatch.setattr(maildir_mod, "_make_maildir", real)
+    item = maildir_mod.write_maildir_tmp(str(tmp_path), "r/", b"", body, "mx")
+    assert item.tmp_path is None, "O_TMPFILE must still be used on this file system"
+    maildir_mod.commit_batch([item])
+
+
 def test_maildir_link_refused_fails_that_delivery_and_the_next_uses_tmp(
         tmp_path: Path, body: str, unnamed: maildir_mod._UnnamedFiles,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,191 @@
+"""Spool files of the SQLite queue (``pymta.queue.sqlstore``): a small pool of reused files per
+process, and the writer of a body being received.
+
+The file store creates an inode for every message and frees it again, and the file system's
+inode allocation was a quarter of the server's time (issue 14). Here each process keeps a
+few files, ``<root>/spool/<pid>.<n>``, created once and locked (``flock``) for the life of the
+process: a message is written into a free one, which the pipeline's stages read by its path;
+the commit reads a small body back into the database row and the file goes back to the pool,
+truncated; a large body's file is renamed into ``data/`` and the pool makes a new one later.
+The lock is what lets another process's start-up clean-up tell a live process's files from a
+dead one's. The same files hold the copies of inline bodies handed to delivery agents
+(``open_body``), for as long as the claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+from typing import BinaryIO
+
+from pymta import contracts
+from pymta.types import QueueId, SpoolClosedError
+
+log = logging.getLogger("pymta.queue")
+
+BUFFER_SIZE = 64 * 1024
+POOL_MAX = 64           # free files a process keeps; more are removed when handed back
+_FILE_MODE = 0o600
+
+
+class PoolFile:
+    """One reusable spool file: its path and its (locked, read-write) descriptor."""
+
+    __slots__ = ("path", "fd")
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    def close(self, *, unlink: bool) -> None:
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class SpoolPool:
+    """The free spool files of this process, in ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._free: list[PoolFile] = []
+        self._serial = itertools.count()
+        self._pid = os.getpid()
+
+    def take(self) -> PoolFile:
+        """A free, empty file (made when none is free). Raises OSError."""
+        if self._pid != os.getpid():        # a forked child: the parent's files are not ours
+            self._free = []
+            self._pid = os.getpid()
+        if self._free:
+            pf = self._free.pop()
+            os.lseek(pf.fd, 0, os.SEEK_SET)
+            return pf
+        while True:
+            path = os.path.join(self.directory, f"{self._pid}.{next(self._serial)}")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             _FILE_MODE)
+            except FileExistsError:
+                continue        # a file of an earlier process with our pid, still locked
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+            return PoolFile(path, fd)
+
+    def give_back(self, pf: PoolFile, *, emptied: bool = False) -> None:
+        """Return ``pf`` emptied (``emptied``: already, by the commit thread, where the
+        truncation may wait for the file system's journal without holding up the event
+        loop); a file that cannot be truncated is removed instead."""
+        if pf.fd < 0:
+            return
+        if len(self._free) >= POOL_MAX or self._pid != os.getpid():
+            pf.close(unlink=True)
+            return
+        try:
+            if not emptied:
+                os.ftruncate(pf.fd, 0)
+        except OSError as e:
+            log.warning("queue: cannot truncate spool file %s: %s", pf.path, e)
+            pf.close(unlink=True)
+            return
+        self._free.append(pf)
+
+    def close(self) -> None:
+        free, self._free = self._free, []
+        for pf in free:
+            pf.close(unlink=True)
+
+
+class PooledSpool:
+    """A message body being received into a pooled file; the local Spool of the SQLite
+    store. The store commits it (``SqliteQueueStore.commit``) or it is aborted; either way its
+    file goes back to the pool. Only the store touches the underscored members."""
+
+    _OPEN, _COMMITTING, _COMMITTED, _ABORTED, _REWRITING = range(5)
+
+    def __init__(self, store: object, pool: SpoolPool, qid: QueueId, pf: PoolFile) -> None:
+        self.qid = qid
+        self.path = pf.path
+        self.size = 0
+        self.lock: contracts.MessageLock | None = None
+        self._store = store
+        self._pool = pool
+        self._pf = pf
+        self._file: BinaryIO = open(pf.fd, "wb", buffering=BUFFER_SIZE,  # noqa: SIM115
+                                    closefd=False)
+        self._state = self._OPEN
+        self._abort_asked = False
+        self._body: bytes | None = None     # a small body read back at the commit
+        self._renamed = ""                  # a large body's name in data/, once renamed
+        self._emptied = False               # truncated after its commit (commit thread)
+
+    @property
+    def closed(self) -> bool:
+        return self._state != self._OPEN
+
+    def write(self, data: bytes) -> None:
+        if self._state != self._OPEN:
+            raise SpoolClosedError(f"{self.qid}: spool file is not open for writing")
+        self._file.write(data)
+        self.size += len(data)
+
+    def flush(self) -> None:
+        """Hand buffered bytes to the kernel, so readers of ``path`` see the whole message."""
+        if self._state == self._OPEN:
+            self._file.flush()
+
+    def abort(self) -> None:
+        """Forget the message; idempotent, a no-op once a commit has taken the spool. During
+        a rewrite only asked for: the rewrite's end carries it out."""
+        if self._state == self._OPEN:
+            self._discard()
+        elif self._state == self._REWRITING:
+            self._abort_asked = True
+
+    def _discard(self) -> None:
+        self._state = self._ABORTED
+        self._release_file()
+
+    def _release_file(self) -> None:
+        """The file back to the pool (or, once renamed into ``data/``, closed)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._file.close()      # closefd=False: flushes (an aborted body: garbage) only
+        pf, self._pf = self._pf, PoolFile("", -1)
+        if self._renamed:
+            pf.close(unlink=False)
+        else:
+            self._pool.give_back(pf, emptied=self._emptied)
+
+    def _swap(self, pf: PoolFile, file: BinaryIO, size: int) -> None:
+        """Take ``pf`` (written through ``file``) as the body; the old file goes back."""
+        with contextlib.suppress(OSError, ValueError):
+            self._file.close()
+        old, self._pf, self._file = self._pf, pf, file
+        self.path = pf.path
+        self.size = size
+        self._pool.give_back(old)
+
+
+def read_file(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of ``fd`` (fewer if it is shorter)."""
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 1 << 20), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
