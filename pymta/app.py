@@ -45,6 +45,7 @@ from pymta.contracts import (
 )
 from pymta.log import python_level
 from pymta.pipeline import Pipeline
+from pymta.queue.choice import make_store, resolve
 from pymta.queue.intake import Intake
 from pymta.queue.manager import QueueManager
 from pymta.queue.quarantine import expire_quarantine
@@ -138,8 +139,11 @@ class MTA:
                          else wiring.build_pipeline(config, self.services))
         # The server's hot path: delivery takes over the lock of a message just queued, and
         # empty spool files are made ahead of time off the event loop.
-        self.store = QueueStore(os.path.join(config.state_dir, "queue"), hand_over_locks=True,
-                                prealloc=32)
+        # The queue (issue 14: PYMTA_QUEUE_STORE, the file layout or one SQLite database)
+        queue_root = os.path.join(config.state_dir, "queue")
+        self.store: QueueStore = make_store(
+            queue_root, resolve(queue_root, config.queue_store), hand_over_locks=True,
+            prealloc=32)
         self.manager: QueueManager | None = None
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self._servers: list[asyncio.base_events.Server] = []

@@ -41,6 +41,7 @@ from typing import Any
 from pymta import app, exporter, servertls, wiring
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config, ListenAddress
+from pymta.queue.choice import resolve
 from pymta.reload import plan
 from pymta.tls import server_ssl_context
 
@@ -109,6 +110,7 @@ class Supervisor:
         config = self.config
         wiring.check(config)              # every adapter's settings, nothing built
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        resolve(os.path.join(config.state_dir, "queue"), config.queue_store)  # no way back
         ssl_ctx = server_ssl_context(config)  # generates the self-signed pair once
         self.tls_on = ssl_ctx is not None    # what a reload compares with (pymta.reload)
         self.exporter = exporter.for_config(config, multiprocess=True)   # bound, not serving

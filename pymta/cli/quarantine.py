@@ -28,6 +28,8 @@ from pymta.cli.queue import (
     LOCK_TIMEOUT,
     QueueCommandError,
     age,
+    body_file,
+    close_store,
     entries,
     locked,
     message_size,
@@ -135,7 +137,7 @@ def cmd_show(store: Any, qid: str, headers_only: bool, out: TextIO) -> int:
     """The quarantined copy as it is: the envelope's fields first (X-Quarantine-ID,
     X-Envelope-*), then the spooled message; ``headers_only`` stops at its empty line."""
     env = _load(store, qid)
-    with open(store.body_path(qid), "rb") as body:
+    with body_file(store, qid) as body:
         raw = _binary(out)
         if raw is None:         # a text stream (an embedder's StringIO): decoded
             data = body.read()
@@ -204,7 +206,7 @@ def _release_some(store: Any, state_dir: str, qid: str, addresses: Sequence[str]
         released_env = copy.deepcopy(env)
         released = quarantine.release(released_env, addresses)
         _due(released_env, time.time())
-        with open(store.body_path(qid), "rb") as body:
+        with body_file(store, qid) as body:
             data = body.read()
         new_qid = asyncio.run(_split(store, qid, env, released_env, data, left))
     print(f"released {qid} to {_addresses(released)} (queued as {new_qid})", file=out)
@@ -279,6 +281,14 @@ def run(args: Any, state_dir: str, out: TextIO | None = None, err: TextIO | None
     command = args.quarantine_command
     lifetime = _lifetime(args) if command == "expire" else 0.0
     store = open_store(state_dir)
+    try:
+        return _dispatch(args, command, lifetime, store, state_dir, out, err)
+    finally:
+        close_store(store)
+
+
+def _dispatch(args: Any, command: str, lifetime: float, store: Any, state_dir: str,
+              out: TextIO, err: TextIO) -> int:
     if command == "list":
         return cmd_list(store, args.json, out)
     if command == "show":

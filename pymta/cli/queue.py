@@ -1,10 +1,12 @@
 """``pymta queue ...``: look at and change the on-disk queue of a running or stopped server.
 
 Postfix splits this over mailq, postqueue and postsuper; here it is one command group. It
-works directly on ``<state_dir>/queue`` through :class:`pymta.queue.store.QueueStore`, taking
-the store's per-message lock before a change, so it never races a delivery attempt in the
-server. After a change it sends SIGUSR1 to the server named in ``<state_dir>/pymta.pid`` so
-the queue manager rescans at once instead of at its next periodic scan.
+works directly on ``<state_dir>/queue`` through the store the directory holds (the file layout
+or the SQLite database, :func:`pymta.queue.choice.detect`: the commands read the queue the
+server writes, whatever their own environment says), taking the store's per-message lock
+before a change, so it never races a delivery attempt in the server. After a change it sends
+SIGUSR1 to the server named in ``<state_dir>/pymta.pid`` so the queue manager rescans at once
+instead of at its next periodic scan.
 
 ``flush`` leaves a new token in ``<state_dir>/queue/flush`` before the signal, so every
 worker process can tell a flush from other queue changes: a worker that sees a new token
@@ -19,16 +21,20 @@ shown with non-printable characters escaped: one queue entry, one set of lines.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import io
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from pymta.queue import quarantine
 from pymta.queue.deliverylog import printable as _p
@@ -50,17 +56,48 @@ def pid_file(state_dir: str) -> Path:
 
 
 def open_store(state_dir: str) -> Any:
-    """The QueueStore of ``state_dir``; refuses to create a queue where none exists, since a
-    mistyped PYMTA_STATE_DIR would otherwise show an empty queue."""
+    """The queue store of ``state_dir``, of the kind the directory holds (a server may run
+    with either); refuses to create a queue where none exists, since a mistyped
+    PYMTA_STATE_DIR would otherwise show an empty queue."""
     root = Path(state_dir) / "queue"
     if not root.is_dir():
         raise QueueCommandError(f"queue: no queue directory {str(root)!r} "
                                 "(is PYMTA_STATE_DIR right?)")
-    from pymta.queue.store import QueueStore
+    from pymta.queue.choice import detect, make_store
 
-    store = QueueStore(str(root))
+    store = make_store(str(root), detect(str(root)))
     store.open()
     return store
+
+
+def close_store(store: Any) -> None:
+    """Let go of the store (its claims, connections, directories): a command run inside a
+    longer-lived process (tests, an embedder) must not keep the database open. Called from
+    within an event loop (an embedder's coroutine), the close runs on a loop of its own in a
+    thread, since this one cannot be re-entered."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(store.aclose())
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="pymta-queue-close") as worker:
+        worker.submit(asyncio.run, store.aclose()).result()     # its error raised here
+
+
+@contextmanager
+def body_file(store: Any, qid: str) -> Iterator[BinaryIO]:
+    """The message body to read, FileNotFoundError when the message is gone. A store that
+    can hand the body over (``read_body``, the SQLite store's) is asked for it: its
+    ``body_path`` would copy a small body into a scratch file kept until the store closes."""
+    read_body = getattr(store, "read_body", None)
+    if read_body is None:
+        with open(store.body_path(qid), "rb") as fh:
+            yield fh
+        return
+    data = read_body(qid)
+    if data is None:
+        raise FileNotFoundError(errno.ENOENT, "no such message", qid)
+    yield io.BytesIO(data)
 
 
 def _valid_id(qid: str) -> bool:
@@ -71,10 +108,18 @@ def _valid_id(qid: str) -> bool:
 
 def _missing(store: Any, qid: str) -> QueueCommandError:
     """The error for an id that is not in the queue. When the store has moved a file of that
-    id aside to ``corrupt/`` (just now, reading it for this command, or earlier), that is
-    where the message is, and "no message" would send the user looking elsewhere."""
+    id aside to ``corrupt/``, or the SQLite store its row to the table ``set_aside`` (just
+    now, reading it for this command, or earlier), that is where the message is, and "no
+    message" would send the user looking elsewhere."""
+    if not _valid_id(qid):
+        return QueueCommandError(f"queue: no message {qid}")
+    set_aside = getattr(store, "set_aside_ids", None)
+    if set_aside is not None and qid in set_aside():
+        return QueueCommandError(f"queue: message {qid} was set aside in "
+                                 f"{store.db_path} (its queue entry could not be used; see "
+                                 "the server log)")
     corrupt = getattr(store, "corrupt_dir", None)
-    if isinstance(corrupt, str) and _valid_id(qid):
+    if isinstance(corrupt, str):
         try:
             names = os.listdir(corrupt)
         except OSError:
@@ -163,7 +208,8 @@ def _size(store: Any, qid: str, env: Envelope) -> int:
     if env.size:
         return env.size
     try:
-        return os.path.getsize(store.body_path(qid))
+        with body_file(store, qid) as fh:
+            return fh.seek(0, io.SEEK_END)
     except OSError:
         return 0
 
@@ -236,19 +282,18 @@ def _when(ts: float, now: float) -> str:
     return f"{stamp} ({rel})"
 
 
-def _headers(path: str) -> str:
+def _headers(fh: BinaryIO) -> str:
     """The header section of the spooled message, up to the first empty line."""
     lines: list[str] = []
     total = 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if raw in (b"\r\n", b"\n"):
-                break
-            total += len(raw)
-            if total > HEADER_LIMIT:
-                lines.append("[... header truncated]")
-                break
-            lines.append(_p(raw.rstrip(b"\r\n").decode("utf-8", "replace")))
+    for raw in fh:
+        if raw in (b"\r\n", b"\n"):
+            break
+        total += len(raw)
+        if total > HEADER_LIMIT:
+            lines.append("[... header truncated]")
+            break
+        lines.append(_p(raw.rstrip(b"\r\n").decode("utf-8", "replace")))
     return "\n".join(lines)
 
 
@@ -282,7 +327,8 @@ def cmd_show(store: Any, qid: str, out: TextIO) -> int:
         print(f"  last reply: {_p(r.last_reply) or '-'}", file=out)
     print("", file=out)
     try:
-        print(_headers(store.body_path(qid)), file=out)
+        with body_file(store, qid) as fh:
+            print(_headers(fh), file=out)
     except OSError as exc:
         print(f"(message body unreadable: {exc.strerror or exc})", file=out)
     return 0
@@ -444,6 +490,13 @@ def run(args: Any, state_dir: str, out: TextIO | None = None, err: TextIO | None
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     store = open_store(state_dir)
+    try:
+        return _dispatch(args, store, state_dir, out, err)
+    finally:
+        close_store(store)
+
+
+def _dispatch(args: Any, store: Any, state_dir: str, out: TextIO, err: TextIO) -> int:
     if args.queue_command == "list":
         return cmd_list(store, args.json, out)
     if args.queue_command == "show":

@@ -570,6 +570,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("queue_scan_interval", "PYMTA_QUEUE_SCAN_INTERVAL", _duration(True)),
     _Setting("delivery_concurrency", "PYMTA_DELIVERY_CONCURRENCY", _size(1)),
     _Setting("hold_incoming", "PYMTA_HOLD_INCOMING", parse_bool),
+    _Setting("queue_store", "PYMTA_QUEUE_STORE", _on_error("files", "sqlite")),
     _Setting("smtp_relay", "SMTP_RELAY_HOSTAUTH", parse_relay_hostauth),
     _Setting("smtp_tls_security_level", "SMTP_TLS_SECURITY_LEVEL", parse_tls_level),
     _Setting("smtp_tls_wrappermode", "SMTP_TLS_WRAPPERMODE", parse_bool),

@@ -42,8 +42,8 @@ store's layout (``env/`` + ``data/``) is imported in batches, durably, then its 
 (:mod:`pymta.queue.sqlconvert`); a crash midway imports again without duplicates.
 
 Not here yet (issue 14, next steps): small bodies handed to delivery from memory (today
-``open_body`` writes an inline body into a pooled scratch file per claim), and the queue
-census of ``pymta.queue.census`` (it counts ``env/`` files) over the rows.
+``open_body`` writes an inline body into a pooled scratch file per claim). The commands and
+the metrics' census pick this store by what the directory holds (``pymta.queue.choice``).
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +30,8 @@ from typing import Any, TypeVar
 import pytest
 
 from pymta.config.load import _SETTINGS
+from pymta.queue.choice import KINDS as QUEUE_STORES
+from pymta.queue.choice import detect
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -231,9 +235,45 @@ class ServerProc:
     def queue_dir(self) -> Path:
         return self.state_dir / "queue"
 
+    @property
+    def queue_store(self) -> str:
+        """The store the queue directory holds: ``sqlite`` once ``queue.db`` exists."""
+        return detect(str(self.queue_dir))
+
     def queue_files(self, sub: str) -> list[str]:
+        """The names in ``queue/<sub>``, the same for either queue store: ``env`` lists the
+        queued messages (the SQLite store's rows, read-only, beside any ``env/`` files a
+        conversion has not taken yet; AssertionError when there is neither, so a check
+        that the queue is empty cannot pass for want of a queue), ``data`` the stored
+        bodies (``data/`` files, and the ids of rows holding their body inline), ``corrupt``
+        adds the ids of the rows the SQLite store set aside; other folders as they are."""
         path = self.queue_dir / sub
-        return sorted(os.listdir(path)) if path.is_dir() else []
+        names = set(os.listdir(path)) if path.is_dir() else set()
+        database = self.queue_dir / "queue.db"
+        if sub == "env":
+            if not path.is_dir() and not database.exists():
+                raise AssertionError(f"no queue at {self.queue_dir}: neither env/ nor "
+                                     "queue.db exists")
+            names.update(self._queue_rows("SELECT qid FROM messages"))
+        elif sub == "data":
+            names.update(self._queue_rows("SELECT qid FROM messages WHERE body IS NOT NULL"))
+        elif sub == "corrupt":
+            names.update(self._queue_rows("SELECT qid FROM set_aside"))
+        return sorted(names)
+
+    def _queue_rows(self, query: str) -> list[str]:
+        """The first column of ``query`` in ``queue/queue.db`` (read-only), [] without it."""
+        database = self.queue_dir / "queue.db"
+        if not database.exists():
+            return []
+        uri = f"file:{urllib.parse.quote(str(database))}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+            try:
+                return [str(row[0]) for row in db.execute(query)]
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):     # created, schema not yet written
+                    return []
+                raise
 
     def cli(self, *args: str, check: bool = False,
             timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -387,3 +427,27 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
     yield factory
     for srv in made:
         srv.cleanup()
+
+
+@pytest.fixture(params=QUEUE_STORES)
+def server_factory_each_store(request: pytest.FixtureRequest,
+                              tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
+    """``server_factory`` once per queue store (``PYMTA_QUEUE_STORE``, unless the test sets
+    it): tests of what must work on either (the queue and quarantine commands). At teardown,
+    every server that ran must have left the queue of its store (else the test ran on the
+    other one twice)."""
+    kind = str(request.param)
+    made: list[ServerProc] = []
+
+    def factory(name: str = "srv", **kwargs: Any) -> ServerProc:
+        kwargs.setdefault("PYMTA_QUEUE_STORE", kind)
+        srv = ServerProc(tmp_path / name, **kwargs)
+        made.append(srv)
+        return srv
+
+    yield factory
+    for srv in made:
+        srv.cleanup()
+    for srv in made:
+        if srv.runs and srv.env["PYMTA_QUEUE_STORE"] == kind:
+            assert srv.queue_store == kind, f"{srv.base}: a {srv.queue_store} queue"

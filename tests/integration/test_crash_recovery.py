@@ -366,7 +366,7 @@ def test_torture_sigkill_at_random_moments(server_factory, capsys) -> None:
     damaged, and the duplicates (deliveries repeated after a kill) are counted and reported.
     "Delivered but not acked" is a message the client sent whole whose 250 was lost with the
     killed server: legitimate (the commit came first), counted; one never sent whole, one the
-    client left halfway (every CUT_EVERY-th) or one answered 4xx/5xx fails the test. The seed
+    client left halfway (every CUT_EVERY-th) or one answered 4xx/5xx fails the test. A seed
     repeats the kill schedule (moments and kinds); what the sessions did by then varies with
     the machine's speed."""
     import random

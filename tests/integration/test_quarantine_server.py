@@ -1,7 +1,8 @@
 """Issue 12: ``pymta quarantine`` against a running ``pymta serve`` (the image's ``amavis-ls``
 and ``amavisd-release``): a message the banned-files check blocks for two recipients is listed,
 shown, released to one recipient and then to the other (each delivered by the server, not
-filtered again), and a second blocked message is deleted."""
+filtered again), and a second blocked message is deleted; once per queue store
+(``PYMTA_QUEUE_STORE``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import mailbox
 import serverproc
 from serverproc import ServerProc, queued_id, smtp_send, wait_until
 
-server_factory = serverproc.server_factory  # the fixture
+server_factory = serverproc.server_factory_each_store  # the fixture, once per queue store
 
 SENDER = "someone@remote.test"
 RCPTS = ["alice@example.com", "bob@example.com"]

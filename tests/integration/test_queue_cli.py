@@ -4,23 +4,30 @@ A message to ``fwd@example.com`` (an alias forwarding to a foreign domain) is re
 host that refuses connections, so it is deferred (``451 4.4.x``) on every attempt. That makes
 the attempt counter a clock: it grows at each retry, stops while the message is held, and
 jumps on a flush.
+
+Every test runs once per queue store (``PYMTA_QUEUE_STORE``: the file layout, the SQLite
+database): the commands find out which one the server's queue directory holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import sqlite3
 import time
+from pathlib import Path
 
+import pytest
 import serverproc
 from serverproc import ServerProc, dead_relay, make_message, queued_id, smtp_send, wait_until
 
 from pymta.cli.main import main
-from pymta.queue.store import QueueStore
+from pymta.queue.choice import KINDS, make_store
 from pymta.types import Envelope, Recipient
 
-server_factory = serverproc.server_factory  # the fixture
+server_factory = serverproc.server_factory_each_store  # the fixture, once per queue store
 
 SENDER = "sender@client.test"
 FWD = "fwd@example.com"
@@ -218,18 +225,20 @@ def test_hold_incoming_keeps_mail_until_release_all(server_factory) -> None:
     assert srv.stop() == 0
 
 
-def test_issue10_show_of_a_message_moved_to_corrupt_says_so(tmp_path, monkeypatch,
-                                                            capsys) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_issue10_show_of_a_message_moved_to_corrupt_says_so(kind: str, tmp_path: Path,
+                                                            monkeypatch, capsys) -> None:
     """``queue show ID`` whose envelope the store finds unusable (and moves aside to
-    ``corrupt/`` while reading it for this very command), then the same id again, and a
-    ``hold`` of it: each says where the message went instead of "no message"."""
+    ``corrupt/``, or the SQLite store to its table ``set_aside``, while reading it for this
+    very command), then the same id again, and a ``hold`` of it: each says where the message
+    went instead of "no message"."""
     monkeypatch.setenv("PYMTA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("MAIL_DOMAIN", "example.com")
     monkeypatch.delenv("PYMTA_CONFIG", raising=False)
     body = b"Subject: corrupt\r\n\r\nhi\r\n"
 
     async def enqueue() -> str:
-        store = QueueStore(tmp_path / "queue", fsync=False)
+        store = make_store(str(tmp_path / "queue"), kind, fsync=False)
         await store.start()
         try:
             now = time.time()
@@ -239,12 +248,19 @@ def test_issue10_show_of_a_message_moved_to_corrupt_says_so(tmp_path, monkeypatc
             await store.aclose()
 
     qid = asyncio.run(enqueue())
-    (tmp_path / "queue" / "env" / qid).write_bytes(b"\x00 not an envelope")
-    corrupt = f"{tmp_path / 'queue' / 'corrupt'}/"
+    if kind == "sqlite":
+        db = tmp_path / "queue" / "queue.db"
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            con.execute("UPDATE messages SET envelope = ? WHERE qid = ?",
+                        (b"\x00 not an envelope", qid))
+        where = f"was set aside in {db} "
+    else:
+        (tmp_path / "queue" / "env" / qid).write_bytes(b"\x00 not an envelope")
+        where = f"was moved to {tmp_path / 'queue' / 'corrupt'}/"
     for argv in (["queue", "show", qid], ["queue", "show", qid], ["queue", "hold", qid]):
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
-        assert f"pymta: queue: message {qid} was moved to {corrupt}" in err, (argv, err)
+        assert f"pymta: queue: message {qid} {where}" in err, (argv, err)
         assert "no message" not in err
     assert main(["queue", "show", "0000000000NONE0"]) == 1
     assert "pymta: queue: no message 0000000000NONE0" in capsys.readouterr().err

@@ -1,4 +1,6 @@
-"""``pymta queue ...`` against a real QueueStore on disk (as for a stopped server)."""
+"""``pymta queue ...`` against a real queue store on disk (as for a stopped server), each test
+with either store (``kind``: the file layout, the SQLite database): the commands find out
+which one the directory holds, as they must with a server on either."""
 
 from __future__ import annotations
 
@@ -6,19 +8,27 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pymta.cli import queue as queue_cli
 from pymta.cli.main import main
-from pymta.queue.store import QueueStore
+from pymta.queue.choice import KINDS, detect, make_store
 from pymta.types import Envelope, RcptState, Recipient
 
 BODY = b"From: alice@example.com\r\nSubject: hello\r\n\r\nbody text\r\n"
 
 
+def store_of(root: Path) -> Any:
+    """An open store of the kind ``root`` holds (the ``state`` fixture made it)."""
+    store = make_store(str(root), detect(str(root)), fsync=False)
+    store.open()
+    return store
+
+
 async def enqueue(root: Path, **kw: object) -> str:
-    store = QueueStore(root, fsync=False)
+    store = store_of(root)
     await store.start()
     try:
         rcpts = [Recipient("bob@example.net", "bob@example.net", local=False,
@@ -34,17 +44,31 @@ async def enqueue(root: Path, **kw: object) -> str:
 
 
 def load(root: Path, qid: str) -> Envelope | None:
-    store = QueueStore(root, fsync=False)
-    store.open()
-    return store.load(qid)
+    store = store_of(root)
+    try:
+        env: Envelope | None = store.load(qid)
+        return env
+    finally:
+        queue_cli.close_store(store)
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def bare_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PYMTA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("MAIL_DOMAIN", "example.com")
     monkeypatch.delenv("PYMTA_CONFIG", raising=False)
     return tmp_path
+
+
+@pytest.fixture(params=KINDS)
+def state(request: pytest.FixtureRequest, bare_state: Path) -> Path:
+    """A state directory whose queue is of the store ``request.param``, made (and closed)
+    here, so ``detect`` finds it."""
+    store = make_store(str(bare_state / "queue"), request.param, fsync=False)
+    store.open()
+    queue_cli.close_store(store)
+    assert detect(str(bare_state / "queue")) == request.param
+    return bare_state
 
 
 async def test_list_and_show(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,17 +125,20 @@ async def test_unknown_and_busy_ids(state: Path, capsys: pytest.CaptureFixture[s
         assert main(["queue", *args]) == 1
         assert capsys.readouterr().err == f"pymta: queue: no message {args[1]}\n"
     monkeypatch.setattr(queue_cli, "LOCK_TIMEOUT", 0.1)
-    store = QueueStore(root, fsync=False)
-    store.open()
+    store = store_of(root)
     lock = store.try_lock(qid)   # a delivery attempt in progress
     try:
+        assert lock is not None
         assert main(["queue", "hold", qid]) == 1
         assert "is busy" in capsys.readouterr().err
     finally:
-        lock.release()  # type: ignore[union-attr]
+        lock.release()
+        await store.aclose()
+    assert main(["queue", "hold", qid]) == 0        # free again: the lock was what refused
 
 
-def test_missing_queue_directory(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_queue_directory(bare_state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = bare_state
     assert main(["queue", "list"]) == 1
     assert "no queue directory" in capsys.readouterr().err
     assert not (state / "queue").exists()
@@ -163,3 +190,64 @@ async def test_issue10_review_flush_without_a_token_still_makes_messages_due(
     assert captured.out == "1 message(s) due now\n"
     assert "cannot write the flush request: Read-only file system" in captured.err
     assert "dead hosts" in captured.err
+
+
+async def test_show_and_size_read_the_body_where_it_is(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A body over the SQLite store's inline limit lives in ``data/``, a small one in its
+    row: both shown, and sized from the body when the envelope does not say (an envelope of
+    an older version); nothing of either is left behind in ``spool/`` by reading it."""
+    root = state / "queue"
+    big = b"From: alice@example.com\r\nSubject: big\r\n\r\n" + b"x" * 300_000 + b"\r\n"
+    store = store_of(root)
+    await store.start()
+    try:
+        now = time.time()
+        ids = {}
+        for name, body in (("small", BODY), ("big", big)):
+            env = Envelope(sender="alice@example.com",
+                           recipients=[Recipient("bob@example.net", "bob@example.net")],
+                           received_at=now, next_attempt=now)
+            qid = await store.enqueue_bytes(env, body)
+            env.size = 0                    # as an envelope that does not say
+            store.save_sync(qid, env)
+            ids[name] = qid
+    finally:
+        await store.aclose()
+    assert main(["queue", "list", "--json"]) == 0
+    sizes = {e["id"]: e["size"] for e in json.loads(capsys.readouterr().out)}
+    assert sizes == {ids["small"]: len(BODY), ids["big"]: len(big)}
+    for name, subject in (("small", "Subject: hello"), ("big", "Subject: big")):
+        assert main(["queue", "show", ids[name]]) == 0
+        out = capsys.readouterr().out
+        assert out.rstrip().endswith(subject) and "xxxx" not in out
+    spool = root / "spool"
+    assert not spool.is_dir() or os.listdir(spool) == []
+
+
+async def test_an_unusable_message_is_reported_where_it_went(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An envelope the store cannot read is set aside (the file store: ``corrupt/``; the
+    SQLite store: the table ``set_aside``) while this very command reads it; that command,
+    the next one and a change of it say where it went, not "no message"."""
+    import sqlite3
+
+    root = state / "queue"
+    qid = await enqueue(root)
+    other = await enqueue(root)
+    if detect(str(root)) == "sqlite":
+        with sqlite3.connect(root / "queue.db") as db:
+            db.execute("UPDATE messages SET envelope = ? WHERE qid = ?",
+                       (b"\x00 not an envelope", qid))
+        where = f"was set aside in {root / 'queue.db'} "
+    else:
+        (root / "env" / qid).write_bytes(b"\x00 not an envelope")
+        where = f"was moved to {root / 'corrupt'}/ "
+    for argv in (["queue", "show", qid], ["queue", "show", qid], ["queue", "hold", qid]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"pymta: queue: message {qid} {where}"), (argv, err)
+        assert err.count("\n") == 1
+    assert main(["queue", "show", other]) == 0      # the others are as they were
+    assert main(["queue", "show", "0000000000NONE0"]) == 1
+    assert capsys.readouterr().err.endswith("pymta: queue: no message 0000000000NONE0\n")

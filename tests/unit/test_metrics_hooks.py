@@ -3,12 +3,16 @@ in-process exporter over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import sqlite3
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -20,6 +24,7 @@ from pymta.config.load import load_config
 from pymta.config.model import Config, ListenAddress
 from pymta.queue import quarantine
 from pymta.queue.census import QueueCensus
+from pymta.queue.choice import KINDS, detect, make_store
 from pymta.queue.store import QueueStore
 from pymta.types import Envelope, Recipient, Reply
 
@@ -214,22 +219,24 @@ def _envelope(n: int = 0) -> Envelope:
                     received_at=now, next_attempt=now, client_ip="192.0.2.1")
 
 
-async def _commit(store: QueueStore, env: Envelope) -> str:
+async def _commit(store: Any, env: Envelope) -> str:
     spool = store.new_spool()
     spool.write(b"Subject: x\r\n\r\nbody\r\n")
     return await store.commit(spool, env)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[QueueStore]:
-    s = QueueStore(tmp_path / "queue")
+@pytest.fixture(params=KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A running queue store of either kind: the census counts the file layout's ``env/``
+    and the SQLite database's rows alike."""
+    s = make_store(str(tmp_path / "queue"), request.param)
     s.open()
     await s.start()
     yield s
     await s.aclose()
 
 
-async def test_census_counts_each_state_and_reads_only_what_changed(store: QueueStore) -> None:
+async def test_census_counts_each_state_and_reads_only_what_changed(store: Any) -> None:
     census = QueueCensus(store.root)
     assert census.count() == {"active": 0, "deferred": 0, "hold": 0, "quarantine": 0,
                               "unread": 0}
@@ -257,7 +264,7 @@ async def test_census_counts_each_state_and_reads_only_what_changed(store: Queue
     assert census.count() == {**expected, "deferred": 0}
 
 
-async def test_census_reads_at_most_max_reads_per_count(store: QueueStore) -> None:
+async def test_census_reads_at_most_max_reads_per_count(store: Any) -> None:
     for i in range(5):
         await _commit(store, _envelope(i))
     census = QueueCensus(store.root, max_reads=2)
@@ -268,18 +275,69 @@ async def test_census_reads_at_most_max_reads_per_count(store: QueueStore) -> No
                               "unread": 0}
 
 
-async def test_census_skips_what_is_not_an_envelope_and_changes_nothing(
-        store: QueueStore) -> None:
+async def test_census_skips_what_is_not_an_envelope_and_changes_nothing(store: Any) -> None:
     qid = await _commit(store, _envelope())
-    env_path = Path(store.env_dir) / qid
-    env_path.write_bytes(b"not an envelope")
+    other = await _commit(store, _envelope(2))
+    if isinstance(store, QueueStore):
+        env_path = Path(store.env_dir) / qid
+        env_path.write_bytes(b"not an envelope")
+
+        def stored() -> bytes:
+            return env_path.read_bytes()
+    else:
+        db = Path(store.root) / "queue.db"
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            con.execute("UPDATE messages SET envelope = ? WHERE qid = ?",
+                        (b"not an envelope", qid))
+
+        def stored() -> bytes:
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                row = con.execute("SELECT envelope FROM messages WHERE qid = ?",
+                                  (qid,)).fetchone()
+            assert row is not None, "the census set the row aside"
+            return bytes(row[0])
     census = QueueCensus(store.root)
-    assert sum(census.count().values()) == 0
-    assert env_path.read_bytes() == b"not an envelope"      # not set aside, not "repaired"
+    assert census.count() == {"active": 1, "deferred": 0, "hold": 0, "quarantine": 0,
+                              "unread": 0}
+    assert stored() == b"not an envelope"       # not set aside, not "repaired"
+    assert sorted(store.ids()) == sorted([qid, other])
 
 
 def test_census_of_a_queue_not_made_yet(tmp_path: Path) -> None:
     assert sum(QueueCensus(str(tmp_path / "none")).count().values()) == 0
+
+
+async def test_census_follows_the_queue_into_the_database(tmp_path: Path) -> None:
+    """The exporter's census may start on the file layout; the server converts it into
+    ``queue.db`` at its first start with PYMTA_QUEUE_STORE=sqlite, and the counts follow,
+    read-only: the census's open connection keeps no server from committing."""
+    root = str(tmp_path / "queue")
+    files = QueueStore(root)
+    await files.start()
+    try:
+        for i in range(3):
+            await _commit(files, _envelope(i))
+    finally:
+        await files.aclose()
+    census = QueueCensus(root)
+    assert census.count() == {"active": 3, "deferred": 0, "hold": 0, "quarantine": 0,
+                              "unread": 0}
+    assert detect(root) == "files"
+    sql = make_store(root, "sqlite")
+    await sql.start()                       # converts env/ + data/ into rows
+    try:
+        assert detect(root) == "sqlite" and not os.path.exists(os.path.join(root, "env"))
+        expected = {"active": 3, "deferred": 0, "hold": 0, "quarantine": 0, "unread": 0}
+        assert census.count() == expected
+        held = _envelope(9)
+        held.held = True
+        qid = await _commit(sql, held)      # committed while the census's connection is open
+        assert census.count() == {**expected, "hold": 1}
+        await sql.remove(qid)
+        assert census.count() == expected
+    finally:
+        await sql.aclose()
+    census.close()
 
 
 

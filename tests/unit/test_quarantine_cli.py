@@ -1,5 +1,6 @@
-"""``pymta quarantine ...`` against a real QueueStore on disk, and the quarantine marker
-contract (pymta/queue/quarantine.py) it relies on.
+"""``pymta quarantine ...`` against a real queue store on disk (each test with either store,
+``kind``: the file layout or the SQLite database, which the command finds out itself), and the
+quarantine marker contract (pymta/queue/quarantine.py) it relies on.
 
 The CLI tests are plain functions: ``pymta quarantine release --rcpt`` and ``expire`` run
 their own event loop (``asyncio.run``), as the command does when a user types it.
@@ -16,13 +17,15 @@ import sys
 import time
 from email.utils import getaddresses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pymta.cli import quarantine as quarantine_cli
 from pymta.cli.main import main
+from pymta.cli.queue import body_file, close_store
 from pymta.queue import quarantine
-from pymta.queue.store import QueueStore
+from pymta.queue.choice import KINDS, detect, make_store
 from pymta.types import Envelope, RcptState, Recipient
 
 BODY = (b"Received: from client.example.org by mx.example.com; Sat, 5 Dec 2026 10:00:00 +0000\r\n"
@@ -30,17 +33,35 @@ BODY = (b"Received: from client.example.org by mx.example.com; Sat, 5 Dec 2026 1
 DAY = 86400.0
 
 
-def open_store(root: Path) -> QueueStore:
-    store = QueueStore(root, fsync=False)
+def open_store(root: Path) -> Any:
+    """An open store of the kind ``root`` holds (the ``kind`` fixture made it)."""
+    store = make_store(str(root), detect(str(root)), fsync=False)
     store.open()
     return store
+
+
+def ids(root: Path) -> list[str]:
+    store = open_store(root)
+    try:
+        return list(store.ids())
+    finally:
+        close_store(store)
+
+
+def body(root: Path, qid: str) -> bytes:
+    store = open_store(root)
+    try:
+        with body_file(store, qid) as fh:
+            return fh.read()
+    finally:
+        close_store(store)
 
 
 def enqueue(root: Path, rcpts: tuple[str, ...] = ("bob@example.com", "carol@example.com"),
             **kw: object) -> str:
     """A queued message (not quarantined), as the server leaves one."""
     async def go() -> str:
-        store = QueueStore(root, fsync=False)
+        store = open_store(root)
         await store.start()
         try:
             now = time.time()
@@ -70,20 +91,35 @@ def quarantined(root: Path, kind: str = "virus", reason: str = "Eicar-Test-Signa
         store.save_sync(qid, env)
     finally:
         lock.release()
+        close_store(store)
     return qid
 
 
 def load(root: Path, qid: str) -> Envelope | None:
-    return open_store(root).load(qid)
+    store = open_store(root)
+    try:
+        env: Envelope | None = store.load(qid)
+        return env
+    finally:
+        close_store(store)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store of ``tmp_path/queue``, made (and closed) here, so ``detect`` finds it."""
+    store = make_store(str(tmp_path / "queue"), request.param, fsync=False)
+    store.open()
+    close_store(store)
+    assert detect(str(tmp_path / "queue")) == request.param
+    return str(request.param)
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def state(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PYMTA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("MAIL_DOMAIN", "example.com")
     monkeypatch.delenv("PYMTA_CONFIG", raising=False)
     monkeypatch.delenv("PYMTA_QUARANTINE_LIFETIME", raising=False)
-    (tmp_path / "queue").mkdir()
     return tmp_path
 
 
@@ -170,7 +206,7 @@ def test_release_one_recipient_queues_a_new_message(state: Path,
     assert copy is not None and not copy.held and not quarantine.is_quarantined(copy)
     assert [r.address for r in copy.recipients] == ["carol@example.com"]
     assert copy.prepend == f"X-Quarantine-ID: <{qid}>\r\n"      # no X-Envelope-* fields
-    assert (root / "data" / new).read_bytes() == BODY
+    assert body(root, new) == BODY
 
     original = load(root, qid)
     assert original is not None and quarantine.is_quarantined(original) and original.held
@@ -183,7 +219,7 @@ def test_release_one_recipient_queues_a_new_message(state: Path,
     assert main(["quarantine", "release", qid, "--rcpt", "bob@example.com"]) == 0
     assert "released" in capsys.readouterr().out
     assert load(root, qid) is None and not (root / "data" / qid).exists()
-    left = [q for q in open_store(root).ids() if q != new]
+    left = [q for q in ids(root) if q != new]
     assert len(left) == 1
     second = load(root, left[0])
     assert second is not None and [r.address for r in second.recipients] == ["bob@example.com"]
@@ -230,7 +266,7 @@ def test_expire_removes_old_quarantined_messages(state: Path,
     assert capsys.readouterr().out == "0 quarantined message(s) expired\n"
 
 
-async def test_expire_skips_a_message_someone_holds(tmp_path: Path) -> None:
+async def test_expire_skips_a_message_someone_holds(kind: str, tmp_path: Path) -> None:
     root = tmp_path / "queue"
     now = time.time()
     qids = [await asyncio.to_thread(quarantined, root, at=now - 10 * DAY) for _ in range(2)]
@@ -241,8 +277,11 @@ async def test_expire_skips_a_message_someone_holds(tmp_path: Path) -> None:
         assert store.load(qids[0]) is not None and store.load(qids[1]) is None
     finally:
         lock.release()  # type: ignore[union-attr]
-    assert await quarantine.expire_quarantine(store, 0, now + 100 * DAY) == []
-    assert await quarantine.expire_quarantine(store, 7 * DAY, now) == [qids[0]]
+    try:
+        assert await quarantine.expire_quarantine(store, 0, now + 100 * DAY) == []
+        assert await quarantine.expire_quarantine(store, 7 * DAY, now) == [qids[0]]
+    finally:
+        await store.aclose()
 
 
 # ------------------------------------------------------------------------------ errors
@@ -271,16 +310,18 @@ def test_errors_are_one_line(state: Path, capsys: pytest.CaptureFixture[str],
         assert err.startswith(f"pymta: {text}") and err.count("\n") == 1, err
     env = load(root, qid)
     assert env is not None and quarantine.blocked(env) == [0]    # nothing changed
-    assert len(open_store(root).ids()) == 2
+    assert len(ids(root)) == 2
 
     monkeypatch.setattr(quarantine_cli, "LOCK_TIMEOUT", 0.1)
-    lock = open_store(root).try_lock(qid)      # a delivery attempt, or another release
+    holder = open_store(root)
+    lock = holder.try_lock(qid)                 # a delivery attempt, or another release
     try:
         assert main(["quarantine", "release", qid]) == 1
         assert capsys.readouterr().err == (f"pymta: quarantine: message {qid} is busy "
                                            "(being delivered); try again\n")
     finally:
         lock.release()  # type: ignore[union-attr]
+        close_store(holder)
 
     assert main(["quarantine"]) == 2
     assert "which action?" in capsys.readouterr().err
