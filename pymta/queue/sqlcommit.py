@@ -95,6 +95,7 @@ class Job:
     done: Callable[[BaseException | None], None] | None = None
     take: Callable[[], bool] | None = None
     sync_dir: bool = False
+    new_message: bool = False   # a commit: what pymta_commit_batch_size counts
     future: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -186,9 +187,11 @@ class SqlCommitter:
                 log.exception("queue group commit failed")
                 errors = [e] * len(batch)
             self._finish(batch, errors)
-            waited = sum(1 for job in batch if job.future is not None)
-            if waited:
-                metrics.commit_batch(waited)
+            # messages made durable by this flush, as the file store counts (not the saves,
+            # removals and claim releases that share the transaction)
+            committed = sum(1 for job in batch if job.new_message)
+            if committed:
+                metrics.commit_batch(committed)
 
     def _finish_late(self, batch: list[Job],
                      work: asyncio.Future[list[BaseException | None]]) -> None:

@@ -384,7 +384,7 @@ class SqliteQueueStore:
                                          owner),
                   prepare=functools.partial(self._prepare_body, writer),
                   after=functools.partial(_empty_spool, writer),
-                  done=functools.partial(self._finish_commit, writer))
+                  done=functools.partial(self._finish_commit, writer), new_message=True)
         fut = committer.submit(job)
         assert fut is not None
         try:

@@ -432,3 +432,23 @@ async def test_closing_a_store_lets_go_of_its_claims(tmp_path: Path) -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_commit_batch_metric_counts_new_messages_only(store: SqliteQueueStore) -> None:
+    """pymta_commit_batch_size is "messages made durable by one flush", as the file store
+    counts: the saves, removals and claim releases that share a SQLite transaction are not
+    messages (the two-worker metrics test saw 15 for 6 messages)."""
+    from prometheus_client import CollectorRegistry
+
+    from pymta import metrics
+
+    registry = metrics.enable(CollectorRegistry())
+    try:
+        qids = await asyncio.gather(*(commit_bytes(store, b"Subject: m\r\n\r\nx\r\n",
+                                                   envelope(i)) for i in range(3)))
+        for qid in qids:
+            await store.remove(qid)
+        total = registry.get_sample_value("pymta_commit_batch_size_sum")
+    finally:
+        metrics.disable()
+    assert total == 3
