@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import re
+import sqlite3
 
 from pymta.config.model import Config
 from tests.conftest import RawClient, maildir_messages, wait_for
@@ -141,12 +142,27 @@ async def send_message(client: RawClient, body: bytes = b"Subject: ok\r\n\r\nfin
 
 
 def queue_listing(config: Config) -> dict[str, list[str]]:
+    """The queue as files, whichever store holds it: ``env`` the queued messages, ``data``
+    the stored bodies, ``tmp`` what a message being received left behind. For the SQLite
+    store: the rows of ``queue.db`` (read-only), ``data/`` (large bodies) and the rows with
+    an inline body, and the reused spool files that are not empty."""
     root = os.path.join(config.state_dir, "queue")
-    out = {}
-    for sub in ("env", "data", "tmp"):
-        path = os.path.join(root, sub)
-        out[sub] = sorted(os.listdir(path)) if os.path.isdir(path) else []
-    return out
+    database = os.path.join(root, "queue.db")
+    if not os.path.exists(database):
+        out = {}
+        for sub in ("env", "data", "tmp"):
+            path = os.path.join(root, sub)
+            out[sub] = sorted(os.listdir(path)) if os.path.isdir(path) else []
+        return out
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT qid, body IS NOT NULL FROM messages").fetchall()
+    data_dir, spool_dir = os.path.join(root, "data"), os.path.join(root, "spool")
+    files = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    spools = os.listdir(spool_dir) if os.path.isdir(spool_dir) else []
+    return {"env": sorted(qid for qid, _ in rows),
+            "data": sorted(files + [qid for qid, inline in rows if inline]),
+            "tmp": sorted(name for name in spools
+                          if os.path.getsize(os.path.join(spool_dir, name)) > 0)}
 
 
 def mail_files(config: Config) -> list[str]:

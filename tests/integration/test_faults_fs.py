@@ -411,8 +411,11 @@ def test_issue10_queue_update_failure_after_delivery_does_not_redeliver(tmpfs_se
     empties without another delivery."""
     peer = GatedPeer()
     try:
+        # the file layout's update path and its log line ("cannot update the queue file");
+        # the SQLite store's failed saves: tests/unit/test_queue_sqlstore.py
         srv: ServerProc = tmpfs_server(
-            "ro-after-delivery", SMTP_RELAY_HOSTAUTH=f"[127.0.0.1]:{peer.port}",
+            "ro-after-delivery", PYMTA_QUEUE_STORE="files",
+            SMTP_RELAY_HOSTAUTH=f"[127.0.0.1]:{peer.port}",
             SRS_ENABLE="no", PYMTA_RETRY_FIRST="0.3", PYMTA_RETRY_MAX="1",
             PYMTA_QUEUE_SCAN_INTERVAL="1")
         srv.start()
@@ -456,7 +459,10 @@ def test_issue10_queue_update_failure_after_delivery_does_not_redeliver(tmpfs_se
 
 def test_issue10_corrupt_queue_files_are_set_aside_and_the_rest_delivered(
         server_factory) -> None:
+    # files of the file layout damaged on disk; the SQLite store's set-aside rows:
+    # tests/unit/test_queue_sqlstore.py and test_cli_queue.py
     srv: ServerProc = server_factory("corrupt", PYMTA_HOLD_INCOMING="yes",
+                                     PYMTA_QUEUE_STORE="files",
                                      PYMTA_QUEUE_SCAN_INTERVAL="1", **NO_DNS)
     srv.start()
     all_workers_up(srv)

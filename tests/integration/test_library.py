@@ -14,7 +14,7 @@ import pytest
 
 from pymta.app import MTA
 from pymta.delivery.local import LocalDeliveryAgent
-from pymta.queue.store import QueueStore
+from pymta.queue.choice import detect, make_store
 from pymta.types import (
     Address,
     Destination,
@@ -140,7 +140,8 @@ async def test_deferred_message_is_delivered_after_restart(tmp_path: Path) -> No
         await asyncio.sleep(0.05)  # let the attempt save its outcome
     assert maildir_bytes(config.mail_dir, "alice/") == []
 
-    store = QueueStore(str(Path(config.state_dir) / "queue"))
+    root = str(Path(config.state_dir) / "queue")
+    store = make_store(root, detect(root))
     store.open()
     try:
         assert qid in store.ids()  # still queued, on disk
