@@ -358,7 +358,11 @@ def test_deferred_message_survives_failed_saves_on_a_full_disk(tmpfs_server) -> 
 
 
 def test_issue10_read_only_queue_is_451_then_recovers(tmpfs_server) -> None:
-    srv: ServerProc = tmpfs_server("read-only")
+    # The read-only mount stacked over the state directory hides paths, not the descriptors
+    # already open: the SQLite store keeps its database open and goes on writing the real
+    # file (durably: its 250 is right). A SQLite version needs the file system itself
+    # remounted read-only (issue 14, next step).
+    srv: ServerProc = tmpfs_server("read-only", PYMTA_QUEUE_STORE="files")
     srv.start()
     all_workers_up(srv)
     code, text = smtp_send(srv.port, SENDER, [ALICE], make_message(SENDER, ALICE, "ro 0"))
