@@ -516,7 +516,7 @@ class _Reloader:
 
     def __init__(self, mta: MTA, load: Callable[[], Config] | None) -> None:
         self.mta = mta
-        self.load = load if load is not None else _load_from_environment
+        self.load = load if load is not None else load_from_environment
         self.task: asyncio.Task[None] | None = None
         self.again = False
 
@@ -540,7 +540,9 @@ class _Reloader:
                 await self.task
 
 
-def _load_from_environment() -> Config:
+def load_from_environment() -> Config:
+    """The configuration a SIGHUP loads when the caller gave no loader (the supervisor and a
+    server process alike): the environment, as at start."""
     from pymta.config.load import load_config
 
     return load_config()

@@ -172,7 +172,7 @@ class Supervisor:
 
     def _on_hup(self, signum: int, frame: object) -> None:
         try:
-            new = (self.reload_config or _load_from_environment)()
+            new = (self.reload_config or app.load_from_environment)()
             step = plan(self.config, new, tls_running=self.tls_on)
             wiring.check(step.config)
             servertls.check(step.config)    # the certificates, as the workers will (no writes)
@@ -239,12 +239,6 @@ class Supervisor:
                 self.exporter.close()
             log.log(25, "pymta stopped")
         return exit_code
-
-
-def _load_from_environment() -> Config:
-    from pymta.config.load import load_config
-
-    return load_config()
 
 
 class _EarlySignals:
