@@ -158,8 +158,11 @@ def _orcpt(value: str, smtputf8: bool) -> str | None:
 
 def read_body(msg: QueuedMessage) -> bytes:
     """The message as it leaves: the pipeline's prepended header fields, then the spool."""
-    with open(msg.body_path, "rb") as fh:
-        body = fh.read()
+    if msg.body is not None:
+        body = msg.body
+    else:
+        with msg.open() as fh:
+            body = fh.read()
     prepend = msg.envelope.prepend
     return prepend.encode("utf-8", "surrogateescape") + body if prepend else body
 

@@ -7,10 +7,23 @@ that happens to end one piece is held back until the next piece shows whether an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 CHUNK = 64 * 1024
+
+#: A message body for the mailbox writers: a spool file's path, or a callable that opens it
+#: (``QueuedMessage.open``: from memory when the queue handed it over so).
+BodySource = str | Callable[[], BinaryIO]
+
+
+def open_body(source: BodySource, *, raw: bool = False) -> BinaryIO:
+    """The body as a binary file from its start; the caller closes it. ``raw``: a file
+    unbuffered, for readers of whole chunks (a buffer would only cost system calls; a reader
+    of lines needs one)."""
+    if isinstance(source, str):
+        return open(source, "rb", buffering=0 if raw else -1)
+    return source()
 
 
 def read_chunks(f: BinaryIO, size: int = CHUNK) -> Iterator[bytes]:

@@ -38,7 +38,7 @@ from pymta.backends.table import check_mailbox_path
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from ._client import screen
-from .maildir import MaildirCommitter, PendingMaildirFile, write_maildir_tmp
+from .maildir import MaildirCommitter, MaildirWrite, PendingMaildirFile, write_maildir_tmp
 from .mbox import LOCK_TIMEOUT, MailboxLockTimeout, deliver_mbox
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,33 @@ class LocalDeliveryAgent:
                 raise asyncio.CancelledError
         return out
 
+    async def _to_maildir(self, msg: QueuedMessage, mailbox: str, prefix: bytes,
+                          deferred: _Deferred) -> None:
+        """Write the message into the maildir and wait until it is durable there (OSError
+        otherwise)."""
+        pending: PendingMaildirFile | MaildirWrite
+        if msg.body is not None:
+            # in memory: the batch's thread writes it (no hand-over to a thread of its own)
+            pending = MaildirWrite(self.mail_dir, mailbox, prefix, msg.open, self.hostname)
+        else:
+            written = asyncio.get_running_loop().run_in_executor(
+                self._executor, write_maildir_tmp, self.mail_dir, mailbox, prefix,
+                msg.open, self.hostname)
+            try:
+                pending = await asyncio.shield(written)
+            except asyncio.CancelledError:  # not named in new/: not delivered, nothing to wait
+                written.add_done_callback(_drop_written)
+                raise
+        durable = self._maildir.submit(pending)
+        try:
+            await asyncio.shield(durable)
+        except asyncio.CancelledError:
+            if self._maildir.withdraw(pending):    # not in a batch yet: not delivered
+                raise
+            # in a batch: it may be in new/ already, so the outcome must be known
+            deferred.cancelled = True
+            await _outlast(durable, deferred)       # a second cancellation: raised
+
     async def _deliver_one(self, msg: QueuedMessage,
                            rcpt: Recipient) -> tuple[Outcome, _Deferred]:
         deferred = _Deferred()
@@ -189,23 +216,7 @@ class LocalDeliveryAgent:
         try:
             loop = asyncio.get_running_loop()
             if kind == "maildir":
-                written = loop.run_in_executor(
-                    self._executor, write_maildir_tmp, self.mail_dir, mailbox, prefix,
-                    msg.body_path, self.hostname)
-                try:
-                    pending = await asyncio.shield(written)
-                except asyncio.CancelledError:  # not named in new/: not delivered, nothing to wait
-                    written.add_done_callback(_drop_written)
-                    raise
-                durable = self._maildir.submit(pending)
-                try:
-                    await asyncio.shield(durable)
-                except asyncio.CancelledError:
-                    if self._maildir.withdraw(pending):    # not in a batch yet: not delivered
-                        raise
-                    # in a batch: it may be in new/ already, so the outcome must be known
-                    deferred.cancelled = True
-                    await _outlast(durable, deferred)       # a second cancellation: raised
+                await self._to_maildir(msg, mailbox, prefix, deferred)
             else:
                 if self._busy_until.get(mailbox, 0.0) > time.monotonic():
                     raise MailboxLockTimeout(errno.ETIMEDOUT, "mailbox recently busy", mailbox)
@@ -227,7 +238,7 @@ class LocalDeliveryAgent:
                         # cancelled: the lock wait ends, but an append under way is waited for
                         await _outlast(loop.run_in_executor(
                             self._executor, deliver_mbox, self.mail_dir, mailbox, sender,
-                            prefix, msg.body_path, time.time(), LOCK_TIMEOUT, stop),
+                            prefix, msg.open, time.time(), LOCK_TIMEOUT, stop),
                             deferred, stop.set)
                     except MailboxLockTimeout:
                         # Others queued behind us would each wait the whole timeout too:

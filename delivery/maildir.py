@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pymta.files import fsync_dir, makedirs_durable, open_dir, write_all
 from pymta.queue.committer import SYNCFS
 
-from ._crlf import crlf_to_lf, with_prefix
+from ._crlf import BodySource, crlf_to_lf, open_body, with_prefix
 
 log = logging.getLogger(__name__)
 
@@ -162,21 +162,35 @@ class PendingMaildirFile:
     size: int = 0
 
 
-def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
+@dataclass(eq=False)
+class MaildirWrite:
+    """A delivery whose file the batch's thread writes too (``MaildirCommitter.submit_write``):
+    for a body in memory, so that a batch costs one hand-over to a thread, not one per
+    message. Nothing exists on disk until its batch runs."""
+
+    mail_dir: str
+    mailbox: str
+    prefix: bytes
+    body: BodySource
+    hostname: str
+    future: asyncio.Future[str] | None = field(default=None, repr=False)
+
+
+def deliver_maildir(mail_dir: str, mailbox: str, prefix: bytes, body: BodySource,
                     hostname: str) -> str:
     """Deliver ``prefix`` + the spooled body into the maildir; return the name in ``new/``.
 
     ``mailbox`` is relative to ``mail_dir`` (the caller checked it stays inside). Raises
     OSError on any failure, leaving nothing behind in ``new/`` or ``tmp/``.
     """
-    item = write_maildir_tmp(mail_dir, mailbox, prefix, body_path, hostname)
+    item = write_maildir_tmp(mail_dir, mailbox, prefix, body, hostname)
     [result] = commit_batch([item])
     if isinstance(result, BaseException):
         raise result
     return result
 
 
-def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str,
+def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body: BodySource,
                       hostname: str) -> PendingMaildirFile:
     """First half of a batched delivery: ``prefix`` + the body into an unnamed file in
     ``new/`` (or a file in ``tmp/``), not flushed, not visible to readers.
@@ -189,9 +203,8 @@ def write_maildir_tmp(mail_dir: str, mailbox: str, prefix: bytes, body_path: str
     fd, tmp_path = _open_pending(root, new_dir, base)
     try:
         size = 0
-        # Unbuffered: whole chunks are read anyway, and a buffered reader costs system calls
-        with open(body_path, "rb", buffering=0) as body:
-            for piece in crlf_to_lf(with_prefix(prefix, body)):
+        with open_body(body, raw=True) as reader:
+            for piece in crlf_to_lf(with_prefix(prefix, reader)):
                 write_all(fd, piece)
                 size += len(piece)
     except BaseException:
@@ -380,7 +393,7 @@ class MaildirCommitter:
 
     def __init__(self, fsync: bool = True) -> None:
         self.fsync = fsync
-        self._pending: list[PendingMaildirFile] = []
+        self._pending: list[PendingMaildirFile | MaildirWrite] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -390,7 +403,11 @@ class MaildirCommitter:
     async def commit(self, item: PendingMaildirFile) -> str:
         return await asyncio.shield(self.submit(item))
 
-    def submit(self, item: PendingMaildirFile) -> asyncio.Future[str]:
+    def submit_write(self, write: MaildirWrite) -> asyncio.Future[str]:
+        """As ``submit`` for a message not written yet: the batch's thread writes it first."""
+        return self.submit(write)
+
+    def submit(self, item: PendingMaildirFile | MaildirWrite) -> asyncio.Future[str]:
         """Put ``item`` in the next batch; the future is its name in ``new/`` once durable
         there (or OSError). Cancelling the future does not take the item back: ``withdraw``
         does, while the item is still waiting for its batch."""
@@ -405,7 +422,7 @@ class MaildirCommitter:
         self._wakeup.set()
         return item.future
 
-    def withdraw(self, item: PendingMaildirFile) -> bool:
+    def withdraw(self, item: PendingMaildirFile | MaildirWrite) -> bool:
         """Take back an item that is still waiting for its batch (a delivery cancelled): its
         file is removed and its future cancelled. False when its batch has begun:
         the file may be in ``new/`` already, and only the future will tell."""
@@ -431,8 +448,10 @@ class MaildirCommitter:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
-    def discard(item: PendingMaildirFile) -> None:
+    def discard(item: PendingMaildirFile | MaildirWrite) -> None:
         """A file that will never be delivered: closed (an unnamed one vanishes) and removed."""
+        if isinstance(item, MaildirWrite):
+            return      # never written
         with contextlib.suppress(OSError):
             os.close(item.fd)
         if item.tmp_path is not None:
@@ -440,7 +459,7 @@ class MaildirCommitter:
                 os.unlink(item.tmp_path)
 
     @classmethod
-    def _abandon(cls, item: PendingMaildirFile) -> None:
+    def _abandon(cls, item: PendingMaildirFile | MaildirWrite) -> None:
         cls.discard(item)
         if item.future is not None and not item.future.done():
             item.future.set_exception(OSError("maildir delivery stopped"))
@@ -465,7 +484,7 @@ class MaildirCommitter:
                 results = [e] * len(batch)
             self._resolve_results(batch, results)
 
-    def _resolve(self, batch: list[PendingMaildirFile],
+    def _resolve(self, batch: list[PendingMaildirFile | MaildirWrite],
                  fut: asyncio.Future[list[str | BaseException]]) -> None:
         results: list[str | BaseException]
         if fut.cancelled() or fut.exception() is not None:
@@ -475,7 +494,7 @@ class MaildirCommitter:
         self._resolve_results(batch, results)
 
     @staticmethod
-    def _resolve_results(batch: list[PendingMaildirFile],
+    def _resolve_results(batch: list[PendingMaildirFile | MaildirWrite],
                          results: list[str | BaseException]) -> None:
         for item, res in zip(batch, results, strict=True):
             fut = item.future
@@ -488,8 +507,23 @@ class MaildirCommitter:
 
     # ------------------------------------------------------------------ the thread
 
-    def _flush(self, batch: list[PendingMaildirFile]) -> list[str | BaseException]:
-        results = commit_batch(batch, self.fsync)
+    def _flush(self, batch: list[PendingMaildirFile | MaildirWrite]
+               ) -> list[str | BaseException]:
+        results: list[str | BaseException] = [""] * len(batch)
+        files: list[PendingMaildirFile] = []
+        where: list[int] = []
+        for i, item in enumerate(batch):
+            if isinstance(item, MaildirWrite):
+                try:
+                    item = write_maildir_tmp(item.mail_dir, item.mailbox, item.prefix,
+                                             item.body, item.hostname)
+                except OSError as e:
+                    results[i] = e
+                    continue
+            files.append(item)
+            where.append(i)
+        for i, res in zip(where, commit_batch(files, self.fsync), strict=True):
+            results[i] = res
         self.batches += 1
         self.max_batch = max(self.max_batch, len(batch))
         return results

@@ -26,7 +26,7 @@ from itertools import chain
 
 from pymta.files import fsync_dir, makedirs_durable, write_all
 
-from ._crlf import CHUNK, crlf_to_lf, read_lines
+from ._crlf import CHUNK, BodySource, crlf_to_lf, open_body, read_lines
 
 LOCK_TIMEOUT = 20.0      # seconds; Postfix: deliver_lock_attempts(20) x deliver_lock_delay(1s)
 STALE_LOCK_AGE = 300.0   # a dotlock older than this is left over from a crash
@@ -143,7 +143,7 @@ def quote_from(pieces: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
-def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_path: str,
+def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body: BodySource,
                  now: float, lock_timeout: float = LOCK_TIMEOUT,
                  stop: threading.Event | None = None) -> None:
     """Append one message to ``<mail_dir>/<mailbox>`` under both locks; raise OSError on failure.
@@ -167,7 +167,7 @@ def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_p
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 _lockf(fd, path, deadline, stop)
-                _append(fd, sender, prefix, body_path, now)
+                _append(fd, sender, prefix, body, now)
             finally:
                 os.close(fd)  # also releases the lockf lock
             if created:
@@ -179,7 +179,7 @@ def deliver_mbox(mail_dir: str, mailbox: str, sender: str, prefix: bytes, body_p
         thread_lock.release()
 
 
-def _append(fd: int, sender: str, prefix: bytes, body_path: str,
+def _append(fd: int, sender: str, prefix: bytes, body: BodySource,
             now: float) -> None:
     """Write the message at the end of ``fd``; on failure cut the file back and re-raise."""
     size = os.fstat(fd).st_size
@@ -191,8 +191,8 @@ def _append(fd: int, sender: str, prefix: bytes, body_path: str,
             buf += b"\n"  # a previous writer left no final newline
         buf += from_line(sender, now)
         last = b"\n"
-        with open(body_path, "rb") as body:
-            for piece in quote_from(crlf_to_lf(chain((prefix,), read_lines(body)))):
+        with open_body(body) as reader:
+            for piece in quote_from(crlf_to_lf(chain((prefix,), read_lines(reader)))):
                 buf += piece
                 last = piece
                 if len(buf) >= CHUNK:

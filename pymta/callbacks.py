@@ -189,8 +189,11 @@ def message_bytes(msg: QueuedMessage) -> bytes:
     """The message as delivered: the header fields the server added after receiving it
     (``Authentication-Results``, ``DKIM-Signature`` ...), then the spooled message (our
     ``Received:`` first); CRLF line ends. Reads the whole body: for a large message, stream
-    ``msg.body_path`` instead."""
-    with open(msg.body_path, "rb") as f:
-        body = f.read()
+    ``msg.open()`` instead."""
+    if msg.body is not None:
+        body = msg.body
+    else:
+        with msg.open() as f:
+            body = f.read()
     return msg.envelope.prepend.encode("utf-8", "surrogateescape") + body
 

@@ -365,7 +365,8 @@ class QueueStore(Protocol):
     Receiving (the session, through ``pymta.queue.intake``): ``admission`` before ``MAIL
     FROM`` (cheap, cached), ``new_spool`` at ``DATA``, ``rewrite_spool`` for the rare removal
     of a received header field, ``commit`` before the ``250``. Delivering (the queue manager):
-    ``list_queued``, ``claim``, ``load_envelope``, ``open_body``, ``save``/``remove`` under
+    ``list_queued``, ``claim``, ``load_envelope``, ``open_message`` (or ``open_body``),
+    ``save``/``remove`` under
     the claim, ``enqueue_bytes`` for the notices it generates.
     """
 
@@ -422,6 +423,14 @@ class QueueStore(Protocol):
     async def open_body(self, qid: QueueId) -> str:
         """A local file holding the body, for delivery agents; call with the claim held.
         The file stays readable until the claim is released."""
+        ...
+
+    async def open_message(self, qid: QueueId, envelope: Envelope) -> QueuedMessage:
+        """The message for its delivery agents; call with the claim held, the body stays
+        readable until the claim is released. A store that still holds a body it has just
+        committed hands it over in memory (``QueuedMessage.body``, its file made only if an
+        agent asks for ``body_path``), so a first attempt does not read back what the
+        commit wrote; otherwise as :meth:`open_body`."""
         ...
 
     async def exists(self, qid: QueueId) -> bool:

@@ -13,9 +13,11 @@ still resolve, lazily, for code written before they moved.
 from __future__ import annotations
 
 import enum
+import io
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:   # the protocols' old home, for type checkers (at run time: __getattr__)
     from pymta.contracts import (  # noqa: F401
@@ -258,17 +260,50 @@ class Outcome:
 QueueId = str
 
 
-@dataclass(frozen=True, slots=True)
 class QueuedMessage:
-    """A message handed to a delivery agent: its id, envelope and the spool path of its body.
+    """A message handed to a delivery agent: its id, its envelope and its body.
 
-    The body file holds the message exactly as it will be delivered (``Received:`` added,
-    CRLF line endings, no dot-stuffing). Agents open it read-only and stream from it.
+    The body is the message exactly as it will be delivered (``Received:`` added, CRLF line
+    endings, no dot-stuffing). ``open()`` reads it: from memory when the queue handed it over
+    as bytes (``body``: a small message on its first attempt, so delivery does not read back
+    what was just committed), else from the spool file. ``body_path`` is always a local file
+    holding it, for agents that want a path: for a body in memory the file is made at the
+    first use (``materialize``, the store's copy), so agents that only ``open()`` never cost
+    one.
     """
 
-    qid: QueueId
-    envelope: Envelope
-    body_path: str
+    __slots__ = ("qid", "envelope", "body", "_path", "_materialize", "_lock")
+
+    def __init__(self, qid: QueueId, envelope: Envelope, body_path: str = "", *,
+                 body: bytes | None = None,
+                 materialize: Callable[[], str] | None = None) -> None:
+        if not body_path and (body is None or materialize is None):
+            raise ValueError("a QueuedMessage needs body_path, or body with materialize")
+        self.qid = qid
+        self.envelope = envelope
+        self.body = body
+        self._path = body_path
+        self._materialize = materialize
+        self._lock = threading.Lock()   # agents may ask for the path from their threads
+
+    @property
+    def body_path(self) -> str:
+        if not self._path:
+            with self._lock:
+                if not self._path:
+                    assert self._materialize is not None
+                    self._path = self._materialize()
+        return self._path
+
+    def open(self) -> BinaryIO:
+        """The body as a binary file from its start; the caller closes it."""
+        if self.body is not None:
+            return io.BytesIO(self.body)
+        return open(self._path or self.body_path, "rb")
+
+    def __repr__(self) -> str:
+        where = f"{len(self.body)} bytes in memory" if self.body is not None else self._path
+        return f"QueuedMessage({self.qid!r}, {where})"
 
 
 # --------------------------------------------------------------------------- pipeline values

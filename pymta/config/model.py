@@ -119,7 +119,7 @@ class Config:
     queue_scan_interval: float = 60.0                # PYMTA_QUEUE_SCAN_INTERVAL
     delivery_concurrency: int = 20                   # PYMTA_DELIVERY_CONCURRENCY
     hold_incoming: bool = False                      # PYMTA_HOLD_INCOMING (queue on hold)
-    queue_store: str = "files"                       # PYMTA_QUEUE_STORE files|sqlite
+    queue_store: str = "sqlite"                      # PYMTA_QUEUE_STORE sqlite|files
     # outbound delivery (SMTP client, LMTP, DNS)
     smtp_relay: RelayHost | None = None              # SMTP_RELAY_HOSTAUTH
     smtp_tls_security_level: str = "may"             # SMTP_TLS_SECURITY_LEVEL none|may|encrypt

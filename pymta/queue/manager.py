@@ -729,7 +729,7 @@ class QueueManager:
                 self._forget(qid)
                 deliverylog.log_removed(qid)
                 return
-            att = _Attempt(qid, env, QueuedMessage(qid, env, await self._store.open_body(qid)),
+            att = _Attempt(qid, env, await self._store.open_message(qid, env),
                            start, message_lock=lock)
             if pending:
                 deliverylog.log_active(qid, env)

@@ -4,12 +4,13 @@ process, and the writer of a body being received.
 The file store creates an inode for every message and frees it again, and the file system's
 inode allocation was a quarter of the server's time (issue 14). Here each process keeps a
 few files, ``<root>/spool/<pid>.<n>``, created once and locked (``flock``) for the life of the
-process: a message is written into a free one, which the pipeline's stages read by its path;
-the commit reads a small body back into the database row and the file goes back to the pool,
-truncated; a large body's file is renamed into ``data/`` and the pool makes a new one later.
-The lock is what lets another process's start-up clean-up tell a live process's files from a
-dead one's. The same files hold the copies of inline bodies handed to delivery agents
-(``open_body``), for as long as the claim.
+process. A body being received stays in memory until 64 KiB of it are pending or a stage asks
+for the file (``flush``, then the stage reads it by its path); the commit takes a small body
+from memory (or reads it back if it went to the file) into the database row, and the file goes
+back to the pool, truncated only if it was written; a large body's file is renamed into
+``data/`` and the pool makes a new one later. The lock is what lets another process's
+start-up clean-up tell a live process's files from a dead one's. The same files hold the
+copies of inline bodies an agent asks for by path (``body_path``), for as long as the claim.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import fcntl
 import itertools
 import logging
 import os
-from typing import BinaryIO
 
 from pymta import contracts
 from pymta.types import QueueId, SpoolClosedError
@@ -27,6 +27,7 @@ from pymta.types import QueueId, SpoolClosedError
 log = logging.getLogger("pymta.queue")
 
 BUFFER_SIZE = 64 * 1024
+SPILL = 64 * 1024      # pending bytes of a spool written out to its file at once
 POOL_MAX = 64           # free files a process keeps; more are removed when handed back
 _FILE_MODE = 0o600
 
@@ -64,10 +65,10 @@ class SpoolPool:
         if self._pid != os.getpid():        # a forked child: the parent's files are not ours
             self._free = []
             self._pid = os.getpid()
-        if self._free:
-            pf = self._free.pop()
-            os.lseek(pf.fd, 0, os.SEEK_SET)
-            return pf
+        try:    # writers give offsets (pwrite), or seek themselves; list.pop is atomic,
+            return self._free.pop()     # and scratch copies are made in agents' threads
+        except IndexError:
+            pass
         while True:
             path = os.path.join(self.directory, f"{self._pid}.{next(self._serial)}")
             try:
@@ -109,9 +110,14 @@ class SpoolPool:
 
 
 class PooledSpool:
-    """A message body being received into a pooled file; the local Spool of the SQLite
-    store. The store commits it (``SqliteQueueStore.commit``) or it is aborted; either way its
-    file goes back to the pool. Only the store touches the underscored members."""
+    """A message body being received; the local Spool of the SQLite store. The store commits
+    it (``SqliteQueueStore.commit``) or it is aborted; either way its file goes back to the
+    pool. Only the store touches the underscored members.
+
+    The bytes stay in memory until ``SPILL`` of them are pending, a stage asks for the file
+    (``flush``), or a rewrite needs it: a message that fits never touches its file, and the
+    commit puts the bytes in the row straight from memory (no write, read back and truncate
+    per message). The file is still taken at once, so that ``path`` always names it."""
 
     _OPEN, _COMMITTING, _COMMITTED, _ABORTED, _REWRITING = range(5)
 
@@ -123,11 +129,11 @@ class PooledSpool:
         self._store = store
         self._pool = pool
         self._pf = pf
-        self._file: BinaryIO = open(pf.fd, "wb", buffering=BUFFER_SIZE,  # noqa: SIM115
-                                    closefd=False)
+        self._pending = bytearray()         # written, not yet in the file
+        self._in_file = 0                   # bytes in the file (its next write offset)
         self._state = self._OPEN
         self._abort_asked = False
-        self._body: bytes | None = None     # a small body read back at the commit
+        self._body: bytes | None = None     # a small body, for its row at the commit
         self._renamed = ""                  # a large body's name in data/, once renamed
         self._emptied = False               # truncated after its commit (commit thread)
 
@@ -138,13 +144,35 @@ class PooledSpool:
     def write(self, data: bytes) -> None:
         if self._state != self._OPEN:
             raise SpoolClosedError(f"{self.qid}: spool file is not open for writing")
-        self._file.write(data)
+        self._pending += data
         self.size += len(data)
+        if len(self._pending) >= SPILL:
+            self._spill()
 
     def flush(self) -> None:
-        """Hand buffered bytes to the kernel, so readers of ``path`` see the whole message."""
+        """Hand pending bytes to the kernel, so readers of ``path`` see the whole message."""
         if self._state == self._OPEN:
-            self._file.flush()
+            self._spill()
+
+    def in_memory(self) -> bytes | None:
+        """The whole body when none of it went to the file yet, else None."""
+        return bytes(self._pending) if self._in_file == 0 else None
+
+    def _spill(self) -> None:
+        """Write the pending bytes at the end of the file (OSError: nothing is lost from
+        memory that the file does not have)."""
+        pending = self._pending
+        if not pending:
+            return
+        view = memoryview(pending)
+        done = 0
+        try:
+            while done < len(pending):
+                done += os.pwrite(self._pf.fd, view[done:], self._in_file + done)
+        finally:
+            view.release()
+            self._in_file += done
+            del pending[:done]
 
     def abort(self) -> None:
         """Forget the message; idempotent, a no-op once a commit has taken the spool. During
@@ -160,19 +188,19 @@ class PooledSpool:
 
     def _release_file(self) -> None:
         """The file back to the pool (or, once renamed into ``data/``, closed)."""
-        with contextlib.suppress(OSError, ValueError):
-            self._file.close()      # closefd=False: flushes (an aborted body: garbage) only
+        self._pending = bytearray()
         pf, self._pf = self._pf, PoolFile("", -1)
         if self._renamed:
             pf.close(unlink=False)
         else:
-            self._pool.give_back(pf, emptied=self._emptied)
+            self._pool.give_back(pf, emptied=self._emptied or self._in_file == 0)
 
-    def _swap(self, pf: PoolFile, file: BinaryIO, size: int) -> None:
-        """Take ``pf`` (written through ``file``) as the body; the old file goes back."""
-        with contextlib.suppress(OSError, ValueError):
-            self._file.close()
-        old, self._pf, self._file = self._pf, pf, file
+    def _swap(self, pf: PoolFile, size: int) -> None:
+        """Take ``pf`` (``size`` bytes, written by a rewrite) as the body; the old file goes
+        back."""
+        old, self._pf = self._pf, pf
+        self._pending = bytearray()
+        self._in_file = size
         self.path = pf.path
         self.size = size
         self._pool.give_back(old)

@@ -41,9 +41,12 @@ removed, rows whose body file is missing are set aside, and a queue directory in
 store's layout (``env/`` + ``data/``) is imported in batches, durably, then its files removed
 (:mod:`pymta.queue.sqlconvert`); a crash midway imports again without duplicates.
 
-Not here yet (issue 14, next steps): small bodies handed to delivery from memory (today
-``open_body`` writes an inline body into a pooled scratch file per claim). The commands and
-the metrics' census pick this store by what the directory holds (``pymta.queue.choice``).
+Bodies in memory. A spool keeps a small body in memory (``sqlspool``), the commit puts it
+in the row from there, and the committing process keeps it (``RESIDENT_MAX`` in all) for the
+first delivery attempt, which gets it as ``QueuedMessage.body`` (``open_message``): a message
+that fits is written once to the WAL and once to its mailbox, never to a file of ours. A
+scratch file is made only when an agent asks for ``body_path``. The commands and the
+metrics' census pick this store by what the directory holds (``pymta.queue.choice``).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ from pymta import contracts
 from pymta.queue import codec
 from pymta.queue.ids import is_valid, new_qid
 from pymta.queue.space import FreeSpace, shortage
-from pymta.queue.sqlcommit import Job, SqlCommitter, connect, os_error
+from pymta.queue.sqlcommit import Job, SqlCommitter, WriteTurn, connect, os_error
 from pymta.queue.sqlconvert import convert, move_aside, remove_unlocked
 from pymta.queue.sqlspool import BUFFER_SIZE, PooledSpool, PoolFile, SpoolPool, read_file
 from pymta.queue.store import (
@@ -75,11 +78,12 @@ from pymta.queue.store import (
     insufficient_storage,
     queue_write_error,
 )
-from pymta.types import Envelope, QueueId, SpoolClosedError, TemporaryFailure
+from pymta.types import Envelope, QueuedMessage, QueueId, SpoolClosedError, TemporaryFailure
 
 log = logging.getLogger("pymta.queue")
 
 INLINE_MAX = 256 * 1024     # larger bodies stay files in data/
+RESIDENT_MAX = 32 << 20     # bodies a process keeps after their commit, for the first attempt
 _DIR_MODE = 0o700
 _stores = itertools.count()     # numbers the stores of this process (owner tokens)
 
@@ -202,10 +206,14 @@ class SqliteQueueStore:
         self._pool = SpoolPool(self.spool_dir)
         self._held: dict[QueueId, SqlLock] = {}
         self._scratch: dict[QueueId, PoolFile] = {}       # inline bodies handed to agents
+        self._scratch_lock = threading.Lock()             # agents make them in threads
+        self._resident: dict[QueueId, bytes] = {}         # just committed, claim held
+        self._resident_bytes = 0
         self._releases: set[QueueId] = set()              # claims to clear in the next batch
         self._releasing: set[QueueId] = set()             # ... in the batch being written
         self._claiming: set[QueueId] = set()              # claims being written (thread)
         self._claims_lock = threading.Lock()              # the claims connection
+        self._claims_writer: WriteTurn | None = None      # its turn at writing
         self._release_waits: dict[QueueId, asyncio.Future[None]] = {}
         self._number = next(_stores)
 
@@ -267,6 +275,8 @@ class SqliteQueueStore:
         for pf in self._scratch.values():
             pf.close(unlink=True)
         self._scratch.clear()
+        self._resident.clear()
+        self._resident_bytes = 0
         self._pool.close()
         self._close_db()
 
@@ -276,6 +286,9 @@ class SqliteQueueStore:
                 if con is not None:
                     con.close()
             self._con = self._claims = None
+            if self._claims_writer is not None:
+                self._claims_writer.close()
+                self._claims_writer = None
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
@@ -398,13 +411,17 @@ class SqliteQueueStore:
     def _prepare_body(self, writer: PooledSpool, job: Job) -> None:
         """Commit thread: the body's last bytes; a small one read back for its row, a large
         one renamed into ``data/`` and flushed (``data/`` itself once for the batch)."""
-        writer._file.flush()
-        fd = writer._pf.fd
         if writer.size <= INLINE_MAX:
-            writer._body = read_file(fd, writer.size)
-            if len(writer._body) != writer.size:
+            body = writer.in_memory()
+            if body is None:            # a stage had the file written: read it back
+                writer._spill()
+                body = read_file(writer._pf.fd, writer.size)
+            if len(body) != writer.size:
                 raise OSError(errno.EIO, "spool file shorter than written")
+            writer._body = body
             return
+        writer._spill()
+        fd = writer._pf.fd
         dst = os.path.join(self.data_dir, writer.qid)
         os.rename(writer.path, dst)     # still locked: another start-up leaves it alone
         writer._renamed = dst
@@ -420,11 +437,14 @@ class SqliteQueueStore:
                     (writer.qid, data, writer._body, received, owner))
 
     def _finish_commit(self, writer: PooledSpool, err: BaseException | None) -> None:
-        writer._body = None
+        body, writer._body = writer._body, None
         if err is None:
             writer._state = writer._COMMITTED
             if self.hand_over_locks:
                 writer.lock = SqlLock(writer.qid, self)
+                if body is not None and self._resident_bytes + len(body) <= RESIDENT_MAX:
+                    self._resident[writer.qid] = body       # for open_message, once
+                    self._resident_bytes += len(body)
             writer._release_file()
             return
         log.error("%s: queue file write error: %s", writer.qid, err)
@@ -511,8 +531,9 @@ class SqliteQueueStore:
 
     def _rewrite(self, writer: PooledSpool,
                  transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
-        writer._file.flush()
+        writer._spill()
         pf = self._pool.take()
+        os.lseek(pf.fd, 0, os.SEEK_SET)
         new = open(pf.fd, "wb", buffering=BUFFER_SIZE, closefd=False)  # noqa: SIM115
         try:
             with open(writer.path, "rb") as old:
@@ -520,11 +541,12 @@ class SqliteQueueStore:
             new.flush()
             size = new.tell()
         except BaseException:
-            with contextlib.suppress(OSError):
-                new.close()
+            with contextlib.suppress(OSError, ValueError):
+                new.close()     # before the file goes back: nothing written into it later
             self._pool.give_back(pf)
             raise
-        writer._swap(pf, new, size)
+        new.close()             # closefd=False: the descriptor stays the pool file's
+        writer._swap(pf, size)
 
     def write_fault(self, err: BaseException) -> TemporaryFailure:
         """The client's reply for a write fault; a full disk is re-measured at once."""
@@ -568,17 +590,7 @@ class SqliteQueueStore:
             raise FileNotFoundError(errno.ENOENT, "no such message", qid)
         if row[0] is None:
             return os.path.join(self.data_dir, qid)
-        pf = self._scratch.get(qid)
-        if pf is None:
-            pf = self._pool.take()
-            self._scratch[qid] = pf
-        body: bytes = row[0]
-        os.ftruncate(pf.fd, 0)
-        view = memoryview(body)
-        offset = 0
-        while offset < len(body):
-            offset += os.pwrite(pf.fd, view[offset:], offset)
-        return pf.path
+        return self._materialize(qid, row[0])
 
     def read_body(self, qid: QueueId) -> bytes | None:
         """The whole body, or None if the message is gone (CLI use; no scratch copy)."""
@@ -690,9 +702,14 @@ class SqliteQueueStore:
         self._drop_scratch(qid)
 
     def _drop_scratch(self, qid: QueueId) -> None:
-        pf = self._scratch.pop(qid, None)
-        if pf is not None:
-            self._pool.give_back(pf)
+        """What this process kept of a body for its claim: the copy in memory, the file."""
+        body = self._resident.pop(qid, None)
+        if body is not None:
+            self._resident_bytes -= len(body)
+        with self._scratch_lock:
+            pf = self._scratch.pop(qid, None)
+            if pf is not None:
+                self._pool.give_back(pf)
 
     def _exists(self, qid: QueueId) -> bool:
         with self._db_lock:
@@ -729,6 +746,25 @@ class SqliteQueueStore:
 
     async def open_body(self, qid: QueueId) -> str:
         return self.body_path(qid)
+
+    async def open_message(self, qid: QueueId, envelope: Envelope) -> QueuedMessage:
+        """The body kept since its commit, in memory (once: a later attempt reads the
+        row), else as ``open_body``."""
+        body = self._resident.pop(qid, None)
+        if body is None:
+            return QueuedMessage(qid, envelope, self.body_path(qid))
+        self._resident_bytes -= len(body)
+        return QueuedMessage(qid, envelope, body=body,
+                             materialize=functools.partial(self._materialize, qid, body))
+
+    def _materialize(self, qid: QueueId, body: bytes) -> str:
+        """A pooled scratch file holding ``body`` (any thread), kept as ``body_path``'s."""
+        with self._scratch_lock:
+            pf = self._scratch.get(qid)
+            if pf is None:
+                pf = self._scratch[qid] = self._pool.take()
+            _write_copy(pf, body)
+            return pf.path
 
     async def exists(self, qid: QueueId) -> bool:
         return self._exists(_checked(qid))
@@ -771,11 +807,18 @@ class SqliteQueueStore:
             if claims is None:
                 raise RuntimeError("queue store is not open")
             try:
-                cur = claims.execute("UPDATE messages SET owner = ? WHERE qid = ? AND "
-                                     "owner IS ?", (self._me(), qid, owner))
+                with self._claims_turn():
+                    cur = claims.execute("UPDATE messages SET owner = ? WHERE qid = ? AND "
+                                         "owner IS ?", (self._me(), qid, owner))
             except sqlite3.Error as e:
                 raise os_error(e) from e
             return cur.rowcount == 1
+
+    def _claims_turn(self) -> WriteTurn:
+        """The claims connection's turn at writing (under ``_claims_lock``)."""
+        if self._claims_writer is None:
+            self._claims_writer = WriteTurn(self.db_path)
+        return self._claims_writer
 
     def lock(self, qid: QueueId, timeout: float) -> SqlLock | None:
         """Like ``try_lock`` but waits up to ``timeout`` seconds for the holder (CLI use)."""
@@ -848,9 +891,10 @@ class SqliteQueueStore:
         me = self._me()
         with self._claims_lock:
             try:
-                self._claims.executemany(
-                    "UPDATE messages SET owner = NULL WHERE qid = ? AND owner = ?",
-                    [(qid, me) for qid in releases])
+                with self._claims_turn():
+                    self._claims.executemany(
+                        "UPDATE messages SET owner = NULL WHERE qid = ? AND owner = ?",
+                        [(qid, me) for qid in releases])
             except sqlite3.Error as e:
                 log.warning("queue: cannot release %d claim(s): %s", len(releases), e)
 
@@ -877,10 +921,19 @@ def _clear_owner(qid: QueueId, owner: str, con: sqlite3.Connection) -> None:
     con.execute("UPDATE messages SET owner = NULL WHERE qid = ? AND owner = ?", (qid, owner))
 
 
+def _write_copy(pf: PoolFile, body: bytes) -> None:
+    """``pf`` holding exactly ``body``."""
+    os.ftruncate(pf.fd, 0)
+    view = memoryview(body)
+    offset = 0
+    while offset < len(body):
+        offset += os.pwrite(pf.fd, view[offset:], offset)
+
+
 def _empty_spool(writer: PooledSpool) -> None:
     """Commit thread, after the row is durable: truncate a small body's spool file for its
     next message (a large one's is in ``data/`` now)."""
-    if not writer._renamed:
+    if not writer._renamed and writer._in_file:
         os.ftruncate(writer._pf.fd, 0)
         writer._emptied = True
 

@@ -68,7 +68,7 @@ from pymta.queue.committer import CommitItem, GroupCommitter, RemoveItem
 from pymta.queue.ids import is_valid, new_qid
 from pymta.queue.space import FreeSpace, is_no_space, shortage
 from pymta.queue.spool import BUFFER_SIZE, SpoolWriter, open_body
-from pymta.types import Envelope, QueueId, SpoolClosedError, TemporaryFailure
+from pymta.types import Envelope, QueuedMessage, QueueId, SpoolClosedError, TemporaryFailure
 
 log = logging.getLogger("pymta.queue")
 
@@ -877,6 +877,9 @@ class QueueStore:
     async def open_body(self, qid: QueueId) -> str:
         """``data/<qid>`` itself: it is never renamed or replaced after the commit."""
         return self.body_path(qid)
+
+    async def open_message(self, qid: QueueId, envelope: Envelope) -> QueuedMessage:
+        return QueuedMessage(qid, envelope, self.body_path(qid))
 
     async def exists(self, qid: QueueId) -> bool:
         return os.path.exists(self.body_path(qid))

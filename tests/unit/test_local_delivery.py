@@ -522,6 +522,35 @@ async def test_agent_outcomes(tmp_path: Path) -> None:
     assert msg["Return-Path"] == "<s@example.net>"
 
 
+async def test_agent_delivers_a_body_in_memory_without_asking_for_a_file(
+        tmp_path: Path) -> None:
+    """A first attempt's body comes in memory (issue 14): the maildir and mbox writers read
+    it from there; a path is made only for agents that ask for one."""
+    mail_dir = tmp_path / "mail"
+    mail_dir.mkdir()
+    (mail_dir / "blocker").write_bytes(b"a regular file, not a directory")
+    rcpts = [Recipient("md@example.com", "md@example.com", mailbox="md/"),
+             Recipient("mb@example.com", "mb@example.com", mailbox="mb"),
+             Recipient("bad@example.com", "bad@example.com", mailbox="blocker/md/")]
+    env = Envelope(sender="s@example.net", recipients=rcpts, received_at=0.0,
+                   next_attempt=0.0)
+
+    def no_file() -> str:
+        raise AssertionError("a file was asked for")
+
+    msg = QueuedMessage("Q1", env, body=BODY, materialize=no_file)
+    outcomes = await LocalDeliveryAgent(str(mail_dir), "h").deliver(msg, rcpts)
+    by = {o.recipient: o.kind for o in outcomes}
+    assert by == {"md@example.com": OutcomeKind.DELIVERED,
+                  "mb@example.com": OutcomeKind.DELIVERED,
+                  "bad@example.com": OutcomeKind.TEMPORARY}   # its own failure only
+    [name] = os.listdir(mail_dir / "md" / "new")
+    prefix = b"Return-Path: <s@example.net>\nDelivered-To: md@example.com\n"
+    assert (mail_dir / "md" / "new" / name).read_bytes() == prefix + lf(BODY)
+    [got] = list(mailbox.mbox(str(mail_dir / "mb"), create=False))
+    assert got["Delivered-To"] == "mb@example.com"
+
+
 async def test_agent_null_sender(tmp_path: Path) -> None:
     rcpts = [Recipient("r@example.com", "r@example.com", mailbox="r")]
     [out] = await LocalDeliveryAgent(str(tmp_path), "h").deliver(

@@ -99,6 +99,9 @@ class FakeStore:
     async def open_body(self, qid: str) -> str:
         return self.body_path(qid)
 
+    async def open_message(self, qid: str, envelope: Envelope) -> QueuedMessage:
+        return QueuedMessage(qid, envelope, self.body_path(qid))
+
     async def exists(self, qid: str) -> bool:
         return (self.dir / qid).exists()
 

@@ -98,6 +98,89 @@ async def test_inline_body_copy_for_an_agent_lives_as_long_as_the_claim(
     assert os.path.getsize(path) == 0           # back in the pool, emptied
 
 
+async def test_small_body_never_touches_its_spool_file(store: SqliteQueueStore) -> None:
+    w = store.new_spool()
+    data = b"Subject: s\r\n\r\n" + b"m" * 5000
+    w.write(data)
+    assert os.path.getsize(w.path) == 0         # in memory while it arrives
+    path = w.path
+    qid = await store.commit(w, envelope())
+    assert os.path.getsize(path) == 0           # into its row from memory
+    assert store.read_body(qid) == data
+
+
+async def test_spool_file_holds_the_body_once_a_stage_asks_for_it(
+        store: SqliteQueueStore) -> None:
+    w = store.new_spool()
+    w.write(b"Subject: s\r\n\r\n")
+    w.flush()                                   # a stage reads the file by its path
+    with open(w.path, "rb") as f:
+        assert f.read() == b"Subject: s\r\n\r\n"
+    w.write(b"more\r\n")                       # the rest after the stage, still one body
+    qid = await store.commit(w, envelope())
+    assert store.read_body(qid) == b"Subject: s\r\n\r\nmore\r\n"
+    w2 = store.new_spool()
+    big = b"B" * (200 * 1024)                   # past the spill threshold: on disk as it comes
+    w2.write(big)
+    assert os.path.getsize(w2.path) == len(big)
+    qid2 = await store.commit(w2, envelope())
+    assert store.read_body(qid2) == big
+
+
+async def test_first_attempt_gets_the_committed_body_from_memory(tmp_path: Path) -> None:
+    s = SqliteQueueStore(tmp_path / "queue", hand_over_locks=True)
+    await s.start()
+    try:
+        data = b"Subject: s\r\n\r\nsmall\r\n"
+        w = s.new_spool()
+        w.write(data)
+        env = envelope()
+        qid = await s.commit(w, env)
+        lock = w.lock
+        assert lock is not None
+        msg = await s.open_message(qid, env)
+        assert msg.body == data
+        assert os.listdir(s.spool_dir) == [os.path.basename(w.path)]   # no copy made
+        with msg.open() as f:
+            assert f.read() == data
+        with open(msg.body_path, "rb") as f:    # a path only when an agent asks for one
+            assert f.read() == data
+        again = await s.open_message(qid, env)  # once: later attempts read the row
+        assert again.body is None
+        with again.open() as f:
+            assert f.read() == data
+        lock.release()
+        assert os.path.getsize(msg.body_path) == 0     # the copy went back with the claim
+        w2 = s.new_spool()                      # a message never attempted (held) ...
+        w2.write(data)
+        qid2 = await s.commit(w2, env)
+        assert w2.lock is not None
+        w2.lock.release()                       # ... lets go of its memory with its claim
+        assert qid2 not in s._resident and s._resident_bytes == 0
+    finally:
+        await s.aclose()
+
+
+async def test_commits_wait_for_the_write_turn_of_another_process(
+        store: SqliteQueueStore) -> None:
+    """Processes take turns by an flock, which wakes the next writer at once (SQLite's own
+    busy handler sleeps 1, 2, 5 ... ms between tries)."""
+    import fcntl
+    fd = os.open(store.db_path + "-turn", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # another process's turn
+        w = store.new_spool()
+        w.write(b"Subject: t\r\n\r\n")
+        commit = asyncio.ensure_future(store.commit(w, envelope()))
+        await asyncio.sleep(0.2)
+        assert not commit.done()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        qid = await asyncio.wait_for(commit, 5)
+        assert store.read_body(qid) == b"Subject: t\r\n\r\n"
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------ several processes
 
 
