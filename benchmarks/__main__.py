@@ -133,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="messages per sweep point, at most (%(default)s)")
     side.add_argument("--sweep-levels", default="1,5,20,50,100",
                       help="concurrency levels of the sweep (%(default)s)")
+    side.add_argument("--sweep-held", action="store_true",
+                      help="sweep with delivery paused (as accept); default: delivery running")
     side.add_argument("--latency-rounds", type=int, default=3, help="(%(default)s)")
     side.add_argument("--latency-seconds", type=float, default=5.0,
                       help="length of one paced latency run (%(default)s)")
@@ -175,6 +177,7 @@ def compare_main(args: argparse.Namespace, names: list[str], loop_name: str,
         size=args.size, workers=args.workers, deliver_timeout=args.deliver_timeout,
         sweep_levels=tuple(int(x) for x in args.sweep_levels.split(",") if x.strip()),
         sweep_messages=args.sweep_messages, sweep_rounds=args.sweep_rounds,
+        sweep_delivery=not args.sweep_held,
         latency_seconds=args.latency_seconds, latency_rounds=args.latency_rounds,
         postfix=not args.no_postfix, server_loop=args.server_loop,
     )

@@ -71,6 +71,7 @@ class CompareOptions:
     sweep_levels: tuple[int, ...] = SWEEP_LEVELS
     sweep_messages: int = 2000          # cap per sweep point (fewer at low concurrency)
     sweep_rounds: int = 3
+    sweep_delivery: bool = True         # the sweep with delivery running (issue 14's 1/5 rows)
     latency_seconds: float = 5.0        # length of one paced latency run
     latency_rounds: int = 3
     postfix: bool = True
@@ -351,7 +352,8 @@ def sweep_messages(sessions: int, cap: int) -> int:
 
 
 async def sweep(results: Results, opts: CompareOptions) -> None:
-    """Accepted msg/s at each concurrency level (``smtp-source`` if installed)."""
+    """Accepted msg/s at each concurrency level (``smtp-source`` if installed), with
+    delivery running unless ``--sweep-held``."""
     client = "smtp-source" if SMTP_SOURCE.exists() else "loadgen"
     results.sweep_client = client
     for n in range(1, opts.sweep_rounds + 1):
@@ -359,7 +361,7 @@ async def sweep(results: Results, opts: CompareOptions) -> None:
             messages = sweep_messages(sessions, opts.sweep_messages)
             for kind in _servers(opts, n):
                 r = await measure(kind, client, opts, sessions=sessions, messages=messages,
-                                  deliver=False, hold=True)
+                                  deliver=opts.sweep_delivery, hold=not opts.sweep_delivery)
                 results.add_sweep(sessions, kind, r.accepted_per_s)
                 results.add_errors(f"sweep {kind}/{sessions}: not accepted", r.failed)
                 _note(f"sweep round {n}/{opts.sweep_rounds} {kind:7} {sessions:3} sessions: "

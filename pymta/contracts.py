@@ -339,6 +339,12 @@ class Spool(Protocol):
 
     def flush(self) -> None: ...
 
+    def in_memory(self) -> bytes | None:
+        """The whole body while the spool still holds all of it in memory (stages then read
+        it from there and the file is never written), else None: read ``path`` after
+        ``flush()``."""
+        ...
+
     def abort(self) -> None: ...
 
 

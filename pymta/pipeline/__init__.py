@@ -74,16 +74,18 @@ class SpooledBody:
     that write instead of the event loop.
     """
 
-    __slots__ = ("path", "size", "_cache", "_drops", "_head", "_flush")
+    __slots__ = ("path", "size", "_cache", "_drops", "_head", "_flush", "_memory")
 
     def __init__(self, path: str, size: int, head: bytes | None = None,
-                 flush: Callable[[], None] | None = None) -> None:
+                 flush: Callable[[], None] | None = None,
+                 memory: Callable[[], bytes | None] | None = None) -> None:
         self.path = path
         self.size = size
         self._cache: bytes | None = None
         self._drops: tuple[DropPredicate, ...] = ()
         self._head = head
         self._flush = flush
+        self._memory = memory       # the spool's ``in_memory``: the whole body, or None
 
     def drop_headers(self, predicates: Sequence[DropPredicate]) -> None:
         """From now on, show the message without the header fields ``predicates`` match
@@ -106,19 +108,30 @@ class SpooledBody:
         self._flushed()
         return self.path
 
+    def _from_memory(self) -> bytes | None:
+        """The whole message from the spool's memory (None: it is in the file)."""
+        if self._cache is None and self._memory is not None:
+            data = self._memory()
+            if data is not None:
+                self._cache = filter_bytes(data, self._drops) if self._drops else data
+                self.size = len(self._cache)
+        return self._cache
+
     def read(self) -> bytes:
-        if self._cache is None:
+        if self._cache is None and self._from_memory() is None:
             self._flushed()
             with open(self.path, "rb") as f:
                 data = f.read()
             self._cache = filter_bytes(data, self._drops) if self._drops else data
             self.size = len(self._cache)
+        assert self._cache is not None
         return self._cache
 
     async def read_async(self) -> bytes:
-        if self._cache is None:
+        if self._cache is None and self._from_memory() is None:
             self._flushed()     # here, not in the thread: the writer belongs to the loop
             self._cache = await asyncio.to_thread(self.read)
+        assert self._cache is not None
         return self._cache
 
     def header_bytes(self, limit: int = 1 << 20) -> bytes:
@@ -132,11 +145,15 @@ class SpooledBody:
                 end = head.find(b"\r\n\r\n", 0, limit)
                 if end >= 0:
                     return head[: end + 2]
-            self._flushed()
-            with open(self.path, "rb") as f:
-                data = f.read(limit)
-            if self._drops:
-                data = filter_bytes(data, self._drops)
+            whole = self._from_memory()
+            if whole is not None:
+                data = whole
+            else:
+                self._flushed()
+                with open(self.path, "rb") as f:
+                    data = f.read(limit)
+                if self._drops:
+                    data = filter_bytes(data, self._drops)
         end = data.find(b"\r\n\r\n")
         return data[: end + 2] if end >= 0 else data
 

@@ -108,7 +108,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .. import metrics
 from ..contracts import (
@@ -850,8 +850,10 @@ class QueueManager:
         reported: list[Outcome] = []
         try:
             async with asyncio.timeout(self._agent_timeout):    # None: no limit
-                if isinstance(agent, ProgressReportingAgent):
-                    outcomes = await agent.deliver(msg, rcpts, report=reported.append)
+                # the attribute, not isinstance: a runtime Protocol check costs ~10 µs a call
+                if getattr(agent, "reports_progress", False) is True:
+                    outcomes = await cast(ProgressReportingAgent, agent).deliver(
+                        msg, rcpts, report=reported.append)
                 else:
                     outcomes = await agent.deliver(msg, rcpts)
         except TimeoutError:

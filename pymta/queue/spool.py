@@ -69,6 +69,10 @@ class SpoolWriter:
         if self._state == self._OPEN:
             self._file.flush()
 
+    def in_memory(self) -> bytes | None:
+        """None: this spool writes its file as the body arrives (see ``Spool.in_memory``)."""
+        return None
+
     def abort(self) -> None:
         """Forget the message. Idempotent; a no-op once ``commit`` has taken the writer.
 

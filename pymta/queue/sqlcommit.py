@@ -16,6 +16,13 @@ One batch, in this order (the crash-safety argument):
 3. each job's ``after`` (files that may go now: a removed message's body), then, on the
    event loop, each job's ``done`` and its future.
 
+Which batches are flushed: every batch with a commit or an envelope save runs with
+``synchronous=FULL`` (its ``COMMIT`` returns once the WAL is on disk); a batch of only
+removals and claim releases (``Job.durable`` False) with ``NORMAL``: written to the WAL, not
+flushed, made durable by the next flushed batch. A power cut can then bring back a message
+that was delivered (a duplicate, as with Postfix, which does not flush a queue file's
+removal either); a process crash cannot (the WAL is in the page cache).
+
 An error is charged to the job that raised it (its statement alone is undone, SQLite's
 statement rollback); an error that undoes the whole transaction (a full disk, an I/O error,
 the ``COMMIT`` itself) fails every job of the batch. A crash before ``COMMIT`` returns loses
@@ -124,6 +131,10 @@ class Job:
     done: Callable[[BaseException | None], None] | None = None
     take: Callable[[], bool] | None = None
     sync_dir: bool = False
+    # False: a write whose loss in a power cut costs at most a duplicate (a removal, a claim's
+    # release); a batch of only such writes is not flushed: the next flushed batch makes it
+    # durable with itself (the WAL is one sequence). Postfix does not flush a removal either.
+    durable: bool = True
     new_message: bool = False   # a commit: what pymta_commit_batch_size counts
     future: asyncio.Future[None] | None = field(default=None, repr=False)
 
@@ -137,6 +148,7 @@ class SqlCommitter:
         self._data_dir_fd = data_dir_fd
         self._con: sqlite3.Connection | None = None
         self._turn: WriteTurn | None = None
+        self._flushing = True       # the connection's synchronous: FULL (True) or NORMAL
         self._pending: list[Job] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -268,6 +280,10 @@ class SqlCommitter:
         self._sync_data_dir(batch, errors)
         if any(e is None for e in errors):
             assert self._turn is not None
+            if self.fsync:
+                self._synchronous(con, any(job.durable for job, e in zip(batch, errors,
+                                                                          strict=True)
+                                           if e is None))
             with self._turn:
                 self._transaction(con, batch, errors)
         for job, err in zip(batch, errors, strict=True):
@@ -281,6 +297,17 @@ class SqlCommitter:
         self.commits += waited
         self.max_batch = max(self.max_batch, waited)
         return errors
+
+    def _synchronous(self, con: sqlite3.Connection, flushed: bool) -> None:
+        """``synchronous=FULL`` for a batch that must be durable at its COMMIT, else NORMAL
+        (WAL: written, not flushed; the next FULL commit flushes it too)."""
+        if flushed != self._flushing:
+            try:
+                con.execute(f"PRAGMA synchronous={'FULL' if flushed else 'NORMAL'}")
+            except sqlite3.Error as e:      # stays as it was: FULL is never left by mistake
+                log.warning("queue database: cannot set synchronous: %s", e)
+                return
+            self._flushing = flushed
 
     def _sync_data_dir(self, batch: list[Job], errors: list[BaseException | None]) -> None:
         if not self.fsync:

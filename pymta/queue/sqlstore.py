@@ -684,7 +684,7 @@ class SqliteQueueStore:
             await asyncio.to_thread(self.remove_sync, qid)
             return
         job = Job(_checked(qid), functools.partial(_delete, qid),
-                  after=functools.partial(self._after_remove, qid))
+                  after=functools.partial(self._after_remove, qid), durable=False)
         fut = committer.submit(job)
         assert fut is not None
         await asyncio.shield(fut)
@@ -866,7 +866,8 @@ class SqliteQueueStore:
         self._releases.add(qid)
         fut = committer.submit(Job(qid, functools.partial(_clear_owner, qid, self._me()),
                                    take=functools.partial(self._take_release, qid),
-                                   done=functools.partial(self._released, qid)))
+                                   done=functools.partial(self._released, qid),
+                                   durable=False))     # after a power cut no owner lives
         assert fut is not None
         fut.add_done_callback(_retrieved)
         self._release_waits[qid] = fut

@@ -407,6 +407,9 @@ class Session:
         except SpoolClosedError:
             self._gone = True       # the client went away before the commit took the spool
             return R_LOST
+        # Queued: a client gone during the commit is not "lost after END-OF-MESSAGE" (that
+        # line says nothing was queued); its disconnect is logged as any other.
+        self._gone = False
         # the client= line before the queue manager's from= line (its task has not run yet)
         smtpdlog.client(qid, self.peer_name, self.peer_ip, self.auth_method, self.auth_user)
         smtpdlog.message_id(qid, self._head)
@@ -447,7 +450,8 @@ class Session:
             tls=self.tls_info is not None, smtputf8=mail.params.smtputf8)
         # Written bytes stay in the spool's buffer unless a stage reads the file (then the body
         # flushes them first); the commit thread writes them out otherwise.
-        body = SpooledBody(spool.path, spool.size, b"".join(self._head), spool.flush)
+        body = SpooledBody(spool.path, spool.size, b"".join(self._head), spool.flush,
+                           spool.in_memory)
         return await pipeline.run(txn, body)
 
     @staticmethod

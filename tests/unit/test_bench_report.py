@@ -84,10 +84,18 @@ def test_throughput_table_medians_ratio_and_target() -> None:
 
 def test_sweep_latency_memory_tables() -> None:
     res = _results()
-    assert sweep_table(res)[2:] == ["| 1 | 100 | 200 | 0.50× |", "| 20 | 3,000 | 1,000 | 3.00× |"]
-    assert "| pymta | 1,500 | 1,490 | 2.00 | 25.00 | 1 | not met |" in latency_table(res)
+    # issue 14's targets: ≥ 1.0× at 1 and 5 sessions (none at 20), p99 ≤ 5 ms, p50 ≤ 1.5×
+    # Postfix's, ≤ 5 KB per idle connection
+    assert sweep_table(res)[2:] == ["| 1 | 100 | 200 | 0.50× | 1.0× | not met |",
+                                    "| 20 | 3,000 | 1,000 | 3.00× |  |  |"]
+    assert "| pymta | 1,500 | 1,490 | 2.00 | 25.00 | 1 | not met |  |" in latency_table(res)
+    res.latency[POSTFIX] = [{"rate": 900.0, "achieved": 900.0, "p50_ms": 1.5, "p99_ms": 4.0}]
+    assert "| pymta | 1,500 | 1,490 | 2.00 | 25.00 | 1 | not met | met |" in latency_table(res)
+    res.latency[POSTFIX][0]["p50_ms"] = 1.2      # 2.00 > 1.5 × 1.2
+    assert "| pymta | 1,500 | 1,490 | 2.00 | 25.00 | 1 | not met | not met |" in (
+        latency_table(res))
     mem = memory_table(res)
-    assert any("per idle connection" in r and "| 4.00 | 10 | met |" in r for r in mem)
+    assert any("per idle connection" in r and "| 4.00 | 5 | met |" in r for r in mem)
 
 
 def test_cpu_floor_and_budget_tables() -> None:

@@ -96,3 +96,25 @@ async def test_issue10_defect9_a_stage_that_cannot_parse_is_no_opinion_never_a_t
     # a fault of ours stays temporary
     _, out = await run(Pipeline([Boom(), Unparseable("dkim")]))
     assert out.action is Action.TEMPFAIL
+
+
+async def test_stages_read_a_body_still_in_memory_without_writing_the_file(tmp_path):
+    """Issue 14: a small message stays in the spool's memory; a stage reading it whole (DKIM,
+    ARC) gets it from there and the file is written only for a stage that needs the file."""
+    data = b"Subject: s\r\nX-Drop: me\r\n\r\nbody\r\n"
+    path = tmp_path / "spool"
+    path.write_bytes(b"")
+    flushed: list[bool] = []
+
+    def flush() -> None:
+        flushed.append(True)
+        path.write_bytes(data)
+
+    body = SpooledBody(str(path), len(data), None, flush, lambda: data)
+    assert body.header_bytes() == b"Subject: s\r\nX-Drop: me\r\n"
+    assert await body.read_async() == data
+    assert flushed == [] and path.read_bytes() == b""
+    body.drop_headers([lambda field: field.startswith(b"X-Drop:")])
+    assert body.read() == b"Subject: s\r\n\r\nbody\r\n"
+    assert body.on_disk() == str(path) and path.read_bytes() == data   # the scanners' file
+    assert flushed == [True]

@@ -535,3 +535,27 @@ async def test_commit_batch_metric_counts_new_messages_only(store: SqliteQueueSt
     finally:
         metrics.disable()
     assert total == 3
+
+
+async def test_removals_are_not_flushed_alone_and_commits_always_are(tmp_path: Path) -> None:
+    """A batch of only removals skips the flush (a power cut could cost a duplicate, as with
+    Postfix); the next commit is flushed again (synchronous=FULL), which makes the removal
+    durable with it."""
+    s = SqliteQueueStore(tmp_path / "queue", hand_over_locks=True)
+    await s.start()
+    try:
+        c = s.committer
+        assert c is not None and c._con is not None
+
+        def synchronous() -> int:
+            return int(c._con.execute("PRAGMA synchronous").fetchone()[0])
+
+        qid = await commit_bytes(s, b"Subject: r\r\n\r\n")
+        assert synchronous() == 2                   # FULL
+        await s.remove(qid)
+        assert synchronous() == 1                   # NORMAL: a removal alone
+        qid2 = await commit_bytes(s, b"Subject: c\r\n\r\n")
+        assert synchronous() == 2                   # a commit is flushed, always
+        assert s.ids() == [qid2]
+    finally:
+        await s.aclose()
