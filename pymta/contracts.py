@@ -220,10 +220,12 @@ class DeliveryAgent(Protocol):
     outcome, or a call running past the queue manager's agent timeout is a temporary failure
     of every recipient concerned (never a loss, never a bounce).
 
-    The body is ``msg.body_path``: a local file holding the message exactly as delivered
-    (``Received:`` first, CRLF, no dot-stuffing; ``msg.envelope.prepend`` goes above it),
-    readable while the call runs. Agents read it in threads or stream it to a socket; they
-    never change it. An agent holding connections or threads is :class:`Closeable`.
+    The body is ``msg.open()`` (a binary file; from memory when the queue handed a small
+    message over in ``msg.body``) or the local file ``msg.body_path`` (made on first use for
+    a body in memory): the message exactly as delivered (``Received:`` first, CRLF, no
+    dot-stuffing; ``msg.envelope.prepend`` goes above it), readable while the call runs.
+    Agents read it in threads or stream it to a socket; they never change it. An agent
+    holding connections or threads is :class:`Closeable`.
     """
 
     async def deliver(self, msg: QueuedMessage,

@@ -301,6 +301,19 @@ class QueuedMessage:
             return io.BytesIO(self.body)
         return open(self._path or self.body_path, "rb")
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QueuedMessage):
+            return NotImplemented
+        return (self.qid, self.envelope, self._path, self.body) == (
+            other.qid, other.envelope, other._path, other.body)
+
+    __hash__ = None     # type: ignore[assignment]   # the envelope changes
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a process pool's agent) with its body as a file: a path travels, a
+        lock and the store's callback do not."""
+        return (QueuedMessage, (self.qid, self.envelope, self.body_path))
+
     def __repr__(self) -> str:
         where = f"{len(self.body)} bytes in memory" if self.body is not None else self._path
         return f"QueuedMessage({self.qid!r}, {where})"

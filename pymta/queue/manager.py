@@ -729,7 +729,7 @@ class QueueManager:
                 self._forget(qid)
                 deliverylog.log_removed(qid)
                 return
-            att = _Attempt(qid, env, await self._store.open_message(qid, env),
+            att = _Attempt(qid, env, await self._open_message(qid, env),
                            start, message_lock=lock)
             if pending:
                 deliverylog.log_active(qid, env)
@@ -755,6 +755,15 @@ class QueueManager:
         self._paused.add(qid)
         self._schedule(qid, self._mono() + WRITE_RETRY_MAX)
         return True
+
+    async def _open_message(self, qid: QueueId, env: Envelope) -> QueuedMessage:
+        """The store's ``open_message``; a store of a library user written before it had
+        one gives the body by ``open_body``."""
+        opener = getattr(self._store, "open_message", None)
+        if opener is None:
+            return QueuedMessage(qid, env, await self._store.open_body(qid))
+        message: QueuedMessage = await opener(qid, env)
+        return message
 
     async def _deliver_all(self, att: _Attempt, pending: list[Recipient]) -> None:
         """Route, deliver, and record; see "Outcomes are recorded as soon as they are known"."""
@@ -851,7 +860,7 @@ class QueueManager:
         try:
             async with asyncio.timeout(self._agent_timeout):    # None: no limit
                 # the attribute, not isinstance: a runtime Protocol check costs ~10 µs a call
-                if getattr(agent, "reports_progress", False) is True:
+                if bool(getattr(agent, "reports_progress", False)):
                     outcomes = await cast(ProgressReportingAgent, agent).deliver(
                         msg, rcpts, report=reported.append)
                 else:

@@ -40,6 +40,7 @@ import functools
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ log = logging.getLogger("pymta.queue")
 # SQLite's primary result codes -> errno: a full disk must read as one (452 4.3.1).
 _ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EAGAIN, 6: errno.EAGAIN,
           10: errno.EIO, 11: errno.EIO, 14: errno.EIO, 26: errno.EIO}
+
+
+BUSY_TIMEOUT = 30.0     # seconds a writer waits for another process's transaction
 
 
 def os_error(err: BaseException) -> OSError:
@@ -77,15 +81,36 @@ class WriteTurn:
     process sharing a connection already take turns under its Python lock. Writers that do
     not take a turn (the commands, rare clean-ups) still meet SQLite's busy timeout."""
 
-    def __init__(self, db_path: str) -> None:
+    def __init__(self, db_path: str, timeout: float = BUSY_TIMEOUT) -> None:
         self._fd = os.open(db_path + "-turn", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.timeout = timeout
+        self._held = False
 
     def __enter__(self) -> WriteTurn:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
+        """Wait for the turn, polling every 50 µs growing to 1 ms (no timed ``flock`` in
+        POSIX); after ``timeout`` (a holder stopped or hung) go on without it, as before:
+        SQLite still orders the writes, and its busy timeout turns a stuck holder into a
+        4xx instead of a wait without end."""
+        pause = 50e-6
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning("queue database: no write turn after %gs; writing without",
+                                self.timeout)
+                    return self
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+                continue
+            self._held = True
+            return self
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._held:
+            self._held = False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -100,7 +125,8 @@ def connect(path: str, *, synchronous: str = "FULL",
     ``checkpoints`` False: this connection never copies the WAL into the database itself
     (those used on the event loop: a checkpoint is many writes and an fsync; the
     committer's thread does them)."""
-    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                          timeout=BUSY_TIMEOUT)
     try:
         mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
@@ -280,12 +306,15 @@ class SqlCommitter:
         self._sync_data_dir(batch, errors)
         if any(e is None for e in errors):
             assert self._turn is not None
-            if self.fsync:
-                self._synchronous(con, any(job.durable for job, e in zip(batch, errors,
-                                                                          strict=True)
-                                           if e is None))
-            with self._turn:
-                self._transaction(con, batch, errors)
+            flushed = self.fsync and any(job.durable for job, e in zip(batch, errors,
+                                                                        strict=True)
+                                         if e is None)
+            if self.fsync and not self._synchronous(con, flushed):
+                # still NORMAL, and this batch must be durable at its COMMIT: not written
+                _fail_remaining(errors, OSError(errno.EIO, "queue database: cannot flush"))
+            else:
+                with self._turn:
+                    self._transaction(con, batch, errors)
         for job, err in zip(batch, errors, strict=True):
             if err is None and job.after is not None:
                 try:
@@ -298,16 +327,18 @@ class SqlCommitter:
         self.max_batch = max(self.max_batch, waited)
         return errors
 
-    def _synchronous(self, con: sqlite3.Connection, flushed: bool) -> None:
+    def _synchronous(self, con: sqlite3.Connection, flushed: bool) -> bool:
         """``synchronous=FULL`` for a batch that must be durable at its COMMIT, else NORMAL
-        (WAL: written, not flushed; the next FULL commit flushes it too)."""
+        (WAL: written, not flushed; the next FULL commit flushes it too). False when FULL
+        was needed and could not be set: the batch must not be written then."""
         if flushed != self._flushing:
             try:
                 con.execute(f"PRAGMA synchronous={'FULL' if flushed else 'NORMAL'}")
-            except sqlite3.Error as e:      # stays as it was: FULL is never left by mistake
+            except sqlite3.Error as e:      # stays as it was
                 log.warning("queue database: cannot set synchronous: %s", e)
-                return
+                return not flushed
             self._flushing = flushed
+        return True
 
     def _sync_data_dir(self, batch: list[Job], errors: list[BaseException | None]) -> None:
         if not self.fsync:

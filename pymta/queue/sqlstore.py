@@ -272,9 +272,10 @@ class SqliteQueueStore:
                                          (self._me(),))
                 except sqlite3.Error as e:
                     log.warning("queue: cannot release the claims of this process: %s", e)
-        for pf in self._scratch.values():
-            pf.close(unlink=True)
-        self._scratch.clear()
+        with self._scratch_lock:
+            for pf in self._scratch.values():
+                pf.close(unlink=True)
+            self._scratch.clear()
         self._resident.clear()
         self._resident_bytes = 0
         self._pool.close()
@@ -403,6 +404,9 @@ class SqliteQueueStore:
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
+            # committed or not, nobody takes its claim (and body in memory) from the spool
+            # now: let go of them, and a queue scan delivers the message if it was committed
+            fut.add_done_callback(functools.partial(_drop_handed_claim, writer))
             raise
         except Exception as e:
             raise self.write_fault(e) from e
@@ -683,8 +687,12 @@ class SqliteQueueStore:
         if committer is None or not committer.running:
             await asyncio.to_thread(self.remove_sync, qid)
             return
-        job = Job(_checked(qid), functools.partial(_delete, qid),
-                  after=functools.partial(self._after_remove, qid), durable=False)
+        # Not flushed alone (a power cut costs at most a duplicate), unless its body is a
+        # file in data/: that is unlinked right after, and a row must never come back
+        # without its body.
+        large = os.path.exists(os.path.join(self.data_dir, _checked(qid)))
+        job = Job(qid, functools.partial(_delete, qid),
+                  after=functools.partial(self._after_remove, qid), durable=large)
         fut = committer.submit(job)
         assert fut is not None
         await asyncio.shield(fut)
@@ -755,11 +763,17 @@ class SqliteQueueStore:
             return QueuedMessage(qid, envelope, self.body_path(qid))
         self._resident_bytes -= len(body)
         return QueuedMessage(qid, envelope, body=body,
-                             materialize=functools.partial(self._materialize, qid, body))
+                             materialize=functools.partial(self._materialize, qid, body,
+                                                           claimed=True))
 
-    def _materialize(self, qid: QueueId, body: bytes) -> str:
-        """A pooled scratch file holding ``body`` (any thread), kept as ``body_path``'s."""
+    def _materialize(self, qid: QueueId, body: bytes, *, claimed: bool = False) -> str:
+        """A pooled scratch file holding ``body`` (any thread), kept as ``body_path``'s
+        until the claim (or the store) goes. ``claimed``: for an agent's message, whose
+        claim must still be held (FileNotFoundError for a late agent thread: a file made
+        then would never be given back)."""
         with self._scratch_lock:
+            if claimed and qid not in self._held:
+                raise FileNotFoundError(errno.ENOENT, "the message's claim is released", qid)
             pf = self._scratch.get(qid)
             if pf is None:
                 pf = self._scratch[qid] = self._pool.take()
@@ -920,6 +934,12 @@ def _delete(qid: QueueId, con: sqlite3.Connection) -> None:
 
 def _clear_owner(qid: QueueId, owner: str, con: sqlite3.Connection) -> None:
     con.execute("UPDATE messages SET owner = NULL WHERE qid = ? AND owner = ?", (qid, owner))
+
+
+def _drop_handed_claim(writer: PooledSpool, _fut: asyncio.Future[None]) -> None:
+    lock, writer.lock = writer.lock, None
+    if lock is not None:
+        lock.release()
 
 
 def _write_copy(pf: PoolFile, body: bytes) -> None:

@@ -451,7 +451,7 @@ class Session:
         # Written bytes stay in the spool's buffer unless a stage reads the file (then the body
         # flushes them first); the commit thread writes them out otherwise.
         body = SpooledBody(spool.path, spool.size, b"".join(self._head), spool.flush,
-                           spool.in_memory)
+                           getattr(spool, "in_memory", None))    # older stores: no memory
         return await pipeline.run(txn, body)
 
     @staticmethod

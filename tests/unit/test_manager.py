@@ -488,3 +488,37 @@ def test_log_line_orig_to():
     with pytest.raises(ValueError):
         deliverylog.format_recipient("ABC", r, status="weird", reply=DEFER, relay="",
                                      delay=0, delays=(0, 0, 0, 0))
+
+
+async def test_review_a_store_without_open_message_still_delivers(tmp_path):
+    """A store written for the contract before ``open_message`` (a library user's) hands
+    the body over by ``open_body``, as before."""
+    remote = Agent(always(OK))
+    mgr, store, _ = make(tmp_path, remote)
+    store.open_message = None       # as if the class had no such method
+    qid = await put(store, mgr._clock)
+    assert await mgr.run_once_due() == [qid]
+    msg, _ = remote.calls[0]
+    assert msg.body_path == store.body_path(qid) and msg.body is None
+    assert store.ids() == []
+
+
+def test_review_queued_message_pickles_and_compares_by_value(tmp_path):
+    """Agents that hand a message to a process pool pickle it: it travels with its body as
+    a file (made on the way), and equal messages compare equal, as the dataclass did."""
+    import pickle
+
+    env = Envelope(sender="a@example.org", recipients=[], received_at=1.0, next_attempt=1.0)
+    path = tmp_path / "copy"
+
+    def materialize() -> str:
+        path.write_bytes(BODY)
+        return str(path)
+
+    msg = QueuedMessage("Q1", env, body=BODY, materialize=materialize)
+    back = pickle.loads(pickle.dumps(msg))
+    assert back.body is None and back.body_path == str(path)
+    with back.open() as f:
+        assert f.read() == BODY
+    assert QueuedMessage("Q1", env, str(path)) == back
+    assert QueuedMessage("Q2", env, str(path)) != back

@@ -559,3 +559,67 @@ async def test_removals_are_not_flushed_alone_and_commits_always_are(tmp_path: P
         assert s.ids() == [qid2]
     finally:
         await s.aclose()
+
+
+async def test_review_a_scratch_file_is_not_made_after_the_claim_is_released(
+        tmp_path: Path) -> None:
+    """A late agent thread asking for ``body_path`` after the attempt let go of the claim
+    gets FileNotFoundError: a file made then would never go back to the pool."""
+    s = SqliteQueueStore(tmp_path / "queue", hand_over_locks=True)
+    await s.start()
+    try:
+        w = s.new_spool()
+        w.write(b"Subject: late\r\n\r\n")
+        env = envelope()
+        qid = await s.commit(w, env)
+        assert w.lock is not None
+        msg = await s.open_message(qid, env)
+        w.lock.release()
+        with pytest.raises(FileNotFoundError):
+            _ = msg.body_path
+        assert s._scratch == {}
+        with msg.open() as f:                   # the bytes it was given still read
+            assert f.read() == b"Subject: late\r\n\r\n"
+    finally:
+        await s.aclose()
+
+
+async def test_review_a_commit_that_cannot_be_flushed_is_not_acknowledged(
+        store: SqliteQueueStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a batch of removals (synchronous=NORMAL), a commit whose switch back to FULL
+    fails must fail (4xx), never be acknowledged unflushed."""
+    qid = await commit_bytes(store, b"Subject: r\r\n\r\n")
+    await store.remove(qid)
+    c = store.committer
+    assert c is not None and c._flushing is False
+    monkeypatch.setattr(c, "_synchronous", lambda con, flushed: not flushed)
+    with pytest.raises(TemporaryFailure):
+        await commit_bytes(store, b"Subject: c\r\n\r\n")
+    assert store.ids() == []
+
+
+async def test_review_the_write_turn_is_given_up_after_its_timeout(
+        store: SqliteQueueStore) -> None:
+    """A process holding the turn and then stopped (SIGSTOP) must not stop the others'
+    commits for ever: after the timeout they write without the turn."""
+    import fcntl
+    c = store.committer
+    assert c is not None and c._turn is not None
+    c._turn.timeout = 0.3
+    fd = os.open(store.db_path + "-turn", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        qid = await asyncio.wait_for(commit_bytes(store, b"Subject: t\r\n\r\n"), 10)
+        assert store.ids() == [qid]
+    finally:
+        os.close(fd)
+
+
+async def test_review_removing_a_large_message_is_flushed(store: SqliteQueueStore) -> None:
+    """A body in data/ is unlinked right after its row's removal: that removal is flushed,
+    so a power cut never brings the row back without its body."""
+    qid = await commit_bytes(store, b"Subject: big\r\n\r\n" + b"y" * INLINE_MAX)
+    await store.remove(qid)
+    c = store.committer
+    assert c is not None and c._flushing is True
+    assert os.listdir(store.data_dir) == []
