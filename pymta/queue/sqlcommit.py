@@ -76,7 +76,8 @@ class WriteTurn:
     Why: SQLite lets a writer that finds the database locked wait in sleeps of 1, 2, 5, 10 ...
     ms (its busy handler polls), so with two workers committing every few milliseconds each
     batch waited for whole sleeps behind the other's (idle cores, slower commits and a long
-    tail). The kernel wakes a waiter of ``flock`` the moment the holder lets go. Each
+    tail). The turn is asked for every 50 µs, growing to 1 ms: taken within a millisecond
+    of the holder letting go (``python -m benchmarks.write_turn``). Each
     connection has its own open file (``flock`` locks belong to it), and threads of one
     process sharing a connection already take turns under its Python lock. Writers that do
     not take a turn (the commands, rare clean-ups) still meet SQLite's busy timeout."""
