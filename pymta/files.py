@@ -26,6 +26,7 @@ here once.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 
 __all__ = ["fsync_dir", "makedirs_durable", "open_dir", "replace_file", "write_all"]
@@ -106,3 +107,18 @@ def makedirs_durable(path: str, mode: int = 0o700) -> bool:
     for directory in reversed(missing):
         fsync_dir(os.path.dirname(directory))
     return True
+
+
+def create_locked(path: str, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
+    """Create ``path`` exclusively (``flags`` | O_CREAT | O_EXCL) and ``flock`` it: a file
+    a live process holds, which start-up clean-up of another process leaves alone.
+    FileExistsError if it exists; any other failure leaves nothing behind."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return fd

@@ -284,14 +284,15 @@ class QueuedMessage:
         self.body = body
         self._path = body_path
         self._materialize = materialize
-        self._lock = threading.Lock()   # agents may ask for the path from their threads
+        # agents may ask for the path from their threads; only a body in memory makes one
+        self._lock = threading.Lock() if materialize is not None else None
 
     @property
     def body_path(self) -> str:
         if not self._path:
+            assert self._lock is not None and self._materialize is not None
             with self._lock:
                 if not self._path:
-                    assert self._materialize is not None
                     self._path = self._materialize()
         return self._path
 

@@ -16,12 +16,12 @@ copies of inline bodies an agent asks for by path (``body_path``), for as long a
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import logging
 import os
 
 from pymta import contracts
+from pymta.files import create_locked
 from pymta.types import QueueId, SpoolClosedError
 
 log = logging.getLogger("pymta.queue")
@@ -72,17 +72,9 @@ class SpoolPool:
         while True:
             path = os.path.join(self.directory, f"{self._pid}.{next(self._serial)}")
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             _FILE_MODE)
+                fd = create_locked(path, os.O_RDWR, _FILE_MODE)
             except FileExistsError:
                 continue        # a file of an earlier process with our pid, still locked
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                raise
             return PoolFile(path, fd)
 
     def give_back(self, pf: PoolFile, *, emptied: bool = False) -> None:

@@ -62,7 +62,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from pymta import contracts
-from pymta.files import open_dir, write_all
+from pymta.files import create_locked, open_dir, write_all
 from pymta.queue import codec
 from pymta.queue.committer import CommitItem, GroupCommitter, RemoveItem
 from pymta.queue.ids import is_valid, new_qid
@@ -932,15 +932,7 @@ class QueueStore:
     @staticmethod
     def _create_locked(path: str) -> int:
         """Create ``path`` exclusively and lock it, so start-up clean-up leaves it alone."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        return fd
+        return create_locked(path, os.O_WRONLY, _FILE_MODE)
 
     @staticmethod
     def _drop(path: str, fd: int) -> None:
