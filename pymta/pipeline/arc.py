@@ -71,6 +71,7 @@ from pymta.pipeline.dkimverify import (
     LIB_LOG,
     TEMPFAIL,
     covered_message,
+    parse_tag_value,
     prefetch,
     prefetched_dnsfunc,
     signed_counts,
@@ -99,7 +100,7 @@ def _arc_fields(header: bytes) -> list[bytes]:
 
 def _tags(field: bytes) -> dict[bytes, bytes] | None:
     try:
-        return dkim.util.parse_tag_value(field[field.find(b":") + 1:])
+        return parse_tag_value(field[field.find(b":") + 1:])
     except dkim.util.InvalidTagValueList:      # what it raises for a malformed list
         return None
 
@@ -158,6 +159,7 @@ class ArcVerify:
     def __init__(self, *, resolver: DNSResolver | None = None) -> None:
         """``resolver``: the server's (the wiring passes it); None: a system resolver of
         this stage's own."""
+        dkimrsa.install()   # RSA by OpenSSL, parsed key records kept: same verdicts
         self.resolver = resolver if resolver is not None else DNSResolver()
 
     async def check(self, txn: Transaction, body: SpooledBody) -> Verdict:

@@ -1,4 +1,4 @@
-"""dkimpy's RSA signing done by OpenSSL: the same bytes, and signatures that verify."""
+"""dkimpy's RSA done by OpenSSL: the same signatures, the same verdicts, key records kept."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import dkim.crypto
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymta.pipeline import dkimrsa
 
@@ -37,14 +39,120 @@ def test_a_key_openssl_refuses_is_left_to_dkimpy(key_pem: bytes) -> None:
     assert dkimrsa.sign(digest, pk) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, pk)
 
 
-def test_installed_signer_makes_signatures_that_verify(key_pem: bytes,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.RSASSA_PKCS1_v1_5_sign)
-    dkimrsa.install()
-    assert dkim.RSASSA_PKCS1_v1_5_sign is dkimrsa.sign
+# ------------------------------------------------------------------------------ verification
+
+_PURE_VERIFY = dkim.crypto.RSASSA_PKCS1_v1_5_verify
+_PURE_EVALUATE = dkimrsa._EVALUATE_PK
+
+
+def _public(key_pem: bytes) -> dict[str, int]:
+    pk = dkim.crypto.parse_pem_private_key(key_pem)
+    return {"modulus": pk["modulus"], "publicExponent": pk["publicExponent"]}
+
+
+def _signature(key_pem: bytes, digest: object) -> bytes:
+    return dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, dkim.crypto.parse_pem_private_key(key_pem))
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha1"])
+def test_verify_gives_dkimpys_verdicts(key_pem: bytes, algorithm: str) -> None:
+    public = _public(key_pem)
+    digest = hashlib.new(algorithm, b"the signed headers")
+    good = _signature(key_pem, digest)
+    modulus = public["modulus"]
+    as_int = int.from_bytes(good, "big")
+    candidates = [
+        good,
+        bytes([good[0] ^ 1]) + good[1:],                   # tampered
+        good[:-1],                                          # one byte short
+        b"\x00" + good,                                     # one byte long, same integer
+        good.lstrip(b"\x00") or b"\x00",
+        (as_int + modulus).to_bytes(len(good) + 1, "big"),   # s + n: dkimpy reduces it
+        (modulus - 1).to_bytes(len(good), "big"),
+        modulus.to_bytes(len(good), "big"),
+        b"\xff" * len(good),
+        b"",
+    ]
+    if as_int + modulus < 256 ** len(good):
+        candidates.append((as_int + modulus).to_bytes(len(good), "big"))
+    for signature in candidates:
+        for d in (digest, hashlib.new(algorithm, b"other headers")):
+            assert dkimrsa.verify(d, signature, public) == _PURE_VERIFY(d, signature, public)
+            assert dkimrsa.pure_verify(d, signature, public) == _PURE_VERIFY(d, signature,
+                                                                            public)
+    assert dkimrsa.verify(digest, good, public)
+
+
+@given(signature=st.one_of(st.binary(min_size=256, max_size=256), st.binary(max_size=300)))
+@settings(max_examples=200, deadline=None)
+def test_verify_of_random_signatures_is_dkimpys(signature: bytes) -> None:
+    public = {"modulus": _RANDOM_MODULUS, "publicExponent": 65537}
+    digest = hashlib.sha256(b"x")
+    assert dkimrsa.verify(digest, signature, public) == _PURE_VERIFY(digest, signature, public)
+
+
+# an odd 2048-bit number OpenSSL loads as a modulus (not a product of two primes: the
+# comparison is of arithmetic, not of RSA's security)
+_RANDOM_MODULUS = int.from_bytes(hashlib.sha512(b"modulus").digest() * 4, "big") | 1 | (1 << 2047)
+
+
+def test_verify_raises_what_dkimpy_raises_for_a_key_too_small() -> None:
+    public = {"modulus": (1 << 383) | 1, "publicExponent": 65537}      # 48 bytes < 62
+    digest = hashlib.sha256(b"x")
+    with pytest.raises(dkim.crypto.DigestTooLargeError):
+        _PURE_VERIFY(digest, b"\x01" * 48, public)
+    with pytest.raises(dkim.crypto.DigestTooLargeError):
+        dkimrsa.verify(digest, b"\x01" * 48, public)
+
+
+def test_a_public_key_openssl_refuses_is_left_to_dkimpys_arithmetic() -> None:
+    public = {"modulus": 1 << 2047, "publicExponent": 65537}           # even: OpenSSL refuses
+    digest = hashlib.sha256(b"x")
+    for signature in (b"\x01" * 256, b"\x00" * 256):
+        assert dkimrsa.verify(digest, signature, public) == _PURE_VERIFY(digest, signature,
+                                                                        public)
+
+
+def _record(key_pem: bytes) -> bytes:
     public = serialization.load_pem_private_key(key_pem, None).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    return b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+
+def test_evaluate_pk_kept_gives_dkimpys_result_and_a_copy_per_caller(key_pem: bytes) -> None:
+    record = _record(key_pem)
+    expected = _PURE_EVALUATE(b"s._domainkey.example.com.", record)
+    first = dkimrsa.evaluate_pk(b"s._domainkey.example.com.", record)
+    assert first == expected
+    first[0]["modulus"] = 3                 # a caller that changes its key dict
+    assert dkimrsa.evaluate_pk(b"s._domainkey.example.com.", record) == expected
+
+
+@pytest.mark.parametrize("record", [b"", b"v=DKIM1; k=rsa; p=AAAA", b"v=DKIM2; p=x",
+                                    b"k=rsa; p=" + b"A" * 9000, b"p=; x", b"k=foo; p=AAAA"])
+def test_evaluate_pk_raises_what_dkimpy_raises_every_time(record: bytes) -> None:
+    name = b"s._domainkey.example.com."
+    try:
+        expected: object = _PURE_EVALUATE(name, record)
+    except Exception as exc:  # noqa: BLE001 - whatever dkimpy raises, we must too
+        expected = type(exc)
+    for _ in range(2):          # a failure is not kept: the second call raises again
+        try:
+            got: object = dkimrsa.evaluate_pk(name, record)
+        except Exception as exc:  # noqa: BLE001
+            got = type(exc)
+        assert got == expected
+
+
+def test_installed_functions_sign_and_verify_dkim_signatures(
+        key_pem: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RSASSA_PKCS1_v1_5_sign", "RSASSA_PKCS1_v1_5_verify", "evaluate_pk"):
+        monkeypatch.setattr(dkim, name, getattr(dkim, name))
+    dkimrsa.install()
+    assert dkim.RSASSA_PKCS1_v1_5_sign is dkimrsa.sign
+    assert dkim.RSASSA_PKCS1_v1_5_verify is dkimrsa.verify
+    assert dkim.evaluate_pk is dkimrsa.evaluate_pk
+    record = _record(key_pem)
     message = (b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\n"
                b"body\r\n")
     signature = dkim.sign(message, b"sel", b"example.com", key_pem,
@@ -53,5 +161,7 @@ def test_installed_signer_makes_signatures_that_verify(key_pem: bytes,
     def dns(name: bytes, timeout: int = 5) -> bytes | None:
         return record if name == b"sel._domainkey.example.com." else None
 
-    assert dkim.verify(signature + message, dnsfunc=dns)
-    assert not dkim.verify(signature + message.replace(b"body", b"b0dy"), dnsfunc=dns)
+    for _ in range(2):      # the second time from the kept key
+        assert dkim.verify(signature + message, dnsfunc=dns)
+        assert not dkim.verify(signature + message.replace(b"hi", b"h1"), dnsfunc=dns)
+        assert not dkim.verify(signature + message.replace(b"body", b"b0dy"), dnsfunc=dns)
