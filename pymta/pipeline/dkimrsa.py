@@ -99,6 +99,11 @@ def pure_verify(hash_obj: Any, signature: bytes, public_key: dict[str, int]) -> 
 
 
 _DIGEST_INFO_PREFIXES: dict[str, bytes] = {}
+# Keys whose public operation OpenSSL performs (it refuses an exponent over 64 bits with a
+# modulus over 3,072 bits, and moduli over 16,384 bits, answering "invalid signature"); the
+# rest are left to dkimpy's arithmetic, which has no such limits.
+_OPENSSL_MODULUS_BITS = (512, 16384)
+_OPENSSL_EXPONENT_BITS = 32
 
 
 def _digest_info(hash_obj: Any, modlen: int) -> bytes:
@@ -124,7 +129,9 @@ def verify(hash_obj: Any, signature: bytes, public_key: dict[str, int]) -> bool:
     modulus = public_key["modulus"]
     modlen = max(1, (modulus.bit_length() + 7) // 8)
     digest_info = _digest_info(hash_obj, modlen)
-    if len(signature) != modlen or int.from_bytes(signature, "big") >= modulus:
+    if (len(signature) != modlen or int.from_bytes(signature, "big") >= modulus
+            or not _OPENSSL_MODULUS_BITS[0] <= modulus.bit_length() <= _OPENSSL_MODULUS_BITS[1]
+            or public_key["publicExponent"].bit_length() > _OPENSSL_EXPONENT_BITS):
         return pure_verify(hash_obj, signature, public_key)
     try:
         key = _openssl_public_key(modulus, public_key["publicExponent"])
@@ -142,7 +149,8 @@ def verify(hash_obj: Any, signature: bytes, public_key: dict[str, int]) -> bool:
 def evaluate_pk(name: Any, s: Any) -> tuple[Any, Any, Any, bool]:
     """dkimpy's ``evaluate_pk(name, record)``, the parse of a record kept (see the module
     docstring). Same results and exceptions; the key dict is the caller's own copy."""
-    if not isinstance(s, (bytes, str)) or not s or len(s) > MAX_CACHED_RECORD:
+    if (type(s) not in (bytes, str) or type(name) not in (bytes, str) or not s
+            or len(s) > MAX_CACHED_RECORD):
         return _EVALUATE_PK(name, s)
     pk, keysize, ktag, seqtlsrpt = _evaluate_cached(name, s)
     return (dict(pk) if isinstance(pk, dict) else pk), keysize, ktag, seqtlsrpt

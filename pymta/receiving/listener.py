@@ -404,7 +404,8 @@ class SMTPServerProtocol(asyncio.BufferedProtocol):
                 smtpdlog.ended("lost connection", smtpdlog.after(engine.where,
                                                                  engine.data_bytes),
                                name, self._peer_ip)
-            smtpdlog.disconnect(name, self._peer_ip, engine.stats)
+            if not self.session.ending:     # else once its decision is made (_dispatch)
+                smtpdlog.disconnect(name, self._peer_ip, engine.stats)
         elif task is not None and not task.done() and not task.cancelling():
             # gone while its name was looked up: nobody waits for that name any more
             task.cancel()
@@ -589,9 +590,7 @@ class SMTPServerProtocol(asyncio.BufferedProtocol):
                 engine.respond(metrics.replied("data", session.on_data_start(event)))
             case ev.DataEnd():
                 self._busy = True
-                # (the clock is read before the await: arguments are evaluated in order)
-                engine.respond(metrics.end_of_data(metrics.clock(),
-                                                   await session.on_data_end(event)))
+                await self._end_of_data(event)
             case ev.Helo():
                 session.on_helo(event)
             case ev.Reset():
@@ -617,6 +616,18 @@ class SMTPServerProtocol(asyncio.BufferedProtocol):
                 self._close_transport()
                 return False
         return True
+
+    async def _end_of_data(self, event: ev.DataEnd) -> None:
+        engine, session = self.engine, self.session
+        try:
+            # (the clock is read before the await: arguments are evaluated in order)
+            engine.respond(metrics.end_of_data(metrics.clock(),
+                                               await session.on_data_end(event)))
+        finally:
+            if self._lost:
+                # gone while the message was decided: its disconnect line counts the
+                # outcome (data=1 when it was queued all the same)
+                smtpdlog.disconnect(session.peer_name, self._peer_ip, engine.stats)
 
     async def _start_tls(self) -> bool:
         loop = asyncio.get_running_loop()

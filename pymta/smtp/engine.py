@@ -385,13 +385,15 @@ class Engine:
         return self._size
 
     def _reply(self, reply: Reply, *, counted: bool = True) -> None:
-        if self.closed:
-            return
         entry = self._counting
         if entry is not None and reply.code not in (334, 354):     # a command's final reply
+            # counted even when the client is gone: a message queued after its client left
+            # is "data=1" in the disconnect line, as its log says it was queued
             if reply.code < 400:
                 entry[0] += 1
             self._counting = None
+        if self.closed:
+            return
         self._out.append(reply.render())
         if counted and reply.code >= 400:
             self._errors += 1

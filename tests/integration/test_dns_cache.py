@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pymta import dns as pymta_dns
 from pymta.dns import DNSResolver
 from pymta.pipeline.spf import SPFCheck, evaluate
 
@@ -43,6 +44,23 @@ async def test_an_answer_is_reused_within_its_ttl(zone) -> None:
     again = await resolver.resolve("pass.test", "TXT")
     assert [r.to_text() for r in again] == [r.to_text() for r in first]
     assert _asked(zone, "pass.test") == 1
+
+
+async def test_the_front_cache_answers_without_dnspythons_and_is_bounded(
+        zone, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front dictionary itself (dnspython's cache emptied) answers within the TTL; it
+    keeps at most FRONT_CACHE_ENTRIES, the oldest going first."""
+    monkeypatch.setattr(pymta_dns, "FRONT_CACHE_ENTRIES", 2)
+    resolver = DNSResolver([zone.resolver_spec], 2.0)
+    for name in ("pass.test", "chain.test"):
+        await resolver.resolve(name, "TXT")
+    resolver.resolver.cache.flush()
+    assert resolver.cached("pass.test", "TXT") is not None
+    await resolver.resolve("inner.chain.test", "TXT")       # a third: pass.test goes
+    resolver.resolver.cache.flush()
+    assert resolver.cached("pass.test", "TXT") is None
+    assert resolver.cached("chain.test", "TXT") is not None
+    assert resolver.cached("inner.chain.test", "TXT") is not None
 
 
 async def test_an_answer_is_asked_again_after_its_ttl(zone) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 
 import dkim
 import dkim.crypto
@@ -165,3 +166,30 @@ def test_installed_functions_sign_and_verify_dkim_signatures(
         assert dkim.verify(signature + message, dnsfunc=dns)
         assert not dkim.verify(signature + message.replace(b"hi", b"h1"), dnsfunc=dns)
         assert not dkim.verify(signature + message.replace(b"body", b"b0dy"), dnsfunc=dns)
+
+
+def test_review_keys_openssl_cannot_take_are_verified_by_dkimpys_arithmetic() -> None:
+    """A 4,096-bit key with a 71-bit public exponent: OpenSSL refuses the operation (it
+    answered "invalid signature"); dkimpy verifies it, and so must we."""
+    base = rsa.generate_private_key(public_exponent=65537, key_size=4096).private_numbers()
+    p, q = base.p, base.q
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    e = (1 << 70) + 1
+    while math.gcd(e, lam) != 1:
+        e += 2
+    d = pow(e, -1, lam)
+    private = {"modulus": p * q, "publicExponent": e, "privateExponent": d, "prime1": p,
+               "prime2": q, "exponent1": d % (p - 1), "exponent2": d % (q - 1),
+               "coefficient": pow(q, -1, p)}
+    public = {"modulus": p * q, "publicExponent": e}
+    digest = hashlib.sha256(b"signed headers")
+    signature = bytes(dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, private))
+    assert _PURE_VERIFY(digest, signature, public)
+    assert dkimrsa.verify(digest, signature, public)
+    assert not dkimrsa.verify(hashlib.sha256(b"other"), signature, public)
+
+
+def test_review_evaluate_pk_with_a_name_it_cannot_keep_is_dkimpys(key_pem: bytes) -> None:
+    record = _record(key_pem)
+    name = bytearray(b"s._domainkey.example.com.")
+    assert dkimrsa.evaluate_pk(name, record) == _PURE_EVALUATE(name, record)
