@@ -18,11 +18,16 @@ Implementation summary:
 - **Dead hosts.** An address that refused or timed out is remembered for ``dead_host_time``
   seconds; while remembered it is skipped without a connection attempt ("delivery
   temporarily suspended"), so a dead MX is not hammered by every queued message.
-- **TLS.** ``none``: never STARTTLS. ``may``: STARTTLS when offered, and if the handshake
-  fails, the same address again in plaintext (Postfix's fallback). ``encrypt``: STARTTLS is
-  required; a server that does not offer it (or fails the handshake) is a failed host, and the
-  message is never sent in cleartext. ``SMTP_TLS_WRAPPERMODE`` (smart host only): TLS from the
-  first byte. Certificates are not verified, as in Postfix at these levels.
+- **TLS.** The level of a destination (``delivery.tlspolicy``: ``PYMTA_TLS_POLICY``, else
+  ``SMTP_TLS_SECURITY_LEVEL``). ``none``: never STARTTLS. ``may``: STARTTLS when offered, and
+  if the handshake fails, the same address again in plaintext (Postfix's fallback).
+  ``encrypt``: STARTTLS is required; a server that does not offer it (or fails the
+  handshake) is a failed host, and the message is never sent in cleartext. ``verify`` and
+  ``secure``: as ``encrypt``, and the certificate chain must be trusted
+  (``PYMTA_SMTP_TLS_CA_FILE`` or the system's roots) and name the MX host (``verify``) or
+  the next-hop domain (``secure``); a failed check is a failed host with the reason. At
+  ``may`` and ``encrypt`` certificates are not verified, as in Postfix.
+  ``SMTP_TLS_WRAPPERMODE`` (smart host only): TLS from the first byte.
 - **Connection cache and concurrency.** After a transaction the connection goes to a
   per-destination cache for ``cache_time`` seconds of idleness, at most ``reuse_limit``
   messages; a cached connection is checked with RSET before reuse. At most
@@ -49,9 +54,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +76,18 @@ from pymta.tls import client_ssl_context
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body, screen
+from .tlspolicy import LEVELS as TLS_LEVELS
+from .tlspolicy import (
+    REQUIRED,
+    VERIFIED,
+    certificate_problem,
+    level_for,
+    normalized_table,
+    verifying_context,
+)
 
 log = logging.getLogger(__name__)
 
-TLS_LEVELS = ("none", "may", "encrypt")
 RCPT_LIMIT = 50          # Postfix smtp_destination_recipient_limit
 REUSE_TIME_LIMIT = 300.0  # Postfix smtp_connection_reuse_time_limit
 
@@ -118,14 +132,22 @@ class SMTPRelayAgent:
                  timeout: float = 300.0, cache_time: float = 2.0, reuse_limit: int = 100,
                  dead_host_time: float = 60.0, rcpt_limit: int = RCPT_LIMIT,
                  clock: Callable[[], float] = time.monotonic,
-                 resolver: DNSResolver | None = None) -> None:
+                 resolver: DNSResolver | None = None,
+                 tls_policy: Mapping[str, str] | None = None, ca_file: str = "") -> None:
         """``resolver``: the server's DNS (the wiring passes it); None: a system resolver
-        of this agent's own."""
-        if tls_level not in TLS_LEVELS:
-            raise ValueError(f"unknown TLS security level {tls_level!r}")
+        of this agent's own. ``tls_policy``: levels by next-hop domain (``.parent`` covers
+        the hosts under it); ``ca_file``: the roots of ``verify``/``secure`` (empty: the
+        system's)."""
+        policy = dict(tls_policy or {})
+        for level in (tls_level, *policy.values()):
+            if level not in TLS_LEVELS:
+                raise ValueError(f"unknown TLS security level {level!r}")
         self.hostname = hostname
         self.smart_host = smart_host
         self.tls_level = tls_level
+        self.tls_policy = normalized_table(policy)
+        self.ca_file = ca_file
+        self._verifying: ssl.SSLContext | None = None   # made when a level first needs it
         self.wrappermode = wrappermode and smart_host is not None
         self.mx_port = mx_port
         self.destination_concurrency = destination_concurrency
@@ -155,7 +177,9 @@ class SMTPRelayAgent:
             mx_port=config.mx_port, destination_concurrency=config.destination_concurrency,
             connect_timeout=config.smtp_connect_timeout, timeout=config.smtp_timeout,
             cache_time=config.connection_cache_time, reuse_limit=config.connection_reuse_limit,
-            dead_host_time=config.dead_host_time, resolver=resolver)
+            dead_host_time=config.dead_host_time, resolver=resolver,
+            tls_policy=dict(entry.split("=", 1) for entry in config.tls_policy),
+            ca_file=config.smtp_tls_ca_file)
 
     # ------------------------------------------------------------------ routing
 
@@ -252,10 +276,13 @@ class SMTPRelayAgent:
                     await smtp.rset()
                 return outcomes(rcpts, reply, relay), smtp.is_connected
             stage = "RCPT TO"
+            notified: set[int] = set()      # NOTIFY given to the peer: its notices now
             for i, r in enumerate(rcpts):
+                options = rcpt_options(r, ext, prepared.smtputf8)
+                if any(o.startswith("NOTIFY=") for o in options):
+                    notified.add(i)
                 try:
-                    await smtp.rcpt(r.address, options=rcpt_options(r, ext, prepared.smtputf8),
-                                    encoding=encoding)
+                    await smtp.rcpt(r.address, options=options, encoding=encoding)
                     accepted.append(i)
                 except SMTPResponseException as exc:
                     reply = parse_reply(exc.code, exc.message)
@@ -270,7 +297,8 @@ class SMTPRelayAgent:
             except SMTPResponseException as exc:
                 reply = parse_reply(exc.code, exc.message)
             for i in accepted:
-                decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay)
+                decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay,
+                                     dsn_passed=i in notified and 200 <= reply.code < 300)
             return [decided[i] for i in range(len(rcpts))], smtp.is_connected
         except (SMTPException, OSError, TimeoutError) as exc:
             what = "timeout" if isinstance(exc, TimeoutError) else "lost connection"
@@ -365,6 +393,7 @@ class SMTPRelayAgent:
             hosts = list((await self.resolver.mx_hosts(name)).hosts) if mx else [name]
         except DNSFailure as failure:
             raise _dns_failure(failure, name) from None
+        level = level_for(name, self.tls_level, self.tls_policy)
         last: HostFailure | None = None
         for host in hosts:
             try:
@@ -381,11 +410,11 @@ class SMTPRelayAgent:
                                              f"{remembered.text}"), relay=relay)
                     continue
                 try:
-                    return await self._open(host, ip, port, relay, self.tls_level != "none")
+                    return await self._open(host, ip, port, relay, level, name)
                 except HostFailure as failure:
-                    if failure.tls_failed and self.tls_level == "may":
+                    if failure.tls_failed and level == "may":
                         try:
-                            return await self._open(host, ip, port, relay, False)
+                            return await self._open(host, ip, port, relay, "none", name)
                         except HostFailure as again:
                             failure = again
                     if failure.dead:
@@ -411,38 +440,66 @@ class SMTPRelayAgent:
         if self.dead_host_time > 0:
             self._dead[(ip, port)] = (self._clock() + self.dead_host_time, reply)
 
-    async def _open(self, host: str, ip: str, port: int, relay: str,
-                    starttls: bool) -> Connection:
-        smtp = aiosmtplib.SMTP(hostname=ip, port=port, local_hostname=self.hostname,
-                               timeout=self.timeout, use_tls=self.wrappermode,
-                               start_tls=False, validate_certs=False, tls_context=self._tls)
+    def _context(self, level: str, relay: str) -> ssl.SSLContext:
+        """The client TLS context of ``level``: verifying at ``verify``/``secure``. A CA
+        file that cannot be loaded (changed since the start) fails the host, with why."""
+        if level not in VERIFIED:
+            return self._tls
+        if self._verifying is None:
+            try:
+                self._verifying = verifying_context(self.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise HostFailure(Reply(451, "4.7.5", f"cannot verify {relay}: trusted "
+                                        f"roots not loaded from {self.ca_file or 'system'}: "
+                                        f"{exc}"), relay=relay) from None
+        return self._verifying
+
+    async def _tcp(self, ip: str, port: int) -> socket.socket:
+        """A connected socket to ``ip``: wrapper mode connects by itself so that the TLS
+        handshake can name the host (SNI), which aiosmtplib would set to the address."""
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)),
+                                   self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _open(self, host: str, ip: str, port: int, relay: str, level: str,
+                    nexthop: str) -> Connection:
+        """A greeted session with ``host`` at ``ip``, at TLS ``level`` (HostFailure)."""
+        context = self._context(level, relay)
+        sock: socket.socket | None = None
+        smtp: aiosmtplib.SMTP | None = None
+        try:
+            if self.wrappermode:
+                sock = await self._tcp(ip, port)
+            smtp = aiosmtplib.SMTP(hostname=host if sock is not None else ip,
+                                   port=None if sock is not None else port, sock=sock,
+                                   local_hostname=self.hostname, timeout=self.timeout,
+                                   use_tls=self.wrappermode, start_tls=False,
+                                   validate_certs=False, tls_context=context)
             await smtp.connect(timeout=self.connect_timeout)
         except BaseException as exc:
-            smtp.close()    # whatever happened, no half-open socket stays behind
+            # whatever happened, no half-open socket stays behind
+            if smtp is not None:
+                smtp.close()
+            if sock is not None:
+                sock.close()
             if not isinstance(exc, Exception):
                 raise
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                raise _untrusted(exc.__cause__, relay) from None
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise _untrusted(exc, relay) from None
             raise self._connect_failure(exc, relay) from None
         self.connections_opened += 1
         try:
             await self._ehlo(smtp)
-            if self.wrappermode:
-                pass  # TLS from the first byte already
-            elif starttls and smtp.supports_extension("starttls"):
-                try:
-                    await smtp.starttls(tls_context=self._tls, server_hostname=host)
-                except SMTPResponseException as exc:
-                    raise HostFailure(Reply(451, "4.7.5", f"STARTTLS refused by {relay}: "
-                                            f"{parse_reply(exc.code, exc.message)}"),
-                                      tls_failed=True) from None
-                except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
-                    raise HostFailure(Reply(451, "4.7.5", f"Cannot start TLS: handshake "
-                                            f"failure with {relay}: {exc}"),
-                                      tls_failed=True) from None
-                await self._ehlo(smtp)
-            elif self.tls_level == "encrypt":
-                raise HostFailure(Reply(451, "4.7.4", f"TLS is required, but was not "
-                                        f"offered by host {relay}"))
+            await self._secure(smtp, level, context, host, relay, nexthop)
             sh = self.smart_host
             if sh is not None and sh.username:
                 await self._auth(smtp, sh, relay)
@@ -463,6 +520,37 @@ class SMTPRelayAgent:
             raise
         now = self._clock()
         return Connection(smtp, relay, host, created=now, idle_since=now)
+
+    async def _secure(self, smtp: aiosmtplib.SMTP, level: str, context: ssl.SSLContext,
+                      host: str, relay: str, nexthop: str) -> None:
+        """STARTTLS as ``level`` asks, then the certificate check of ``verify``/``secure``
+        (HostFailure; ``tls_failed`` when a ``may`` session may go on in cleartext)."""
+        if self.wrappermode:
+            pass  # TLS from the first byte already
+        elif level != "none" and smtp.supports_extension("starttls"):
+            try:
+                await smtp.starttls(tls_context=context, server_hostname=host)
+            except ssl.SSLCertVerificationError as exc:
+                raise _untrusted(exc, relay) from None
+            except SMTPResponseException as exc:
+                raise HostFailure(Reply(451, "4.7.5", f"STARTTLS refused by {relay}: "
+                                        f"{parse_reply(exc.code, exc.message)}"),
+                                  tls_failed=True) from None
+            except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+                raise HostFailure(Reply(451, "4.7.5", f"Cannot start TLS: handshake "
+                                        f"failure with {relay}: {exc}"),
+                                  tls_failed=True) from None
+            await self._ehlo(smtp)
+        elif level in REQUIRED:
+            raise HostFailure(Reply(451, "4.7.4", f"TLS is required, but was not "
+                                    f"offered by host {relay}"))
+        if level in VERIFIED:
+            problem = certificate_problem(smtp.get_transport_info("peercert"), level,
+                                          host, nexthop)
+            if problem:
+                raise HostFailure(Reply(451, "4.7.5", f"Server certificate not verified: "
+                                        f"{relay}: {problem}"))
+            log.info("Verified TLS connection established to %s (%s)", relay, level)
 
     @staticmethod
     def _connect_failure(exc: Exception, relay: str) -> HostFailure:
@@ -518,6 +606,13 @@ def _close_now(conn: Connection) -> None:
         conn.expiry = None
     with contextlib.suppress(Exception):
         conn.smtp.close()
+
+
+def _untrusted(exc: ssl.SSLCertVerificationError, relay: str) -> HostFailure:
+    """A chain that does not verify at ``verify``/``secure``: the host failed (no cleartext
+    fallback at these levels)."""
+    why = exc.verify_message or str(exc)
+    return HostFailure(Reply(451, "4.7.5", f"Server certificate not trusted: {relay}: {why}"))
 
 
 def _dns_failure(failure: DNSFailure, name: str) -> HostFailure:

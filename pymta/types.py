@@ -249,12 +249,15 @@ class Outcome:
 
     ``reply`` is the remote or local reply (for a DSN's Diagnostic-Code and for logs);
     ``relay`` names the next hop (``local``, ``maildir``, ``host[ip]:port``).
+    ``dsn_passed``: the next hop advertised DSN and took the recipient with its NOTIFY and
+    ORCPT, so a success notice is its to send, not ours (RFC 3461 §4.1).
     """
 
     recipient: str
     kind: OutcomeKind
     reply: Reply
     relay: str = ""
+    dsn_passed: bool = False
 
 
 QueueId = str

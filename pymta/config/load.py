@@ -24,6 +24,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -247,11 +248,35 @@ def parse_relay_hostauth(name: str, value: Any) -> RelayHost | None:
                      username=username, password=password)
 
 
+TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
+
+
 def parse_tls_level(name: str, value: Any) -> str:
     level = _parse_string(name, value).lower()
-    if level not in ("none", "may", "encrypt"):
-        raise ConfigError(f"{name}: must be none, may or encrypt: {value!r}")
+    if level not in TLS_LEVELS:
+        raise ConfigError(f"{name}: must be one of {', '.join(TLS_LEVELS)}: {value!r}")
     return level
+
+
+def parse_tls_policy(name: str, value: Any) -> tuple[str, ...]:
+    """``PYMTA_TLS_POLICY``: per-destination TLS levels (Postfix's ``smtp_tls_policy_maps``),
+    ``domain=level`` words separated by spaces or commas, or in a TOML file a table
+    ``[tls_policy]`` of ``"domain" = "level"``. ``.example.com`` covers every host under
+    example.com. Normalized to ``domain=level`` strings (lower case, no final dot), in
+    order, each domain once."""
+    words = ([f"{k}={v}" for k, v in value.items()] if isinstance(value, dict)
+             else _words(value))
+    seen: dict[str, str] = {}
+    for word in words:
+        domain, sep, level = word.partition("=")
+        domain = domain.strip().lower().rstrip(".")
+        bare = domain[1:] if domain.startswith(".") else domain
+        if not sep or not _is_hostname(bare) or "@" in bare:
+            raise ConfigError(f"{name}: not domain=level: {word!r}")
+        if domain in seen:
+            raise ConfigError(f"{name}: {domain!r} given twice")
+        seen[domain] = parse_tls_level(f"{name} ({domain})", level)
+    return tuple(f"{d}={lv}" for d, lv in seen.items())
 
 
 def parse_virtual_transport(name: str, value: Any) -> str:
@@ -574,6 +599,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("smtp_relay", "SMTP_RELAY_HOSTAUTH", parse_relay_hostauth),
     _Setting("smtp_tls_security_level", "SMTP_TLS_SECURITY_LEVEL", parse_tls_level),
     _Setting("smtp_tls_wrappermode", "SMTP_TLS_WRAPPERMODE", parse_bool),
+    _Setting("smtp_tls_ca_file", "PYMTA_SMTP_TLS_CA_FILE", _parse_string),
+    _Setting("tls_policy", "PYMTA_TLS_POLICY", parse_tls_policy),
     _Setting("virtual_transport", "VIRTUAL_TRANSPORT", parse_virtual_transport),
     _Setting("dns_resolver", "PYMTA_DNS_RESOLVER", parse_nameservers),
     _Setting("dns_timeout", "PYMTA_DNS_TIMEOUT", _duration(True)),
@@ -772,6 +799,14 @@ def _check_together(values: dict[str, Any]) -> None:
                               if cert else (f"SMTPD_TLS_{kind}KEY_FILE",
                                             f"SMTPD_TLS_{kind}CERT_FILE"))
             raise ConfigError(f"{missing}: not set, but {given} is: {cert or key!r}")
+    ca_file = values.get("smtp_tls_ca_file", "")
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"PYMTA_SMTP_TLS_CA_FILE: cannot load certificates from "
+                              f"{ca_file!r}: {why}") from None
     if values.get("spamd") and values.get("rspamd"):
         raise ConfigError("PYMTA_RSPAMD: set, but so is PYMTA_SPAMD: one spam engine at a time")
     first = values.get("queue_retry_first", _DEFAULTS.queue_retry_first)

@@ -122,8 +122,10 @@ class Config:
     queue_store: str = "sqlite"                      # PYMTA_QUEUE_STORE sqlite|files
     # outbound delivery (SMTP client, LMTP, DNS)
     smtp_relay: RelayHost | None = None              # SMTP_RELAY_HOSTAUTH
-    smtp_tls_security_level: str = "may"             # SMTP_TLS_SECURITY_LEVEL none|may|encrypt
+    smtp_tls_security_level: str = "may"             # SMTP_TLS_SECURITY_LEVEL (tlspolicy.LEVELS)
     smtp_tls_wrappermode: bool = False               # SMTP_TLS_WRAPPERMODE (smart host only)
+    smtp_tls_ca_file: str = ""                       # PYMTA_SMTP_TLS_CA_FILE (verify/secure roots)
+    tls_policy: tuple[str, ...] = ()                 # PYMTA_TLS_POLICY "domain=level" ...
     virtual_transport: str = ""                      # VIRTUAL_TRANSPORT lmtp:H:PORT, lmtp:unix:PATH
     dns_resolver: tuple[str, ...] = ()               # PYMTA_DNS_RESOLVER host:port (empty: system)
     dns_timeout: float = 5.0                         # PYMTA_DNS_TIMEOUT

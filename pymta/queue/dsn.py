@@ -73,8 +73,9 @@ _HUMAN_ADDRESS = 320   # octets of an address in the human-readable part (RFC 53
 _BOUNDARY_MAX = 70     # characters of a MIME boundary (RFC 2046 §5.1.1)
 
 # A DSN's per-recipient ``Action:`` field (RFC 3464 §2.3.3); not the pipeline's
-# pymta.types.Action.
-DsnAction = Literal["failed", "delivered", "delayed"]
+# pymta.types.Action. ``relayed``: handed to a next hop that does not speak DSN (it will not
+# report success itself), in a success report.
+DsnAction = Literal["failed", "delivered", "relayed", "delayed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +341,7 @@ def _status(status: str, action: str) -> str:
     delay reported with anything but a 4.x.x (a delay is a persistent transient failure)."""
     if _STATUS.fullmatch(status) and (action != "delayed" or status.startswith("4.")):
         return status
-    return {"delivered": "2.0.0", "delayed": "4.0.0"}.get(action, "5.0.0")
+    return {"delivered": "2.0.0", "relayed": "2.0.0", "delayed": "4.0.0"}.get(action, "5.0.0")
 
 
 def _date(when: float | None) -> str | None:
@@ -399,7 +400,7 @@ def _human_part(reporting_mta: str, entries: Sequence[DsnEntry], action_kind: st
         if r.original and r.original.lower() != r.address.lower():
             who += f" (expanded from <{_one_line(r.original, octets=_HUMAN_ADDRESS)}>)"
         remote = _host(e.remote_mta)
-        if e.action == "delivered":
+        if e.action in ("delivered", "relayed"):
             why = "delivered to mailbox" if r.local else "delivery via " + (remote or "relay")
             if e.diagnostic is not None:
                 why += f": {e.diagnostic.text}"

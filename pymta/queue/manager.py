@@ -977,8 +977,11 @@ class QueueManager:
             if o.kind is OutcomeKind.DELIVERED:
                 rcpt.state = RcptState.DELIVERED
                 status = "sent"
-                if Notify.SUCCESS in flags:
-                    delivered.append(DsnEntry(rcpt, "delivered", o.reply.enhanced, o.reply,
+                if Notify.SUCCESS in flags and not o.dsn_passed:
+                    # RFC 3464 §2.3.3: "relayed" when the next hop does not speak DSN; a
+                    # hop that does reports the delivery itself (RFC 3461 §4.1)
+                    delivered.append(DsnEntry(rcpt, "delivered" if rcpt.local else "relayed",
+                                              o.reply.enhanced, o.reply,
                                               _remote_mta(rcpt, o.relay)))
             elif o.kind is OutcomeKind.PERMANENT or expired:
                 status = "bounced" if o.kind is OutcomeKind.PERMANENT else "expired"

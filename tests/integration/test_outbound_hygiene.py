@@ -165,3 +165,38 @@ async def test_notify_and_orcpt_from_the_client_are_passed_on(tmp_path: Path) ->
                              "ORCPT=rfc822;team@example.com"]
     finally:
         await peer.stop()
+
+
+async def test_issue15_success_notice_left_to_a_dsn_peer_and_relayed_from_others(
+        tmp_path: Path) -> None:
+    """NOTIFY=SUCCESS relayed to a peer that speaks DSN: the peer got the request, so pymta
+    sends no success notice of its own (RFC 3461 §4.1); to a peer without DSN: pymta's
+    notice says ``Action: relayed`` (RFC 3464 §2.3.3), not ``delivered``."""
+    without = await ScriptedPeer(ehlo=("8BITMIME", "ENHANCEDSTATUSCODES")).start()
+    with_dsn = await ScriptedPeer().start()
+    try:
+        for peer, name in ((without, "plain"), (with_dsn, "dsn")):
+            async with MTA(config_for(tmp_path / name, peer)) as mta:
+                rcpt = Recipient("x@example.net", "x@example.net", local=False,
+                                 notify="SUCCESS")
+                qid = await inject(mta, "alice@example.com", [rcpt],
+                                   b"Subject: notify\r\n\r\nhi\r\n")
+                await wait_gone(mta, qid)
+                if peer is without:
+                    notices = await wait_for(
+                        lambda: maildir_messages(mta.config.mail_dir, "alice/") or None, 15)
+                else:
+                    # a notice is queued before the message leaves the queue: none is there
+                    assert mta.store.ids() == []
+                    notices = maildir_messages(mta.config.mail_dir, "alice/")
+            if peer is without:
+                [notice] = notices
+                assert b"Action: relayed" in notice and b"Action: delivered" not in notice
+            else:
+                assert notices == []
+        assert with_dsn.transactions[0].rcpts == [
+            "RCPT TO:<x@example.net> NOTIFY=SUCCESS ORCPT=rfc822;x@example.net"]
+        assert "NOTIFY" not in without.transactions[0].rcpts[0]
+    finally:
+        await with_dsn.stop()
+        await without.stop()

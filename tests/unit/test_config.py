@@ -313,3 +313,35 @@ def test_queue_minfree_is_a_byte_count() -> None:
     assert load_config(env(PYMTA_QUEUE_MINFREE="100000000")).queue_minfree == 100000000
     with pytest.raises(ConfigError, match="PYMTA_QUEUE_MINFREE"):
         load_config(env(PYMTA_QUEUE_MINFREE="lots"))
+
+
+# ------------------------------------------------------------------------------ outbound TLS
+
+
+def test_issue15_tls_policy_from_the_environment_and_a_toml_table(tmp_path: Path) -> None:
+    config = load_config(env(PYMTA_TLS_POLICY="Example.COM.=secure, .example.net=VERIFY",
+                             SMTP_TLS_SECURITY_LEVEL="verify"))
+    assert config.tls_policy == ("example.com=secure", ".example.net=verify")
+    assert config.smtp_tls_security_level == "verify"
+    path = write(tmp_path, 'mail_domain = "example.com"\n[tls_policy]\n'
+                           '"example.org" = "secure"\n".example.net" = "encrypt"\n')
+    assert load_config({}, path=path).tls_policy == ("example.org=secure",
+                                                     ".example.net=encrypt")
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"PYMTA_TLS_POLICY": "example.com"}, "PYMTA_TLS_POLICY: not domain=level: 'example.com'"),
+    ({"PYMTA_TLS_POLICY": "a.test=dane"}, "PYMTA_TLS_POLICY (a.test): must be one of"),
+    ({"PYMTA_TLS_POLICY": "a.test=may A.test=none"}, "PYMTA_TLS_POLICY: 'a.test' given twice"),
+    ({"PYMTA_TLS_POLICY": "a@b.test=may"}, "PYMTA_TLS_POLICY: not domain=level"),
+    ({"SMTP_TLS_SECURITY_LEVEL": "strict"}, "SMTP_TLS_SECURITY_LEVEL: must be one of"),
+    ({"PYMTA_SMTP_TLS_CA_FILE": "/nonexistent/ca.pem"},
+     "PYMTA_SMTP_TLS_CA_FILE: cannot load certificates from '/nonexistent/ca.pem': No such"),
+    ({"PYMTA_SMTP_TLS_CA_FILE": "/etc/hostname"},
+     "PYMTA_SMTP_TLS_CA_FILE: cannot load certificates from '/etc/hostname': "),
+])
+def test_issue15_bad_tls_settings_name_the_variable(variables: dict[str, str],
+                                                   message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env(**variables))
+    assert str(info.value).startswith(message), info.value

@@ -112,8 +112,10 @@ Script = Callable[[Recipient, int], Reply | None]
 class Agent:
     """Answers each recipient with ``script(rcpt, call_no)``; None = omit its outcome."""
 
-    def __init__(self, script: Script, relay: str = "local", exc: BaseException | None = None):
+    def __init__(self, script: Script, relay: str = "local", exc: BaseException | None = None,
+                 dsn_passed: bool = False):
         self.script, self.relay, self.exc = script, relay, exc
+        self.dsn_passed = dsn_passed
         self.calls: list[tuple[QueuedMessage, list[str]]] = []
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
@@ -127,7 +129,8 @@ class Agent:
                 continue
             kind = (OutcomeKind.DELIVERED if reply.code < 400 else
                     OutcomeKind.TEMPORARY if reply.code < 500 else OutcomeKind.PERMANENT)
-            out.append(Outcome(r.address, kind, reply, self.relay))
+            out.append(Outcome(r.address, kind, reply, self.relay,
+                               dsn_passed=self.dsn_passed and kind is OutcomeKind.DELIVERED))
         return out
 
 
@@ -415,7 +418,8 @@ async def test_notify_never_sends_no_dsn(tmp_path):
     assert store.ids() == []
 
 
-async def test_notify_success_sends_delivered_dsn(tmp_path):
+async def test_notify_success_sends_relayed_dsn_for_a_remote_delivery(tmp_path):
+    """A next hop without DSN: our success notice says ``relayed`` (RFC 3464 §2.3.3)."""
     remote = Agent(always(OK), relay="mx.example.net[192.0.2.1]:25")
     mgr, store, clock = make(tmp_path, remote)
     rcpt = Recipient("bob@example.net", "bob@example.net", local=False,
@@ -427,8 +431,19 @@ async def test_notify_success_sends_delivered_dsn(tmp_path):
     assert msg["Subject"] == "Successful Mail Delivery Report"
     per_msg, per_rcpt = msg.get_payload()[1].get_payload()
     assert per_msg["Original-Envelope-Id"] == "XYZ"
-    assert per_rcpt["Action"] == "delivered"
+    assert per_rcpt["Action"] == "relayed"
     assert per_rcpt["Original-Recipient"] == "rfc822; bob@example.net"
+
+
+async def test_issue15_no_success_dsn_when_the_next_hop_took_the_notify(tmp_path):
+    """A next hop that speaks DSN was given NOTIFY=SUCCESS: the notice is its to send."""
+    remote = Agent(always(OK), relay="mx.example.net[192.0.2.1]:25", dsn_passed=True)
+    mgr, store, clock = make(tmp_path, remote)
+    rcpt = Recipient("bob@example.net", "bob@example.net", local=False,
+                     notify="SUCCESS,FAILURE", orcpt="rfc822;bob@example.net")
+    await put(store, clock, rcpts=[rcpt], envid="XYZ")
+    await mgr.run_once_due()
+    assert store.ids() == []
 
 
 async def test_unknown_dsn_recipient_is_logged_and_dropped(tmp_path, caplog):
