@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
+import dns.inet
 from aiosmtplib.errors import (
     SMTPAuthenticationError,
     SMTPConnectResponseError,
@@ -76,6 +77,7 @@ from pymta.tls import client_ssl_context
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body, screen
+from .dane import Tlsa, matches, tlsa_name, usable
 from .tlspolicy import LEVELS as TLS_LEVELS
 from .tlspolicy import (
     REQUIRED,
@@ -390,16 +392,24 @@ class SMTPRelayAgent:
     async def _connect_destination(self, dest: str, sample: Recipient) -> Connection:
         name, port, mx = self._hops(dest, sample)
         try:
-            hosts = list((await self.resolver.mx_hosts(name)).hosts) if mx else [name]
+            found = await self.resolver.mx_hosts(name) if mx else None
         except DNSFailure as failure:
             raise _dns_failure(failure, name) from None
+        hosts = list(found.hosts) if found is not None else [name]
+        names_trusted = found.secure if found is not None else True
         level = level_for(name, self.tls_level, self.tls_policy)
         last: HostFailure | None = None
         for host in hosts:
             try:
                 ips = await self.resolver.addresses(host)
+                host_level, tlsa = ((await self._dane(host, port, names_trusted))
+                                    if level == "dane" else (level, ()))
             except DNSFailure as failure:
                 last = HostFailure(Reply(451, "4.4.3", failure.text), relay=host)
+                continue
+            except HostFailure as failure:
+                last = failure
+                log.info("%s: %s", host, failure.reply.text)
                 continue
             for ip in ips:
                 relay = f"{host}[{ip}]:{port}"
@@ -410,9 +420,9 @@ class SMTPRelayAgent:
                                              f"{remembered.text}"), relay=relay)
                     continue
                 try:
-                    return await self._open(host, ip, port, relay, level, name)
+                    return await self._open(host, ip, port, relay, host_level, name, tlsa)
                 except HostFailure as failure:
-                    if failure.tls_failed and level == "may":
+                    if failure.tls_failed and host_level == "may":
                         try:
                             return await self._open(host, ip, port, relay, "none", name)
                         except HostFailure as again:
@@ -425,6 +435,43 @@ class SMTPRelayAgent:
         if last is None:
             last = HostFailure(Reply(451, "4.4.4", f"no usable address for {name}"))
         raise last
+
+    async def _dane(self, host: str, port: int, name_trusted: bool,
+                    ) -> tuple[str, tuple[Tlsa, ...]]:
+        """The level of ``host`` at ``dane`` (``delivery.dane``): ``dane`` with its usable
+        TLSA records, ``encrypt`` for a secure set none of which is usable, ``may`` without
+        secure records (or when the host's name came from an unauthenticated MX answer).
+        A TLSA lookup that fails is a failed host (HostFailure), never a downgrade."""
+        if (not name_trusted or dns.inet.is_address(host)
+                or not await self._address_secure(host)):
+            return "may", ()
+        qname = tlsa_name(host, port)
+        try:
+            rdata, secure = await self.resolver.authenticated(qname, "TLSA")
+        except DNSFailure as failure:
+            if failure.permanent:       # NXDOMAIN: no TLSA records there
+                return "may", ()
+            raise HostFailure(Reply(451, "4.7.5", f"TLSA lookup error for {host}:{port}: "
+                                    f"{failure.text}"), relay=host) from None
+        if not secure or not rdata:
+            return "may", ()
+        records = tuple(Tlsa(int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert))
+                        for r in rdata)
+        if not usable(records):
+            return "encrypt", ()
+        return "dane", records
+
+    async def _address_secure(self, host: str) -> bool:
+        """Are ``host``'s address records authenticated (DNSSEC)? Only then is its TLSA
+        answer worth asking for (RFC 7672 §2.2.2; Postfix does the same)."""
+        for rdtype in ("A", "AAAA"):
+            try:
+                rdata, secure = await self.resolver.authenticated(host, rdtype)
+            except DNSFailure:
+                return False
+            if rdata:
+                return secure
+        return False
 
     def _is_dead(self, ip: str, port: int) -> Reply | None:
         entry = self._dead.get((ip, port))
@@ -469,7 +516,7 @@ class SMTPRelayAgent:
         return sock
 
     async def _open(self, host: str, ip: str, port: int, relay: str, level: str,
-                    nexthop: str) -> Connection:
+                    nexthop: str, tlsa: Sequence[Tlsa] = ()) -> Connection:
         """A greeted session with ``host`` at ``ip``, at TLS ``level`` (HostFailure)."""
         context = self._context(level, relay)
         sock: socket.socket | None = None
@@ -499,7 +546,7 @@ class SMTPRelayAgent:
         self.connections_opened += 1
         try:
             await self._ehlo(smtp)
-            await self._secure(smtp, level, context, host, relay, nexthop)
+            await self._secure(smtp, level, context, host, relay, nexthop, tlsa)
             sh = self.smart_host
             if sh is not None and sh.username:
                 await self._auth(smtp, sh, relay)
@@ -522,7 +569,7 @@ class SMTPRelayAgent:
         return Connection(smtp, relay, host, created=now, idle_since=now)
 
     async def _secure(self, smtp: aiosmtplib.SMTP, level: str, context: ssl.SSLContext,
-                      host: str, relay: str, nexthop: str) -> None:
+                      host: str, relay: str, nexthop: str, tlsa: Sequence[Tlsa] = ()) -> None:
         """STARTTLS as ``level`` asks, then the certificate check of ``verify``/``secure``
         (HostFailure; ``tls_failed`` when a ``may`` session may go on in cleartext)."""
         if self.wrappermode:
@@ -551,6 +598,13 @@ class SMTPRelayAgent:
                 raise HostFailure(Reply(451, "4.7.5", f"Server certificate not verified: "
                                         f"{relay}: {problem}"))
             log.info("Verified TLS connection established to %s (%s)", relay, level)
+        elif level == "dane":
+            ssl_object = smtp.get_transport_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if not matches(tlsa, der):
+                raise HostFailure(Reply(451, "4.7.5", f"Server certificate not trusted: "
+                                        f"{relay}: no TLSA record matches its certificate"))
+            log.info("Verified TLS connection established to %s (dane)", relay)
 
     @staticmethod
     def _connect_failure(exc: Exception, relay: str) -> HostFailure:

@@ -45,8 +45,9 @@ __all__ = ["LEVELS", "REQUIRED", "VERIFIED", "ascii_name", "certificate_names",
            "verifying_context"]
 #: The levels whose certificate is checked.
 VERIFIED = frozenset(("verify", "secure"))
-#: The levels that never fall back to cleartext.
-REQUIRED = frozenset(("encrypt", "verify", "secure"))
+#: The levels that never fall back to cleartext (``dane`` once a host has usable TLSA
+#: records: ``delivery.dane`` decides a host's level).
+REQUIRED = frozenset(("encrypt", "dane", "verify", "secure"))
 
 
 def ascii_name(name: str) -> str:

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.inet
 import dns.name
 import dns.rdataclass
@@ -100,6 +101,8 @@ def make_resolver(nameservers: Sequence[str] = (), timeout: float = DEFAULT_TIME
         resolver = dns.asyncresolver.Resolver(configure=True)
     resolver.lifetime = timeout
     resolver.timeout = min(timeout, 2.0)
+    # AD asks a validating resolver to say which answers it authenticated (RFC 6840 §5.7)
+    resolver.flags = dns.flags.RD | dns.flags.AD
     resolver.cache = dns.resolver.Cache()
     return resolver
 
@@ -113,6 +116,9 @@ class MXResult:
 
     hosts: tuple[str, ...]
     implicit: bool = False
+    # the names can be trusted: an MX answer the resolver authenticated (AD), or no MX
+    # lookup behind them (an address literal, the domain itself): DANE may use them
+    secure: bool = False
 
 
 def order_mx(records: Sequence[tuple[int, str]], rng: random.Random | None = None,
@@ -250,6 +256,7 @@ class DNSResolver:
         twin.lifetime = source.lifetime
         twin.timeout = source.timeout
         twin.search = []
+        twin.flags = source.flags   # AD asked for too: its answers share the cache DANE reads
         twin.cache = source.cache
         return twin
 
@@ -300,15 +307,30 @@ class DNSResolver:
         if domain.startswith("[") and domain.endswith("]"):  # address literal
             literal = domain[1:-1]
             literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
-            return MXResult((literal,), implicit=True)
-        rdata = await self.query(domain, "MX")
+            return MXResult((literal,), implicit=True, secure=True)
+        rdata, secure = await self.authenticated(domain, "MX")
         if not rdata:
             await self.addresses(domain)  # raises permanent for NXDOMAIN / no address either
-            return MXResult((domain,), implicit=True)
+            return MXResult((domain,), implicit=True, secure=True)
         records = [(int(r.preference), r.exchange.to_text()) for r in rdata]
         if any(host.rstrip(".") == "" for _, host in records):
             if is_null_mx(records):
                 raise DNSFailure(f"Domain {domain} does not accept mail (nullMX)",
                                  permanent=True)
             records = [(p, h) for p, h in records if h.rstrip(".")]
-        return MXResult(tuple(order_mx(records, rng)))
+        return MXResult(tuple(order_mx(records, rng)), secure=secure)
+
+    async def authenticated(self, name: str, rdtype: str) -> tuple[list[Any] | None, bool]:
+        """:meth:`query`'s answer, and whether the resolver marked it authenticated (the AD
+        bit: pymta trusts ``PYMTA_DNS_RESOLVER`` to validate DNSSEC, as Postfix trusts its
+        local resolver). None for no records of this type (NODATA); NXDOMAIN and failures
+        raise :class:`DNSFailure` as :meth:`query` does."""
+        try:
+            answer = await self.resolve(name, rdtype)
+        except dns.resolver.NoAnswer:
+            return None, False
+        except Exception as exc:  # every dnspython failure is classified, none escapes
+            raise _classify(exc, name, rdtype) from exc
+        response = getattr(answer, "response", None)
+        secure = response is not None and bool(response.flags & dns.flags.AD)
+        return list(answer), secure

@@ -248,7 +248,7 @@ def parse_relay_hostauth(name: str, value: Any) -> RelayHost | None:
                      username=username, password=password)
 
 
-TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
+TLS_LEVELS = ("none", "may", "encrypt", "dane", "verify", "secure")
 
 
 def parse_tls_level(name: str, value: Any) -> str:

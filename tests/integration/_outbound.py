@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -179,3 +180,20 @@ async def wait_attempted(mta: MTA, qid: str, attempts: int = 1,
             return env
         return None
     return await wait_for(check, timeout)
+
+
+class RecordingHandler:
+    """An aiosmtpd handler that accepts every message and keeps its recipients."""
+
+    def __init__(self) -> None:
+        self.received: list[list[str]] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.received.append(list(envelope.rcpt_tos))
+        return "250 2.0.0 Ok"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

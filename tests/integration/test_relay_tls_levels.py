@@ -6,7 +6,6 @@ is sent in cleartext."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +17,14 @@ from pymta.app import MTA
 from pymta.config.model import RelayHost
 from pymta.types import RcptState
 from tests.conftest import make_config
-from tests.integration._outbound import inject, message, wait_attempted, wait_gone
+from tests.integration._outbound import (
+    RecordingHandler,
+    free_port,
+    inject,
+    message,
+    wait_attempted,
+    wait_gone,
+)
 from tests.services.dns import DNSTestServer
 from tests.services.tls import make_self_signed
 from tests.tlsca import TestCA
@@ -34,21 +40,6 @@ mx.near IN A  127.0.0.1
 mx.provider IN A 127.0.0.1
 relay   IN A  127.0.0.1
 """
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.received: list[list[str]] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.received.append(list(envelope.rcpt_tos))
-        return "250 2.0.0 Ok"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +58,8 @@ class Peer:
     """aiosmtpd on 127.0.0.1 offering STARTTLS with ``cert``/``key`` (or no TLS at all)."""
 
     def __init__(self, cert: Path | None, key: Path | None) -> None:
-        self.recorder = Recorder()
-        self.port = _free_port()
+        self.recorder = RecordingHandler()
+        self.port = free_port()
         context = None
         if cert is not None and key is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -190,8 +181,8 @@ async def test_review_wrapper_mode_at_verify_names_the_host_in_the_handshake(
     context.load_cert_chain(str(cert), str(key))
     names: list[str | None] = []
     context.sni_callback = lambda sslobj, name, ctx: names.append(name)
-    recorder = Recorder()
-    port = _free_port()
+    recorder = RecordingHandler()
+    port = free_port()
     controller = Controller(recorder, hostname="127.0.0.1", port=port, ssl_context=context,
                             ready_timeout=5)
     controller.start()

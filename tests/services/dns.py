@@ -74,6 +74,9 @@ class _Resolver(BaseResolver):
         self.owner._asked(key, qtype)
         if key in drops:
             raise DNSError("dropped by test")  # dnslib then sends nothing: the client times out
+        # AD as a validating resolver sets it: only for what it authenticated, and only
+        # when the query asked with AD (RFC 6840 §5.7; dnslib's reply() echoes the bit)
+        reply.header.ad = int(bool(request.header.ad) and self.owner._is_signed(key))
         if key in failures:
             reply.header.rcode = getattr(RCODE, failures[key])
             return reply
@@ -127,6 +130,7 @@ class DNSTestServer:
         self._records: list[RR] = []
         self._failures: dict[str, str] = {}
         self._drops: set[str] = set()
+        self._signed: set[str] = set()
         self._queries: deque[tuple[str, str]] = deque(maxlen=QUERIES_KEPT)
         self._servers: list[DNSServer] = []
         self.set_zone(zone)
@@ -169,6 +173,7 @@ class DNSTestServer:
             self._records = []
             self._failures = {}
             self._drops = set()
+            self._signed = set()
             self._queries = deque(maxlen=QUERIES_KEPT)
 
     def reset(self) -> None:
@@ -182,6 +187,17 @@ class DNSTestServer:
             raise ValueError(f"unknown rcode {rcode!r}")
         with self._lock:
             self._failures = {**self._failures, _norm(name): rcode}
+
+    def sign(self, suffix: str) -> None:
+        """Answer for ``suffix`` and every name under it with the AD bit set, as a
+        validating resolver does for DNSSEC-signed zones (the DANE tests)."""
+        with self._lock:
+            self._signed = {*self._signed, _norm(suffix)}
+
+    def _is_signed(self, key: str) -> bool:
+        with self._lock:
+            signed = self._signed
+        return any(key == s or key.endswith("." + s) for s in signed)
 
     def drop(self, name: str) -> None:
         """Never answer queries for ``name`` (the client's timeout path)."""

@@ -290,7 +290,7 @@ def test_outbound_settings_from_environment() -> None:
     assert c.dns_resolver == ("127.0.0.1:5353",) and c.mx_port == 2525
     assert c.destination_concurrency == 5 and c.dead_host_time == 60.0
     with pytest.raises(ConfigError):
-        load_config({"MYHOSTNAME": "mx.example.com", "SMTP_TLS_SECURITY_LEVEL": "dane"})
+        load_config({"MYHOSTNAME": "mx.example.com", "SMTP_TLS_SECURITY_LEVEL": "mandatory"})
 
 
 def test_issue10_fuzz_soft_break_never_starts_a_delimiter_line() -> None:
