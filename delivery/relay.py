@@ -597,14 +597,13 @@ class SMTPRelayAgent:
             if problem:
                 raise HostFailure(Reply(451, "4.7.5", f"Server certificate not verified: "
                                         f"{relay}: {problem}"))
-            log.info("Verified TLS connection established to %s (%s)", relay, level)
         elif level == "dane":
             ssl_object = smtp.get_transport_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             if not matches(tlsa, der):
                 raise HostFailure(Reply(451, "4.7.5", f"Server certificate not trusted: "
                                         f"{relay}: no TLSA record matches its certificate"))
-            log.info("Verified TLS connection established to %s (dane)", relay)
+        _log_tls(smtp, relay, verified=level in VERIFIED or level == "dane")
 
     @staticmethod
     def _connect_failure(exc: Exception, relay: str) -> HostFailure:
@@ -651,6 +650,21 @@ class SMTPRelayAgent:
         reply = parse_reply(last.code, last.message)
         raise HostFailure(Reply(451, "4.7.0", f"SASL authentication failed; server "
                                 f"{relay} said: {reply}"))
+
+
+def _log_tls(smtp: aiosmtplib.SMTP, relay: str, *, verified: bool) -> None:
+    """Postfix's line for an encrypted session, which operators and log tools look for:
+    ``Verified TLS connection established to mx[ip]:25: TLSv1.3 with cipher
+    TLS_AES_256_GCM_SHA384 (256/256 bits)``; ``Untrusted`` when the certificate was not
+    checked (``may``, ``encrypt``). Nothing for a cleartext session."""
+    ssl_object = smtp.get_transport_info("ssl_object") if smtp.is_connected else None
+    if ssl_object is None:
+        return
+    cipher = ssl_object.cipher()
+    what = (f"{ssl_object.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+            if cipher else str(ssl_object.version()))
+    log.info("%s TLS connection established to %s: %s",
+             "Verified" if verified else "Untrusted", relay, what)
 
 
 def _close_now(conn: Connection) -> None:

@@ -195,3 +195,25 @@ async def test_review_wrapper_mode_at_verify_names_the_host_in_the_handshake(
         controller.stop()
     assert recorder.received == [["bob@far.test"]]
     assert "relay.test" in names      # (None: the controller's own readiness check)
+
+
+async def test_the_tls_session_is_logged_as_postfix_logs_it(
+        tmp_path: Path, dns: DNSTestServer, ca: TestCA, peer_for,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``Verified TLS connection established to host[ip]:port: TLSv1.3 with cipher …`` at
+    verify, ``Untrusted …`` at may (the certificate not checked), as Postfix's smtp logs."""
+    caplog.set_level("INFO", logger="pymta.delivery.relay")
+    peer = peer_for(*ca.write("mx-provider", ("mx.provider.test",)))
+    async with MTA(_config(tmp_path / "verify", dns, ca, peer.port,
+                           smtp_tls_security_level="verify")) as mta:
+        await _delivered(mta, "bob@far.test")
+    async with MTA(_config(tmp_path / "may", dns, ca, peer.port,
+                           smtp_tls_security_level="may")) as mta:
+        await _delivered(mta, "bob@far.test")
+    lines = [r.getMessage() for r in caplog.records
+             if "TLS connection established" in r.getMessage()]
+    relay = f"mx.provider.test[127.0.0.1]:{peer.port}"
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"Verified TLS connection established to {relay}: TLSv1.")
+    assert lines[1].startswith(f"Untrusted TLS connection established to {relay}: TLSv1.")
+    assert " with cipher " in lines[0] and lines[0].endswith(" bits)")
