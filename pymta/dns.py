@@ -263,13 +263,8 @@ class DNSResolver:
     async def query(self, name: str, rdtype: str) -> list[Any] | None:
         """The answer's rdata, or None for NOERROR without records of this type (NODATA).
         Raises :class:`DNSFailure` for anything else."""
-        try:
-            answer = await self.resolve(name, rdtype)
-        except dns.resolver.NoAnswer:
-            return None
-        except Exception as exc:  # every dnspython failure is classified, none escapes
-            raise _classify(exc, name, rdtype) from exc
-        return list(answer)
+        rdata, _secure = await self.authenticated(name, rdtype)
+        return rdata
 
     async def addresses(self, host: str) -> list[str]:
         """A and AAAA addresses of ``host`` (IPv4 first). An IP literal is returned as is.
@@ -321,10 +316,10 @@ class DNSResolver:
         return MXResult(tuple(order_mx(records, rng)), secure=secure)
 
     async def authenticated(self, name: str, rdtype: str) -> tuple[list[Any] | None, bool]:
-        """:meth:`query`'s answer, and whether the resolver marked it authenticated (the AD
-        bit: pymta trusts ``PYMTA_DNS_RESOLVER`` to validate DNSSEC, as Postfix trusts its
-        local resolver). None for no records of this type (NODATA); NXDOMAIN and failures
-        raise :class:`DNSFailure` as :meth:`query` does."""
+        """The answer's rdata (None for no records of this type: NODATA), and whether the
+        resolver marked it authenticated (the AD bit: pymta trusts ``PYMTA_DNS_RESOLVER`` to
+        validate DNSSEC, as Postfix trusts its local resolver). NXDOMAIN and failures raise
+        :class:`DNSFailure`."""
         try:
             answer = await self.resolve(name, rdtype)
         except dns.resolver.NoAnswer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -191,9 +190,3 @@ class RecordingHandler:
     async def handle_DATA(self, server, session, envelope):
         self.received.append(list(envelope.rcpt_tos))
         return "250 2.0.0 Ok"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

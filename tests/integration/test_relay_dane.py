@@ -23,12 +23,12 @@ from pymta.types import RcptState
 from tests.conftest import make_config
 from tests.integration._outbound import (
     RecordingHandler,
-    free_port,
     inject,
     message,
     wait_attempted,
     wait_gone,
 )
+from tests.services.base import free_port
 from tests.services.dns import DNSTestServer
 from tests.services.tls import make_self_signed
 

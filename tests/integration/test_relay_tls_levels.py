@@ -19,12 +19,12 @@ from pymta.types import RcptState
 from tests.conftest import make_config
 from tests.integration._outbound import (
     RecordingHandler,
-    free_port,
     inject,
     message,
     wait_attempted,
     wait_gone,
 )
+from tests.services.base import free_port
 from tests.services.dns import DNSTestServer
 from tests.services.tls import make_self_signed
 from tests.tlsca import TestCA
@@ -104,13 +104,18 @@ async def _delivered(mta: MTA, rcpt: str) -> None:
     await wait_gone(mta, qid)
 
 
-async def test_verify_delivers_to_a_trusted_certificate_of_the_mx_host(
-        tmp_path: Path, dns: DNSTestServer, ca: TestCA, peer_for) -> None:
-    peer = peer_for(*ca.write("mx-provider", ("mx.provider.test",)))
+@pytest.mark.parametrize("level, names, rcpt", [
+    ("verify", ("mx.provider.test",), "bob@far.test"),      # the MX host's own name
+    ("secure", ("mx.near.test",), "carol@near.test"),       # a host under the next hop
+])
+async def test_a_trusted_certificate_the_level_accepts_delivers(
+        tmp_path: Path, dns: DNSTestServer, ca: TestCA, peer_for, level: str,
+        names: tuple[str, ...], rcpt: str) -> None:
+    peer = peer_for(*ca.write("peer", names))
     async with MTA(_config(tmp_path, dns, ca, peer.port,
-                           smtp_tls_security_level="verify")) as mta:
-        await _delivered(mta, "bob@far.test")
-    assert peer.recorder.received == [["bob@far.test"]]
+                           smtp_tls_security_level=level)) as mta:
+        await _delivered(mta, rcpt)
+    assert peer.recorder.received == [[rcpt]]
 
 
 async def test_secure_refuses_the_mx_hosts_certificate_when_it_does_not_name_the_domain(
@@ -122,15 +127,6 @@ async def test_secure_refuses_the_mx_hosts_certificate_when_it_does_not_name_the
     assert "4.7.5 Server certificate not verified" in reply
     assert "do not match far.test or *.far.test" in reply
     assert peer.recorder.received == []
-
-
-async def test_secure_delivers_to_a_host_under_the_next_hop_domain(
-        tmp_path: Path, dns: DNSTestServer, ca: TestCA, peer_for) -> None:
-    peer = peer_for(*ca.write("mx-near", ("mx.near.test",)))
-    async with MTA(_config(tmp_path, dns, ca, peer.port,
-                           smtp_tls_security_level="secure")) as mta:
-        await _delivered(mta, "carol@near.test")
-    assert peer.recorder.received == [["carol@near.test"]]
 
 
 async def test_verify_defers_an_untrusted_chain_and_another_hosts_name(
