@@ -6,10 +6,12 @@ minute hits both, and the table shows the median of each column. The table goes 
 and to ``benchmarks/results/latest.md`` together with the machine it was measured on, since a
 figure without its machine cannot be compared with anything.
 
-The side-by-side scenarios against Postfix (``accept``, ``end-to-end``, ``sweep``, ``latency``)
-and the memory scenarios (``memory-idle``, ``memory-large``) live in ``benchmarks/compare.py``
-and ``benchmarks/memory.py``; ``--all`` runs all of them and writes
-``benchmarks/results/<date>.md``, ``latest.md`` and the plot ``latest.png``.
+The side-by-side scenarios against Postfix (``accept``, ``end-to-end``, ``sweep``, ``latency``,
+``relay-through``) and the memory scenarios (``memory-idle``, ``memory-large``,
+``memory-relay``) live in ``benchmarks/compare.py``, ``benchmarks/relay.py`` and
+``benchmarks/memory.py``; ``--all`` runs all of them and writes
+``benchmarks/results/<date>.md``, ``latest.md`` and the plot ``latest.png``. The relay
+scenarios (issue 15) also write ``relay-through.md``, and only that when run alone.
 
 ``content`` (``benchmarks/content.py``, not part of ``--all``: it installs and runs the image's
 Postfix + amavisd-new stack) sets pymta's content filter side by side with that stack and

@@ -22,7 +22,11 @@ Scenarios (``python -m benchmarks --scenario NAME``; ``--all`` runs every one of
 * ``latency``: ``loadgen`` paced at half of each server's own peak rate with delivery on (the
   loadgen end-to-end median of this run, or a quick peak run first); p50/p99 from the final
   ``.`` to the 250.
-* ``memory-idle`` / ``memory-large``: see ``benchmarks/memory.py`` (pymta only).
+* ``relay-through``: the same load, both servers relaying every message to the same local
+  SMTP sink (``benchmarks/relay.py``); relayed msg/s from the first connection until the
+  sink took the last message.
+* ``memory-idle`` / ``memory-large`` / ``memory-relay``: see ``benchmarks/memory.py`` (pymta
+  only).
 
 Order within a round alternates (pymta first in odd rounds, Postfix first in even ones), so a
 noisy minute hits both; every figure reported is the median over rounds.
@@ -54,8 +58,11 @@ SMTP_SOURCE = Path("/usr/sbin/smtp-source")
 RECIPIENT = "box@example.com"
 SENDER = "a@x.test"
 SWEEP_LEVELS = (1, 5, 20, 50, 100)
-COMPARE_SCENARIOS = ("accept", "end-to-end", "floor", "sweep", "latency", "memory-idle",
-                     "memory-large")
+COMPARE_SCENARIOS = ("accept", "end-to-end", "floor", "sweep", "latency", "relay-through",
+                     "memory-idle", "memory-large", "memory-relay")
+RELAY_SCENARIOS = ("relay-through", "memory-relay")
+"""Issue 15's scenarios: their document is ``results/relay-through.md``; run alone, they
+leave ``latest.md`` (the table of ``--all``) as it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +440,7 @@ async def run_selected(names: list[str], opts: CompareOptions, *, idle_connectio
                        large_sessions: int, large_size_mb: int) -> Results:
     """Run the named comparison scenarios in a fixed order (throughput first: latency uses
     its peaks)."""
-    from benchmarks import memory
+    from benchmarks import memory, relay
 
     results = Results()
     if "accept" in names or "end-to-end" in names:
@@ -444,6 +451,8 @@ async def run_selected(names: list[str], opts: CompareOptions, *, idle_connectio
         await sweep(results, opts)
     if "latency" in names:
         await latency(results, opts)
+    if "relay-through" in names:
+        await relay.relay_through(results, opts)
     if "memory-idle" in names:
         results.memory["idle"] = await memory.idle_connections(opts, idle_connections)
         results.add_errors("memory-idle: connections that failed",
@@ -455,6 +464,13 @@ async def run_selected(names: list[str], opts: CompareOptions, *, idle_connectio
         results.add_errors("memory-large: not accepted", int(big["failed"]))
         results.add_errors("memory-large: accepted, not delivered",
                            int(big["accepted"] - big["delivered"]))
+    if "memory-relay" in names:
+        results.memory["relay"] = await memory.large_messages(opts, large_sessions,
+                                                              large_size_mb, relay=True)
+        big = results.memory["relay"]
+        results.add_errors("memory-relay: not accepted", int(big["failed"]))
+        results.add_errors("memory-relay: accepted, not relayed",
+                           int(big["accepted"] - big["delivered"]))
     return results
 
 
@@ -465,7 +481,8 @@ def main_compare(names: list[str], opts: CompareOptions, *, client_loop: str, co
     """Run, print the markdown, write ``results/<date>.md``, ``latest.md`` and the plot."""
     from benchmarks import report
 
-    needs_postfix = any(n in names for n in ("accept", "end-to-end", "sweep", "latency"))
+    needs_postfix = any(n in names for n in ("accept", "end-to-end", "sweep", "latency",
+                                             "relay-through"))
     if opts.postfix and needs_postfix and not pf.ensure_postfix():
         opts = dataclasses.replace(opts, postfix=False)
     started = time.monotonic()
@@ -481,8 +498,10 @@ def main_compare(names: list[str], opts: CompareOptions, *, client_loop: str, co
                     "pymta and Postfix interleaved, a fresh server and spool for every run.")
     if "idle" in results.memory:
         load.append(f"Memory: {idle_connections} idle connections.")
-    if "large" in results.memory:
-        load.append(f"Memory: {large_sessions} sessions × one {large_size_mb} MiB message.")
+    if "large" in results.memory or "relay" in results.memory:
+        relayed = " (memory-relay: relayed to the sink)" if "relay" in results.memory else ""
+        load.append(f"Memory: {large_sessions} sessions × one {large_size_mb} MiB "
+                    f"message{relayed}.")
     header = [" ".join(load), "",
               *report.machine_info(client_loop=client_loop, server_loop=server_loop_name(opts),
                                    workers=workers,
@@ -490,12 +509,19 @@ def main_compare(names: list[str], opts: CompareOptions, *, client_loop: str, co
     doc = report.render(results, header=header, command=command)
     print(doc)
     results_dir.mkdir(parents=True, exist_ok=True)
-    day = time.strftime("%Y-%m-%d")
-    dated = results_dir / f"{day}.md"
-    dated.write_text(doc.replace("(latest.png)", f"({day}.png)"))
-    (results_dir / "latest.md").write_text(doc)
-    written = [dated, results_dir / "latest.md"]
-    png = report.plot(results, results_dir / f"{day}.png")
+    written: list[Path] = []
+    if any(n in RELAY_SCENARIOS for n in names):
+        # the document README.md points at for relaying (issue 15)
+        (results_dir / "relay-through.md").write_text(doc)
+        written.append(results_dir / "relay-through.md")
+    if not set(names) <= set(RELAY_SCENARIOS):
+        # a run of the relay scenarios alone leaves the table of the others as it is
+        day = time.strftime("%Y-%m-%d")
+        dated = results_dir / f"{day}.md"
+        dated.write_text(doc.replace("(latest.png)", f"({day}.png)"))
+        (results_dir / "latest.md").write_text(doc)
+        written += [dated, results_dir / "latest.md"]
+    png = report.plot(results, results_dir / f"{time.strftime('%Y-%m-%d')}.png")
     if png is not None:
         shutil.copyfile(png, results_dir / "latest.png")
         written += [png, results_dir / "latest.png"]

@@ -11,6 +11,10 @@
   (``--large-size-mb``) at the same time, ``MESSAGE_SIZE_LIMIT`` raised to fit. RSS of the
   server's processes is sampled every 50 ms from before the load until every message is in the
   maildir; reported: baseline, peak, growth = peak − baseline.
+* ``memory-relay``: the same load relayed to a ``benchmarks.sink`` process (which counts the
+  bytes and keeps none) with ``relay-through``'s settings (``benchmarks/relay.py``), sampled
+  until the sink has taken every accepted message: the relay client must stream each body
+  from the queue, not hold it.
 
 RSS is ``VmRSS`` from ``/proc/PID/status``; PSS (``/proc/PID/smaps_rollup``) splits pages the
 forked workers share with the supervisor, so summed PSS does not count them twice.
@@ -161,16 +165,25 @@ async def idle_connections(opts: CompareOptions, connections: int = 10_000) -> d
     }
 
 
-async def large_messages(opts: CompareOptions, sessions: int = 50, size_mb: int = 25
-                         ) -> dict[str, float]:
+async def large_messages(opts: CompareOptions, sessions: int = 50, size_mb: int = 25,
+                         relay: bool = False) -> dict[str, float]:
     """Peak RSS growth while ``sessions`` messages of ``size_mb`` MiB arrive at once and are
-    delivered (see module docstring)."""
+    delivered (see module docstring); ``relay``: relayed to a ``benchmarks.sink`` process
+    instead (``memory-relay``: the settings of ``relay-through``, ``benchmarks/relay.py``),
+    done when the sink has taken every accepted message."""
+    from benchmarks.relay import SinkProcess, SinkWait, pymta_relay_env
+
     size = size_mb * 1024 * 1024
-    with workdir("pymta-bench-large-") as work:
+    name = "memory-relay" if relay else "memory-large"
+    with workdir(f"pymta-bench-{'relay' if relay else 'large'}-") as work:
         port = free_port()
-        server = pymta_server(work, port, opts, MESSAGE_SIZE_LIMIT=str(size + 1024 * 1024))
+        sink = SinkProcess(work) if relay else None
+        extra = pymta_relay_env(sink.port) if sink is not None else {}
+        server = pymta_server(work, port, opts, MESSAGE_SIZE_LIMIT=str(size + 1024 * 1024),
+                              **extra)
         peak = [0]
         stop = asyncio.Event()
+        waited: SinkWait | None = None
 
         async def sample(pgid: int) -> None:
             while not stop.is_set():
@@ -180,6 +193,8 @@ async def large_messages(opts: CompareOptions, sessions: int = 50, size_mb: int 
                         await stop.wait()
 
         try:
+            if sink is not None:
+                await sink.start()
             await server.start()
             assert server.proc is not None
             pgid = server.proc.pid
@@ -187,20 +202,34 @@ async def large_messages(opts: CompareOptions, sessions: int = 50, size_mb: int 
             base_rss = memory_kb(pgid)[0]
             sampler = asyncio.create_task(sample(pgid))
             started = time.perf_counter()
+            mono_started = time.monotonic()
             r = await run_load("127.0.0.1", port, sessions=sessions, messages=sessions,
                                size=size, timeout=300.0)
-            delivered, seconds = await wait_files(work / "mail" / "box" / "new", r.accepted,
-                                                  started, opts.deliver_timeout)
+            if sink is None:
+                delivered, seconds = await wait_files(work / "mail" / "box" / "new",
+                                                      r.accepted, started, opts.deliver_timeout)
+            else:
+                waited = await sink.wait_for(r.accepted, opts.deliver_timeout)
+                delivered = waited.stats.messages
+                seconds = waited.relay_seconds(mono_started) or 0.0
             stop.set()
             await sampler
         finally:
             stop.set()
             stop_server(server)
-    print(f"memory-large: {r.accepted}/{sessions} accepted in {r.seconds:.1f} s, {delivered} "
-          f"delivered after {seconds:.1f} s", file=sys.stderr, flush=True)
-    return {
+            if sink is not None:
+                sink.stop()
+    done = "relayed" if relay else "delivered"
+    print(f"{name}: {r.accepted}/{sessions} accepted in {r.seconds:.1f} s, {delivered} "
+          f"{done} after {seconds:.1f} s", file=sys.stderr, flush=True)
+    figures = {
         "messages": float(sessions), "size_mb": float(size_mb), "accepted": float(r.accepted),
         "delivered": float(delivered), "failed": float(r.failed),
         "baseline_rss_mb": base_rss / 1024, "peak_rss_mb": peak[0] / 1024,
         "growth_mb": (peak[0] - base_rss) / 1024, "seconds": seconds,
     }
+    if waited is not None:
+        figures["relayed_mb"] = waited.stats.data_bytes / (1024 * 1024)
+        figures["sink_connections"] = float(waited.connections)
+        figures["longest_pause_s"] = waited.longest_pause
+    return figures

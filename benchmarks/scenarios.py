@@ -8,12 +8,6 @@ Scenarios (one fresh server and a fresh temporary directory per round and client
   * ``accept-deliver``: pymta accepts mail for ``box@example.com`` and delivers it to a
     maildir. Measures accepted msgs/s (load time) and delivered msgs/s (from the first
     connection until the last file appears in ``box/new``), plus end-of-data latency.
-  * ``relay-through``: pymta accepts mail for ``box@example.com``, an alias of a remote
-    address, and relays it to the smart host ``SMTP_RELAY_HOSTAUTH=[127.0.0.1]:PORT``, a
-    ``benchmarks.sink`` running in this process (its counter is the delivered count; it is
-    cheap next to the load generator). Measures accepted msgs/s and relayed msgs/s (first
-    connection until the sink has taken the last message), through the SMTP client with its
-    connection cache.
   * ``pipeline-cost``: ``accept-deliver`` repeated with the pre-queue stages switched by
     their variables: none, each stage alone (SPF, DKIM verify, DMARC, ARC, DKIM sign, SRS,
     banned files, bad header, and the scanners clamd, spamd, rspamd, started as the
@@ -23,6 +17,8 @@ Scenarios (one fresh server and a fresh temporary directory per round and client
     message for the verifying stages.
   * ``sink``: ``benchmarks.sink`` instead of pymta. Measures the load generator's own ceiling
     on this machine; a pymta figure near it says "client-bound", not "server is this fast".
+
+``relay-through`` (relaying to a sink) runs side by side with Postfix: ``benchmarks/relay.py``.
 
 Clients: ``loadgen`` (benchmarks/loadgen.py) and, if installed, Postfix's ``smtp-source``
 (C, the generator the performance baseline was measured with; it reports no latencies).
@@ -295,38 +291,6 @@ async def accept_deliver(client: str, opts: LoadOptions) -> RoundResult:
         )
 
 
-async def relay_through(client: str, opts: LoadOptions) -> RoundResult:
-    """pymta as a relay: SMTP in, durable queue, SMTP out to a sink as smart host."""
-    from benchmarks.sink import start_sink
-
-    with _workdir() as work:
-        sink_server, stats, sink_port = await start_sink("127.0.0.1", 0)
-        port = free_port()
-        server = _pymta_server(work, port, MAIL_ALIASES="box:relayed@sink.test",
-                               SMTP_RELAY_HOSTAUTH=f"[127.0.0.1]:{sink_port}",
-                               SMTP_TLS_SECURITY_LEVEL="none")
-        try:
-            await server.start()
-            started = time.perf_counter()
-            r = await _run_client(client, port, opts)
-            deadline = time.monotonic() + opts.deliver_timeout
-            while stats.messages < r.accepted and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            relayed, seconds = stats.messages, time.perf_counter() - started
-        finally:
-            server.stop()
-            sink_server.close()
-        if relayed < r.accepted:
-            print(f"warning: {relayed} of {r.accepted} accepted messages relayed within "
-                  f"{opts.deliver_timeout:.0f} s", file=sys.stderr)
-        return RoundResult(
-            scenario="relay-through", client=client, messages=r.messages,
-            accepted=r.accepted, errors=r.errors + max(0, r.accepted - relayed),
-            accept_seconds=r.accept_seconds, delivered=relayed, deliver_seconds=seconds,
-            p50_ms=r.p50_ms, p99_ms=r.p99_ms,
-        )
-
-
 async def sink(client: str, opts: LoadOptions) -> RoundResult:
     """The load generator's ceiling: the same load against a server that does nothing."""
     with _workdir() as work:
@@ -576,7 +540,6 @@ def _scanner_addresses(scanners: Any) -> dict[str, str]:
 SCENARIOS: dict[str, Callable[[str, LoadOptions],
                               Awaitable[RoundResult | list[RoundResult]]]] = {
     "accept-deliver": accept_deliver,
-    "relay-through": relay_through,
     "sink": sink,
     "pipeline-cost": pipeline_cost,
 }

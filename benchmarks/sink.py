@@ -4,7 +4,12 @@ What it is for:
   * the other end for the load generator's own tests and for measuring the generator's
     ceiling (the ``sink`` scenario): a Python client is only worth trusting up to the rate at
     which it can feed a server that does nothing;
-  * later, the downstream "next hop" of relay-through benchmarks, where pymta relays to it.
+  * the downstream "next hop" of the ``relay-through`` and ``memory-relay`` benchmarks
+    (``benchmarks/relay.py``), where pymta and Postfix relay to it. There it runs as a
+    process of its own (``python -m benchmarks.sink``) and the benchmark asks it for its
+    counters with the sink's own command ``XSTATS`` (see ``SinkStats.line``): messages,
+    bytes, connections and the ``time.monotonic()`` of the last message it took (the
+    clock is the machine's, so another process can subtract its own start time from it).
 
 Implementation: one ``asyncio.Protocol`` per connection, no StreamReader; commands are split
 on LF, only the verb is looked at, and all replies produced by one ``data_received`` call go out
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -36,6 +42,26 @@ class SinkStats:
     connections: int = 0
     messages: int = 0
     data_bytes: int = 0
+    last_at: float = 0.0        # time.monotonic() when the last message was taken
+
+    def line(self) -> bytes:
+        """The reply to ``XSTATS``: ``250 messages=M bytes=B connections=C last=T``."""
+        return (f"250 messages={self.messages} bytes={self.data_bytes} "
+                f"connections={self.connections} last={self.last_at:.6f}\r\n").encode()
+
+    @classmethod
+    def parse(cls, line: bytes) -> SinkStats:
+        """The counters from an ``XSTATS`` reply (``line``); ValueError if it is not one."""
+        text = line.decode("ascii", "replace").strip()
+        if not text.startswith("250 "):
+            raise ValueError(f"not an XSTATS reply: {text[:80]!r}")
+        fields = dict(word.partition("=")[::2] for word in text[4:].split())
+        try:
+            return cls(connections=int(fields["connections"]),
+                       messages=int(fields["messages"]), data_bytes=int(fields["bytes"]),
+                       last_at=float(fields["last"]))
+        except (KeyError, ValueError):
+            raise ValueError(f"not an XSTATS reply: {text[:80]!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +96,22 @@ class SinkProtocol(asyncio.Protocol):
         self.stats.connections += 1
         transport.write(self.replies.greeting)
 
+    def _command(self, verb: bytes) -> bytes:
+        """The reply to a command other than DATA and QUIT (``verb``: its first 4 bytes)."""
+        if verb == b"EHLO":
+            return self.replies.ehlo
+        if verb == b"MAIL":
+            self.rcpt_ok = False
+            return self.replies.mail
+        if verb == b"RCPT":
+            self.rcpt_ok |= self.replies.rcpt.startswith(b"2")
+            return self.replies.rcpt
+        if verb == b"XSTA":     # XSTATS: the counters, for a benchmark in another process
+            return self.stats.line()
+        # HELO, RSET, NOOP, anything: a sink agrees
+        self.rcpt_ok = self.rcpt_ok and verb != b"RSET"
+        return b"250 2.0.0 Ok\r\n"
+
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
         buf = self.buf + data
@@ -88,6 +130,7 @@ class SinkProtocol(asyncio.Protocol):
                 self.in_data = False
                 if self.replies.data_end.startswith(b"2"):
                     self.stats.messages += 1
+                    self.stats.last_at = time.monotonic()
                 out.append(self.replies.data_end)
                 continue
             i = buf.find(b"\n")
@@ -98,15 +141,7 @@ class SinkProtocol(asyncio.Protocol):
                 break
             verb = buf[:min(i, 4)].upper()
             buf = buf[i + 1:]
-            if verb == b"EHLO":
-                out.append(self.replies.ehlo)
-            elif verb == b"MAIL":
-                self.rcpt_ok = False
-                out.append(self.replies.mail)
-            elif verb == b"RCPT":
-                self.rcpt_ok |= self.replies.rcpt.startswith(b"2")
-                out.append(self.replies.rcpt)
-            elif verb == b"DATA":
+            if verb == b"DATA":
                 if self.rcpt_ok:
                     self.in_data = True
                     buf = b"\r\n" + buf
@@ -118,9 +153,8 @@ class SinkProtocol(asyncio.Protocol):
                 close = True
                 buf = b""
                 break
-            else:  # HELO, RSET, NOOP, anything: a sink agrees
-                self.rcpt_ok = self.rcpt_ok and verb != b"RSET"
-                out.append(b"250 2.0.0 Ok\r\n")
+            else:
+                out.append(self._command(verb))
         self.buf = buf
         if out:
             self.transport.write(b"".join(out))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
-from .downgrade import has_8bit, needs_smtputf8, to_7bit
+from .body import OutgoingBody
+from .downgrade import needs_smtputf8
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
@@ -156,60 +157,54 @@ def _orcpt(value: str, smtputf8: bool) -> str | None:
     return None
 
 
-def read_body(msg: QueuedMessage) -> bytes:
-    """The message as it leaves: the pipeline's prepended header fields, then the spool."""
-    if msg.body is not None:
-        body = msg.body
-    else:
-        with msg.open() as fh:
-            body = fh.read()
-    prepend = msg.envelope.prepend
-    return prepend.encode("utf-8", "surrogateescape") + body if prepend else body
-
-
 @dataclass(slots=True)
 class Prepared:
-    """A message made ready for one peer: the bytes to send and the MAIL parameters, or the
+    """A message made ready for one peer: the body to send and the MAIL parameters, or the
     reply that refuses it for every recipient (``refusal``)."""
 
-    data: bytes
+    body: OutgoingBody
     mail_options: list[str]
     smtputf8: bool
     refusal: Reply | None = None
 
 
-def prepare(msg: QueuedMessage, rcpts: Sequence[Recipient], data: bytes,
-            extensions: dict[str, str], peer: str) -> Prepared:
-    """Apply outbound hygiene for a peer with these (lower-case) EHLO/LHLO extensions."""
+def prepare(msg: QueuedMessage, rcpts: Sequence[Recipient], body: OutgoingBody,
+            extensions: dict[str, str], peer: str, *, requiretls: bool = False) -> Prepared:
+    """Apply outbound hygiene for a peer with these (lower-case) EHLO/LHLO extensions.
+    ``requiretls``: the message asked for REQUIRETLS (RFC 8689) and the session qualifies:
+    the MAIL parameter is sent."""
     env = msg.envelope
     options: list[str] = []
-    utf8 = bool(env.smtputf8) and needs_smtputf8(env.sender, [r.address for r in rcpts], data)
+    utf8 = bool(env.smtputf8) and needs_smtputf8(env.sender, [r.address for r in rcpts],
+                                                 body.probe)
     if utf8 and "smtputf8" not in extensions:
-        return Prepared(data, options, utf8, Reply(
+        return Prepared(body, options, utf8, Reply(
             550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer}"))
-    eight = has_8bit(data)
+    eight = body.eight_bit
     if eight and "8bitmime" not in extensions:
-        data = to_7bit(data)  # RFC 6152 §3: convert; 8-bit header bytes stay (see downgrade)
-        eight = has_8bit(data)
+        body = body.converted_to_7bit()  # RFC 6152 §3; 8-bit header bytes stay (downgrade)
+        eight = body.eight_bit
     if "size" in extensions:
         limit_text = extensions["size"].strip()
         limit = int(limit_text) if limit_text.isdigit() else 0
-        if limit and len(data) > limit:
-            return Prepared(data, options, utf8, Reply(
-                552, "5.3.4", f"message size {len(data)} exceeds size limit {limit} "
+        if limit and body.size > limit:
+            return Prepared(body, options, utf8, Reply(
+                552, "5.3.4", f"message size {body.size} exceeds size limit {limit} "
                               f"of server {peer}"))
-        options.append(f"SIZE={len(data)}")
+        options.append(f"SIZE={body.size}")
     if "8bitmime" in extensions:
         options.append("BODY=8BITMIME" if eight else "BODY=7BIT")
     if utf8:
         options.append("SMTPUTF8")
+    if requiretls:
+        options.append("REQUIRETLS")
     if "dsn" in extensions:
         if env.ret and env.ret.upper() in ("FULL", "HDRS"):
             options.append(f"RET={env.ret.upper()}")
         envid = _envid(env.envid) if env.envid else None
         if envid:
             options.append(f"ENVID={envid}")
-    return Prepared(data, options, utf8)
+    return Prepared(body, options, utf8)
 
 
 def rcpt_options(rcpt: Recipient, extensions: dict[str, str],

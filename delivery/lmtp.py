@@ -1,21 +1,23 @@
 """The LMTP delivery agent: local recipients handed to an LMTP server (Dovecot, Cyrus, ...).
 
 ``VIRTUAL_TRANSPORT=lmtp:HOST:PORT`` or ``lmtp:unix:PATH`` (``mlan/postfix-amavis``'s syntax) sends
-every local recipient here instead of to maildir/mbox. aiosmtplib does not speak LMTP
-(cole/aiosmtplib#210), and the protocol is small, so this is a client of its own on asyncio
-streams.
+every local recipient here instead of to maildir/mbox. It runs on the relay's client session
+(``delivery.smtpclient``: pipelined, the body streamed from the spool).
 
 Implementation summary (RFC 2033): connect, read the 220 greeting, ``LHLO`` (never HELO),
 ``MAIL FROM`` with the parameters the server advertises (shared with the SMTP relay:
-``delivery._client.prepare``), one ``RCPT TO`` per recipient, ``DATA``, the dot-stuffed body,
-then **one reply per accepted recipient, in RCPT order** -- that is LMTP's point: each mailbox
-says for itself whether it took the message. ``QUIT``. Every reply maps to a per-recipient
-outcome (2xx delivered, 4xx temporary, 5xx permanent, quoted). A server that cannot be
-reached, or a connection lost before a recipient's final reply, is temporary for every
-undecided recipient: LMTP is a local transport, and a local fault never bounces mail. An
-envelope that can never be sent (``_client.screen``: controls or undecodable bytes in an
-address) is refused before connecting; any other error closes the connection (no QUIT on a
-session in an unknown state) and leaves the undecided recipients deferred.
+``delivery._client.prepare``), one ``RCPT TO`` per recipient, ``DATA`` (the three pipelined
+when the server offers PIPELINING, as Dovecot does), the dot-stuffed body, then **one reply per
+accepted recipient, in RCPT order** -- that is LMTP's point: each mailbox says for itself
+whether it took the message. The session is then kept for ``cache_time`` seconds (at most
+``cache_size`` idle, ``reuse_limit`` messages, 300 s old) and the next message reuses it after
+an ``RSET`` that must answer 250; one that failed in any way is closed, never reused. Every
+reply maps to a per-recipient outcome (2xx delivered, 4xx temporary, 5xx permanent, quoted). A
+server that cannot be reached, or a connection lost before a recipient's final reply, is
+temporary for every undecided recipient: LMTP is a local transport, and a local fault never
+bounces mail. An envelope that can never be sent (``_client.screen``: controls or undecodable
+bytes in an address) is refused before connecting; any other error closes the connection (no
+QUIT on a session in an unknown state) and leaves the undecided recipients deferred.
 
 Each recipient's reply is delivered to the mailbox the moment the server sends it, so the
 agent ``reports_progress``: every outcome goes to ``report`` as soon as it is read (a RCPT
@@ -29,22 +31,21 @@ it goes on; a second one closes the connection at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
-from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, read_body, screen
+from ._client import kind_of, outcomes, parse_reply, prepare, rcpt_options, screen
+from .body import SpoolUnreadable, load_body
+from .smtpclient import ClientSession, SessionLost, Transaction
 
 log = logging.getLogger(__name__)
 
-_LEADING_DOT = re.compile(rb"(?m)^\.")
-_MAX_REPLY_LINES = 1000
-
+REUSE_TIME_LIMIT = 300.0   # seconds a session is reused at most (Postfix's 300 s)
 
 def parse_transport(spec: str) -> tuple[str, str | int]:
     """``lmtp:unix:/run/lmtp`` → ``("unix", "/run/lmtp")``; ``lmtp:host:24`` →
@@ -62,60 +63,23 @@ def parse_transport(spec: str) -> tuple[str, str | int]:
     return host, int(port)
 
 
-def dot_stuff(data: bytes) -> bytes:
-    """The DATA payload: CRLF line ends guaranteed, leading dots doubled, terminator added."""
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+class _Refused(Exception):
+    """The server refused the session itself (greeting, LHLO): ``reply`` for everyone."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
 
 
-class _Lost(Exception):
-    """The server closed the connection or went silent."""
+@dataclass(eq=False, slots=True)
+class _Cached:
+    """A greeted session and its use count, kept between messages."""
 
-
-class _Session:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 timeout: float) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.timeout = timeout
-
-    async def reply(self) -> tuple[int, str, list[str]]:
-        """(code, text of all lines joined by newlines, the lines' texts)."""
-        texts: list[str] = []
-        for _ in range(_MAX_REPLY_LINES):
-            try:
-                line = await asyncio.wait_for(self.reader.readline(), self.timeout)
-            except (TimeoutError, OSError, ValueError) as exc:
-                raise _Lost(str(exc) or type(exc).__name__) from None
-            if not line:
-                raise _Lost("connection closed")
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not text[:3].isdigit():
-                raise _Lost(f"malformed reply {text[:80]!r}")
-            texts.append(text[4:])
-            if text[3:4] != "-":
-                return int(text[:3]), "\n".join(texts), texts
-        raise _Lost("reply too long")
-
-    async def command(self, line: bytes) -> tuple[int, str, list[str]]:
-        await self.send(line + b"\r\n")
-        return await self.reply()
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        try:
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
-        except (TimeoutError, OSError) as exc:
-            raise _Lost(str(exc) or type(exc).__name__) from None
-
-    async def close(self, quit_: bool) -> None:
-        if quit_:
-            with contextlib.suppress(_Lost):
-                await asyncio.wait_for(self.command(b"QUIT"), 5.0)
-        self.writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(self.writer.wait_closed(), 5.0)
+    session: ClientSession
+    relay: str
+    created: float
+    uses: int = 0
+    expiry: asyncio.TimerHandle | None = None
 
 
 class LMTPDeliveryAgent:
@@ -124,29 +88,108 @@ class LMTPDeliveryAgent:
     reports_progress = True     # deliver() takes report=
 
     def __init__(self, spec: str, hostname: str, *, connect_timeout: float = 30.0,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, cache_time: float = 2.0, reuse_limit: int = 100,
+                 cache_size: int = 8, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
         self.where = parse_transport(spec)
         self.hostname = hostname
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        self.cache_time = cache_time
+        self.reuse_limit = reuse_limit
+        self.cache_size = cache_size
+        self._clock = clock
+        self._idle: list[_Cached] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self.connections_opened = 0   # counters for tests and metrics
 
     @classmethod
     def from_config(cls, config: Any) -> LMTPDeliveryAgent:
         """Delivery to ``VIRTUAL_TRANSPORT`` (checked by ``load_config``)."""
         return cls(config.virtual_transport, config.hostname,
-                   connect_timeout=config.smtp_connect_timeout, timeout=config.smtp_timeout)
+                   connect_timeout=config.smtp_connect_timeout, timeout=config.smtp_timeout,
+                   cache_time=config.connection_cache_time,
+                   reuse_limit=config.connection_reuse_limit)
 
-    async def _connect(self) -> tuple[_Session, str]:
+    async def _connect(self) -> tuple[ClientSession, str]:
         host, port = self.where
         if host == "unix":
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(port)), self.connect_timeout)
-            return _Session(reader, writer, self.timeout), str(port)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port)), self.connect_timeout)
-        peer = writer.get_extra_info("peername") or (host, port)
-        return _Session(reader, writer, self.timeout), f"{host}[{peer[0]}]:{port}"
+            session = await ClientSession.connect_unix(
+                str(port), timeout=self.timeout, connect_timeout=self.connect_timeout)
+            return session, str(port)
+        session = await ClientSession.connect(host, int(port), timeout=self.timeout,
+                                              connect_timeout=self.connect_timeout,
+                                              lmtp=True)
+        peer = session.transport_info("peername") or (host, port)
+        return session, f"{host}[{peer[0]}]:{port}"
+
+    async def _session(self) -> _Cached:
+        """A cached session that still answers RSET, else a new greeted one (``_Refused``,
+        ``SessionLost``, OSError, TimeoutError)."""
+        while self._idle:
+            cached = self._idle.pop()
+            if cached.expiry is not None:
+                cached.expiry.cancel()
+                cached.expiry = None
+            try:
+                if cached.session.is_connected and await cached.session.rset():
+                    return cached
+            except BaseException:   # cancelled (a stop, the agent's time limit)
+                cached.session.close()
+                raise
+            self._drop(cached)
+        session, relay = await self._connect()
+        self.connections_opened += 1
+        try:
+            response = await session.greeting()
+            if response.code != 220:
+                reply = parse_reply(response.code, response.text)
+                raise _Refused(Reply(451, "4.4.2" if response.code < 500 else "4.3.0",
+                                     f"host {relay} refused to talk to me: {reply}"))
+            response = await session.hello(self.hostname)
+            if not response.ok:
+                reply = parse_reply(response.code, response.text)
+                raise _Refused(Reply(451, "4.5.0", f"LHLO refused by {relay}: {reply}"))
+        except BaseException:
+            session.close()
+            raise
+        return _Cached(session, relay, created=self._clock())
+
+    def _release(self, cached: _Cached) -> None:
+        """Keep a clean session for the next message, a few seconds at most."""
+        if (self.cache_time <= 0 or cached.uses >= self.reuse_limit
+                or not cached.session.is_connected or len(self._idle) >= self.cache_size
+                or self._clock() - cached.created >= REUSE_TIME_LIMIT):
+            self._drop(cached)
+            return
+        self._idle.append(cached)
+        cached.expiry = asyncio.get_running_loop().call_later(self.cache_time, self._expire,
+                                                              cached)
+
+    def _expire(self, cached: _Cached) -> None:
+        if cached in self._idle:
+            self._idle.remove(cached)
+            self._drop(cached)
+
+    def _drop(self, cached: _Cached) -> None:
+        """QUIT in the background (a clean session) or close at once."""
+        if cached.expiry is not None:
+            cached.expiry.cancel()
+            cached.expiry = None
+        if not cached.session.is_connected:
+            cached.session.close()
+            return
+        task = asyncio.get_running_loop().create_task(cached.session.quit())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Close every cached session (on server stop)."""
+        for cached in self._idle:
+            self._drop(cached)
+        self._idle.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient],
                       report: Callable[[Outcome], None] | None = None) -> list[Outcome]:
@@ -164,24 +207,36 @@ class LMTPDeliveryAgent:
                        fallback_relay: str,
                        report: Callable[[Outcome], None] | None = None) -> list[Outcome]:
         try:
-            session, relay = await self._connect()
+            cached = await self._session()
+        except _Refused as refusal:
+            return outcomes(rcpts, refusal.reply, fallback_relay, OutcomeKind.TEMPORARY)
+        except SessionLost as exc:
+            return outcomes(rcpts, Reply(451, "4.4.2", f"lost connection with "
+                                         f"{fallback_relay} while sending LHLO: {exc}"),
+                            fallback_relay, OutcomeKind.TEMPORARY)
         except (OSError, TimeoutError) as exc:
             reason = "Connection timed out" if isinstance(exc, TimeoutError) else (
                 exc.strerror or str(exc))
             return outcomes(rcpts, Reply(451, "4.4.1", f"connect to {fallback_relay}: "
                                                        f"{reason}"),
                             fallback_relay, OutcomeKind.TEMPORARY)
+        session, relay = cached.session, cached.relay
+        cached.uses += 1
         progress = _Progress(rcpts, relay, report)
         aborted = False
         try:
             refused = await self._converse(session, msg, progress)
             if refused is not None:
                 return refused
-        except _Lost as exc:
+        except SessionLost as exc:
             reply = Reply(451, "4.4.2",
                           f"lost connection with {relay} while sending {progress.stage}")
             log.warning("%s: %s (%s)", msg.qid, reply.text, exc)
             progress.defer_undecided(reply)
+        except SpoolUnreadable as exc:
+            log.error("%s: %s", msg.qid, exc)
+            progress.defer_undecided(Reply(451, "4.3.0", f"local error while sending "
+                                                         f"{progress.stage} to {relay}: {exc}"))
         except Exception:
             log.exception("%s: error while sending %s to %s", msg.qid, progress.stage, relay)
             progress.defer_undecided(
@@ -190,55 +245,68 @@ class LMTPDeliveryAgent:
             aborted = True      # cancelled: close at once, wait for nothing
             raise
         finally:
-            if aborted or progress.cancelled:
-                session.writer.close()
+            if aborted or progress.cancelled or not progress.clean:
+                session.close()
             else:
-                await session.close(quit_=progress.clean)
+                self._release(cached)
         if progress.cancelled:  # every reply read and reported: now the cancellation goes on
             raise asyncio.CancelledError
         return [progress.decided[i] for i in range(len(rcpts))]
 
-    async def _converse(self, session: _Session, msg: QueuedMessage,
+    async def _converse(self, session: ClientSession, msg: QueuedMessage,
                         progress: _Progress) -> list[Outcome] | None:
-        """The LMTP dialogue, greeting to the last reply. What refuses the whole transaction
-        (greeting, LHLO, the message itself, MAIL FROM) is returned as every recipient's
-        outcome, unreported; else None, each recipient decided (and reported) in
-        ``progress``."""
+        """One transaction on a greeted session. What refuses the whole transaction (the
+        message itself, MAIL FROM) is returned as every recipient's outcome, unreported;
+        else None, each recipient decided (and reported) in ``progress``."""
         rcpts, relay = progress.rcpts, progress.relay
-        code, text, _ = await session.reply()
-        if code != 220:
-            reply = parse_reply(code, text)
-            return outcomes(rcpts, Reply(451, "4.4.2" if code < 500 else "4.3.0",
-                                         f"host {relay} refused to talk to me: {reply}"),
-                            relay, OutcomeKind.TEMPORARY)
-        progress.stage = "LHLO"
-        code, text, lines = await session.command(b"LHLO " + self.hostname.encode())
-        if code != 250:
-            reply = parse_reply(code, text)
-            return outcomes(rcpts, Reply(451, "4.5.0", f"LHLO refused by {relay}: {reply}"),
-                            relay, OutcomeKind.TEMPORARY)
-        extensions = _extensions(lines[1:])
-        data = await asyncio.to_thread(read_body, msg)
-        prepared = prepare(msg, rcpts, data, extensions, relay)
+        body = await asyncio.to_thread(load_body, msg)
+        prepared = prepare(msg, rcpts, body, session.extensions, relay)
         if prepared.refusal is not None:
             progress.clean = True
             return outcomes(rcpts, prepared.refusal, relay)
         enc = "utf-8" if prepared.smtputf8 else "ascii"
-        progress.stage = "MAIL FROM"
         mail = f"MAIL FROM:<{msg.envelope.sender}>"
         if prepared.mail_options:
             mail += " " + " ".join(prepared.mail_options)
-        code, text, _ = await session.command(mail.encode(enc))
-        if code != 250:
+        lines = []
+        for r in rcpts:
+            line = f"RCPT TO:<{r.address}>"
+            options = rcpt_options(r, session.extensions, prepared.smtputf8)
+            if options:
+                line += " " + " ".join(options)
+            lines.append(line.encode(enc))
+        tx = Transaction()
+        progress.tx = tx
+        await session.send_envelope(mail.encode(enc), lines, tx, with_data=True)
+        assert tx.mail is not None
+        if not tx.mail.ok:
+            if tx.data_start is not None and tx.data_start.code == 354:
+                await _abandon_data(session, tx)
+            progress.clean = await session.rset() if tx.mail.code < 500 else True
+            return outcomes(rcpts, parse_reply(tx.mail.code, tx.mail.text), relay)
+        for i, response in enumerate(tx.rcpts):
+            if response is not None and not response.ok:
+                progress.decide(i, parse_reply(response.code, response.text))
+        accepted = tx.accepted()
+        start = tx.data_start
+        if not accepted:
+            if start is not None and start.code == 354:
+                await _abandon_data(session, tx)
             progress.clean = True
-            return outcomes(rcpts, parse_reply(code, text), relay)
-        accepted = await _send_rcpts(session, progress, extensions, prepared.smtputf8)
-        if accepted:
-            await _send_data(session, progress, accepted, prepared.data)
+            return None
+        if start is None or start.code != 354:
+            reply = (parse_reply(start.code, start.text) if start is not None
+                     else Reply(451, "4.4.2", f"no reply to DATA from {relay}"))
+            if reply.code < 400:    # no message was sent: never a delivery
+                reply = Reply(451, "4.5.0", f"unexpected reply to DATA from {relay}: {reply}")
+            for i in accepted:
+                progress.decide(i, reply)
+            progress.clean = start is not None
+            return None
+        await session.send_data(prepared.body, tx)
+        await _read_replies(session, progress, tx, accepted)
         progress.clean = True
         return None
-
-
 @dataclass
 class _Progress:
     """How far one delivery got, for the error paths and the cancellation: the protocol
@@ -249,10 +317,14 @@ class _Progress:
     rcpts: list[Recipient]
     relay: str
     report: Callable[[Outcome], None] | None
-    stage: str = "greeting"
     decided: dict[int, Outcome] = field(default_factory=dict)
     clean: bool = False
     cancelled: bool = False
+    tx: Transaction | None = None
+
+    @property
+    def stage(self) -> str:
+        return self.tx.stage if self.tx is not None else "MAIL FROM"
 
     def decide(self, i: int, reply: Reply) -> None:
         """Recipient ``i`` has the server's ``reply``: record and report it."""
@@ -268,55 +340,28 @@ class _Progress:
                                                self.relay))
 
 
-async def _send_rcpts(session: _Session, progress: _Progress, extensions: dict[str, str],
-                      smtputf8: bool) -> list[int]:
-    """One RCPT TO per recipient; the indexes of those accepted (the others are decided)."""
-    progress.stage = "RCPT TO"
-    enc = "utf-8" if smtputf8 else "ascii"
-    accepted: list[int] = []
-    for i, r in enumerate(progress.rcpts):
-        line = f"RCPT TO:<{r.address}>"
-        options = rcpt_options(r, extensions, smtputf8)
-        if options:
-            line += " " + " ".join(options)
-        code, text, _ = await session.command(line.encode(enc))
-        if 200 <= code < 300:
-            accepted.append(i)
-        else:
-            progress.decide(i, parse_reply(code, text))
-    return accepted
+
+async def _abandon_data(session: ClientSession, tx: Transaction) -> None:
+    """A 354 with nothing to send (no recipient was accepted: a peer that should have said
+    503, RFC 2920 §3.1): an empty message ends the DATA, and its reply is ignored."""
+    session.write(b".\r\n")
+    await session.drain()
+    await session.read_reply()
 
 
-async def _send_data(session: _Session, progress: _Progress, accepted: list[int],
-                     data: bytes) -> None:
-    """DATA, the message, then one reply per accepted recipient, in RCPT order (RFC 2033
-    §4.2). The server delivers once it has the message, whether we listen or not: a first
-    cancellation while waiting for the replies is held (``progress.cancelled``) until all
-    are read and reported; a second one goes through."""
-    progress.stage = "DATA"
-    code, text, _ = await session.command(b"DATA")
-    if code != 354:
-        reply = parse_reply(code, text)
-        for i in accepted:
-            progress.decide(i, reply)
-        return
-    progress.stage = "end of DATA"
-    await session.send(dot_stuff(data))
+async def _read_replies(session: ClientSession, progress: _Progress, tx: Transaction,
+                        accepted: list[int]) -> None:
+    """One reply per accepted recipient, in RCPT order (RFC 2033 §4.2). The server delivers
+    once it has the message, whether we listen or not: a first cancellation while waiting
+    for the replies is held (``progress.cancelled``) until all are read and reported; a
+    second one goes through."""
     for i in accepted:
         try:
-            code, text, _ = await session.reply()
+            response = await session.read_reply()
         except asyncio.CancelledError:
             if progress.cancelled:
                 raise
             progress.cancelled = True
-            code, text, _ = await session.reply()
-        progress.decide(i, parse_reply(code, text))
-
-
-def _extensions(lines: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in lines:
-        keyword, _, params = line.strip().partition(" ")
-        if keyword:
-            out[keyword.lower()] = params
-    return out
+            response = await session.read_reply()
+        tx.data.append(response)
+        progress.decide(i, parse_reply(response.code, response.text))

@@ -179,7 +179,8 @@ class MTA:
             self.store, self.router, policy=policy, hostname=config.hostname,
             postmaster=config.postmaster, resolve=self.resolve,
             concurrency=config.delivery_concurrency, scan_interval=config.queue_scan_interval,
-            stop_grace=DELIVERY_STOP_GRACE, delay_warning=config.delay_warning_time)
+            stop_grace=DELIVERY_STOP_GRACE, delay_warning=config.delay_warning_time,
+            signer=wiring.notice_signer(config, self.services))   # DKIM on our DSNs
         await self.manager.start()
         intake = Intake(self.store, self.manager.submit, hold_incoming=config.hold_incoming,
                         size_limit=config.message_size_limit, minfree=config.queue_minfree,

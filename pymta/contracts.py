@@ -289,6 +289,25 @@ class Router(Protocol):
 
 
 @runtime_checkable
+class NoticeSigner(Protocol):
+    """Signs the notices the queue manager writes itself (DSNs: bounce, delay and success
+    reports), which never pass through the pipeline's signing stage (issue 15).
+
+    Called with the complete notice (CRLF line ends) in a worker thread: it may read a key
+    file and does one RSA or ed25519 operation. Returns the header field(s) to put on top
+    of the notice, each CRLF-terminated (a ``DKIM-Signature:``), or ``b""`` when the notice
+    is not its to sign (its ``From:`` domain is not one we sign for). Raising means "cannot
+    sign it now": the manager queues the notice unsigned and logs a warning, so a notice is
+    never lost or held back for want of a signature.
+
+    Between the wiring and the queue manager only (``wiring.notice_signer``): not in
+    ``__all__``, since ``pymta.MTA`` takes no signer of an embedder's.
+    """
+
+    def __call__(self, message: bytes) -> bytes: ...
+
+
+@runtime_checkable
 class MessageLock(Protocol):
     """The claim on one queued message: while it is held, nobody else (no other task, worker
     process or node) attempts the message or changes its state.

@@ -212,6 +212,14 @@ class Envelope:
     RET and ENVID parameters. ``is_bounce`` marks DSNs pymta generated (never bounced again).
     ``prepend`` holds header fields the pipeline decided on after the body was spooled
     (Authentication-Results, DKIM-Signature, ARC-*); every delivery agent writes them first.
+
+    TLS on the way out (RFC 8689): ``requiretls`` is the REQUIRETLS parameter of MAIL FROM
+    (taken only over TLS): relay it only over verified TLS to a next hop that offers
+    REQUIRETLS, else bounce (5.7.30); its DSNs carry it too and return headers only, and
+    such a report (null sender) still goes on where the next hop lacks REQUIRETLS (§5).
+    ``tls_optional`` is the message's ``TLS-Required: No`` header field, honoured only
+    without REQUIRETLS: the sender lets the relay ignore TLS policy (DANE, MTA-STS, a
+    configured level) and try TLS opportunistically (level ``may``). Never both true.
     """
 
     sender: str
@@ -232,6 +240,8 @@ class Envelope:
     prepend: str = ""              # header lines (CRLF-terminated) added above the spooled body
     extra: dict[str, str] = field(default_factory=dict)
     client_name: str = ""          # the client's verified name (pymta.peername); "": unknown
+    requiretls: bool = False       # MAIL FROM ... REQUIRETLS (RFC 8689 §4.1)
+    tls_optional: bool = False     # "TLS-Required: No" without REQUIRETLS (RFC 8689 §4.2.2)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state is RcptState.PENDING]

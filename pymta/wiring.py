@@ -54,7 +54,14 @@ from typing import TYPE_CHECKING, Any
 from pymta.callbacks import AgentLike, LookupLike, as_delivery_agent, as_recipient_lookup
 from pymta.config.errors import ConfigError
 from pymta.config.model import Config
-from pymta.contracts import Authenticator, DeliveryAgent, Probeable, RecipientLookup, Router
+from pymta.contracts import (
+    Authenticator,
+    DeliveryAgent,
+    NoticeSigner,
+    Probeable,
+    RecipientLookup,
+    Router,
+)
 from pymta.dns import DNSResolver
 from pymta.peername import PeerNameResolver
 from pymta.srs import SRS
@@ -66,7 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AUTHENTICATORS", "DELIVERY_AGENTS", "PIPELINE_STAGES", "RECIPIENT_LOOKUPS",
            "Adapter", "Services", "backend_probes", "build_authenticator", "build_pipeline",
-           "build_router", "check", "hash_password", "recipient_lookup"]
+           "build_router", "check", "hash_password", "notice_signer", "recipient_lookup"]
 
 
 # --------------------------------------------------------------------------- the entries
@@ -528,6 +535,18 @@ def build_pipeline(config: Config, services: Services | None = None) -> Pipeline
             else:
                 modifiers.append(stage)
     return Pipeline(checks, modifiers, timeout=config.pipeline_timeout)
+
+
+def notice_signer(config: Config, services: Services) -> NoticeSigner | None:
+    """What DKIM-signs the DSNs the queue manager writes (issue 15): the keys of the
+    ``dkim-sign`` stage, for the same domains (``MAIL_DOMAIN``, whose keys are made at
+    start) and their subdomains (the notices come from ``MAILER-DAEMON@MYHOSTNAME``); None
+    when ``PYMTA_DKIM_SIGN`` is off, and the notices go out unsigned as before."""
+    if not config.dkim_sign or services.dkim_keys is None or not config.mail_domain:
+        return None
+    from pymta.pipeline.dkimsign import FromDomainSigner
+
+    return FromDomainSigner(services.dkim_keys, config.mail_domain)
 
 
 # --------------------------------------------------------------------------- checking

@@ -236,6 +236,8 @@ def _as_json(store: Any, qid: str, env: Envelope, now: float) -> dict[str, Any]:
         "sender": env.sender,
         "held": env.held,
         "is_bounce": env.is_bounce,
+        "requiretls": env.requiretls,
+        "tls_optional": env.tls_optional,
         "last_error": _last_error(env),
         "recipients": [
             {"address": r.address, "original": r.original, "state": r.state.value,
@@ -243,6 +245,17 @@ def _as_json(store: Any, qid: str, env: Envelope, now: float) -> dict[str, Any]:
             for r in env.recipients
         ],
     }
+
+
+def _tls_flag(env: Envelope, form: str) -> str:
+    """What the sender asked of TLS on the way out (RFC 8689), in ``form``; "" when nothing:
+    ``REQUIRETLS`` (verified TLS to a next hop offering REQUIRETLS, or a bounce) or
+    ``TLS-Required: No`` (TLS policy may be ignored)."""
+    if env.requiretls:
+        return form.format("REQUIRETLS")
+    if env.tls_optional:
+        return form.format("TLS-Required: No")
+    return ""
 
 
 def cmd_list(store: Any, as_json: bool, out: TextIO) -> int:
@@ -257,7 +270,7 @@ def cmd_list(store: Any, as_json: bool, out: TextIO) -> int:
         return 0
     print(f"{'ID':<16} {'AGE':>6} {'SIZE':>9}  SENDER", file=out)
     for qid, env in entries:
-        flags = " (held)" if env.held else ""
+        flags = (" (held)" if env.held else "") + _tls_flag(env, " ({})")
         print(f"{qid:<16} {_age(now - env.received_at):>6} {_size(store, qid, env):>9}  "
               f"<{_p(env.sender)}>{flags}", file=out)
         for r in env.recipients:
@@ -314,6 +327,7 @@ def cmd_show(store: Any, qid: str, out: TextIO) -> int:
         ("body", env.body_type + (" SMTPUTF8" if env.smtputf8 else "")),
         ("dsn", f"ret={env.ret or '-'} envid={env.envid or '-'}"),
         ("bounce", "yes" if env.is_bounce else "no"),
+        ("tls", _tls_flag(env, "{}") or "-"),
     ]
     for label, value in rows:
         print(f"{label + ':':<14}{_p(value)}", file=out)

@@ -601,6 +601,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("smtp_tls_wrappermode", "SMTP_TLS_WRAPPERMODE", parse_bool),
     _Setting("smtp_tls_ca_file", "PYMTA_SMTP_TLS_CA_FILE", _parse_string),
     _Setting("tls_policy", "PYMTA_TLS_POLICY", parse_tls_policy),
+    _Setting("mta_sts", "PYMTA_MTA_STS", parse_bool),
     _Setting("virtual_transport", "VIRTUAL_TRANSPORT", parse_virtual_transport),
     _Setting("dns_resolver", "PYMTA_DNS_RESOLVER", parse_nameservers),
     _Setting("dns_timeout", "PYMTA_DNS_TIMEOUT", _duration(True)),

@@ -126,6 +126,7 @@ class Config:
     smtp_tls_wrappermode: bool = False               # SMTP_TLS_WRAPPERMODE (smart host only)
     smtp_tls_ca_file: str = ""                       # PYMTA_SMTP_TLS_CA_FILE (verify/secure roots)
     tls_policy: tuple[str, ...] = ()                 # PYMTA_TLS_POLICY "domain=level" ...
+    mta_sts: bool = True                             # PYMTA_MTA_STS (RFC 8461 policies of MX mail)
     virtual_transport: str = ""                      # VIRTUAL_TRANSPORT lmtp:H:PORT, lmtp:unix:PATH
     dns_resolver: tuple[str, ...] = ()               # PYMTA_DNS_RESOLVER host:port (empty: system)
     dns_timeout: float = 5.0                         # PYMTA_DNS_TIMEOUT

@@ -15,6 +15,16 @@ list of those present, ``From`` oversigned (so no second ``From`` can be added),
 ``Received``/``Return-Path``/``Authentication-Results``; canonicalization relaxed/relaxed.
 A message without ``From:`` cannot be signed (RFC 6376 §5.4): it goes out unsigned, logged.
 
+The notices the queue writes itself (DSNs: bounces, delay and success reports) never pass
+through the pipeline; :class:`FromDomainSigner` signs them (issue 15, item 7), handed to the
+queue manager by the wiring as its ``NoticeSigner``. Their ``From:`` is
+``MAILER-DAEMON@<MYHOSTNAME>``, and the host name is normally a host inside a
+``MAIL_DOMAIN`` rather than one itself, so a notice is signed when its From domain is one of
+the domains we sign for (the rule for our users' mail) or a subdomain of one: then with that
+domain's key and ``d=`` it, which DMARC's default relaxed alignment accepts (as OpenDKIM's
+``SubDomains yes`` does; Postfix's own bounces usually come from ``$myorigin``, the parent
+domain). A notice from any other domain goes out unsigned, exactly as before.
+
 A message dkimpy cannot parse as it is (issue 10, defect 9) is still accepted. When the only
 trouble is blanks before a colon (``Subject :``), it is signed over
 :func:`.headers.strict_view`: with relaxed/relaxed canonicalization the hashes are those of
@@ -35,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+from collections.abc import Iterable
 
 import dkim
 
@@ -153,3 +164,52 @@ class DkimSign:
             return sign_message(view.data, key)  # relaxed: the hashes of the message as sent
         except dkim.MessageFormatError as exc:
             raise CannotEvaluate(f"message cannot be parsed: not DKIM-signed ({exc})") from exc
+
+
+def covering_domain(domain: str, domains: Iterable[str]) -> str | None:
+    """The domain of ``domains`` that signs for author domain ``domain``: the domain itself
+    when listed, else its closest listed parent (``mx.example.com`` → ``example.com``,
+    aligned with it under DMARC's relaxed rule), else None."""
+    domain = domain.strip().rstrip(".").lower()
+    listed = frozenset(domains)
+    if domain in listed:
+        return domain
+    labels = domain.split(".")
+    for i in range(1, len(labels) - 1):   # parents, never a bare top-level label
+        candidate = ".".join(labels[i:])
+        if candidate in listed:
+            return candidate
+    return None
+
+
+class FromDomainSigner:
+    """Signs a message pymta writes itself (a DSN) for its ``From:`` domain: the queue
+    manager's ``NoticeSigner`` (:class:`pymta.contracts.NoticeSigner`).
+
+    ``domains`` are those whose keys the server made or loaded at start (``MAIL_DOMAIN``
+    with ``PYMTA_DKIM_SIGN`` on): signing for any other would generate a key nobody has
+    published. Same signature as the modifier's (relaxed/relaxed, the configured selector
+    and key, dkimpy's header list with ``From`` oversigned). Called in a worker thread;
+    raises when it cannot sign (an unreadable key), and the caller queues the notice
+    unsigned."""
+
+    def __init__(self, keys: KeyStore, domains: Iterable[str]) -> None:
+        dkimrsa.install()
+        harden_dkimpy()
+        self.keys = keys
+        self.domains = frozenset(d.strip().rstrip(".").lower() for d in domains if d.strip())
+
+    def signing_domain(self, message: bytes) -> str | None:
+        """The ``d=`` for ``message``, or None when its From domain is not ours to sign."""
+        author = from_domain(message)
+        return covering_domain(author, self.domains) if author else None
+
+    def __call__(self, message: bytes) -> bytes:
+        """The ``DKIM-Signature:`` field (CRLF-terminated) to put on top of ``message``, or
+        b"" when it is not ours to sign."""
+        domain = self.signing_domain(message)
+        if domain is None:
+            return b""
+        if len(split_fields(message)) > MAX_SIGN_FIELDS:
+            raise CannotEvaluate(f"more than {MAX_SIGN_FIELDS} header fields")
+        return sign_message(message, self.keys.get(domain))

@@ -55,6 +55,8 @@ def encode(envelope: Envelope) -> bytes:
         "prepend": envelope.prepend,
         "protocol": envelope.protocol,
         "extra": dict(envelope.extra),
+        "requiretls": envelope.requiretls,
+        "tls_optional": envelope.tls_optional,
     }
     return _ENCODER.encode(doc).encode("ascii")
 
@@ -110,6 +112,9 @@ def _envelope(doc: Any) -> Envelope:
         prepend=d.text("prepend", ""),
         protocol=d.text("protocol", "ESMTP"),
         extra=dict(extra),
+        # RFC 8689 flags (issue 15): absent from envelopes written before them, so False
+        requiretls=d.flag("requiretls", False),
+        tls_optional=d.flag("tls_optional", False),
     )
 
 

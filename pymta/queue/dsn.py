@@ -4,7 +4,9 @@ A DSN is a ``multipart/report; report-type=delivery-status`` with three parts: a
 explanation (worded like Postfix's, because users and helpdesks recognise it), the machine
 readable ``message/delivery-status`` and the returned original: complete as
 ``message/rfc822`` or only its header as ``text/rfc822-headers`` when the sender asked for
-``RET=HDRS`` or the original is larger than ``bounce_size_limit`` (Postfix's default 50000).
+``RET=HDRS``, the original came with REQUIRETLS (RFC 8689 §5: as if ``RET=HDRS`` was given,
+``RET=FULL`` disregarded, since the report may travel where TLS is not required), or the
+original is larger than ``bounce_size_limit`` (Postfix's default 50000).
 For SMTPUTF8 messages the RFC 6533 types ``message/global*`` are used instead.
 
 Only failure reports return the message itself (subject to ``RET`` and the size limit).
@@ -514,8 +516,9 @@ def build_dsn(*, reporting_mta: str, qid: str, envelope: Envelope, entries: Sequ
 
     ``action_kind`` (``failed``/``delivered``/``delayed``) picks the subject and wording;
     ``to`` is the DSN's recipient for the ``To:`` header (default: the original sender).
-    A failure report returns the original in full unless ``envelope.ret`` is ``HDRS`` or
-    the spool file is larger than ``size_limit``; success and delay reports return its
+    A failure report returns the original in full unless ``envelope.ret`` is ``HDRS``, the
+    message came with REQUIRETLS (``envelope.requiretls``), or the spool file is larger than
+    ``size_limit``; success and delay reports return its
     header section only (see the module docstring). A missing spool file returns no
     original at all rather than losing the notice.
     """
@@ -527,7 +530,8 @@ def build_dsn(*, reporting_mta: str, qid: str, envelope: Envelope, entries: Sequ
     msgid = f"<{int(now)}.{qid}.{secrets.token_hex(4)}@{reporting_mta}>"
     rcpt_to = envelope.sender if to is None else to
 
-    headers_only = action_kind != "failed" or (envelope.ret or "").upper() == "HDRS"
+    headers_only = (action_kind != "failed" or (envelope.ret or "").upper() == "HDRS"
+                    or envelope.requiretls)     # RFC 8689 §5
     header_limit = (max(size_limit, NOTICE_HEADER_LIMIT) if action_kind == "failed"
                     else NOTICE_HEADER_LIMIT)
     try:

@@ -85,6 +85,13 @@ Implementation summary:
   to the postmaster as a double bounce; a failed double bounce is logged and dropped. A
   sender that cannot be written as an address (controls, undecodable bytes) is treated the
   same way: its notice goes to the postmaster.
+- **Signed notices** (issue 15): a DSN is queued with ``enqueue_bytes`` and never passes
+  through the pipeline, whose last stage DKIM-signs our users' mail; so the ``signer``
+  given by the wiring (a :class:`~pymta.contracts.NoticeSigner`: DKIM for the notice's
+  From domain when we sign for it) puts its ``DKIM-Signature`` on top of the notice
+  before it is queued, in the same worker thread that builds it. When it cannot sign (an
+  unreadable key), the notice is queued unsigned and a warning logged: never lost, never
+  held back. Without a signer (``PYMTA_DKIM_SIGN`` off) notices are as they always were.
 - **Flush** (``pymta queue flush``): the CLI writes a new token (its time) into
   ``<queue>/flush`` and sends SIGUSR1; every worker that sees a new token forgets its dead
   hosts (the router's ``flush()``) and in-memory back-offs, and makes due every message that
@@ -104,6 +111,7 @@ import errno
 import heapq
 import logging
 import os
+import re
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -115,6 +123,7 @@ from ..contracts import (
     DeliveryAgent,
     FlushableAgent,
     MessageLock,
+    NoticeSigner,
     ProgressReportingAgent,
     QueueStore,
     Router,
@@ -254,13 +263,15 @@ class QueueManager:
                  scan_interval: float = 60.0, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] | None = None,
                  agent_timeout: float | None = 3600.0, stop_grace: float = 10.0,
-                 flush_file: str | None = None, delay_warning: float = 0.0) -> None:
+                 flush_file: str | None = None, delay_warning: float = 0.0,
+                 signer: NoticeSigner | None = None) -> None:
         """``clock`` is wall-clock time (``next_attempt``, ``received_at``); ``monotonic``
         runs the schedule in memory (default: boot time; a test that injects only ``clock``
         gets it for both). ``flush_file`` is where ``pymta queue flush`` leaves its token
         (default ``<store.root>/flush`` when the store has a root). ``delay_warning`` is
         ``PYMTA_DELAY_WARNING_TIME`` in seconds (see "Delay notices" in the module
-        docstring); 0 is off."""
+        docstring); 0 is off. ``signer`` DKIM-signs the notices queued here (see "Signed
+        notices" in the module docstring); None: they go out unsigned."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if not 0.0 <= delay_warning < float("inf"):
@@ -282,6 +293,7 @@ class QueueManager:
         self._agent_timeout = agent_timeout
         self._stop_grace = stop_grace
         self._delay_warning = float(delay_warning)
+        self._signer = signer
         # No retry interval the policy makes is longer: a disk value further out than this
         # was written by a clock that has since gone back.
         self._max_wait = policy.maximum * (1.0 + policy.jitter)
@@ -1216,16 +1228,19 @@ class QueueManager:
                       deliverylog.printable(to), kind)
             return True
         try:
-            data = await asyncio.to_thread(
-                build_dsn, reporting_mta=self._hostname, qid=qid, envelope=env,
-                entries=entries, body_path=body_path, now=now, action_kind=kind,
-                to=to)
+            data, signature = await asyncio.to_thread(
+                self._compose, qid, kind, reporting_mta=self._hostname, qid=qid,
+                envelope=env, entries=entries, body_path=body_path, now=now,
+                action_kind=kind, to=to)
             dsn_env = Envelope(
                 sender="", recipients=[rcpt], received_at=now, next_attempt=now,
                 body_type="7BIT" if data.isascii() else "8BITMIME",
                 smtputf8=env.smtputf8 and not data.isascii(), size=len(data),
                 is_bounce=True, protocol="DSN",
-                extra={"double_bounce": "1"} if double else {})
+                extra={"double_bounce": "1"} if double else {},
+                # RFC 8689 §5: a REQUIRETLS message's report goes back with REQUIRETLS
+                # (its null sender lets it go on where a next hop lacks it, §4.2.1)
+                requiretls=env.requiretls)
             dsn_qid = await self._store.enqueue_bytes(dsn_env, data)
         except (SMTPError, OSError) as e:   # disk full, read-only, unreadable original
             log.error("%s: cannot queue %s notification: %s; will retry", qid, kind,
@@ -1235,8 +1250,35 @@ class QueueManager:
             log.exception("%s: cannot queue %s notification; will retry", qid, kind)
             return False
         deliverylog.log_notice(qid, kind, dsn_qid)
+        if signature:
+            log.info("%s: DKIM-signed %s", dsn_qid, _signature_tags(signature))
         self.submit(dsn_qid, dsn_env)
         return True
+
+    def _compose(self, about: QueueId, kind: str, **dsn: Any) -> tuple[bytes, bytes]:
+        """The notice (:func:`build_dsn` with ``dsn``) and the signature put on top of it
+        (b"" when unsigned), in a worker thread: both read files and the signature costs an
+        RSA operation. A signing fault leaves the notice unsigned, logged: a DSN is never
+        lost or held back for want of a signature."""
+        data = build_dsn(**dsn)
+        if self._signer is None:
+            return data, b""
+        try:
+            signature = self._signer(data)
+        except Exception as e:  # noqa: BLE001 -- any signer fault: queue the notice unsigned
+            where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+            log.warning("%s: %s notification not DKIM-signed: %s%s; it goes out unsigned",
+                        about, kind, fault_text(e), deliverylog.printable(where))
+            return data, b""
+        return signature + data, signature
+
+
+def _signature_tags(signature: bytes) -> str:
+    """``d=... s=... a=...`` of a DKIM-Signature field, for the log line (as the pipeline's
+    signing stage writes it)."""
+    text = b" ".join(signature.split()).decode("ascii", "replace")
+    tags = dict(re.findall(r"(?:^|;)\s*([a-z]+)=\s*([^;]*?)\s*(?=;|$)", text.partition(":")[2]))
+    return " ".join(f"{t}={tags[t]}" for t in ("d", "s", "a") if t in tags)
 
 
 def _delay_notified(env: Envelope) -> set[int]:

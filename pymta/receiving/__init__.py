@@ -17,7 +17,8 @@ its modules in this order:
 4. :mod:`~pymta.receiving.received`: the ``Received:`` header the session writes to the
    spool before the first byte of the message (``DATA``/``BDAT``).
 5. :mod:`~pymta.receiving.headerscan`: watches the message's header section as it streams
-   to the spool: the hop count (``Received`` fields) and the header section's size.
+   to the spool: the hop count (``Received`` fields), the header section's size, and a
+   ``TLS-Required: No`` field (RFC 8689), which the session puts in the envelope.
 
 Nothing here names an adapter: lookups, authenticators, pipeline stages and the queue are
 the contracts of :mod:`pymta.contracts`, connected by :mod:`pymta.wiring`.

@@ -7,12 +7,13 @@ one recipient lookup (its sources composed by ``pymta.wiring``: the lookup chain
 ``REGEX_ALIAS``, SRS) and keeps the expanded, de-duplicated targets; DATA and BDAT open a spool
 file and write our ``Received:`` header before the first byte of the message; chunks stream
 straight to the spool; the end of data runs the content checks (hop count, header size) and the
-pipeline, then hands envelope, spool and the pipeline's Decision to the queue's intake, which
-commits them durably (group commit); only then does the client get ``250``. Every local fault
-becomes a 4xx and the partial spool file is removed: ``452 4.3.1`` when the queue's disk is
-full (already at ``MAIL FROM`` when less than Postfix's ``queue_minfree`` reserve is free, see
-``pymta.queue.space``), ``451 4.3.0`` for any other fault (a read-only or failing file system,
-a bug).
+pipeline, tags the envelope for RFC 8689 (REQUIRETLS, else a ``TLS-Required: No`` field the
+header scan saw), then hands envelope, spool and the pipeline's Decision to the queue's
+intake, which commits them durably (group commit); only then does the client get ``250``.
+Every local fault becomes a 4xx and the partial spool file is removed: ``452 4.3.1`` when the
+queue's disk is full (already at ``MAIL FROM`` when less than Postfix's ``queue_minfree``
+reserve is free, see ``pymta.queue.space``), ``451 4.3.0`` for any other fault (a read-only or
+failing file system, a bug).
 
 A client that disconnects while the end-of-data decision runs (slow pre-queue checks) gets
 nothing queued: the pipeline keeps the spool file until it ends (its stages may be reading
@@ -394,12 +395,16 @@ class Session:
         else:
             refused = None
         now = time.time()
+        # RFC 8689 §4.1: REQUIRETLS (the engine takes it only under TLS) tags the message;
+        # without it, a "TLS-Required: No" field does; with it, that field is ignored.
+        requiretls = mail.params.requiretls
         envelope = Envelope(
             sender=mail.address, recipients=rcpts, received_at=now, next_attempt=now,
             client_ip=self.peer_ip, client_name=self.peer_name, helo=self.helo,
             auth_user=self.auth_user,
             body_type=mail.params.body, smtputf8=mail.params.smtputf8, ret=mail.params.ret,
-            envid=mail.params.envid, protocol=self.protocol)
+            envid=mail.params.envid, protocol=self.protocol, requiretls=requiretls,
+            tls_optional=not requiretls and scanner is not None and scanner.tls_required_no)
         try:
             qid = await self.ctx.intake.accept(spool, envelope, decision)
         except TemporaryFailure as exc:

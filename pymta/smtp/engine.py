@@ -30,8 +30,9 @@ SMTP AUTH (RFC 4954) is protocol too, so the engine runs the whole SASL exchange
 LOGIN and CRAM-MD5: ``334`` challenges, base64 both ways, ``*`` to cancel, a bounded line
 length; only the finished credentials leave the engine, as one ``Auth`` decision event. AUTH
 is advertised and accepted only when ``auth_mechanisms`` is set (the submission listeners) and,
-unless ``auth_requires_tls`` is off, only under TLS. The engine never logs anything, so SASL
-lines cannot reach a log from here.
+unless ``auth_requires_tls`` is off, only under TLS. REQUIRETLS (RFC 8689) is advertised, and
+its MAIL FROM parameter taken, only under TLS too (after STARTTLS, or implicit TLS). The
+engine never logs anything, so SASL lines cannot reach a log from here.
 
 What is policy (which recipients exist, who may relay, when a message is durable) belongs to
 the driver, which sees it as decision events.
@@ -123,6 +124,11 @@ R_TLS_NA = Reply(502, "5.5.1", "Error: STARTTLS not available")
 R_TLS_AGAIN = Reply(554, "5.5.1", "Error: TLS already active")
 R_AUTH_NA = Reply(502, "5.5.1", "Error: authentication not enabled")
 R_AUTH_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+# REQUIRETLS (RFC 8689) outside TLS: the extension is only offered under TLS (§2, §4). Where
+# STARTTLS is offered, RFC 3207 §4's answer to a command that needs TLS first; where TLS is
+# not available at all, the parameter of an extension we do not offer (RFC 5321 §4.1.1.11).
+R_REQUIRETLS_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+R_REQUIRETLS_NA = Reply(555, "5.5.4", "Unsupported option: REQUIRETLS needs TLS")
 R_AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
 R_AUTH_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 R_AUTH_MALFORMED = Reply(501, "5.5.2", "Error: malformed authentication response")
@@ -563,6 +569,10 @@ class Engine:
             lines.append("STARTTLS")
         if self.cfg.auth_mechanisms and (self._tls or not self.cfg.auth_requires_tls):
             lines.append("AUTH " + " ".join(self.cfg.auth_mechanisms))
+        if self._tls:
+            # RFC 8689: only meaningful on a TLS-protected session (after STARTTLS, or
+            # implicit TLS); Exim's server offers it only there too
+            lines.append("REQUIRETLS")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         last = len(lines) - 1
         self._out.append("".join(
@@ -585,6 +595,9 @@ class Engine:
             params = parse_mail_params(ptext, size_limit=self.cfg.size_limit)
         except ParamError as exc:
             self._reply(exc.reply)
+            return
+        if params.requiretls and not self._tls:
+            self._reply(R_REQUIRETLS_TLS if self.cfg.tls_available else R_REQUIRETLS_NA)
             return
         address = parse_address(path, utf8=params.smtputf8, allow_null=True)
         if address is None:

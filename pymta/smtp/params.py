@@ -95,6 +95,9 @@ class MailParams:
     ret: str | None = None
     envid: str | None = None        # xtext as received (decodes to printable ASCII)
     auth: str | None = None         # "<>" or xtext as received (RFC 4954 §5)
+    # REQUIRETLS (RFC 8689 §2): parsed here like any parameter; whether the session may use
+    # it (only under TLS) is the engine's to decide, as it knows the session.
+    requiretls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,10 +299,14 @@ def _size_param(value: str | None, size_limit: int) -> int:
     return size
 
 
+# MAIL FROM parameters that take no value: SMTPUTF8 (RFC 6531 §3.4), REQUIRETLS (RFC 8689 §2)
+_FLAGS = frozenset({"SMTPUTF8", "REQUIRETLS"})
+
+
 def parse_mail_params(text: str, *, size_limit: int) -> MailParams:
     size: int | None = None
     body = "7BIT"
-    smtputf8 = False
+    flags: set[str] = set()
     ret = envid = auth = None
     seen: set[str] = set()
     for key, value in _params(text):
@@ -312,10 +319,10 @@ def parse_mail_params(text: str, *, size_limit: int) -> MailParams:
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 raise ParamError(Reply(501, "5.5.4", "Unsupported BODY parameter"))
             body = value.upper()
-        elif key == "SMTPUTF8":
+        elif key in _FLAGS:
             if value is not None:
-                raise ParamError(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
-            smtputf8 = True
+                raise ParamError(Reply(501, "5.5.4", f"{key} takes no value"))
+            flags.add(key)
         elif key == "RET":
             if value is None or value.upper() not in ("FULL", "HDRS"):
                 raise ParamError(Reply(501, "5.5.4", "Bad RET parameter"))
@@ -332,7 +339,8 @@ def parse_mail_params(text: str, *, size_limit: int) -> MailParams:
             auth = value
         else:
             raise ParamError(_BAD_PARAM)
-    return MailParams(size, body, smtputf8, ret, envid, auth)
+    return MailParams(size, body, "SMTPUTF8" in flags, ret, envid, auth,
+                      "REQUIRETLS" in flags)
 
 
 _NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})

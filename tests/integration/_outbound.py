@@ -190,3 +190,69 @@ class RecordingHandler:
     async def handle_DATA(self, server, session, envelope):
         self.received.append(list(envelope.rcpt_tos))
         return "250 2.0.0 Ok"
+
+
+class RecordingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a real server, keeping what each side sent, in
+    the order it arrived, per connection: what the server saw, seen from its doorstep
+    (commands grouped in one write = pipelining; connections counted = reuse)."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.connections: list[list[tuple[str, bytes]]] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> RecordingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        events: list[tuple[str, bytes]] = []
+        self.connections.append(events)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, side: str) -> None:
+            try:
+                while chunk := await src.read(65536):
+                    events.append((side, chunk))
+                    dst.write(chunk)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        tasks = [asyncio.ensure_future(pump(reader, up_writer, "client")),
+                 asyncio.ensure_future(pump(up_reader, writer, "server"))]
+        for task in tasks:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def client_turns(self, index: int = -1) -> list[bytes]:
+        """What the client sent on connection ``index``, one item per turn: the bytes it
+        sent between two replies of the server."""
+        turns: list[bytes] = []
+        last = ""
+        for side, chunk in self.connections[index]:
+            if side == "client":
+                if last == "client":
+                    turns[-1] += chunk
+                else:
+                    turns.append(chunk)
+            last = side
+        return turns

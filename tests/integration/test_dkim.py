@@ -26,7 +26,7 @@ import dns.resolver
 import pytest
 
 from pymta.app import MTA
-from pymta.delivery._client import read_body
+from pymta.delivery.body import load_body
 from pymta.pipeline.dkimkeys import DkimKey, generate_key
 from pymta.pipeline.dkimsign import sign_message
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
@@ -241,7 +241,7 @@ class CaptureAgent:
         self.messages: list[tuple[str, bytes]] = []
 
     async def deliver(self, msg: QueuedMessage, rcpts: Sequence[Recipient]) -> list[Outcome]:
-        body = read_body(msg)
+        body = load_body(msg).whole()
         out = []
         for r in rcpts:
             self.messages.append((r.address, body))

@@ -4,7 +4,8 @@ Not dnslib's ``ZoneResolver``: that answers NXDOMAIN for a name that exists with
 Here NXDOMAIN is only for a name with no record of any type (NOERROR/NODATA otherwise), answers
 are authoritative, CNAMEs inside the zone are followed, and tests can change records at any time
 (``set_zone`` / ``add`` / ``remove`` / ``clear`` / ``reset``) or make a name fail
-(``fail(name, "SERVFAIL")``, ``drop(name)`` = never answer, for timeouts). ``queries`` lists
+(``fail(name, "SERVFAIL")``, ``drop(name)`` = never answer, for timeouts; ``sign(suffix)``
+sets AD for names under it, a CNAME chain only when every name in it is). ``queries`` lists
 the questions asked since the last ``clear``/``reset``, so a test can see a lookup was not made.
 """
 
@@ -99,6 +100,9 @@ class _Resolver(BaseResolver):
             seen.add(str(name))
             reply.add_answer(cname[0])
             name = cname[0].rdata.label
+            # a validating resolver authenticates a CNAME chain only when every link is
+            if reply.header.ad and not self.owner._is_signed(_norm(name)):
+                reply.header.ad = 0
         if not reply.rr:
             soa = self.owner._soa_for(qname, records)
             if soa is not None:

@@ -5,14 +5,18 @@ No server is started and no timing is asserted (numbers belong in benchmarks/res
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.compare import smtp_source_argv, sweep_messages
+from benchmarks import postfix as pf
+from benchmarks.compare import COMPARE_SCENARIOS, smtp_source_argv, sweep_messages
 from benchmarks.floor import CpuCost, CpuSample, fs_floor
 from benchmarks.loadgen import RateLimiter, run_load
+from benchmarks.relay import SinkWait, pymta_relay_env, relayhost, suspicious_lines
 from benchmarks.report import (
     POSTFIX,
     PYMTA,
@@ -31,7 +35,7 @@ from benchmarks.report import (
     throughput_table,
     verdict,
 )
-from benchmarks.sink import start_sink
+from benchmarks.sink import SinkStats, start_sink
 
 
 def test_median_skips_missing_and_nan() -> None:
@@ -174,3 +178,87 @@ async def test_paced_load_counts_every_message() -> None:
         server.close()
     assert (r.accepted, r.failed) == (20, 0)
     assert stats.messages == 20
+
+
+# ------------------------------------------------------------ relay-through (issue 15)
+
+
+def test_relay_through_table_memory_rows_and_floor() -> None:
+    res = Results()
+    label = "smtp-source -s 20 -m 5000 -l 4096"
+    for mine, theirs in ((900.0, 400.0), (700.0, 420.0), (800.0, 380.0)):
+        res.add_throughput("relay-through", label, PYMTA, mine)
+        res.add_throughput("relay-through", label, POSTFIX, theirs)
+    (row,) = throughput_table(res)[2:]
+    assert row == f"| relay-through | {label} | 3 | 800 | 400 | 2.00× | 2× | met |"
+    # two SMTP hops and the queue files are the floor of relaying
+    res.add_cpu("relay-through", label, POSTFIX, CpuCost(2.0, 2.0, 0.0))
+    res.floor = {"smtp-sink": [CpuCost(0.1, 0.1, 0.0)], "queue files": [CpuCost(0.0, 0.5, 0.0)]}
+    (budget,) = budget_table(res)[2:]
+    assert budget.startswith("| relay-through | smtp-source") and "| 0.900 |" in budget
+    res.memory["relay"] = {"messages": 50.0, "size_mb": 25.0, "accepted": 50.0,
+                           "delivered": 50.0, "relayed_mb": 1250.0, "growth_mb": 16.0}
+    mem = memory_table(res)
+    assert "| relay | messages in flight × size MB, relayed to the sink | 50 × 25 |  |  |" in mem
+    assert "| relay | RSS growth, MB | 16.0 | 15 | not met |" in mem
+    assert {"relay-through", "memory-relay"} <= set(COMPARE_SCENARIOS)
+
+
+def test_sink_stats_line_round_trip() -> None:
+    stats = SinkStats(connections=3, messages=20, data_bytes=81920, last_at=1234.5)
+    line = stats.line()
+    assert line == b"250 messages=20 bytes=81920 connections=3 last=1234.500000\r\n"
+    assert SinkStats.parse(line) == stats
+    for bad in (b"500 5.5.2 what\r\n", b"250 2.0.0 Ok\r\n", b"250 messages=x\r\n"):
+        with pytest.raises(ValueError):
+            SinkStats.parse(bad)
+
+
+async def test_sink_answers_xstats_with_its_counters() -> None:
+    server, stats, port = await start_sink("127.0.0.1", 0)
+    try:
+        before = time.monotonic()
+        r = await run_load("127.0.0.1", port, sessions=3, messages=7, size=500)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        writer.write(b"XSTATS\r\n")
+        got = SinkStats.parse(await reader.readline())
+        writer.close()
+    finally:
+        server.close()
+    assert r.accepted == 7
+    assert (got.messages, got.connections) == (7, stats.connections)
+    assert got.data_bytes >= 7 * 500 - 7 * 4 and before <= got.last_at <= time.monotonic()
+    wait = SinkWait(got, 0.0, own_connections=1)
+    assert wait.connections == got.connections - 1
+    assert wait.relay_seconds(before) == pytest.approx(got.last_at - before, abs=1e-5)
+    assert SinkWait(SinkStats(), 0.0).relay_seconds(before) is None
+
+
+def test_both_servers_relay_everything_to_the_sink() -> None:
+    """Like for like, from configuration alone: pymta's settings parse into a smart host
+    with no MX lookup and no TLS, the recipient's domain is not local and loopback may
+    relay; Postfix's main.cf has the same smart host and no local domain."""
+    from pymta.config.load import load_config
+
+    env = pymta_relay_env(2526)
+    assert env["SMTP_RELAY_HOSTAUTH"] == relayhost(2526) == "[127.0.0.1]:2526"
+    config = load_config(env)
+    assert config.smtp_relay is not None
+    assert (config.smtp_relay.host, config.smtp_relay.port) == ("127.0.0.1", 2526)
+    assert not config.smtp_relay.mx_lookup
+    assert config.smtp_tls_security_level == "none"
+    assert "example.com" not in config.mail_domain
+    assert "127.0.0.0/8" in config.mynetworks
+    main_cf = pf.MAIN_CF.format(T="/x", size_limit=1) + pf.RELAY_CF.format(
+        relayhost=relayhost(2526))
+    assert "relayhost = [127.0.0.1]:2526" in main_cf
+    assert "smtp_tls_security_level = none" in main_cf
+    assert "mydestination =\n" in main_cf and "virtual_mailbox_domains" not in main_cf
+
+
+def test_suspicious_log_lines() -> None:
+    lines = ["QID: to=<a@b>, relay=x, status=sent (250 ok)",
+             "QID: to=<a@b>, relay=none, delay=3, status=deferred (connect refused)",
+             "Traceback (most recent call last):", "pymta started"]
+    assert suspicious_lines(lines) == lines[1:3]

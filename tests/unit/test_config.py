@@ -345,3 +345,14 @@ def test_issue15_bad_tls_settings_name_the_variable(variables: dict[str, str],
     with pytest.raises(ConfigError) as info:
         load_config(env(**variables))
     assert str(info.value).startswith(message), info.value
+
+
+def test_issue15_mta_sts_is_on_by_default_and_takes_yes_or_no(tmp_path: Path) -> None:
+    assert load_config(BASE).mta_sts is True
+    assert load_config(env(PYMTA_MTA_STS="no")).mta_sts is False
+    assert load_config(env(PYMTA_MTA_STS="Yes")).mta_sts is True
+    path = write(tmp_path, 'mail_domain = "example.com"\nmta_sts = false\n')
+    assert load_config({}, path=path).mta_sts is False
+    with pytest.raises(ConfigError) as info:
+        load_config(env(PYMTA_MTA_STS="enforce"))
+    assert str(info.value) == "PYMTA_MTA_STS: not yes or no: 'enforce'"

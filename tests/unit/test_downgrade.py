@@ -16,8 +16,10 @@ from pymta.config.load import (
     parse_virtual_transport,
 )
 from pymta.delivery._client import parse_reply, prepare, rcpt_options, xtext
+from pymta.delivery.body import in_memory
 from pymta.delivery.downgrade import needs_smtputf8, to_7bit
-from pymta.delivery.lmtp import dot_stuff, parse_transport
+from pymta.delivery.lmtp import parse_transport
+from pymta.delivery.smtpclient import dot_stuff
 from pymta.types import Envelope, QueuedMessage, Recipient
 
 PLAIN_8BIT = ("From: a@example.com\r\nTo: b@example.net\r\nSubject: caf\r\n"
@@ -179,30 +181,32 @@ RCPT = Recipient("b@example.net", "team@example.com")
 def test_prepare_smtputf8_without_support_bounces_5_6_7() -> None:
     msg = _msg(smtputf8=True)
     data = "Subject: \u00e9\r\n\r\nx\r\n".encode()
-    p = prepare(msg, [RCPT], data, {"8bitmime": ""}, "mx.example.net")
+    p = prepare(msg, [RCPT], in_memory(b"", data), {"8bitmime": ""}, "mx.example.net")
     assert p.refusal is not None and p.refusal.code == 550 and p.refusal.enhanced == "5.6.7"
-    ok = prepare(msg, [RCPT], data, {"8bitmime": "", "smtputf8": ""}, "mx.example.net")
+    ok = prepare(msg, [RCPT], in_memory(b"", data), {"8bitmime": "", "smtputf8": ""},
+                 "mx.example.net")
     assert ok.refusal is None and "SMTPUTF8" in ok.mail_options
 
 
 def test_prepare_smtputf8_flag_on_ascii_message_is_sent_without_it() -> None:
-    p = prepare(_msg(smtputf8=True), [RCPT], b"Subject: x\r\n\r\nx\r\n", {}, "mx")
+    p = prepare(_msg(smtputf8=True), [RCPT], in_memory(b"", b"Subject: x\r\n\r\nx\r\n"), {}, "mx")
     assert p.refusal is None and "SMTPUTF8" not in p.mail_options
 
 
 def test_prepare_size() -> None:
     data = b"Subject: x\r\n\r\n" + b"y" * 100
-    p = prepare(_msg(), [RCPT], data, {"size": "50"}, "mx.example.net")
+    p = prepare(_msg(), [RCPT], in_memory(b"", data), {"size": "50"}, "mx.example.net")
     assert p.refusal is not None and (p.refusal.code, p.refusal.enhanced) == (552, "5.3.4")
-    ok = prepare(_msg(), [RCPT], data, {"size": "0"}, "mx.example.net")
+    ok = prepare(_msg(), [RCPT], in_memory(b"", data), {"size": "0"}, "mx.example.net")
     assert ok.refusal is None and f"SIZE={len(data)}" in ok.mail_options
 
 
 def test_prepare_8bit_without_8bitmime_converts() -> None:
-    p = prepare(_msg(body_type="8BITMIME"), [RCPT], PLAIN_8BIT, {"size": ""}, "mx")
-    assert p.data.isascii() and not any(o.startswith("BODY=") for o in p.mail_options)
-    p2 = prepare(_msg(body_type="8BITMIME"), [RCPT], PLAIN_8BIT, {"8bitmime": ""}, "mx")
-    assert p2.data == PLAIN_8BIT and "BODY=8BITMIME" in p2.mail_options
+    p = prepare(_msg(body_type="8BITMIME"), [RCPT], in_memory(b"", PLAIN_8BIT), {"size": ""}, "mx")
+    assert p.body.whole().isascii() and not any(o.startswith("BODY=") for o in p.mail_options)
+    p2 = prepare(_msg(body_type="8BITMIME"), [RCPT], in_memory(b"", PLAIN_8BIT),
+                 {"8bitmime": ""}, "mx")
+    assert p2.body.whole() == PLAIN_8BIT and "BODY=8BITMIME" in p2.mail_options
 
 
 def test_dsn_parameters_only_when_supported() -> None:
@@ -210,10 +214,10 @@ def test_dsn_parameters_only_when_supported() -> None:
     rcpt = Recipient("b@example.net", "team@example.com", notify="SUCCESS,FAILURE",
                      orcpt="rfc822;team@example.com")
     assert rcpt_options(rcpt, {}) == []
-    assert prepare(msg, [rcpt], b"x\r\n", {}, "mx").mail_options == []
+    assert prepare(msg, [rcpt], in_memory(b"", b"x\r\n"), {}, "mx").mail_options == []
     assert rcpt_options(rcpt, {"dsn": ""}) == ["NOTIFY=SUCCESS,FAILURE",
                                                "ORCPT=rfc822;team@example.com"]
-    assert prepare(msg, [rcpt], b"x\r\n", {"dsn": ""}, "mx").mail_options == [
+    assert prepare(msg, [rcpt], in_memory(b"", b"x\r\n"), {"dsn": ""}, "mx").mail_options == [
         "RET=HDRS", "ENVID=abc+2B1"]
     # no ORCPT from the client: the original address is sent
     assert rcpt_options(RCPT, {"dsn": ""}) == ["ORCPT=rfc822;team@example.com"]
