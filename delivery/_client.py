@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pymta.types import Outcome, OutcomeKind, QueuedMessage, Recipient, Reply
 
 from .body import OutgoingBody
-from .downgrade import needs_smtputf8
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
@@ -175,8 +174,9 @@ def prepare(msg: QueuedMessage, rcpts: Sequence[Recipient], body: OutgoingBody,
     the MAIL parameter is sent."""
     env = msg.envelope
     options: list[str] = []
-    utf8 = bool(env.smtputf8) and needs_smtputf8(env.sender, [r.address for r in rcpts],
-                                                 body.probe)
+    utf8 = bool(env.smtputf8) and (
+        not body.header_ascii or not env.sender.isascii()
+        or not all(r.address.isascii() for r in rcpts))
     if utf8 and "smtputf8" not in extensions:
         return Prepared(body, options, utf8, Reply(
             550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer}"))

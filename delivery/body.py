@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from pymta.types import QueuedMessage
 
-from .downgrade import has_8bit, to_7bit
+from .downgrade import has_8bit, header_section, to_7bit
 
 STREAM_OVER = 1 << 20    # bodies larger than this are streamed from the spool file
-PIECE = 256 * 1024       # bytes per read (and per BDAT chunk) of a streamed body
-HEADER_PROBE = 256 * 1024  # the prefix in which the header section is looked for
+PIECE = 64 * 1024        # bytes per read of a streamed body (a BDAT chunk is several)
+HEADER_PROBE = 1 << 20   # the prefix in which the header section is looked for (the
+                         # receiving side's header size limit, PYMTA_HEADER_SIZE_LIMIT)
 
 
 class SpoolUnreadable(Exception):
@@ -40,13 +41,13 @@ class OutgoingBody:
     path: str
     size: int
     eight_bit: bool
-    probe: bytes     # head + the first bytes of the body: where the header section is
+    header_ascii: bool   # no non-ASCII in the header section (else SMTPUTF8 is needed)
 
     @property
     def streamed(self) -> bool:
         return self.data is None
 
-    async def pieces(self) -> AsyncIterator[bytes]:
+    async def pieces(self) -> AsyncGenerator[bytes, None]:
         """The bytes to send, in order, none larger than ``PIECE`` (+ ``head``) when
         streamed; a file is read in a worker thread, never on the event loop."""
         if self.data is not None:
@@ -76,7 +77,7 @@ class OutgoingBody:
     def converted_to_7bit(self) -> OutgoingBody:
         """This body with its 8-bit parts re-encoded (RFC 6152 §3), held in memory."""
         data = to_7bit(self.whole())
-        return OutgoingBody(b"", data, "", len(data), has_8bit(data), data[:HEADER_PROBE])
+        return in_memory(b"", data)
 
 
 def load_body(msg: QueuedMessage) -> OutgoingBody:
@@ -92,12 +93,15 @@ def load_body(msg: QueuedMessage) -> OutgoingBody:
             return in_memory(head, f.read())
         first = f.read(HEADER_PROBE)
         eight = has_8bit(head) or has_8bit(first)
+        header_ascii = header_section(head + first).isascii()
+        del first
         while not eight and (piece := f.read(PIECE)):
             eight = has_8bit(piece)
-    return OutgoingBody(head, None, path, len(head) + size, eight, head + first)
+    return OutgoingBody(head, None, path, len(head) + size, eight, header_ascii)
 
 
 def in_memory(head: bytes, data: bytes) -> OutgoingBody:
     """``head`` + ``data`` as a body held in memory."""
-    return OutgoingBody(head, data, "", len(head) + len(data),
-                        has_8bit(head) or has_8bit(data), head + data[:HEADER_PROBE])
+    eight = has_8bit(head) or has_8bit(data)
+    header_ascii = not eight or header_section(head + data[:HEADER_PROBE]).isascii()
+    return OutgoingBody(head, data, "", len(head) + len(data), eight, header_ascii)

@@ -46,14 +46,6 @@ def header_section(data: bytes) -> bytes:
     return headers.rstrip(b"\r\n")
 
 
-def needs_smtputf8(sender: str, recipients: list[str], data: bytes) -> bool:
-    """True when the envelope or the header section has non-ASCII text (RFC 6531 §3.2):
-    such a message cannot be sent to a server without SMTPUTF8."""
-    if not sender.isascii() or not all(r.isascii() for r in recipients):
-        return True
-    return not header_section(data).isascii()
-
-
 def _split(part: bytes) -> tuple[bytes, bytes, bytes]:
     """(headers incl. their final line break, the empty line, body).
 

@@ -9,9 +9,10 @@ so the shared state lives in small files under ``<state>/relay/`` that every wor
   saw it fail. Written by rename (a reader never sees half a file), never fsynced: it is a
   hint, and after a crash forgetting it is harmless. ``forget_all`` (``pymta queue flush``)
   removes them for every worker at once.
-- **Connection slots**: ``slots/<hash of the destination>.<i>`` for i below the limit; a
-  connection in use holds an ``flock`` on one of them. The kernel drops the lock when the
-  holder closes it or dies, so a crashed worker never leaks a slot. A worker that finds every
+- **Connection slots**: ``slots/<hash of the destination>``, one file, whose byte i is the
+  slot i; a connection in use holds a POSIX record lock on its byte. The kernel drops the
+  lock when the holder dies, so a crashed worker never leaks a slot; each worker keeps the
+  file open (one fd per destination, a few dozen at most). A worker that finds every
   slot taken waits (polling, up to a quarter second apart): the limit is the server's, not
   each worker's.
 
@@ -39,6 +40,7 @@ _POLL_FIRST = 0.01
 _POLL_MAX = 0.25
 _MAX_TEXT = 400
 _SLOT_FILE_AGE = 86400.0   # seconds: a slot file untouched this long is swept at start
+_OPEN_DESTINATIONS = 64    # destinations whose slot files stay open (one fd each)
 
 
 class HostState:
@@ -49,6 +51,9 @@ class HostState:
         self._clock = clock
         self._dead: dict[tuple[str, int], tuple[float, Reply]] = {}
         self._local: dict[str, asyncio.Semaphore] = {}
+        self._files: dict[str, tuple[int, float]] = {}   # destination → (slot file, touched)
+        self._held: dict[str, set[int]] = {}               # destination → slots we hold
+        self._waiting: dict[str, int] = {}                 # destination → takers waiting
         self._dead_dir: Path | None = None
         self._slot_dir: Path | None = None
         self._root = Path(directory) if directory is not None else None
@@ -89,8 +94,8 @@ class HostState:
                     if time.time() - path.stat().st_mtime < _SLOT_FILE_AGE:
                         continue
                     fd = os.open(path, os.O_RDWR)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    try:    # no byte locked by anyone: no worker is using it now
+                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)
                         path.unlink()
                     finally:
                         os.close(fd)
@@ -164,39 +169,99 @@ class HostState:
             if not self._ready():
                 yield
                 return
-            fd = await self._take(destination, limit)
+            self._waiting[destination] = self._waiting.get(destination, 0) + 1
+            try:
+                index = await self._take(destination, limit)
+            finally:
+                self._waiting[destination] -= 1
             try:
                 yield
             finally:
-                if fd is not None:
-                    os.close(fd)
+                if index is not None:
+                    self._give_back(destination, index)
 
     async def _take(self, destination: str, limit: int) -> int | None:
-        """An fd holding a slot file's lock; None when the files cannot be used (then
-        only this process's limit applies, and the reason is logged)."""
-        assert self._slot_dir is not None
-        stem = hashlib.sha256(destination.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        """The index of a slot of ``destination`` this process now holds (a POSIX lock on
+        that byte of the destination's slot file); None when the file cannot be used (then
+        only this process's limit applies, and the reason is logged). Each process starts
+        its search at its own place, so two workers rarely try the same byte."""
         delay = _POLL_FIRST
+        start = os.getpid() % limit
         while True:
-            for i in range(limit):
+            fd = self._slot_file(destination)   # again each round: never a stale fd
+            if fd is None:
+                return None
+            held = self._held.setdefault(destination, set())
+            for k in range(limit):
+                index = (start + k) % limit
+                if index in held:
+                    continue    # ours already: a POSIX lock would be granted to us again
                 try:
-                    fd = os.open(self._slot_dir / f"{stem}.{i}", os.O_RDWR | os.O_CREAT, 0o600)
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, index)
                 except OSError as exc:
+                    if exc.errno in (errno.EACCES, errno.EAGAIN):
+                        continue
                     log.warning("connection slots for %s not shared: %s", destination, exc)
                     return None
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    with contextlib.suppress(OSError):
-                        os.utime(fd)        # in use: not swept
-                    return fd
-                except OSError as exc:
-                    os.close(fd)
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        log.warning("connection slots for %s not shared: %s", destination,
-                                    exc)
-                        return None
+                held.add(index)
+                return index
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX)
+
+    def _give_back(self, destination: str, index: int) -> None:
+        held = self._held.get(destination)
+        if held is not None:
+            held.discard(index)
+        entry = self._files.get(destination)
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                fcntl.lockf(entry[0], fcntl.LOCK_UN, 1, index)
+
+    def _slot_file(self, destination: str) -> int | None:
+        """The open slot file of ``destination``: one fd, its byte i the slot i (POSIX
+        record locks: the kernel drops them when the process dies). Reopened when the
+        file was swept away by a worker that started later (and none is held); touched at
+        most hourly so that no sweep takes it; at most ``_OPEN_DESTINATIONS`` files open,
+        the least recently used one closed when none of its slots is held or awaited
+        (closing releases every lock this process has on the file)."""
+        now = time.monotonic()
+        entry = self._files.pop(destination, None)
+        if entry is not None and not self._held.get(destination):
+            with contextlib.suppress(OSError):
+                if os.fstat(entry[0]).st_nlink == 0:    # unlinked: others use a new file
+                    os.close(entry[0])
+                    entry = None
+        if entry is None:
+            entry = self._open_slot_file(destination, now)
+            if entry is None:
+                return None
+        elif now - entry[1] > 3600:
+            with contextlib.suppress(OSError):
+                os.utime(entry[0])
+            entry = (entry[0], now)
+        self._files[destination] = entry          # most recently used last
+        if len(self._files) > _OPEN_DESTINATIONS:
+            for name, (fd, _) in list(self._files.items()):
+                if (name != destination and not self._held.get(name)
+                        and not self._waiting.get(name)):
+                    del self._files[name]
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    break
+        return entry[0]
+
+    def _open_slot_file(self, destination: str, now: float) -> tuple[int, float] | None:
+        assert self._slot_dir is not None
+        stem = hashlib.sha256(destination.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        try:
+            fd = os.open(os.path.join(self._slot_dir, stem),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("connection slots for %s not shared: %s", destination, exc)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(fd)        # in use: not swept
+        return fd, now
 
 
 def _host_file(ip: str, port: int) -> str:

@@ -113,6 +113,11 @@ class HostFailure(Exception):
         self.tls_failed = tls_failed
 
 
+class StaleSession(Exception):
+    """A cached session failed the RSET that led its next group: it had gone while idle,
+    before anything of the transaction was taken. The caller opens a new one."""
+
+
 @dataclass(frozen=True, slots=True)
 class Demand:
     """What a message asks of the session beyond the destination's policy: ``requiretls``
@@ -156,6 +161,7 @@ class Connection:
     authenticated: bool = False
     relaxed: bool = False
     route_trusted: bool = False
+    unchecked: bool = False     # taken from the cache: RSET still to be sent
 
     @property
     def extensions(self) -> dict[str, str]:
@@ -279,10 +285,7 @@ class SMTPRelayAgent:
             try:
                 conn = await self._get_connection(dest, rcpts[0], demand)
             except HostFailure as failure:
-                relay = failure.relay or dest.partition(":")[2]
-                return outcomes(rcpts, failure.reply, relay,
-                                OutcomeKind.PERMANENT if failure.reply.is_permanent
-                                else OutcomeKind.TEMPORARY)
+                return self._failed(failure, dest, rcpts)
             results: list[Outcome] = []
             reusable = True
             try:
@@ -293,7 +296,18 @@ class SMTPRelayAgent:
                                                              f"with {conn.relay}"),
                                                 conn.relay, OutcomeKind.TEMPORARY))
                         continue
-                    batch_out, reusable = await self._transaction(conn, msg, batch, body)
+                    try:
+                        batch_out, reusable = await self._transaction(conn, msg, batch, body)
+                    except StaleSession:    # the cached session had gone: a new one
+                        try:
+                            conn = await self._connect_destination(dest, batch[0], demand)
+                        except HostFailure as failure:
+                            rest = self._failed(failure, dest, rcpts[i:])
+                            if report is not None:
+                                for outcome in rest:
+                                    report(outcome)
+                            return results + rest
+                        batch_out, reusable = await self._transaction(conn, msg, batch, body)
                     results.extend(batch_out)
                     if report is not None:
                         for outcome in batch_out:
@@ -306,6 +320,14 @@ class SMTPRelayAgent:
             else:
                 self._discard(conn)
             return results
+
+    @staticmethod
+    def _failed(failure: HostFailure, dest: str, rcpts: list[Recipient]) -> list[Outcome]:
+        """Every recipient's outcome when no host of ``dest`` took the session."""
+        relay = failure.relay or dest.partition(":")[2]
+        return outcomes(rcpts, failure.reply, relay,
+                        OutcomeKind.PERMANENT if failure.reply.is_permanent
+                        else OutcomeKind.TEMPORARY)
 
     async def _transaction(self, conn: Connection, msg: QueuedMessage,
                            rcpts: list[Recipient], body: OutgoingBody,
@@ -332,7 +354,9 @@ class SMTPRelayAgent:
         try:
             mail = " ".join([f"MAIL FROM:<{env.sender}>", *prepared.mail_options])
             lines = _rcpt_lines(rcpts, ext, prepared.smtputf8, encoding, notified)
-            await session.send_envelope(mail.encode(encoding), lines, tx, with_data=not bdat)
+            unchecked, conn.unchecked = conn.unchecked, False
+            await session.send_envelope(mail.encode(encoding), lines, tx, with_data=not bdat,
+                                        rset=unchecked)
             assert tx.mail is not None
             if not tx.mail.ok:
                 await _abandon_data(session, tx)
@@ -362,6 +386,9 @@ class SMTPRelayAgent:
                                                or await session.rset())
             return [decided[i] for i in range(len(rcpts))], usable
         except (SessionLost, OSError, TimeoutError) as exc:
+            if tx.stage == "RSET":      # a cached session that had gone: nothing was sent
+                session.close()
+                raise StaleSession(str(exc)) from None
             what = "timeout" if str(exc) == "timeout" or isinstance(exc, TimeoutError) \
                 else "lost connection"
             reply = Reply(451, "4.4.2", f"{what} with {relay} while sending {tx.stage}")
@@ -399,6 +426,9 @@ class SMTPRelayAgent:
                 conn.expiry = None
             if (conn.session.is_connected and conn.uses < self.reuse_limit
                     and now - conn.created < REUSE_TIME_LIMIT):
+                if conn.session.supports("pipelining"):
+                    conn.unchecked = True   # RSET leads the next pipelined group
+                    return conn
                 try:  # the peer may have closed an idle session: check before use
                     if await conn.session.rset():
                         return conn

@@ -24,15 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .body import OutgoingBody
+from .body import OutgoingBody, SpoolUnreadable
 
 MAX_LINE = 4096          # bytes in one reply line (RFC 5321 §4.5.3.1.5 says 512)
 MAX_REPLY_LINES = 1000   # lines in one (multi-line) reply
 READ_LIMIT = MAX_LINE + 2
+BDAT_CHUNK = 1 << 20    # bytes per BDAT chunk (sent in the body's smaller pieces)
 RSET_TIMEOUT = 20.0      # seconds for the RSET that checks a cached session
 
 
@@ -142,7 +143,11 @@ class ClientSession:
         limit = self.timeout if timeout is None else timeout
         for _ in range(MAX_REPLY_LINES):
             try:
-                line = await asyncio.wait_for(self.reader.readuntil(b"\n"), limit)
+                if self.reader._buffer.find(b"\n") >= 0:  # type: ignore[attr-defined]
+                    line = await self.reader.readuntil(b"\n")     # there: no timer
+                else:
+                    async with asyncio.timeout(limit):
+                        line = await self.reader.readuntil(b"\n")
             except asyncio.IncompleteReadError:
                 self.broken = True
                 raise SessionLost("connection closed") from None
@@ -165,13 +170,17 @@ class ClientSession:
         self.broken = True
         raise SessionLost(f"reply of more than {MAX_REPLY_LINES} lines")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Into the send buffer; :meth:`drain` pushes it (and bounds the buffer)."""
         self.writer.write(data)
 
     async def drain(self) -> None:
         try:
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            if self.writer.transport.get_write_buffer_size() == 0:
+                await self.writer.drain()       # nothing waiting: returns at once
+            else:
+                async with asyncio.timeout(self.timeout):
+                    await self.writer.drain()
         except TimeoutError:
             self.broken = True
             raise SessionLost("timeout") from None
@@ -258,20 +267,27 @@ class ClientSession:
     # ------------------------------------------------------------------ transaction
 
     async def send_envelope(self, mail: bytes, rcpts: Sequence[bytes], tx: Transaction, *,
-                            with_data: bool) -> None:
+                            with_data: bool, rset: bool = False) -> None:
         """MAIL and RCPTs (and DATA when ``with_data``), pipelined when the peer allows.
 
         Fills ``tx.mail``, ``tx.rcpts`` and, with DATA sent, ``tx.data_start``. DATA goes
         in the same group only when there is a chance of a 354 (RFC 2920 §3.1 lets it end a
-        group); without PIPELINING it is sent only if a recipient was accepted."""
+        group); without PIPELINING it is sent only if a recipient was accepted. ``rset``
+        (pipelining peers only): an RSET leads the group, the check of a cached session;
+        when it fails, ``tx.stage`` is still ``RSET`` and the session is lost (nothing of
+        the transaction can have been taken: no body was sent)."""
         tx.rcpts = [None] * len(rcpts)
         if self.supports("pipelining"):
-            tx.stage = "MAIL FROM"
-            group = [mail, *rcpts]
+            group = [b"RSET", mail, *rcpts] if rset else [mail, *rcpts]
             if with_data:
                 group.append(b"DATA")
+            tx.stage = "RSET" if rset else "MAIL FROM"
             self.write(b"".join(line + b"\r\n" for line in group))
             await self.drain()
+            if rset and not (await self.read_reply(RSET_TIMEOUT)).ok:
+                self.broken = True
+                raise SessionLost("RSET refused")
+            tx.stage = "MAIL FROM"
             tx.mail = await self.read_reply()
             tx.stage = "RCPT TO"
             for i in range(len(rcpts)):
@@ -296,43 +312,76 @@ class ClientSession:
         The end-of-data replies are read by :meth:`read_data_replies`."""
         tx.stage = "end of DATA"
         stuffer = DotStuffer()
-        async for piece in body.pieces():
-            if piece:
-                self.write(stuffer.feed(piece))
-                await self.drain()
+        async with contextlib.aclosing(body.pieces()) as pieces:
+            async for piece in pieces:
+                if piece:
+                    self.write(stuffer.feed(piece))
+                    await self.drain()
         self.write(stuffer.end())
         await self.drain()
         tx.body_sent = True
 
     async def send_bdat(self, body: OutgoingBody, tx: Transaction) -> None:
-        """The body as BDAT chunks (RFC 3030), the last one marked LAST; pipelined when the
-        peer pipelines, else each chunk waits for its reply (a refusal stops the rest, and
-        the caller resets). The reply to LAST is left for :meth:`read_data_replies`; an
-        earlier chunk's refusal is ``tx.chunk_refusal``, which decides instead."""
+        """The body as BDAT chunks of at most :data:`BDAT_CHUNK` bytes (RFC 3030), the last
+        marked LAST, each written in the body's pieces (never a chunk-sized copy);
+        pipelined when the peer pipelines, else each chunk waits for its reply (a refusal
+        stops the rest, and the caller resets). The reply to LAST is left for
+        :meth:`read_data_replies`; an earlier chunk's refusal is ``tx.chunk_refusal``,
+        which decides instead."""
         tx.stage = "end of DATA"
-        pipelined = self.supports("pipelining")
-        pending = 0
-        held: bytes | None = None
-        async for piece in body.pieces():
-            if held is not None:
-                self.write(b"BDAT %d\r\n" % len(held) + held)
-                await self.drain()
-                pending += 1
-                if not pipelined:
-                    pending -= 1
-                    response = await self.read_reply()
-                    if not response.ok:
-                        tx.chunk_refusal = response
-                        return
-            held = piece
-        held = held or b""
-        self.write(b"BDAT %d LAST\r\n" % len(held) + held)
-        await self.drain()
+        async with contextlib.aclosing(body.pieces()) as pieces:
+            pending = await self._chunks(pieces, body.size, tx)
+        if pending is None:
+            return
         tx.body_sent = True
         for _ in range(pending):
             response = await self.read_reply()
             if not response.ok and tx.chunk_refusal is None:
                 tx.chunk_refusal = response
+
+    async def _chunks(self, pieces: AsyncGenerator[bytes, None], total: int,
+                      tx: Transaction) -> int | None:
+        """Write ``total`` bytes of ``pieces`` as BDAT chunks; the replies still to read
+        (pipelined), or None when a chunk was refused (not pipelined). A body that turns
+        out longer than ``total`` is a local fault, found before its last byte leaves."""
+        pipelined = self.supports("pipelining")
+        pending = 0
+        held = memoryview(b"")
+        remaining = total
+        while True:
+            size = min(BDAT_CHUNK, remaining)
+            last = size == remaining
+            self.write(b"BDAT %d%s\r\n" % (size, b" LAST" if last else b""))
+            need = size
+            while need:
+                if not held:
+                    try:
+                        held = memoryview(await anext(pieces))
+                    except StopAsyncIteration:
+                        self.broken = True
+                        raise SpoolUnreadable("the queued message is shorter than its "
+                                              "size") from None
+                    continue
+                taken = min(need, len(held))
+                if last and taken == need:
+                    more: bytes = b"" if len(held) > taken else await anext(pieces, b"")
+                    if len(held) > taken or more:
+                        self.broken = True      # the peer must not take a cut message
+                        raise SpoolUnreadable("the queued message is longer than its size")
+                self.write(held[:taken])
+                held, need = held[taken:], need - taken
+                await self.drain()
+            await self.drain()
+            remaining -= size
+            if last:
+                return pending
+            if pipelined:
+                pending += 1
+                continue
+            response = await self.read_reply()
+            if not response.ok:
+                tx.chunk_refusal = response
+                return None
 
     async def read_data_replies(self, tx: Transaction, count: int) -> None:
         """The end-of-data reply (SMTP: ``count`` 1; LMTP: one per accepted recipient)."""

@@ -203,6 +203,14 @@ class RecordingProxy:
         self.connections: list[list[tuple[str, bytes]]] = []
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+
+    def drop_all(self) -> None:
+        """Close every connection as a peer that drops idle sessions would."""
+        for down, up in self._open:
+            down.close()
+            up.close()
+        self._open.clear()
 
     async def start(self) -> RecordingProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -224,6 +232,7 @@ class RecordingProxy:
         except OSError:
             writer.close()
             return
+        self._open.append((writer, up_writer))
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, side: str) -> None:
             try:

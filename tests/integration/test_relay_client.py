@@ -17,7 +17,7 @@ import pytest
 
 from pymta.app import MTA
 from pymta.config.model import RelayHost
-from pymta.types import RcptState
+from pymta.types import RcptState, Recipient
 from tests.conftest import make_config, wait_for
 from tests.integration._outbound import (
     RecordingProxy,
@@ -116,6 +116,46 @@ async def test_issue15_one_connection_carries_many_messages_counted_at_postfix(
         await wait_for(lambda s=subject: any(s in m for m in postfix_peer.messages("rcpt/")))
 
 
+async def test_issue15_a_cached_session_the_peer_dropped_is_replaced_at_once(
+        tmp_path: Path, postfix_peer: PostfixPeer, proxy: RecordingProxy) -> None:
+    """The RSET that leads the next pipelined group finds the session gone: the message
+    goes over a new connection in the same attempt, not deferred."""
+    tag = tmp_path.name
+    config = dataclasses.replace(_relay_config(tmp_path, proxy.port, connection_cache_time=30.0),
+                                 queue_retry_first=60.0, queue_retry_max=120.0)
+    async with MTA(config) as mta:
+        first = await inject(mta, "alice@example.com", ["rcpt@example.net"],
+                             message("alice@example.com", "rcpt@example.net", f"{tag} 1"))
+        await wait_gone(mta, first)
+        proxy.drop_all()
+        second = await inject(mta, "alice@example.com", ["rcpt@example.net"],
+                              message("alice@example.com", "rcpt@example.net", f"{tag} 2"))
+        await wait_gone(mta, second)
+    assert len(proxy.connections) == 2
+    assert b"".join(proxy.client_turns(1)).count(b"MAIL FROM:") == 1
+    await wait_for(lambda: any(f"{tag} 2".encode() in m for m in postfix_peer.messages("rcpt/")))
+
+
+async def test_issue15_dsn_passed_to_postfix_which_sends_the_success_notice(
+        tmp_path: Path, postfix_peer: PostfixPeer, proxy: RecordingProxy) -> None:
+    """NOTIFY=SUCCESS and the original recipient reach Postfix (a DSN-capable peer), which
+    then writes the success notice itself; pymta writes none."""
+    subject = f"dsn pass-through {tmp_path.name}"
+    async with MTA(_relay_config(tmp_path, proxy.port)) as mta:
+        rcpt = Recipient("rcpt@example.net", "Rcpt@example.net", local=False, notify="SUCCESS")
+        data = message("alice@example.com", "rcpt@example.net", subject)
+        qid = await inject(mta, "alice@example.com", [rcpt], data, envid="env-1", ret="HDRS")
+        await wait_gone(mta, qid, timeout=20)
+        assert not (Path(mta.config.mail_dir) / "alice").exists()   # no notice of ours
+    sent = b"".join(proxy.client_turns(0))
+    assert b"RET=HDRS ENVID=env-1" in sent
+    assert b"RCPT TO:<rcpt@example.net> NOTIFY=SUCCESS ORCPT=rfc822;Rcpt@example.net" in sent
+    found = re.search(rb"Message-ID: <([^>]+)>", data)
+    assert found is not None
+    queued = postfix_peer.wait_log(rf"(\w+): message-id=<{re.escape(found.group(1).decode())}>")
+    postfix_peer.wait_log(rf"{queued.group(1)}: sender delivery status notification: \w+")
+
+
 async def test_issue15_a_large_message_arrives_intact_by_bdat(
         tmp_path: Path, postfix_peer: PostfixPeer, proxy: RecordingProxy) -> None:
     subject = f"large bdat {tmp_path.name}"
@@ -127,7 +167,10 @@ async def test_issue15_a_large_message_arrives_intact_by_bdat(
     found = await wait_for(lambda: [m for m in postfix_peer.messages("rcpt/")
                                     if subject.encode() in m])
     assert found[0].endswith(body.replace("\r\n", "\n").encode())
-    assert len(re.findall(rb"BDAT \d+\r\n", b"".join(proxy.client_turns(0)))) >= 10
+    sent = b"".join(proxy.client_turns(0))
+    # in chunks of 1 MiB, the last one marked: never one chunk of the whole message
+    assert re.findall(rb"BDAT (\d+)\r\n", sent) == [b"1048576"] * 3
+    assert re.search(rb"BDAT \d+ LAST\r\n", sent)
 
 
 async def test_issue15_a_large_message_arrives_intact_by_dot_stuffed_data(

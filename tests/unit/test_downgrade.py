@@ -17,7 +17,7 @@ from pymta.config.load import (
 )
 from pymta.delivery._client import parse_reply, prepare, rcpt_options, xtext
 from pymta.delivery.body import in_memory
-from pymta.delivery.downgrade import needs_smtputf8, to_7bit
+from pymta.delivery.downgrade import to_7bit
 from pymta.delivery.lmtp import parse_transport
 from pymta.delivery.smtpclient import dot_stuff
 from pymta.types import Envelope, QueuedMessage, Recipient
@@ -161,12 +161,16 @@ def test_issue11_ci_fuzz_digest_parts_are_messages() -> None:
     assert _leaves(out) == [("text/plain", "quoted-printable", b"h\xe9")]
 
 
-def test_needs_smtputf8() -> None:
-    assert needs_smtputf8("j\u00f6rg@example.com", ["a@example.net"], b"Subject: x\r\n\r\n")
-    assert needs_smtputf8("a@example.com", ["a@example.net"],
-                          "Subject: \u00e9\r\n\r\n".encode())
-    assert not needs_smtputf8("a@example.com", ["a@example.net"],
-                              "Subject: x\r\n\r\n\u00e9\r\n".encode())
+def test_smtputf8_is_needed_for_non_ascii_envelope_or_header_not_body() -> None:
+    def needs(sender: str, data: bytes) -> bool:
+        env = Envelope(sender=sender, recipients=[], received_at=0, next_attempt=0,
+                       smtputf8=True)
+        msg = QueuedMessage("Q1", env, "/nonexistent")
+        return prepare(msg, [RCPT], in_memory(b"", data), {"smtputf8": ""}, "mx").smtputf8
+
+    assert needs("j\u00f6rg@example.com", b"Subject: x\r\n\r\n")
+    assert needs("a@example.com", "Subject: \u00e9\r\n\r\n".encode())
+    assert not needs("a@example.com", "Subject: x\r\n\r\n\u00e9\r\n".encode())
 
 
 def _msg(**env_kw) -> QueuedMessage:

@@ -182,3 +182,63 @@ def test_issue15_stale_files_are_swept_at_first_use(tmp_path: Path) -> None:
     assert HostState(tmp_path).shared
     assert sorted(p.name for p in (tmp_path / "dead").iterdir()) == ["192.0.2.1@25"]
     assert sorted(p.name for p in (tmp_path / "slots").iterdir()) == ["bbbb.0"]
+
+
+def test_review_slot_files_stay_few_whatever_the_number_of_destinations(
+        tmp_path: Path) -> None:
+    """One open file per destination, a bounded number of them: a worker relaying to many
+    domains must not run out of file descriptors."""
+    state = HostState(tmp_path)
+
+    async def run() -> None:
+        for n in range(200):
+            async with state.slot(f"smtp:d{n}.example", 20):
+                pass
+
+    before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    asyncio.run(run())
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) - before <= 64
+
+
+def test_review_a_slot_file_swept_by_another_worker_is_opened_again(tmp_path: Path) -> None:
+    state = HostState(tmp_path)
+
+    async def take() -> None:
+        async with state.slot("smtp:example.net", 2):
+            pass
+
+    asyncio.run(take())
+    [path] = (tmp_path / "slots").iterdir()
+    path.unlink()                 # what a later worker's sweep does to an idle file
+    asyncio.run(take())
+    assert path.exists()          # this worker uses the file the others now use
+
+
+def test_review_a_waiting_taker_keeps_its_file_while_others_are_evicted(
+        tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold_slot, args=(str(tmp_path), held, release))
+    other.start()
+    try:
+        assert held.wait(30)
+        state = HostState(tmp_path)
+
+        async def scenario() -> None:
+            async def wait_for_slot() -> None:
+                async with state.slot("smtp:example.net", 1):
+                    pass
+
+            waiter = asyncio.ensure_future(wait_for_slot())
+            await asyncio.sleep(0.1)
+            for n in range(100):          # more destinations than files kept open
+                async with state.slot(f"smtp:d{n}.example", 1):
+                    pass
+            assert not waiter.done()
+            release.set()
+            await asyncio.wait_for(waiter, 30)
+
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        other.join(30)
