@@ -91,10 +91,15 @@ def load_body(msg: QueuedMessage) -> OutgoingBody:
         size = os.fstat(f.fileno()).st_size
         if size <= STREAM_OVER:
             return in_memory(head, f.read())
-        first = f.read(HEADER_PROBE)
-        eight = has_8bit(head) or has_8bit(first)
-        header_ascii = header_section(head + first).isascii()
-        del first
+        # the header section: read until its end (usually the first piece), at most
+        # HEADER_PROBE; then the rest only as far as it takes to find an 8-bit byte
+        probe = head + f.read(PIECE)
+        while (b"\r\n\r\n" not in probe and len(probe) < HEADER_PROBE
+               and (more := f.read(PIECE))):
+            probe += more
+        eight = has_8bit(probe)
+        header_ascii = header_section(probe).isascii()
+        del probe
         while not eight and (piece := f.read(PIECE)):
             eight = has_8bit(piece)
     return OutgoingBody(head, None, path, len(head) + size, eight, header_ascii)

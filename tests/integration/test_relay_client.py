@@ -94,7 +94,8 @@ async def test_issue15_envelope_pipelined_and_body_in_bdat_seen_at_postfix(
                         rb"RCPT TO:<other@example.net>[^\r\n]*\r\n", envelope_turn)
     sent = b"".join(turns)
     assert re.search(rb"BDAT \d+ LAST\r\n", sent) and b"\r\nDATA\r\n" not in sent
-    delivered = [m for m in postfix_peer.messages("rcpt/") if subject.encode() in m]
+    delivered = await wait_for(lambda: [m for m in postfix_peer.messages("rcpt/")
+                                        if subject.encode() in m])
     assert len(delivered) == 1 and delivered[0].endswith(b"Hello.\n")
 
 
