@@ -199,6 +199,7 @@ class SMTPRelayAgent:
         self.tls_policy = normalized_table(policy)
         self.ca_file = ca_file
         self._verifying: ssl.SSLContext | None = None   # made when a level first needs it
+        self._web: ssl.SSLContext | None = None         # MTA-STS's: system roots + CA file
         self.wrappermode = wrappermode and smart_host is not None
         self.mx_port = mx_port
         self.destination_concurrency = destination_concurrency
@@ -538,7 +539,8 @@ class SMTPRelayAgent:
                                                                 name)) is not None:
                         return self._fit(conn, demand, route_trusted)
                     return self._fit(await self._open(host, ip, port, relay, host_level,
-                                                      name, tlsa), demand, route_trusted)
+                                                      name, tlsa, web=sts is not None),
+                                     demand, route_trusted)
                 except HostFailure as failure:
                     if failure.tls_failed and host_level == "may":
                         try:
@@ -609,7 +611,7 @@ class SMTPRelayAgent:
         as before. Any other failure (HostFailure) is the host's."""
         assert sts is not None
         try:
-            return await self._open(host, ip, port, relay, "verify", nexthop)
+            return await self._open(host, ip, port, relay, "verify", nexthop, web=True)
         except HostFailure as failure:
             if failure.dead or not sts.observe(host, ip, failure.reply.text):
                 raise
@@ -670,11 +672,24 @@ class SMTPRelayAgent:
     def _mark_dead(self, ip: str, port: int, reply: Reply) -> None:
         self.hosts.mark_dead(ip, port, reply, self.dead_host_time)
 
-    def _context(self, level: str, relay: str) -> ssl.SSLContext:
+    def _context(self, level: str, relay: str, web: bool = False) -> ssl.SSLContext:
         """The client TLS context of ``level``: verifying at ``verify``/``secure``. A CA
-        file that cannot be loaded (changed since the start) fails the host, with why."""
+        file that cannot be loaded (changed since the start) fails the host, with why.
+        ``web``: a level MTA-STS set, whose certificates are the web PKI's (RFC 8461 §4.2):
+        the system's roots, and ``PYMTA_SMTP_TLS_CA_FILE``'s beside them (alone, a CA file
+        for one private relay would fail every public MX that has a policy)."""
         if level not in VERIFIED:
             return self._tls
+        if web and self.ca_file:
+            if self._web is None:
+                try:
+                    context = verifying_context()
+                    context.load_verify_locations(cafile=self.ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    raise HostFailure(Reply(451, "4.7.5", f"cannot verify {relay}: trusted "
+                                            f"roots not loaded: {exc}"), relay=relay) from None
+                self._web = context
+            return self._web
         if self._verifying is None:
             try:
                 self._verifying = verifying_context(self.ca_file)
@@ -699,9 +714,11 @@ class SMTPRelayAgent:
         return sock
 
     async def _open(self, host: str, ip: str, port: int, relay: str, level: str,
-                    nexthop: str, tlsa: Sequence[Tlsa] = ()) -> Connection:
-        """A greeted session with ``host`` at ``ip``, at TLS ``level`` (HostFailure)."""
-        context = self._context(level, relay)
+                    nexthop: str, tlsa: Sequence[Tlsa] = (), *, web: bool = False,
+                    ) -> Connection:
+        """A greeted session with ``host`` at ``ip``, at TLS ``level`` (HostFailure);
+        ``web``: the level is MTA-STS's (``_context``)."""
+        context = self._context(level, relay, web)
         sock: socket.socket | None = None
         try:
             if self.wrappermode:

@@ -351,3 +351,22 @@ async def test_issue15_mta_sts_can_be_switched_off(
         await _delivered(mta, "bob@moved.test")
     assert recorder.received == [["bob@moved.test"]]
     assert https.requests == []
+
+
+async def test_review_mta_sts_enforce_trusts_the_system_roots_beside_the_ca_file(
+        tmp_path: Path, dns, ca, https, peer_for, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PYMTA_SMTP_TLS_CA_FILE`` set for a private relay must not make every MX with an
+    ``enforce`` policy untrusted: MTA-STS is the web PKI (RFC 8461 §4.2), so the system's
+    roots (here the test CA, through OpenSSL's ``SSL_CERT_FILE``) count as well."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.root_file))
+    private = TestCA(tmp_path / "private")
+    https.policies["mta-sts.enforced.test"] = policy("enforce", "mx.enforced.test")
+    port, recorder = peer_for(*ca.write("mx", ("mx.enforced.test",)))
+    config = make_config(tmp_path, dns_resolver=(dns.resolver_spec,), mx_port=port,
+                         smtp_connect_timeout=5.0, smtp_timeout=20.0,
+                         smtp_tls_ca_file=str(private.root_file), queue_retry_first=30.0,
+                         queue_retry_max=60.0, connection_cache_time=0.0)
+    async with MTA(config) as mta:
+        _relay(mta).mta_sts.https_port = https.port
+        await _delivered(mta, "bob@enforced.test")
+    assert recorder.received == [["bob@enforced.test"]]
