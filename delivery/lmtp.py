@@ -280,8 +280,7 @@ class LMTPDeliveryAgent:
         await session.send_envelope(mail.encode(enc), lines, tx, with_data=True)
         assert tx.mail is not None
         if not tx.mail.ok:
-            if tx.data_start is not None and tx.data_start.code == 354:
-                await _abandon_data(session, tx)
+            await session.abandon_data(tx)
             progress.clean = await session.rset() if tx.mail.code < 500 else True
             return outcomes(rcpts, parse_reply(tx.mail.code, tx.mail.text), relay)
         for i, response in enumerate(tx.rcpts):
@@ -290,8 +289,7 @@ class LMTPDeliveryAgent:
         accepted = tx.accepted()
         start = tx.data_start
         if not accepted:
-            if start is not None and start.code == 354:
-                await _abandon_data(session, tx)
+            await session.abandon_data(tx)
             progress.clean = True
             return None
         if start is None or start.code != 354:
@@ -339,14 +337,6 @@ class _Progress:
             self.decided.setdefault(i, Outcome(r.address, OutcomeKind.TEMPORARY, reply,
                                                self.relay))
 
-
-
-async def _abandon_data(session: ClientSession, tx: Transaction) -> None:
-    """A 354 with nothing to send (no recipient was accepted: a peer that should have said
-    503, RFC 2920 §3.1): an empty message ends the DATA, and its reply is ignored."""
-    session.write(b".\r\n")
-    await session.drain()
-    await session.read_reply()
 
 
 async def _read_replies(session: ClientSession, progress: _Progress, tx: Transaction,

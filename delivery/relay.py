@@ -360,7 +360,7 @@ class SMTPRelayAgent:
                                         rset=unchecked)
             assert tx.mail is not None
             if not tx.mail.ok:
-                await _abandon_data(session, tx)
+                await session.abandon_data(tx)
                 reply = parse_reply(tx.mail.code, tx.mail.text)
                 return outcomes(rcpts, reply, relay), await session.rset()
             for i, response in enumerate(tx.rcpts):
@@ -369,7 +369,7 @@ class SMTPRelayAgent:
                     decided[i] = Outcome(rcpts[i].address, kind_of(reply), reply, relay)
             accepted = tx.accepted()
             if not accepted:
-                await _abandon_data(session, tx)
+                await session.abandon_data(tx)
                 return [decided[i] for i in range(len(rcpts))], await session.rset()
             if bdat:
                 await session.send_bdat(prepared.body, tx)
@@ -906,16 +906,6 @@ def _end_of_data_reply(tx: Transaction, relay: str) -> Reply:
         return Reply(451, "4.5.0", f"unexpected reply to DATA from {relay}: "
                                    f"{parse_reply(final.code, final.text)}")
     return parse_reply(final.code, final.text)
-
-
-async def _abandon_data(session: ClientSession, tx: Transaction) -> None:
-    """A 354 with nothing to send (MAIL or every RCPT refused, and a peer that should have
-    said 503 to the pipelined DATA, RFC 2920 §3.1): an empty message ends it, its reply
-    read and ignored, so that the session stays in step."""
-    if tx.data_start is not None and tx.data_start.code == 354:
-        session.write(b".\r\n")
-        await session.drain()
-        await session.read_reply()
 
 
 def _log_tls(ssl_object: ssl.SSLObject | None, relay: str, *, verified: bool) -> None:

@@ -142,33 +142,34 @@ class ClientSession:
         texts: list[str] = []
         limit = self.timeout if timeout is None else timeout
         for _ in range(MAX_REPLY_LINES):
-            try:
-                if self.reader._buffer.find(b"\n") >= 0:  # type: ignore[attr-defined]
-                    line = await self.reader.readuntil(b"\n")     # there: no timer
-                else:
-                    async with asyncio.timeout(limit):
-                        line = await self.reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
-                self.broken = True
-                raise SessionLost("connection closed") from None
-            except asyncio.LimitOverrunError:
-                self.broken = True
-                raise SessionLost(f"reply line longer than {MAX_LINE} bytes") from None
-            except TimeoutError:
-                self.broken = True
-                raise SessionLost("timeout") from None
-            except (OSError, ssl.SSLError) as exc:
-                self.broken = True
-                raise SessionLost(str(exc) or type(exc).__name__) from None
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            text = (await self._line(limit)).decode("utf-8", "replace").rstrip("\r\n")
             if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
-                self.broken = True
-                raise SessionLost(f"malformed reply {text[:80]!r}")
+                raise self._lost(f"malformed reply {text[:80]!r}")
             texts.append(text[4:])
             if text[3:4] != "-":
                 return Response(int(text[:3]), "\n".join(texts), tuple(texts))
+        raise self._lost(f"reply of more than {MAX_REPLY_LINES} lines")
+
+    async def _line(self, limit: float) -> bytes:
+        """One reply line; the timer is armed only when the line is not already here."""
+        try:
+            if self.reader._buffer.find(b"\n") >= 0:  # type: ignore[attr-defined]
+                return await self.reader.readuntil(b"\n")
+            async with asyncio.timeout(limit):
+                return await self.reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            raise self._lost("connection closed") from None
+        except asyncio.LimitOverrunError:
+            raise self._lost(f"reply line longer than {MAX_LINE} bytes") from None
+        except TimeoutError:
+            raise self._lost("timeout") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise self._lost(str(exc) or type(exc).__name__) from None
+
+    def _lost(self, why: str) -> SessionLost:
+        """The session is unusable from now on: the exception that says why."""
         self.broken = True
-        raise SessionLost(f"reply of more than {MAX_REPLY_LINES} lines")
+        return SessionLost(why)
 
     def write(self, data: bytes | memoryview) -> None:
         """Into the send buffer; :meth:`drain` pushes it (and bounds the buffer)."""
@@ -182,11 +183,9 @@ class ClientSession:
                 async with asyncio.timeout(self.timeout):
                     await self.writer.drain()
         except TimeoutError:
-            self.broken = True
-            raise SessionLost("timeout") from None
+            raise self._lost("timeout") from None
         except (OSError, ssl.SSLError) as exc:
-            self.broken = True
-            raise SessionLost(str(exc) or type(exc).__name__) from None
+            raise self._lost(str(exc) or type(exc).__name__) from None
 
     async def command(self, line: bytes, timeout: float | None = None) -> Response:
         self.write(line + b"\r\n")
@@ -220,8 +219,7 @@ class ClientSession:
             # Bytes after the 220 arrived in cleartext: replies an attacker could inject to
             # be read as the encrypted session's (CVE-2011-0411, the "STARTTLS injection"
             # class). The session is dropped, as Postfix does.
-            self.broken = True
-            raise SessionLost("data after the STARTTLS reply (a command injection attempt?)")
+            raise self._lost("data after the STARTTLS reply (a command injection attempt?)")
         self.extensions = {}
         try:
             await asyncio.wait_for(
@@ -285,8 +283,7 @@ class ClientSession:
             self.write(b"".join(line + b"\r\n" for line in group))
             await self.drain()
             if rset and not (await self.read_reply(RSET_TIMEOUT)).ok:
-                self.broken = True
-                raise SessionLost("RSET refused")
+                raise self._lost("RSET refused")
             tx.stage = "MAIL FROM"
             tx.mail = await self.read_reply()
             tx.stage = "RCPT TO"
@@ -383,6 +380,15 @@ class ClientSession:
                 tx.chunk_refusal = response
                 return None
 
+    async def abandon_data(self, tx: Transaction) -> None:
+        """After a 354 with nothing to send (MAIL or every RCPT refused, and a peer that
+        should have said 503 to the pipelined DATA, RFC 2920 §3.1): an empty message ends
+        it, its reply read and ignored, so that the session stays in step."""
+        if tx.data_start is not None and tx.data_start.code == 354:
+            self.write(b".\r\n")
+            await self.drain()
+            await self.read_reply()
+
     async def read_data_replies(self, tx: Transaction, count: int) -> None:
         """The end-of-data reply (SMTP: ``count`` 1; LMTP: one per accepted recipient)."""
         while len(tx.data) < count:
@@ -412,12 +418,6 @@ class DotStuffer:
 
     def end(self) -> bytes:
         return (b"" if self._tail == b"\r\n" else b"\r\n") + b".\r\n"
-
-
-def dot_stuff(data: bytes) -> bytes:
-    """The whole DATA payload of ``data``: stuffed, line closed, dot added."""
-    stuffer = DotStuffer()
-    return stuffer.feed(data) + stuffer.end()
 
 
 def _extensions(lines: Sequence[str]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,6 @@ from tests.integration._outbound import (
     wait_attempted,
     wait_gone,
 )
-from tests.services.base import ServiceError
 from tests.services.dovecot import DovecotServer
 from tests.services.postfix_peer import PostfixPeer
 from tests.services.tls import make_self_signed
@@ -43,19 +42,6 @@ async def proxy(postfix_peer: PostfixPeer) -> AsyncIterator[RecordingProxy]:
         yield recording
     finally:
         await recording.stop()
-
-
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[DovecotServer]:
-    server = DovecotServer(imap=False, tls=False)
-    try:
-        server.start()
-    except ServiceError as exc:
-        pytest.fail(f"dovecot unavailable: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _relay_config(tmp_path: Path, port: int, **kw: object):

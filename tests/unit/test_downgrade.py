@@ -19,7 +19,7 @@ from pymta.delivery._client import parse_reply, prepare, rcpt_options, xtext
 from pymta.delivery.body import in_memory
 from pymta.delivery.downgrade import to_7bit
 from pymta.delivery.lmtp import parse_transport
-from pymta.delivery.smtpclient import dot_stuff
+from pymta.delivery.smtpclient import DotStuffer
 from pymta.types import Envelope, QueuedMessage, Recipient
 
 PLAIN_8BIT = ("From: a@example.com\r\nTo: b@example.net\r\nSubject: caf\r\n"
@@ -236,6 +236,11 @@ def test_parse_reply() -> None:
     assert (r.enhanced, r.text) == ("4.0.0", "try later")
     r = parse_reply(250, "2.0.0 Ok\nqueued as X")
     assert r.text == "Ok queued as X"
+
+
+def dot_stuff(data: bytes) -> bytes:
+    stuffer = DotStuffer()
+    return stuffer.feed(data) + stuffer.end()
 
 
 def test_dot_stuffing_of_crlf_body() -> None:
